@@ -1,0 +1,1 @@
+"""Compression methods (one module each) and the shared compression core (masks, allocation, patterns)."""

@@ -1,0 +1,83 @@
+"""The method contract: the hooks a compression method implements (all optional).
+
+* ``stages`` — the pipeline stages the method needs; the others are recorded as skipped.
+* ``check_applicable(model)`` — raise :class:`NotApplicable` if the method cannot act on this model.
+* ``training_callbacks(stage, model)`` — Lightning callbacks acting during train/finetune.
+* ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
+* ``state_dict()/load_state_dict()`` — method state that is not already in the model's state
+  (masks are buffers of the model, so they travel with every checkpoint by themselves).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from compress_run.methods.masks import LayerSelectionError, MaskEnforcer, prunable_layers
+
+ALL_STAGES = ("train", "compress", "finetune", "evaluate")
+
+
+class NotApplicable(ValueError):
+    """The method cannot act on the chosen model (the message says why)."""
+
+
+class Method:
+    stages: tuple[str, ...] = ALL_STAGES
+
+    def check_applicable(self, model: nn.Module) -> None:
+        """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        return []
+
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        """Method-specific facts for results.json (e.g. achieved sparsity per layer)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class MaskPruningMethod(Method):
+    """Base of the weight-mask methods: prunable-layer selection, sparsity target, mask enforcement.
+
+    Config keys: ``sparsity`` (fraction of prunable weights removed), ``distribution``
+    (uniform | global | erk), ``pattern`` (projection name), ``exclude`` (globs / aliases of layers kept
+    dense), ``mask_grads`` (zero masked gradients before each optimizer step).
+    """
+
+    def __init__(self, sparsity: float = 0.0, distribution: str = "uniform", pattern: str = "irregular",
+                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier"),
+                 mask_grads: bool = True) -> None:
+        self.sparsity = float(sparsity)
+        self.distribution = distribution
+        self.pattern = pattern
+        self.exclude = list(exclude)
+        self.mask_grads = mask_grads
+        self.achieved: dict[str, float] = {}
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return prunable_layers(model, self.exclude)
+
+    def check_applicable(self, model: nn.Module) -> None:
+        try:
+            layers = self.layers(model)
+        except LayerSelectionError as exc:
+            raise NotApplicable(f"method.exclude: {exc}") from exc
+        if not layers:
+            raise NotApplicable(f"no prunable conv/linear layer is left after method.exclude={self.exclude}")
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        return [MaskEnforcer(self.mask_grads)] if stage == "finetune" else []
+
+    def summary(self) -> dict[str, Any]:
+        return {"target_sparsity": self.sparsity, "distribution": self.distribution, "pattern": self.pattern}

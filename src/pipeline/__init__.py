@@ -1,0 +1,1 @@
+"""CLI entry, stage runner, LightningModule, DataModules, results and resume."""

@@ -1,0 +1,84 @@
+"""Atomic files and checkpoint loading with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from compress_run.pipeline.errors import UserError
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that never leaves a half-written checkpoint behind (temp file + rename)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def load_checkpoint(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """torch.load a checkpoint; an unreadable or foreign file becomes a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist", fix)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"{what} {path} is corrupt or not a PyTorch checkpoint "
+                        f"({type(exc).__name__}: {str(exc)[:120]})", fix) from exc
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict", fix)
+    return ckpt
+
+
+def net_state_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's state dict from a compress-run/Lightning checkpoint (``net.`` prefix) or a plain one."""
+    state = ckpt.get("state_dict", ckpt)
+    if any(k.startswith("net.") for k in state):
+        return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,93 @@
+"""LightningModule for classification: loss, accuracy, optimizer and per-step LR schedule.
+
+The network is passed in (not saved as a hyperparameter); masks are buffers of the network, and
+``on_load_checkpoint`` registers any mask a checkpoint carries before Lightning loads the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_run.methods.masks import attach_masks_from_state_dict
+
+
+def lr_lambda(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmup_epochs: float,
+              milestones: list[float], gamma: float) -> float:
+    """LR multiplier at optimizer step ``step`` (linear warm-up, then cosine / step / constant)."""
+    epoch = step / max(1, steps_per_epoch)
+    warm = warmup_epochs
+    if warm > 0 and epoch < warm:
+        return (step + 1) / max(1.0, warm * steps_per_epoch)
+    if schedule == "cosine":
+        progress = (epoch - warm) / max(1e-8, epochs - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        return gamma ** sum(epoch >= m for m in milestones)
+    return 1.0
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, net: nn.Module, optimizer: Any, lr: float, epochs: int, lr_schedule: str = "cosine",
+                 warmup_epochs: float = 0.0, milestones: list[float] | None = None, gamma: float = 0.1,
+                 label_smoothing: float = 0.0, decay_norm_and_bias: bool = True,
+                 example_input_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "example_input_shape"])
+        if example_input_shape:
+            self.example_input_array = torch.zeros(example_input_shape)
+        self.net = net
+        self.optimizer_factory = optimizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, prefix: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        smoothing = self.hparams.label_smoothing if prefix == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        on_step = prefix == "train"
+        self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=prefix != "test",
+                 batch_size=len(y), sync_dist=not on_step)
+        self.log(f"{prefix}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = not hp.decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
+            (no_decay if exempt else decay).append(p)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=hp.lr)
+        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, hp.epochs)))
+        fn = partial(lr_lambda, steps_per_epoch=steps_per_epoch, epochs=hp.epochs, schedule=hp.lr_schedule,
+                     warmup_epochs=hp.warmup_epochs, milestones=list(hp.milestones or []), gamma=hp.gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["compress_run"] = getattr(self, "run_meta", {})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        attach_masks_from_state_dict(self.net, checkpoint["state_dict"], prefix="net.")

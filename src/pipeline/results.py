@@ -1,0 +1,106 @@
+"""results.json (one per run) and the Rich summary table printed at the end of every run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def git_commit() -> dict[str, Any]:
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return {"commit": head, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]], overrides: list[str],
+                  choices: dict[str, str], started: str) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    evaluate = records.get("evaluate", {}).get("metrics", {})
+    for stage, rec in records.items():
+        if rec.get("status") != "done":
+            continue
+        metrics[f"time/{stage}_s"] = rec.get("wall_s")
+        for key in ("test/acc", "val/acc"):
+            if key in rec.get("metrics", {}):
+                metrics[f"{stage}/{key}"] = rec["metrics"][key]
+    metrics.update({k: v for k, v in evaluate.items() if not isinstance(v, dict)})
+    return {
+        "status": "ok",
+        "output_dir": str(out),
+        "choices": choices,
+        "overrides": list(overrides),
+        "seed": cfg.seed,
+        "git": git_commit(),
+        "versions": versions(),
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "system": platform.system()},
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics,
+        "sparsity_per_layer": evaluate.get("sparsity_per_layer", {}),
+        "method": evaluate.get("method", {}),
+        "stages": records,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.2f}%"
+    return f"{value:.1f}s" if isinstance(value, float) else str(value)
+
+
+def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(file=sys.stdout, highlight=False,
+                                 width=None if sys.stdout.isatty() else 120)
+    c = results["choices"]
+    title = (f"compress-run: method={c.get('method')} model={c.get('model')} dataset={c.get('dataset')} "
+             f"schedule={c.get('schedule')}")
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "wall time", "val acc", "test acc", "sparsity"):
+        table.add_column(col, justify="left" if col in ("stage", "status") else "right")
+    for stage, rec in results["stages"].items():
+        m = rec.get("metrics", {})
+        status = rec["status"] if rec["status"] == "done" else f"skipped ({rec.get('reason', '')})"
+        table.add_row(stage, status, _fmt(rec.get("wall_s")), _fmt(m.get("val/acc"), True),
+                      _fmt(m.get("test/acc"), True), _fmt(m.get("model/prunable_sparsity"), True))
+    console.print(table)
+    m = results["metrics"]
+    if "model/params_dense" in m:
+        console.print(f"params: {m['model/params_dense']:,} dense, {m['model/params_nonzero']:,} non-zero "
+                      f"(model sparsity {100 * m['model/sparsity']:.2f}%, prunable-layer sparsity "
+                      f"{100 * m['model/prunable_sparsity']:.2f}%)")
+    console.print(f"results: {Path(results['output_dir']) / 'results.json'}")

@@ -1,0 +1,281 @@
+"""The stage runner: train -> compress -> finetune -> evaluate, resumable in its output directory.
+
+Layout of an output directory::
+
+    .hydra/config.yaml, .hydra/overrides.yaml   composed config (written after validation)
+    run.json                                     config fingerprint (guards resume against changes)
+    checkpoints/<stage>.ckpt                     final checkpoint of each finished stage
+    checkpoints/<stage>-last.ckpt                epoch checkpoint of an unfinished stage
+    stages/<stage>.json                          stage record; its presence marks the stage finished
+    csv/<stage>/metrics.csv                      Lightning CSV logs (logger=csv)
+    results.json                                 everything, written at the end
+
+A stage is finished once its JSON record exists (written atomically after its checkpoint). Rerunning
+the same command skips finished stages and resumes an unfinished fit from its ``-last`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
+from compress_run.pipeline.callbacks import EpochLine, EpochSeed
+from compress_run.pipeline.checkpoints import (
+    AtomicCheckpointIO, atomic_torch_save, atomic_write_json, load_checkpoint, net_state_from_checkpoint)
+from compress_run.pipeline.errors import UserError
+from compress_run.pipeline.lit_module import ClassifierModule
+from compress_run.pipeline.results import build_results, print_summary, read_json
+from compress_run.pipeline.validate import check_output_dir, validate, write_run_config
+
+STAGES = ("train", "compress", "finetune", "evaluate")
+CHECKPOINT_FORMAT = 1
+
+
+def build(cfg_node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """The one place that calls Hydra's instantiate (Hydra 1.4 adds target allow-lists here)."""
+    try:
+        return instantiate(cfg_node, **kwargs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from exc
+        if isinstance(cause, ValueError | TypeError):
+            raise UserError(f"{what} config could not be built: {cause}",
+                            f"correct the {what} keys (`compress-run --cfg job` shows the composed config)") from exc
+        raise
+
+
+class Pipeline:
+    def __init__(self, cfg: DictConfig, out_dir: Path, overrides: list[str], choices: dict[str, str]) -> None:
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.overrides, self.choices = overrides, choices
+        self.ckpt_dir, self.stage_dir = self.out / "checkpoints", self.out / "stages"
+        self.records: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        """Everything that can reject the command, before anything is written."""
+        cfg = self.cfg
+        validate(cfg)
+        self.fingerprint = check_output_dir(cfg, self.out)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        self.datamodule = build(cfg.dataset, "dataset", batch_size=cfg.schedule.batch_size,
+                                eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed)
+        self.method: Method = build(cfg.method, "method")
+        net = self.new_net()
+        try:
+            self.method.check_applicable(net)
+        except NotApplicable as exc:
+            raise UserError(f"method={self.choices.get('method')} cannot be applied to "
+                            f"model={self.choices.get('model')}: {exc}",
+                            "change method.exclude or pick another model/method combination") from exc
+        self.datamodule.setup("fit")
+        if cfg.init_ckpt and not self.finished("train"):
+            self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
+                           "point init_ckpt at a checkpoint of this model (e.g. checkpoints/train.ckpt of an "
+                           "earlier run with the same model and dataset) or set init_ckpt=null")
+        self.initial_net = net
+
+    def new_net(self) -> torch.nn.Module:
+        return build(self.cfg.model, "model")
+
+    def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
+        ckpt = load_checkpoint(path, what, fix)
+        state = net_state_from_checkpoint(ckpt)
+        attach_masks_from_state_dict(net, state)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            made_for = ckpt.get("compress_run", {}).get("choices", {})
+            hint = f" (it was written for model={made_for.get('model')}, dataset={made_for.get('dataset')})" \
+                if made_for else ""
+            first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)[:200]
+            raise UserError(f"{what} {path} does not fit model={self.choices.get('model')} with "
+                            f"dataset={self.choices.get('dataset')}{hint}: {first}", fix) from exc
+        return ckpt
+
+    # ------------------------------------------------------------------------------- stages
+    def finished(self, stage: str) -> bool:
+        return (self.stage_dir / f"{stage}.json").is_file()
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        net = self.initial_net
+        for stage in STAGES:
+            if self.finished(stage):
+                self.records[stage] = read_json(self.stage_dir / f"{stage}.json")
+                if self.records[stage]["status"] == "done":
+                    self.log(f"stage {stage}: already finished, skipped")
+                continue
+            reason = self.skip_reason(stage)
+            if reason:
+                self.records[stage] = {"stage": stage, "status": "skipped", "reason": reason}
+                atomic_write_json(self.stage_dir / f"{stage}.json", self.records[stage])
+                continue
+            net = self.net_for(stage, net)
+            t0 = time.perf_counter()
+            self.log(f"stage {stage}: start")
+            metrics, net = getattr(self, f"run_{stage}")(net)
+            record = {"stage": stage, "status": "done", "wall_s": round(time.perf_counter() - t0, 3),
+                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "checkpoint": str(self.ckpt_dir / f"{stage}.ckpt") if stage != "evaluate" else None,
+                      "metrics": metrics}
+            atomic_write_json(self.stage_dir / f"{stage}.json", record)
+            (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)
+            self.records[stage] = record
+        results = build_results(self.cfg, self.out, self.records, self.overrides, self.choices, started)
+        atomic_write_json(self.out / "results.json", results)
+        print_summary(results)
+        return results
+
+    def skip_reason(self, stage: str) -> str | None:
+        if stage not in self.cfg.stages:
+            return f"not in stages={list(self.cfg.stages)}"
+        if stage not in self.method.stages:
+            return f"method={self.choices.get('method')} does not use the {stage} stage"
+        return None
+
+    def net_for(self, stage: str, net: torch.nn.Module) -> torch.nn.Module:
+        """The network a stage starts from: the last finished stage's checkpoint (or the initial net)."""
+        previous = [s for s in STAGES[: STAGES.index(stage)]
+                    if self.records.get(s, {}).get("status") == "done" and s != "evaluate"]
+        if not previous:
+            return net
+        source = previous[-1]
+        fresh = self.new_net()
+        ckpt = self.load_into(fresh, self.ckpt_dir / f"{source}.ckpt", f"the {source} checkpoint",
+                              f"delete {self.stage_dir / (source + '.json')} and {self.ckpt_dir / (source + '.ckpt')} "
+                              f"and rerun to redo the {source} stage, or use a new output_dir")
+        self.method.load_state_dict(ckpt.get("compress_run", {}).get("method_state", {}))
+        return fresh
+
+    def meta(self, stage: str) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "stage": stage, "choices": self.choices,
+                "method_state": self.method.state_dict()}
+
+    def run_train(self, net):
+        return self.fit("train", net)
+
+    def run_finetune(self, net):
+        return self.fit("finetune", net)
+
+    @staticmethod
+    def sparsity_metrics(net: torch.nn.Module) -> dict[str, float]:
+        report = sparsity_report(net)
+        return {"model/sparsity": report.model_sparsity, "model/prunable_sparsity": report.prunable_sparsity}
+
+    def run_compress(self, net):
+        net = self.method.compress(net, self.datamodule)
+        state = {f"net.{k}": v for k, v in net.state_dict().items()}
+        atomic_torch_save({"state_dict": state, "compress_run": self.meta("compress")},
+                          self.ckpt_dir / "compress.ckpt")
+        return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
+
+    def run_evaluate(self, net):
+        report = sparsity_report(net)
+        metrics = self.evaluate_metrics(net)
+        metrics.update({"model/params_dense": report.params_dense, "model/params_nonzero": report.params_nonzero,
+                        "model/sparsity": report.model_sparsity,
+                        "model/prunable_sparsity": report.prunable_sparsity,
+                        "sparsity_per_layer": report.per_layer, "method": self.method.summary()})
+        return metrics, net
+
+    # ------------------------------------------------------------------------------ lightning
+    def trainer(self, stage: str, epochs: int, callbacks: list[L.Callback], logger: Any = None,
+                fraction: float = 1.0) -> L.Trainer:
+        tcfg = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        if tcfg.get("limit_train_batches") is None and fraction < 1.0:
+            tcfg["limit_train_batches"] = fraction
+        interactive = sys.stdout.isatty()
+        summary = tcfg.pop("enable_model_summary")
+        callbacks = [*callbacks, RichProgressBar() if interactive else EpochLine(stage)]
+        if summary and stage in ("train", "finetune"):
+            callbacks.append(RichModelSummary(max_depth=1))
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "benchmark",
+                    "gradient_clip_val"):
+            if tcfg.get(key) is None:
+                tcfg.pop(key, None)
+        return L.Trainer(**tcfg, max_epochs=epochs, callbacks=callbacks,
+                         logger=self.logger(stage) if logger is None else logger,
+                         default_root_dir=str(self.out), enable_progress_bar=interactive,
+                         enable_model_summary=False, plugins=[AtomicCheckpointIO()])
+
+    def module(self, net: torch.nn.Module, stage: str) -> ClassifierModule:
+        sched = self.cfg.schedule
+        s = sched[stage] if stage in ("train", "finetune") else sched.finetune
+        return ClassifierModule(net, build(sched.optimizer, "schedule.optimizer"), lr=s.lr, epochs=s.epochs,
+                                lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs,
+                                milestones=list(s.milestones), gamma=s.gamma,
+                                label_smoothing=sched.label_smoothing,
+                                decay_norm_and_bias=sched.decay_norm_and_bias,
+                                example_input_shape=(1, self.cfg.dataset.in_channels, self.cfg.dataset.image_size,
+                                                     self.cfg.dataset.image_size))
+
+    def fit(self, stage: str, net: torch.nn.Module):
+        epochs = int(self.cfg.schedule[stage].epochs)
+        module = self.module(net, stage)
+        module.run_meta = self.meta(stage)
+        last = self.ckpt_dir / f"{stage}-last.ckpt"
+        callbacks = [*self.method.training_callbacks(stage, net), EpochSeed(self.cfg.seed, stage),
+                     ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
+                                     every_n_epochs=1, save_on_train_epoch_end=True,
+                                     enable_version_counter=False)]
+        trainer = self.trainer(stage, epochs, callbacks, fraction=float(self.cfg.schedule[stage].epoch_fraction))
+        ckpt_path = None
+        if last.is_file():
+            load_checkpoint(last, f"the unfinished {stage} stage's checkpoint",
+                            f"delete {last} to restart the {stage} stage from its beginning")
+            ckpt_path = str(last)
+            self.log(f"stage {stage}: resuming from {last}")
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        module.run_meta = self.meta(stage)
+        trainer.save_checkpoint(self.ckpt_dir / f"{stage}.ckpt")
+        self.finish_logger(trainer)
+        return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
+
+    def evaluate_metrics(self, net: torch.nn.Module) -> dict[str, float]:
+        """Validation and test accuracy/loss of ``net`` (no logger, no checkpoints)."""
+        module = self.module(net, "evaluate")
+        trainer = self.trainer("evaluate", 1, [], logger=False)
+        out: dict[str, float] = {}
+        for fn in (trainer.validate, trainer.test):
+            for result in fn(module, datamodule=self.datamodule, verbose=False):
+                out.update({k: float(v) for k, v in result.items()})
+        return dict(sorted(out.items()))
+
+    def logger(self, stage: str):
+        lcfg = self.cfg.logger
+        if lcfg.get("_target_") in (None, "null"):
+            return False
+        if "Wandb" in lcfg._target_:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            if lcfg.offline:
+                os.environ["WANDB_MODE"] = "offline"
+            return build(lcfg, "logger", save_dir=str(self.out), name=f"{self.cfg.task_name}-{stage}",
+                         group=self.out.name, job_type=stage)
+        return build(lcfg, "logger", save_dir=str(self.out), version=stage)
+
+    @staticmethod
+    def finish_logger(trainer: L.Trainer) -> None:
+        if type(trainer.logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+    @staticmethod
+    def log(message: str) -> None:
+        print(f"[compress-run] {message}", flush=True)

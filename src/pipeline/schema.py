@@ -1,0 +1,266 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore as ``base_<group>``.
+
+Each option YAML lists its schema first in its defaults list, so a wrong key fails at composition.
+Range checks live in ``__post_init__`` and run in :func:`compress_run.pipeline.validate.validate`
+(which converts each group to its dataclass) before any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("train", "compress", "finetune", "evaluate")
+DISTRIBUTIONS = ("uniform", "global", "erk")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    num_classes: int = MISSING
+    in_channels: int = MISSING
+    image_size: int = MISSING
+    width_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
+        _check(self.image_size >= 4, "model.image_size", self.image_size, "an integer >= 4")
+        _check(self.width_mult > 0, "model.width_mult", self.width_mult, "a float > 0")
+
+
+@dataclass
+class TorchvisionModelConfig(ModelConfig):
+    stem: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.stem in ("auto", "imagenet", "cifar"), "model.stem", self.stem, "auto, imagenet, cifar")
+
+
+@dataclass
+class VitModelConfig(ModelConfig):
+    variant: str = MISSING
+    patch_size: int = 0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.patch_size >= 0, "model.patch_size", self.patch_size, "0 (auto) or a positive integer")
+        if self.patch_size:
+            _check(self.image_size % self.patch_size == 0, "model.patch_size", self.patch_size,
+                   f"a divisor of model.image_size={self.image_size} (or 0 for auto)")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "[0, 1)")
+
+
+# --------------------------------------------------------------------------------------- dataset
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    root: str | None = None
+    num_classes: int = MISSING
+    in_channels: int = MISSING
+    image_size: int = MISSING
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 0
+    augment: bool = True
+    download: bool = True
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 0.5, "dataset.val_fraction", self.val_fraction, "(0, 0.5)")
+        _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
+        _check(len(self.mean) == len(self.std) == self.in_channels, "dataset.mean/std",
+               (self.mean, self.std), f"lists of length dataset.in_channels={self.in_channels}")
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    num_train: int = 512
+    num_test: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.num_train >= 8 and self.num_test >= 1, "dataset.num_train/num_test",
+               (self.num_train, self.num_test), "num_train >= 8 and num_test >= 1")
+
+
+# ---------------------------------------------------------------------------------------- method
+@dataclass
+class MethodConfig:
+    _target_: str = MISSING
+    sparsity: float = 0.0
+    distribution: str = "uniform"
+    pattern: str = "irregular"
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    mask_grads: bool = True
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.projections import PATTERNS
+
+        _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")
+        _check(self.distribution in DISTRIBUTIONS, "method.distribution", self.distribution,
+               ", ".join(DISTRIBUTIONS))
+        _check(self.pattern in PATTERNS, "method.pattern", self.pattern, ", ".join(PATTERNS))
+
+
+@dataclass
+class GMPConfig(MethodConfig):
+    start_epoch: float = 0.0
+    end_epoch: float | None = None
+    frequency: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.start_epoch >= 0, "method.start_epoch", self.start_epoch, "a float >= 0")
+        if self.end_epoch is not None:
+            _check(self.end_epoch > self.start_epoch, "method.end_epoch", self.end_epoch,
+                   f"null or a float > method.start_epoch={self.start_epoch}")
+        _check(self.frequency >= 1, "method.frequency", self.frequency, "an integer >= 1 (optimizer steps)")
+
+
+# -------------------------------------------------------------------------------------- schedule
+@dataclass
+class StageSchedule:
+    epochs: int = 1
+    lr: float = 0.1
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
+    epoch_fraction: float = 1.0
+
+    def check(self, stage: str) -> None:
+        _check(self.epochs >= 0, f"schedule.{stage}.epochs", self.epochs, "an integer >= 0")
+        _check(self.lr > 0, f"schedule.{stage}.lr", self.lr, "a float > 0")
+        _check(self.lr_schedule in ("cosine", "step", "constant"), f"schedule.{stage}.lr_schedule",
+               self.lr_schedule, "cosine, step, constant")
+        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"schedule.{stage}.warmup_epochs",
+               self.warmup_epochs, f"a float in [0, epochs={self.epochs}]")
+        _check(0 < self.epoch_fraction <= 1, f"schedule.{stage}.epoch_fraction", self.epoch_fraction, "(0, 1]")
+
+
+@dataclass
+class ScheduleConfig:
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    label_smoothing: float = 0.0
+    decay_norm_and_bias: bool = True
+    optimizer: dict[str, Any] = field(default_factory=lambda: {
+        "_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "nesterov": True,
+        "weight_decay": 5e-4})
+    train: StageSchedule = field(default_factory=StageSchedule)
+    finetune: StageSchedule = field(default_factory=StageSchedule)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "schedule.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "schedule.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check(0.0 <= self.label_smoothing < 1.0, "schedule.label_smoothing", self.label_smoothing, "[0, 1)")
+        self.train.check("train")
+        self.finetune.check("finetune")
+
+
+# --------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    deterministic: Any = True
+    benchmark: bool | None = None
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 20
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    num_sanity_val_steps: int = 0
+    enable_model_summary: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"), "trainer.accelerator",
+               self.accelerator, "cpu, gpu, cuda, mps, auto")
+        _check(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+               self.accumulate_grad_batches, "an integer >= 1")
+
+
+# ---------------------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    _target_: str | None = None
+    name: str = "csv"
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    project: str = "compress-run"
+    offline: bool = True
+    log_model: bool = False
+
+
+# ------------------------------------------------------------------------------------------ root
+@dataclass
+class PathsConfig:
+    log_dir: str = "logs"
+    data_dir: str = "data"
+
+
+@dataclass
+class RootConfig:
+    task_name: str = "compress"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    tags: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+    init_ckpt: str | None = None
+    model: Any = MISSING
+    dataset: Any = MISSING
+    method: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    debug: Any = None
+    experiment: Any = None
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        _check(not bad, "stages", list(self.stages), f"a subset of {list(STAGES)} (unknown: {bad})")
+        order = [STAGES.index(s) for s in self.stages]
+        _check(order == sorted(set(order)), "stages", list(self.stages),
+               f"stage names without repeats, in pipeline order {list(STAGES)}")
+
+
+SCHEMAS: dict[tuple[str | None, str], type] = {
+    (None, "base_config"): RootConfig,
+    ("model", "base_model"): ModelConfig,
+    ("model", "base_model_torchvision"): TorchvisionModelConfig,
+    ("model", "base_model_vit"): VitModelConfig,
+    ("dataset", "base_dataset"): DatasetConfig,
+    ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
+    ("method", "base_method"): MethodConfig,
+    ("method", "base_method_gmp"): GMPConfig,
+    ("schedule", "base_schedule"): ScheduleConfig,
+    ("trainer", "base_trainer"): TrainerConfig,
+    ("logger", "base_logger"): LoggerConfig,
+    ("logger", "base_logger_wandb"): WandbLoggerConfig,
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)

@@ -1,0 +1,106 @@
+"""Validation of the composed config before any work, and the output-dir guard for resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from compress_run.pipeline.checkpoints import atomic_write_json, atomic_write_text
+from compress_run.pipeline.errors import UserError
+
+# Keys that do not change what a run computes; they may differ when a run is resumed.
+NON_RESULT_KEYS = ("output_dir", "stages", "tags", "logger", "paths", "dataset.num_workers",
+                   "trainer.enable_model_summary", "trainer.log_every_n_steps")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Convert every group to its dataclass schema (running the range checks) and cross-check groups."""
+    try:
+        OmegaConf.to_object(cfg)
+    except (ValueError, OmegaConfBaseException) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+        msg = str(cause).split("\n")[0]
+        key = msg.split("=", 1)[0] if "=" in msg and " " not in msg.split("=", 1)[0] else "the value"
+        raise UserError(f"invalid configuration: {msg}",
+                        f"set {key} to an allowed value on the command line or in the experiment config; "
+                        "`compress-run --cfg job` shows the composed config") from exc
+    model, data = cfg.model, cfg.dataset
+    for key in ("num_classes", "in_channels", "image_size"):
+        if model[key] != data[key]:
+            raise UserError(f"model.{key}={model[key]} does not match dataset.{key}={data[key]}",
+                            f"drop the model.{key} override (it follows the dataset by default) or choose "
+                            "a dataset that has this shape")
+    method = cfg.method
+    train_epochs = cfg.schedule.train.epochs
+    if "end_epoch" in method and method.end_epoch is not None and method.end_epoch > train_epochs:
+        raise UserError(f"method.end_epoch={method.end_epoch} is after the end of the train stage "
+                        f"(schedule.train.epochs={train_epochs})",
+                        f"set method.end_epoch <= {train_epochs} or null (= 3/4 of the train stage)")
+    if "start_epoch" in method and method.start_epoch >= max(train_epochs, 1e-9):
+        raise UserError(f"method.start_epoch={method.start_epoch} is not before the end of the train stage "
+                        f"(schedule.train.epochs={train_epochs})", "choose a smaller method.start_epoch")
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
+                        "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")
+
+
+def _drop(container: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        container = container.get(p, {})
+        if not isinstance(container, dict):
+            return
+    container.pop(leaf, None)
+
+
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in NON_RESULT_KEYS:
+        _drop(resolved, key)
+    return resolved
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_output_dir(cfg: DictConfig, out: Path) -> str:
+    """Refuse to resume a run directory that was made with different result-relevant settings."""
+    fp = fingerprint(cfg)
+    run_file = out / "run.json"
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{run_file} is unreadable ({exc})",
+                            "delete the output directory or choose a new output_dir") from exc
+        if previous.get("fingerprint") != fp:
+            old, new = _flatten(previous.get("config", {})), _flatten(result_config(cfg))
+            diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
+            raise UserError(f"output dir {out} holds a run made with different settings "
+                            f"({'; '.join(diffs[:5]) or 'fingerprint differs'})",
+                            "rerun with the original settings to resume it, or choose a new output_dir")
+    return fp
+
+
+def write_run_config(cfg: DictConfig, out: Path, overrides: list[str], fp: str) -> None:
+    atomic_write_text(out / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    if not (out / "run.json").is_file():
+        atomic_write_json(out / "run.json", {"fingerprint": fp, "config": result_config(cfg)})
