@@ -2,7 +2,7 @@
 
 ``patch_size=0`` (auto) keeps 16 for image_size >= 112 and otherwise takes the largest of 8/4/2/1 that
 divides the image and leaves a grid of at least 7x7 tokens (28x28 -> 4, 32x32 -> 4, 8x8 -> 1).
-``width_mult`` scales the embedding width in whole heads.
+``width_mult`` scales the embedding width in whole heads (head dimension kept, heads = round(width x heads)).
 """
 
 from __future__ import annotations
@@ -29,5 +29,6 @@ def vit(variant: str, num_classes: int, in_channels: int, image_size: int, width
         base = timm.create_model(variant, pretrained=False)
         heads = base.blocks[0].attn.num_heads
         head_dim = base.embed_dim // heads
-        kwargs["embed_dim"] = max(1, round(base.embed_dim * width_mult / head_dim)) * head_dim
+        heads = max(1, round(base.embed_dim * width_mult / head_dim))
+        kwargs.update(embed_dim=heads * head_dim, num_heads=heads)
     return timm.create_model(variant, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,31 +254,57 @@ class DigitsDataModule(BaseDataModule):
         return images[rest], labels[rest], images[test], labels[test]
 
 
+CIFAR_LAYOUT = {  # num_classes -> (folder, train files, test files, label key)
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def read_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read CIFAR python-pickle batches (the format torchvision downloads) into uint8 NCHW + labels."""
+    images, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
 class CIFARDataModule(BaseDataModule):
-    """CIFAR-10/100 from torchvision's python-pickle batches (``num_classes`` picks which)."""
+    """CIFAR-10/100 (``num_classes`` picks which) from the python-pickle batches under ``root``;
+    torchvision downloads them there when they are missing and ``download`` is true."""
 
     crop_pad = 4
     flip = True
 
     def load_arrays(self):
-        from torchvision.datasets import CIFAR10, CIFAR100
-
-        cls = CIFAR10 if self.num_classes == 10 else CIFAR100
+        if self.num_classes not in CIFAR_LAYOUT:
+            raise UserError(f"CIFAR has 10 or 100 classes, not dataset.num_classes={self.num_classes}",
+                            "use dataset=cifar10 or dataset=cifar100 without changing num_classes")
+        folder_name, train_files, test_files, label_key = CIFAR_LAYOUT[self.num_classes]
         root = Path(self.root or "data")
+        folder = root / folder_name
+        missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+        if missing and self.download:
+            from torchvision.datasets import CIFAR10, CIFAR100
+
+            try:
+                (CIFAR10 if self.num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+                missing = []
+            except Exception as exc:  # offline: report below
+                missing.append(f"download failed: {type(exc).__name__}: {str(exc)[:100]}")
+        if missing:
+            raise UserError(f"CIFAR-{self.num_classes} could not be loaded from {folder} (missing: "
+                            f"{', '.join(missing[:3])})",
+                            f"put the python version of CIFAR-{self.num_classes} ({folder_name}/) under "
+                            "dataset.root, or run once online with dataset.download=true")
         try:
-            train = cls(str(root), train=True, download=self.download)
-            test = cls(str(root), train=False, download=self.download)
-        except Exception as exc:
-            raise UserError(f"{cls.__name__} could not be loaded from {root} ({type(exc).__name__}: "
-                            f"{str(exc)[:160]})",
-                            f"put the python version of {cls.__name__} ({cls.base_folder}/) under "
-                            "dataset.root, or run once online with dataset.download=true") from exc
-
-        def to_tensors(ds):
-            return (torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous(),
-                    torch.tensor(ds.targets, dtype=torch.int64))
-
-        return (*to_tensors(train), *to_tensors(test))
+            return (*read_cifar_batches(folder, train_files, label_key),
+                    *read_cifar_batches(folder, test_files, label_key))
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as exc:
+            raise UserError(f"the CIFAR-{self.num_classes} files in {folder} are unreadable ({exc!r})",
+                            "replace them with intact python-pickle batches (delete them and download again)") from exc
 
 
 class SyntheticDataModule(BaseDataModule):

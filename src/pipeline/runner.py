@@ -86,7 +86,12 @@ class Pipeline:
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
                            "point init_ckpt at a checkpoint of this model (e.g. checkpoints/train.ckpt of an "
                            "earlier run with the same model and dataset) or set init_ckpt=null")
-        self.initial_net = net
+        for stage in STAGES:
+            if self.finished(stage):
+                self.records[stage] = read_json(self.stage_dir / f"{stage}.json")
+        pending = [s for s in STAGES if not self.finished(s) and not self.skip_reason(s)]
+        # load the first pending stage's input now: a bad checkpoint is rejected before anything is written
+        self.start_net = self.net_for(pending[0], net) if pending else net
 
     def new_net(self) -> torch.nn.Module:
         return build(self.cfg.model, "model")
@@ -114,19 +119,20 @@ class Pipeline:
         self.setup()
         write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        net = self.initial_net
+        first = True
         for stage in STAGES:
             if self.finished(stage):
-                self.records[stage] = read_json(self.stage_dir / f"{stage}.json")
                 if self.records[stage]["status"] == "done":
                     self.log(f"stage {stage}: already finished, skipped")
                 continue
             reason = self.skip_reason(stage)
             if reason:
                 self.records[stage] = {"stage": stage, "status": "skipped", "reason": reason}
-                atomic_write_json(self.stage_dir / f"{stage}.json", self.records[stage])
+                if stage in self.cfg.stages:  # a skip by the method is final; one by `stages=` is not
+                    atomic_write_json(self.stage_dir / f"{stage}.json", self.records[stage])
                 continue
-            net = self.net_for(stage, net)
+            net = self.start_net if first else self.net_for(stage, net)
+            first = False
             t0 = time.perf_counter()
             self.log(f"stage {stage}: start")
             metrics, net = getattr(self, f"run_{stage}")(net)

@@ -1,0 +1,78 @@
+"""Model zoo: reference MAC/parameter counts, adaptation to channels/classes/small inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
+
+
+def macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *shape))
+    return counter.get_total_flops() // 2
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# reference counts: ../shared/reference/macs.yaml
+@pytest.mark.parametrize(("builder", "shape", "classes", "ref_macs", "ref_params"), [
+    (cifar_resnet.resnet20, (3, 32, 32), 10, 40551040, None),
+    (cifar_resnet.resnet56, (3, 32, 32), 10, 125485696, None),
+    (cifar_vgg.vgg16_bn, (3, 32, 32), 10, 313201664, None),
+    (torchvision_models.resnet18, (3, 224, 224), 1000, 1814073344, 11689512),
+    (torchvision_models.resnet50, (3, 224, 224), 1000, 4089184256, 25557032),
+    (torchvision_models.mobilenet_v2, (3, 224, 224), 1000, 300774272, 3504872),
+])
+def test_reference_counts(builder, shape, classes, ref_macs, ref_params):
+    model = builder(num_classes=classes, in_channels=shape[0], image_size=shape[1])
+    assert macs(model, shape) == ref_macs
+    if ref_params:
+        assert params(model) == ref_params
+
+
+def test_cifar_resnet_parameter_counts():
+    assert round(params(cifar_resnet.resnet20(10, 3, 32)) / 1e6, 2) == 0.27
+    assert round(params(cifar_resnet.resnet56(10, 3, 32)) / 1e6, 2) == 0.85
+    assert round(params(cifar_vgg.vgg16_bn(10, 3, 32)) / 1e6, 2) == 14.72
+
+
+def test_deit_parameter_counts():
+    tiny = timm_models.vit("deit_tiny_patch16_224", num_classes=1000, in_channels=3, image_size=224)
+    small = timm_models.vit("deit_small_patch16_224", num_classes=1000, in_channels=3, image_size=224)
+    assert round(params(tiny) / 1e6, 2) == 5.72 and round(params(small) / 1e6, 2) == 22.05
+
+
+@pytest.mark.parametrize("builder", [cifar_resnet.resnet32, cifar_vgg.vgg16_bn, torchvision_models.resnet18,
+                                     torchvision_models.resnet50, torchvision_models.mobilenet_v2])
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (1, 8), (3, 32)])
+def test_cnns_adapt_to_channels_classes_and_small_inputs(builder, channels, size):
+    model = builder(num_classes=7, in_channels=channels, image_size=size, width_mult=0.25).eval()
+    out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 7)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == channels
+
+
+def test_torchvision_stem_choice():
+    small = torchvision_models.resnet18(10, 1, 28)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    big = torchvision_models.resnet18(10, 1, 224)
+    assert big.conv1.kernel_size == (7, 7) and big.conv1.in_channels == 1
+    assert torchvision_models.mobilenet_v2(10, 3, 32).features[0][0].stride == (1, 1)
+    assert torchvision_models.mobilenet_v2(10, 3, 224).features[0][0].stride == (2, 2)
+
+
+@pytest.mark.parametrize(("size", "patch"), [(224, 16), (32, 4), (28, 4), (8, 1)])
+def test_vit_auto_patch_size_and_forward(size, patch):
+    assert timm_models.auto_patch_size(size) == patch
+    model = timm_models.vit("deit_tiny_patch16_224", num_classes=10, in_channels=1, image_size=size,
+                            width_mult=0.25).eval()
+    assert model.patch_embed.proj.kernel_size == (patch, patch)
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 10)

@@ -1,0 +1,95 @@
+"""Bad input: one paragraph naming cause and fix, exit code 2, nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress_run.pipeline.errors import EXIT_BAD_INPUT
+
+FAST = ["dataset=digits", "debug=smoke", "logger=none"]
+
+CASES = [
+    # (id, overrides, fragments that must appear in stderr)
+    ("unknown_option", ["model=resnet999"], ["unknown option 'resnet999'", "config group 'model'", "resnet20"]),
+    ("unknown_key", ["method.foo=1"], ["method.foo", "Key 'foo' not in", "--cfg job"]),
+    ("unknown_top_key", ["foo=1"], ["Key 'foo' not in"]),
+    ("sparsity_one", ["method.sparsity=1.0"], ["method.sparsity=1.0 is not allowed", "[0, 1)"]),
+    ("sparsity_negative", ["method.sparsity=-0.1"], ["method.sparsity=-0.1 is not allowed"]),
+    ("sparsity_not_a_number", ["method.sparsity=abc"], ["'abc'", "could not be converted to Float"]),
+    ("bad_distribution", ["method.distribution=bogus"], ["method.distribution='bogus'", "uniform, global, erk"]),
+    ("exclude_matches_nothing", ["method.exclude=[nope*]"],
+     ["cannot be applied to model=resnet20", "'nope*' matches no conv/linear layer", "layer1.0.conv1"]),
+    ("nothing_left_to_prune", ["method.exclude=[*]"], ["no prunable conv/linear layer is left"]),
+    ("dense_with_sparsity", ["method=dense", "method.sparsity=0.5"], ["not allowed for method=dense"]),
+    ("stage_order", ["stages=[compress,train]"], ["in pipeline order"]),
+    ("unknown_stage", ["stages=[train,prune]"], ["unknown: ['prune']"]),
+    ("negative_epochs", ["schedule.train.epochs=-1"], ["schedule.train.epochs=-1 is not allowed"]),
+    ("model_dataset_mismatch", ["model.num_classes=5"], ["model.num_classes=5 does not match dataset.num_classes=10"]),
+    ("gmp_end_after_training", ["method=gmp", "method.end_epoch=50"], ["method.end_epoch=50.0 is after the end"]),
+    ("missing_dataset", ["dataset=cifar10", "dataset.download=false", "dataset.root=/nonexistent/cifar"],
+     ["CIFAR-10 could not be loaded from /nonexistent/cifar/cifar-10-batches-py", "data_batch_1"]),
+    ("gpu_without_cuda", ["trainer=gpu"], ["no usable CUDA device", "trainer=cpu"]),
+    ("corrupt_init_ckpt", ["init_ckpt={garbage}"], ["is corrupt or not a PyTorch checkpoint", "init_ckpt=null"]),
+    ("mismatched_init_ckpt", ["init_ckpt={foreign}"], ["does not fit model=resnet20", "init_ckpt"]),
+]
+
+
+@pytest.fixture
+def previous_run(tmp_path) -> Path:
+    """An output dir holding an earlier result, which a rejected command must not touch."""
+    out = tmp_path / "out"
+    (out / ".hydra").mkdir(parents=True)
+    (out / "results.json").write_text('{"status": "ok", "marker": 1}\n')
+    (out / ".hydra" / "config.yaml").write_text("marker: 1\n")
+    return out
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "compress-run.log"}
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_paragraph(cli, tmp_path, previous_run, overrides, fragments):
+    (tmp_path / "garbage.ckpt").write_bytes(b"this is not a checkpoint")
+    torch.save({"state_dict": {"net.conv.weight": torch.zeros(3, 3)}}, tmp_path / "foreign.ckpt")
+    overrides = [o.format(garbage=tmp_path / "garbage.ckpt", foreign=tmp_path / "foreign.ckpt") for o in overrides]
+    before = _digest(previous_run)
+    proc = cli(*FAST, *overrides, f"output_dir={previous_run}")
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert err.startswith("compress-run: error:"), err[:500]
+    assert "Fix:" in err
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert _digest(previous_run) == before
+
+
+def test_resume_with_different_settings_is_refused(cli, tmp_path):
+    out = tmp_path / "run"
+    first = cli(*FAST, "method=magnitude", "stages=[train]", f"output_dir={out}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(out)
+    second = cli(*FAST, "method=magnitude", "method.sparsity=0.5", f"output_dir={out}")
+    assert second.returncode == EXIT_BAD_INPUT
+    err = " ".join(second.stderr.split())
+    assert "holds a run made with different settings" in err and "method.sparsity: 0.9 -> 0.5" in err
+    assert _digest(out) == before
+
+
+def test_corrupt_stage_checkpoint_on_resume(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*FAST, "stages=[train]", f"output_dir={out}").returncode == 0
+    ckpt = out / "checkpoints" / "train.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    before = _digest(out)
+    proc = cli(*FAST, f"output_dir={out}")
+    assert proc.returncode == EXIT_BAD_INPUT
+    err = " ".join(proc.stderr.split())
+    assert "the train checkpoint" in err and "is corrupt" in err and "redo the train stage" in err
+    assert _digest(out) == before

@@ -1,0 +1,115 @@
+"""End-to-end stage runs on the digits data (in-process) and the CLI's sweep behaviour."""
+
+from __future__ import annotations
+
+import torch
+
+from compress_run.methods.masks import MASK_SUFFIX
+from compress_run.pipeline.checkpoints import net_state_from_checkpoint
+from tests.conftest import read_json, run_pipeline
+
+SMOKE = ["dataset=digits", "debug=smoke", "logger=none"]
+
+
+def _masked_state(path):
+    state = net_state_from_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    return {k[: -len(MASK_SUFFIX)]: (state[k[: -len(MASK_SUFFIX)]], v) for k, v in state.items()
+            if k.endswith(MASK_SUFFIX)}
+
+
+def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tmp_path):
+    results = run_pipeline([*SMOKE, "method=magnitude", "method.sparsity=0.8"], tmp_path)
+    masked = _masked_state(tmp_path / "checkpoints" / "finetune.ckpt")
+    assert len(masked) == 18  # resnet20: 19 convs + fc, minus the stem conv and the classifier
+    for name, (weight, mask) in masked.items():
+        assert torch.all(weight[~mask] == 0), name
+        assert abs((1 - mask.float().mean().item()) - 0.8) < 1.0 / mask.numel() + 1e-9, name
+        assert results["sparsity_per_layer"][f"{name}"] >= 0.8 - 1.0 / mask.numel()
+    m = results["metrics"]
+    assert abs(m["model/prunable_sparsity"] - 0.8) < 1e-3
+    assert m["model/params_nonzero"] < m["model/params_dense"]
+    assert results["status"] == "ok" and results["seed"] == 0
+    assert {"test/acc", "val/acc", "time/train_s", "time/finetune_s", "train/test/acc"} <= set(m)
+    assert results["versions"]["torch"] and "commit" in results["git"]
+    assert results["config"]["method"]["sparsity"] == 0.8
+    assert [results["stages"][s]["status"] for s in ("train", "compress", "finetune", "evaluate")] == ["done"] * 4
+
+
+def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):
+    results = run_pipeline([*SMOKE, "method=magnitude", "method.sparsity=0.7", "method.distribution=global"],
+                           tmp_path)
+    masked = _masked_state(tmp_path / "checkpoints" / "finetune.ckpt")
+    total = sum(m.numel() for _, m in masked.values())
+    kept = sum(int(m.sum()) for _, m in masked.values())
+    assert kept == round(0.3 * total)
+    for weight, mask in masked.values():
+        assert torch.all(weight[~mask] == 0)
+    per_layer = [1 - m.float().mean().item() for _, m in masked.values()]
+    assert max(per_layer) - min(per_layer) > 0.01  # one threshold, not one sparsity per layer
+    assert abs(results["metrics"]["model/prunable_sparsity"] - 0.7) < 1e-3
+
+
+def test_gmp_reaches_target_during_train_and_keeps_it(tmp_path):
+    run_pipeline([*SMOKE, "method=gmp", "method.sparsity=0.75", "method.frequency=1"], tmp_path)
+    for stage in ("train", "finetune"):
+        for name, (weight, mask) in _masked_state(tmp_path / "checkpoints" / f"{stage}.ckpt").items():
+            assert torch.all(weight[~mask] == 0), (stage, name)
+            assert abs((1 - mask.float().mean().item()) - 0.75) <= 1.0 / mask.numel(), (stage, name)
+
+
+def test_dense_records_skipped_stages_and_rerun_skips_finished_ones(tmp_path, capsys):
+    first = run_pipeline([*SMOKE, "method=dense"], tmp_path)
+    assert first["stages"]["compress"] == {"stage": "compress", "status": "skipped",
+                                           "reason": "method=dense does not use the compress stage"}
+    assert read_json(tmp_path / "stages" / "finetune.json")["status"] == "skipped"
+    mtime = (tmp_path / "checkpoints" / "train.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    second = run_pipeline([*SMOKE, "method=dense"], tmp_path)
+    out = capsys.readouterr().out
+    assert "stage train: already finished, skipped" in out and "stage train: start" not in out
+    assert (tmp_path / "checkpoints" / "train.ckpt").stat().st_mtime_ns == mtime
+    assert second["metrics"]["test/acc"] == first["metrics"]["test/acc"]
+    assert "test acc" in out and "evaluate" in out  # the summary table
+
+
+def test_partial_stages_then_the_rest(tmp_path):
+    run_pipeline([*SMOKE, "stages=[train]"], tmp_path)
+    assert not (tmp_path / "stages" / "compress.json").exists()
+    results = run_pipeline(SMOKE, tmp_path)
+    assert [results["stages"][s]["status"] for s in ("compress", "finetune", "evaluate")] == ["done"] * 3
+
+
+def test_sweep_runs_every_job(cli, tmp_path):
+    out = tmp_path / "sweep"
+    proc = cli("-m", "method=dense,magnitude,gmp", *SMOKE, f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, method in enumerate(("dense", "magnitude", "gmp")):
+        results = read_json(out / str(job) / "results.json")
+        assert results["status"] == "ok" and results["choices"]["method"] == method
+
+
+def test_sweep_with_a_failing_job_completes_the_others(cli, tmp_path):
+    out = tmp_path / "sweep"
+    proc = cli("-m", "method.sparsity=0.5,1.5,0.6", *SMOKE, f"output_dir={out}")
+    assert proc.returncode == 2
+    assert read_json(out / "0" / "results.json")["status"] == "ok"
+    failed = read_json(out / "1" / "results.json")
+    assert failed["status"] == "failed" and "method.sparsity=1.5 is not allowed" in failed["error"]
+    assert read_json(out / "2" / "results.json")["status"] == "ok"
+    assert "1 job(s) of the sweep failed" in proc.stderr
+
+
+def test_help_and_cfg(cli):
+    help_text = cli("--help").stdout
+    for word in ("model:", "resnet20", "method:", "gmp", "compress-run -m"):
+        assert word in help_text
+    job = cli("--cfg", "job", "method=gmp").stdout
+    assert "_target_: compress_run.methods.gmp.GMP" in job
+
+
+def test_wandb_logger_offline_no_network(cli, tmp_path):
+    out = tmp_path / "run"
+    proc = cli(*SMOKE[:2], "logger=wandb", "method=dense", f"output_dir={out}", timeout=300,
+               env={"WANDB_API_KEY": "", "WANDB_MODE": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
