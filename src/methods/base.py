@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from torch import nn
-
 from compress_run.methods.masks import LayerSelectionError, MaskEnforcer, prunable_layers
+from torch import nn
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
 

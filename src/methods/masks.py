@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch import nn
-
 from compress_run.methods.allocation import allocate
 from compress_run.methods.projections import project
+from torch import nn
 
 MASK_SUFFIX = "_mask"
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -9,9 +9,8 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from rich.console import Console
-
 from compress_run.pipeline.data import _mix
+from rich.console import Console
 
 
 class EpochSeed(L.Callback):

@@ -19,9 +19,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
-
 from compress_run.pipeline.errors import UserError
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -171,6 +170,8 @@ class BaseDataModule(L.LightningDataModule):
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, torch.Tensor):  # the model summary's example input
+            return batch
         x, y = batch
         trainer = self.trainer
         if trainer is not None and trainer.training and self.augment and (self.crop_pad or self.flip):
@@ -328,7 +329,8 @@ class ImageNetDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
 
         root = Path(self.root or "data/imagenet")
         for split in ("train", "val"):

@@ -89,7 +89,8 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     c = results["choices"]
     title = (f"compress-run: method={c.get('method')} model={c.get('model')} dataset={c.get('dataset')} "
              f"schedule={c.get('schedule')}")
-    table = Table(title=title, title_justify="left")
+    console.print(title)
+    table = Table()
     for col in ("stage", "status", "wall time", "val acc", "test acc", "sparsity"):
         table.add_column(col, justify="left" if col in ("stage", "status") else "right")
     for stage, rec in results["stages"].items():

@@ -25,19 +25,23 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
-
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
-    AtomicCheckpointIO, atomic_torch_save, atomic_write_json, load_checkpoint, net_state_from_checkpoint)
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    net_state_from_checkpoint,
+)
 from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.validate import check_output_dir, validate, write_run_config
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
 
 STAGES = ("train", "compress", "finetune", "evaluate")
 CHECKPOINT_FORMAT = 1
@@ -119,7 +123,7 @@ class Pipeline:
         self.setup()
         write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        first = True
+        net, first = self.start_net, True
         for stage in STAGES:
             if self.finished(stage):
                 if self.records[stage]["status"] == "done":
@@ -131,7 +135,8 @@ class Pipeline:
                 if stage in self.cfg.stages:  # a skip by the method is final; one by `stages=` is not
                     atomic_write_json(self.stage_dir / f"{stage}.json", self.records[stage])
                 continue
-            net = self.start_net if first else self.net_for(stage, net)
+            if not first:  # later stages start from the checkpoint the previous stage wrote
+                net = self.net_for(stage, net)
             first = False
             t0 = time.perf_counter()
             self.log(f"stage {stage}: start")

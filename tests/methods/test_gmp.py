@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from compress_run.methods.gmp import cubic_sparsity
 
 

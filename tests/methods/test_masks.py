@@ -6,14 +6,22 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from compress_run.methods.allocation import allocate, erk
 from compress_run.methods.masks import (
-    LayerSelectionError, apply_masks, attach_mask, attach_masks_from_state_dict, magnitude_scores,
-    mask_gradients, masked_parameters, prunable_layers, prune_by_score, sparsity_report)
+    LayerSelectionError,
+    apply_masks,
+    attach_mask,
+    attach_masks_from_state_dict,
+    magnitude_scores,
+    mask_gradients,
+    masked_parameters,
+    prunable_layers,
+    prune_by_score,
+    sparsity_report,
+)
 from compress_run.methods.projections import irregular
 from compress_run.models.cifar_resnet import resnet20
+from torch import nn
 
 
 def tiny() -> nn.Module:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:

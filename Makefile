@@ -1,0 +1,41 @@
+# compress-run: `make demo` installs everything and runs the default job; `make test` installs and runs
+# the fast tests. Both work on a fresh machine (Debian, Python 3.11, root for apt-get).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST := $(VENV)/bin/pytest
+FMNIST := /usr/share/datasets/fashion-mnist
+# the bounded set of slow tests that CI runs after the fast suite (each a few minutes on 2 cores)
+CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_accuracy.py::test_digits_magnitude_90_percent
+
+.PHONY: install data demo test test-slow test-ci-slow lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+data:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: install data
+	$(VENV)/bin/compress-run
+
+test: install data
+	$(PYTEST) -m "not slow" -n 2 -q
+
+test-ci-slow: install data
+	$(PYTEST) -m slow -q $(CI_SLOW_TESTS)
+
+test-slow: install data
+	$(PYTEST) -m slow -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests scripts
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

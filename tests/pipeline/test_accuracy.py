@@ -1,0 +1,31 @@
+"""Accuracy on real data (slow). Digits runs in CI; the Fashion-MNIST run is the README's headline figure."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_json, run_cli
+
+
+@pytest.mark.slow
+def test_digits_magnitude_90_percent(tmp_path):
+    # measured 2026-11-22 on 2 CPU cores: dense 97.49%, 90% sparse after finetune 94.71% (2.5 min)
+    proc = run_cli(["dataset=digits", "method=magnitude", "method.sparsity=0.9", "schedule=fmnist",
+                    "schedule.batch_size=64", "schedule.train.epochs=15", "schedule.finetune.epochs=5",
+                    "logger=none", "output_dir=run"], tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_json(tmp_path / "run" / "results.json")["metrics"]
+    assert m["train/test/acc"] >= 0.96
+    assert m["test/acc"] >= 0.93
+    assert abs(m["model/prunable_sparsity"] - 0.9) < 1e-3
+
+
+@pytest.mark.slow
+def test_fashion_mnist_magnitude_90_percent(tmp_path):
+    """The issue's acceptance run (about 50 minutes on 2 CPU cores)."""
+    proc = run_cli(["method=magnitude", "model=resnet20", "dataset=fashion_mnist", "schedule=fmnist",
+                    "method.sparsity=0.9", "output_dir=run"], tmp_path, timeout=4 * 3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_json(tmp_path / "run" / "results.json")["metrics"]
+    assert m["train/test/acc"] >= 0.925
+    assert m["test/acc"] >= 0.915

@@ -1,0 +1,68 @@
+"""Kill -9 during the train stage, rerun the same command: same final metrics and weights as an
+uninterrupted run (deterministic CPU trainer). GMP is used so masks and method state evolve mid-stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import cli_path, read_json
+
+ARGS = ["dataset=digits", "method=gmp", "method.sparsity=0.8", "method.frequency=3", "schedule=fmnist",
+        "schedule.batch_size=64", "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv",
+        "trainer.deterministic=true"]
+
+
+def _run(out, cwd):
+    return subprocess.run([cli_path(), *ARGS, f"output_dir={out}"], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path):
+    reference = _run(tmp_path / "reference", tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([cli_path(), *ARGS, f"output_dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    last = out / "checkpoints" / "train-last.ckpt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and _epochs_done(out) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stages" / "train.json").exists(), "the run finished its train stage before the kill"
+    assert last.is_file()
+
+    resumed = _run(out, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage train: resuming from" in resumed.stdout
+    ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
+    for key in ("test/acc", "test/loss", "val/acc", "val/loss", "train/test/acc", "model/sparsity"):
+        assert res["metrics"][key] == ref["metrics"][key], key
+    a = _state(tmp_path / "reference" / "checkpoints" / "finetune.ckpt")
+    b = _state(out / "checkpoints" / "finetune.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _epochs_done(out) -> int:
+    """Epochs completed according to the epoch checkpoint (0 while it is being replaced)."""
+    try:
+        return int(torch.load(out / "checkpoints" / "train-last.ckpt", map_location="cpu",
+                              weights_only=False)["epoch"]) + 1
+    except Exception:
+        return 0
