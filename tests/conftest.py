@@ -41,10 +41,11 @@ def cli(tmp_path):
 
 def compose(overrides: list[str]):
     """The composed config for ``overrides`` (as the CLI would build it), plus the group choices."""
-    import compress_run.pipeline.cli  # noqa: F401  (registers schemas and resolvers)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
+    import compress_run.pipeline.cli  # noqa: F401  (registers schemas and resolvers)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="compress_run.conf", version_base="1.3"):

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from compress_run.methods.masks import LayerSelectionError, MaskEnforcer, prunable_layers
 from torch import nn
+
+from compress_run.methods.masks import LayerSelectionError, MaskEnforcer, prunable_layers
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from torch import nn
+
 from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.masks import MaskEnforcer, attach_mask, magnitude_scores, prune_by_score
-from torch import nn
 
 
 def cubic_sparsity(step: int, t0: int, t_end: int, final: float, initial: float = 0.0) -> float:

@@ -17,9 +17,10 @@ Config keys (conf/method/magnitude.yaml):
 from __future__ import annotations
 
 import lightning as L
+from torch import nn
+
 from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.masks import magnitude_scores, prune_by_score
-from torch import nn
 
 
 class Magnitude(MaskPruningMethod):

@@ -9,8 +9,9 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from compress_run.pipeline.data import _mix
 from rich.console import Console
+
+from compress_run.pipeline.data import _mix
 
 
 class EpochSeed(L.Callback):
@@ -33,7 +34,6 @@ class EpochLine(L.Callback):
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
-        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
         self.t0 = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -42,5 +42,9 @@ class EpochLine(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
         parts = [f"{k}={float(m[k]):.4f}" for k in ("train/loss_epoch", "val/loss", "val/acc") if k in m]
-        self.console.print(f"\\[{self.stage}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
-                           f"{' '.join(parts)} ({time.perf_counter() - self.t0:.1f}s)")
+        if trainer.global_rank != 0:
+            return
+        line = (f"\\[{self.stage}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {' '.join(parts)} "
+                f"({time.perf_counter() - self.t0:.1f}s)")
+        Console(file=sys.stdout, highlight=False, soft_wrap=True).print(line)
+

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compress_run.pipeline.errors import UserError
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from compress_run.pipeline.errors import UserError
 
 
 def _fsync_dir(directory: Path) -> None:

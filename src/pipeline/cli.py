@@ -15,14 +15,15 @@ import warnings
 from pathlib import Path
 
 import hydra
-from compress_run.pipeline.checkpoints import atomic_write_json
-from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
-from compress_run.pipeline.schema import register_schemas
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from compress_run.pipeline.checkpoints import atomic_write_json
+from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
+from compress_run.pipeline.schema import register_schemas
 
 OmegaConf.register_new_resolver("first_set", lambda *values: next((v for v in values if v is not None), None),
                                 replace=True)

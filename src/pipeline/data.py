@@ -19,8 +19,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from compress_run.pipeline.errors import UserError
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+
+from compress_run.pipeline.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -109,7 +110,13 @@ class BaseDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self._aug_epoch: int | None = None
-        self._aug_gen = torch.Generator()
+        self._aug_gen: torch.Generator | None = None  # created on first use: generators do not pickle for ddp_spawn
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_aug_gen"], state["_aug_epoch"] = None, None
+        state["trainer"] = None  # a finished stage's trainer (and its loaders) stays behind; the new one re-attaches
+        return state
 
     @abstractmethod
     def load_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,8 +183,8 @@ class BaseDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training and self.augment and (self.crop_pad or self.flip):
             epoch = trainer.current_epoch
-            if self._aug_epoch != epoch:
-                self._aug_gen.manual_seed(_mix(self.seed, epoch, 3))
+            if self._aug_epoch != epoch or self._aug_gen is None:
+                self._aug_gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 3))
                 self._aug_epoch = epoch
             x = random_crop_flip(x, self.crop_pad, self.flip, self._aug_gen)
         return self.normalize(x), y

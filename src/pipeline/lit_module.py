@@ -13,8 +13,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from compress_run.methods.masks import attach_masks_from_state_dict
 from torch import nn
+
+from compress_run.methods.masks import attach_masks_from_state_dict
 
 
 def lr_lambda(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmup_epochs: float,

@@ -25,6 +25,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -39,9 +43,6 @@ from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.validate import check_output_dir, validate, write_run_config
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
 
 STAGES = ("train", "compress", "finetune", "evaluate")
 CHECKPOINT_FORMAT = 1
@@ -209,6 +210,8 @@ class Pipeline:
     def trainer(self, stage: str, epochs: int, callbacks: list[L.Callback], logger: Any = None,
                 fraction: float = 1.0) -> L.Trainer:
         tcfg = OmegaConf.to_container(self.cfg.trainer, resolve=True)
+        if stage == "evaluate":  # one process, so every test sample is counted exactly once
+            tcfg.update(devices=1, num_nodes=1, strategy="auto")
         if tcfg.get("limit_train_batches") is None and fraction < 1.0:
             tcfg["limit_train_batches"] = fraction
         interactive = sys.stdout.isatty()

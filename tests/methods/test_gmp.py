@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from compress_run.methods.gmp import cubic_sparsity
 
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from compress_run.methods.allocation import allocate, erk
 from compress_run.methods.masks import (
     LayerSelectionError,
@@ -21,7 +23,6 @@ from compress_run.methods.masks import (
 )
 from compress_run.methods.projections import irregular
 from compress_run.models.cifar_resnet import resnet20
-from torch import nn
 
 
 def tiny() -> nn.Module:

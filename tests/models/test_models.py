@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
 from torch.utils.flop_counter import FlopCounterMode
+
+from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
 
 
 def macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:

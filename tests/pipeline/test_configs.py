@@ -7,12 +7,12 @@ from importlib.resources import files
 import lightning as L
 import pytest
 import torch
-from compress_run.methods.base import Method
-from compress_run.pipeline.data import BaseDataModule
-from compress_run.pipeline.validate import validate
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from compress_run.methods.base import Method
+from compress_run.pipeline.data import BaseDataModule
+from compress_run.pipeline.validate import validate
 from tests.conftest import compose
 
 CONF = files("compress_run.conf")

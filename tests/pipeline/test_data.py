@@ -9,6 +9,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from compress_run.pipeline import data as data_mod
 from compress_run.pipeline.data import (
     CIFARDataModule,
@@ -22,7 +24,6 @@ from compress_run.pipeline.data import (
     split_indices,
 )
 from compress_run.pipeline.errors import UserError
-from PIL import Image
 
 COMMON = {"val_fraction": 0.25, "split_seed": 0, "num_workers": 0, "augment": True, "download": False,
           "batch_size": 4, "eval_batch_size": 8, "seed": 0}

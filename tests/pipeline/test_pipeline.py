@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+
 from compress_run.methods.masks import MASK_SUFFIX
 from compress_run.pipeline.checkpoints import net_state_from_checkpoint
-
 from tests.conftest import read_json, run_pipeline
 
 SMOKE = ["dataset=digits", "debug=smoke", "logger=none"]
