@@ -55,7 +55,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         for key in ("test/acc", "val/acc"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
-    metrics.update({k: v for k, v in evaluate.items() if not isinstance(v, dict)})
+    metrics.update({k: v for k, v in evaluate.items() if isinstance(v, int | float)})
     return {
         "status": "ok",
         "output_dir": str(out),

@@ -46,6 +46,7 @@ from compress_run.pipeline.validate import check_output_dir, validate, write_run
 
 STAGES = ("train", "compress", "finetune", "evaluate")
 CHECKPOINT_FORMAT = 1
+ACCURACY_KEYS = ("test/acc", "test/loss", "val/acc", "val/loss")
 
 
 def build(cfg_node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -68,6 +69,7 @@ class Pipeline:
         self.overrides, self.choices = overrides, choices
         self.ckpt_dir, self.stage_dir = self.out / "checkpoints", self.out / "stages"
         self.records: dict[str, dict[str, Any]] = {}
+        self.loaded_from: str | None = None  # the stage whose checkpoint the current net was loaded from
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -166,8 +168,9 @@ class Pipeline:
         previous = [s for s in STAGES[: STAGES.index(stage)]
                     if self.records.get(s, {}).get("status") == "done" and s != "evaluate"]
         if not previous:
+            self.loaded_from = None
             return net
-        source = previous[-1]
+        source = self.loaded_from = previous[-1]
         fresh = self.new_net()
         ckpt = self.load_into(fresh, self.ckpt_dir / f"{source}.ckpt", f"the {source} checkpoint",
                               f"delete {self.stage_dir / (source + '.json')} and {self.ckpt_dir / (source + '.ckpt')} "
@@ -199,7 +202,13 @@ class Pipeline:
 
     def run_evaluate(self, net):
         report = sparsity_report(net)
-        metrics = self.evaluate_metrics(net)
+        # the previous stage tested exactly this checkpoint: reuse its accuracy instead of a second pass
+        source = self.records.get(self.loaded_from or "", {}).get("metrics", {})
+        if all(k in source for k in ACCURACY_KEYS):
+            metrics = {k: source[k] for k in ACCURACY_KEYS}
+            metrics["accuracy_from"] = f"{self.loaded_from} stage checkpoint"
+        else:
+            metrics = self.evaluate_metrics(net)
         metrics.update({"model/params_dense": report.params_dense, "model/params_nonzero": report.params_nonzero,
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,
