@@ -36,7 +36,7 @@ test-slow: install data
 	$(PYTEST) -m slow -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests $(wildcard scripts)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
