@@ -25,8 +25,22 @@ from compress_run.pipeline.checkpoints import atomic_write_json
 from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.schema import register_schemas
 
+
+def config_group_lines() -> str:
+    """`group: option, option, ...` for the YAML options shipped in compress_run.conf (schemas left out)."""
+    from importlib.resources import files
+
+    lines = []
+    for group in sorted(p for p in files("compress_run.conf").iterdir() if p.is_dir()):
+        names = sorted(f.name[:-5] for f in group.iterdir() if f.name.endswith(".yaml"))
+        if names and group.name not in ("hydra", "paths"):
+            lines.append(f"  {group.name}: {', '.join(names)}")
+    return "\n".join(lines)
+
+
 OmegaConf.register_new_resolver("first_set", lambda *values: next((v for v in values if v is not None), None),
                                 replace=True)
+OmegaConf.register_new_resolver("config_groups", config_group_lines, replace=True)
 register_schemas()
 
 FAILED_JOBS: list[tuple[str, str, bool]] = []  # (output dir, first line of error, was bad input)
