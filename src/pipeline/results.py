@@ -69,6 +69,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,
         "sparsity_per_layer": evaluate.get("sparsity_per_layer", {}),
+        "macs_per_layer": evaluate.get("macs_per_layer", {}),
         "method": evaluate.get("method", {}),
         "stages": records,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -104,4 +105,8 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"params: {m['model/params_dense']:,} dense, {m['model/params_nonzero']:,} non-zero "
                       f"(model sparsity {100 * m['model/sparsity']:.2f}%, prunable-layer sparsity "
                       f"{100 * m['model/prunable_sparsity']:.2f}%)")
+    if "model/macs_dense" in m:
+        dense, effective = m["model/macs_dense"], m["model/macs_effective"]
+        console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "
+                      f"({dense / max(effective, 1):.2f}x fewer; FLOPs = 2 x MACs)")
     console.print(f"results: {Path(results['output_dir']) / 'results.json'}")

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from compress_run.hardware.macs import count_macs
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -209,6 +210,12 @@ class Pipeline:
             metrics["accuracy_from"] = f"{self.loaded_from} stage checkpoint"
         else:
             metrics = self.evaluate_metrics(net)
+        data = self.cfg.dataset
+        macs = count_macs(net, (1, data.in_channels, data.image_size, data.image_size))
+        metrics.update({"model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
+                        "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
+                        "macs_per_layer": {name: {"dense": m, "effective": round(macs.per_module_effective[name])}
+                                           for name, m in macs.per_module.items()}})
         metrics.update({"model/params_dense": report.params_dense, "model/params_nonzero": report.params_nonzero,
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,

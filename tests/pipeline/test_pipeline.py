@@ -32,6 +32,14 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
     assert {"test/acc", "val/acc", "time/train_s", "time/finetune_s", "train/test/acc"} <= set(m)
     assert results["versions"]["torch"] and "commit" in results["git"]
     assert results["config"]["method"]["sparsity"] == 0.8
+    # resnet20 on 1x8x8 digits: prunable layers' MACs shrink to 20%, stem and classifier stay dense
+    per_layer = results["macs_per_layer"]
+    assert m["model/macs_dense"] == sum(v["dense"] for v in per_layer.values())
+    assert per_layer["conv1"]["effective"] == per_layer["conv1"]["dense"]
+    for name, (_, mask) in masked.items():
+        layer = per_layer[name.rsplit(".", 1)[0]]
+        assert layer["effective"] == round(layer["dense"] * mask.float().mean().item())
+    assert m["model/flops_dense"] == 2 * m["model/macs_dense"]
     assert [results["stages"][s]["status"] for s in ("train", "compress", "finetune", "evaluate")] == ["done"] * 4
 
 

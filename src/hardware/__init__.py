@@ -1,0 +1,1 @@
+"""Measurement: MAC/FLOP counting (and, with later work, hardware profiles and latency)."""

@@ -1,0 +1,54 @@
+"""MAC counter: reference counts (../shared/reference/macs.yaml), fused attention, mask-aware MACs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress_run.hardware.macs import count_macs
+from compress_run.methods.masks import magnitude_scores, prunable_layers, prune_by_score
+from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
+
+
+@pytest.mark.parametrize(("model", "shape", "reference"), [
+    (lambda: cifar_resnet.resnet20(10, 3, 32), (1, 3, 32, 32), 40551040),
+    (lambda: cifar_vgg.vgg16_bn(10, 3, 32), (1, 3, 32, 32), 313201664),
+    (lambda: torchvision_models.resnet50(1000, 3, 224), (1, 3, 224, 224), 4089184256),
+])
+def test_cnn_reference_counts_exact(model, shape, reference):
+    assert count_macs(model(), shape).dense == reference
+
+
+@pytest.mark.parametrize(("variant", "reference"), [("deit_tiny_patch16_224", 1253683200),
+                                                     ("deit_small_patch16_224", 4598882304)])
+def test_vit_counts_include_fused_attention(variant, reference):
+    model = timm_models.vit(variant, num_classes=1000, in_channels=3, image_size=224)
+    report = count_macs(model, (1, 3, 224, 224))
+    assert abs(report.dense - reference) / reference < 1e-3
+    heads, tokens, head_dim = model.blocks[0].attn.num_heads, 197, model.embed_dim // model.blocks[0].attn.num_heads
+    attention_own = report.per_module["blocks.0.attn"]  # QK^T and AV; qkv/proj belong to their linears
+    assert attention_own == 2 * heads * tokens * tokens * head_dim
+
+
+def test_per_module_attribution_sums_to_total_and_names_layers():
+    model = cifar_resnet.resnet20(10, 3, 32)
+    report = count_macs(model, (1, 3, 32, 32))
+    assert report.per_module["conv1"] == 16 * 3 * 9 * 32 * 32
+    assert report.per_module["fc"] == 64 * 10
+    assert sum(report.per_module.values()) == report.dense
+
+
+def test_effective_macs_follow_mask_density():
+    torch.manual_seed(0)
+    model = cifar_resnet.resnet20(10, 3, 32)
+    dense = count_macs(model, (1, 3, 32, 32))
+    layers = prunable_layers(model)
+    prune_by_score(layers, magnitude_scores(layers), 0.75)
+    report = count_macs(model, (1, 3, 32, 32))
+    assert report.dense == dense.dense
+    for name in layers:
+        kept = layers[name].weight_mask.float().mean().item()
+        assert report.per_module_effective[name] == pytest.approx(report.per_module[name] * kept)
+    assert report.per_module_effective["conv1"] == report.per_module["conv1"]  # kept dense
+    pruned = sum(report.per_module[n] for n in layers)
+    assert report.effective == pytest.approx(dense.dense - 0.75 * pruned, rel=1e-3)
