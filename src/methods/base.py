@@ -15,7 +15,13 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from compress_run.methods.masks import LayerSelectionError, MaskEnforcer, prunable_layers
+from compress_run.methods.masks import (
+    LayerSelectionError,
+    MaskEnforcer,
+    magnitude_scores,
+    prunable_layers,
+    prune_by_score,
+)
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
 
@@ -67,6 +73,11 @@ class MaskPruningMethod(Method):
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         return prunable_layers(model, self.exclude)
+
+    def prune_to(self, model: nn.Module, sparsity: float) -> None:
+        """Magnitude-prune the prunable layers to ``sparsity`` with this method's distribution and pattern."""
+        layers = self.layers(model)
+        self.achieved = prune_by_score(layers, magnitude_scores(layers), sparsity, self.distribution, self.pattern)
 
     def check_applicable(self, model: nn.Module) -> None:
         try:

@@ -23,7 +23,7 @@ import lightning as L
 from torch import nn
 
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import MaskEnforcer, attach_mask, magnitude_scores, prune_by_score
+from compress_run.methods.masks import MaskEnforcer, attach_mask
 
 
 def cubic_sparsity(step: int, t0: int, t_end: int, final: float, initial: float = 0.0) -> float:
@@ -50,9 +50,7 @@ class GMP(MaskPruningMethod):
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         """Finalize: the train stage ends at the target; prune to it if training stopped early."""
-        layers = self.layers(model)
-        self.achieved = prune_by_score(layers, magnitude_scores(layers), self.sparsity, self.distribution,
-                                       self.pattern)
+        self.prune_to(model, self.sparsity)
         return model
 
     def summary(self) -> dict[str, Any]:
@@ -80,9 +78,7 @@ class GMPScheduler(L.Callback):
         due = step >= self.t0 and ((step - self.t0) % self.method.frequency == 0 or step >= self.t_end)
         target = cubic_sparsity(step, self.t0, self.t_end, self.method.sparsity)
         if due and target > self.current:
-            layers = self.method.layers(pl_module.net)
-            self.method.achieved = prune_by_score(layers, magnitude_scores(layers), target,
-                                                  self.method.distribution, self.method.pattern)
+            self.method.prune_to(pl_module.net, target)
             self.current = target
             pl_module.log("gmp/sparsity", target, on_step=True, on_epoch=False)
 

@@ -20,12 +20,9 @@ import lightning as L
 from torch import nn
 
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import magnitude_scores, prune_by_score
 
 
 class Magnitude(MaskPruningMethod):
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
-        layers = self.layers(model)
-        self.achieved = prune_by_score(layers, magnitude_scores(layers), self.sparsity, self.distribution,
-                                       self.pattern)
+        self.prune_to(model, self.sparsity)
         return model

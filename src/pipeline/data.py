@@ -160,17 +160,6 @@ class BaseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
-    def calibration_batches(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed set of normalised, un-augmented train batches (for post-training methods)."""
-        self.setup("fit")
-        loader = DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
-        out = []
-        for i, (x, y) in enumerate(loader):
-            if i >= num_batches:
-                break
-            out.append((self.normalize(x), y))
-        return out
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
@@ -364,12 +353,6 @@ class ImageNetDataModule(BaseDataModule):
 
     def _make_sampler(self, num_samples: int, generator: torch.Generator) -> Sampler[int]:
         return _ReseedingSampler(num_samples, self.seed, generator)
-
-    def calibration_batches(self, num_batches: int):
-        self.setup("fit")
-        loader = DataLoader(Subset(self.val_set.dataset, self.train_set.indices), batch_size=self.batch_size,
-                            shuffle=False, num_workers=self.num_workers)
-        return [b for _, b in zip(range(num_batches), loader, strict=False)]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return batch  # already normalised tensors from the per-sample transforms
