@@ -148,6 +148,8 @@ class Pipeline:
             record = {"stage": stage, "status": "done", "wall_s": round(time.perf_counter() - t0, 3),
                       "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "checkpoint": str(self.ckpt_dir / f"{stage}.ckpt") if stage != "evaluate" else None,
+                      "evaluated": str(self.ckpt_dir / f"{self.loaded_from}.ckpt")
+                      if stage == "evaluate" and self.loaded_from else None,
                       "metrics": metrics}
             atomic_write_json(self.stage_dir / f"{stage}.json", record)
             (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)

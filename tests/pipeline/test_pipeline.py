@@ -41,6 +41,7 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
         assert layer["effective"] == round(layer["dense"] * mask.float().mean().item())
     assert m["model/flops_dense"] == 2 * m["model/macs_dense"]
     assert [results["stages"][s]["status"] for s in ("train", "compress", "finetune", "evaluate")] == ["done"] * 4
+    assert results["stages"]["evaluate"]["evaluated"] == str(tmp_path / "checkpoints" / "finetune.ckpt")
 
 
 def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):
