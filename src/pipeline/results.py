@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from compress_run.hardware.report import print_hardware_table
+
 PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy")
 
 
@@ -55,7 +57,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         for key in ("test/acc", "val/acc"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
-    metrics.update({k: v for k, v in evaluate.items() if isinstance(v, int | float)})
+    metrics.update({k: v for k, v in evaluate.items() if isinstance(v, int | float | str) and k != "accuracy_from"})
     return {
         "status": "ok",
         "output_dir": str(out),
@@ -70,6 +72,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "metrics": metrics,
         "sparsity_per_layer": evaluate.get("sparsity_per_layer", {}),
         "macs_per_layer": evaluate.get("macs_per_layer", {}),
+        "latency_per_layer": evaluate.get("latency_per_layer", {}),
         "method": evaluate.get("method", {}),
         "stages": records,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -109,4 +112,5 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         dense, effective = m["model/macs_dense"], m["model/macs_effective"]
         console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "
                       f"({dense / max(effective, 1):.2f}x fewer; FLOPs = 2 x MACs)")
+        print_hardware_table(m, console)
     console.print(f"results: {Path(results['output_dir']) / 'results.json'}")

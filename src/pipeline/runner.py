@@ -29,7 +29,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from compress_run.hardware.macs import count_macs
+from compress_run.hardware.profile import load_profile
+from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -43,7 +44,7 @@ from compress_run.pipeline.checkpoints import (
 from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
-from compress_run.pipeline.validate import check_output_dir, validate, write_run_config
+from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprint, validate, write_run_config
 
 STAGES = ("train", "compress", "finetune", "evaluate")
 CHECKPOINT_FORMAT = 1
@@ -71,6 +72,7 @@ class Pipeline:
         self.ckpt_dir, self.stage_dir = self.out / "checkpoints", self.out / "stages"
         self.records: dict[str, dict[str, Any]] = {}
         self.loaded_from: str | None = None  # the stage whose checkpoint the current net was loaded from
+        self.redo: set[str] = set()          # finished stages to run again (evaluate after settings changed)
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -97,6 +99,10 @@ class Pipeline:
         for stage in STAGES:
             if self.finished(stage):
                 self.records[stage] = read_json(self.stage_dir / f"{stage}.json")
+        evaluated = self.records.get("evaluate", {})
+        if evaluated.get("status") == "done" and evaluated.get("evaluate_fingerprint") != evaluate_fingerprint(cfg):
+            self.redo.add("evaluate")
+            self.log("stage evaluate: hardware/evaluate settings changed, evaluating again")
         pending = [s for s in STAGES if not self.finished(s) and not self.skip_reason(s)]
         # load the first pending stage's input now: a bad checkpoint is rejected before anything is written
         self.start_net = self.net_for(pending[0], net) if pending else net
@@ -121,7 +127,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------- stages
     def finished(self, stage: str) -> bool:
-        return (self.stage_dir / f"{stage}.json").is_file()
+        return stage not in self.redo and (self.stage_dir / f"{stage}.json").is_file()
 
     def run(self) -> dict[str, Any]:
         self.setup()
@@ -151,6 +157,8 @@ class Pipeline:
                       "evaluated": str(self.ckpt_dir / f"{self.loaded_from}.ckpt")
                       if stage == "evaluate" and self.loaded_from else None,
                       "metrics": metrics}
+            if stage == "evaluate":
+                record["evaluate_fingerprint"] = evaluate_fingerprint(self.cfg)
             atomic_write_json(self.stage_dir / f"{stage}.json", record)
             (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)
             self.records[stage] = record
@@ -212,17 +220,29 @@ class Pipeline:
             metrics["accuracy_from"] = f"{self.loaded_from} stage checkpoint"
         else:
             metrics = self.evaluate_metrics(net)
-        data = self.cfg.dataset
-        macs = count_macs(net, (1, data.in_channels, data.image_size, data.image_size))
-        metrics.update({"model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
-                        "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
-                        "macs_per_layer": {name: {"dense": m, "effective": round(macs.per_module_effective[name])}
-                                           for name, m in macs.per_module.items()}})
+        metrics.update(self.hardware_report(net))
         metrics.update({"model/params_dense": report.params_dense, "model/params_nonzero": report.params_nonzero,
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,
                         "sparsity_per_layer": report.per_layer, "method": self.method.summary()})
         return metrics, net
+
+    def hardware_report(self, net: torch.nn.Module) -> dict[str, Any]:
+        """MAC views, simulated latency on every requested profile, measured host latency."""
+        cfg, data = self.cfg.evaluate, self.cfg.dataset
+        primary = load_profile(self.cfg.hardware)
+        profiles = [primary, *(load_profile(n) for n in cfg.hardware or [] if n != primary.name)]
+        host = primary if primary.name == "host_cpu" else load_profile("host_cpu")
+        net = net.cpu().eval()
+        metrics, per_layer = hardware_metrics(net, (data.in_channels, data.image_size, data.image_size), profiles,
+                                              host, batch=cfg.batch_size, measure=cfg.measure_latency,
+                                              warmup=cfg.warmup, repeats=cfg.repeats)
+        if cfg.breakdown:
+            print_breakdown(per_layer, cfg.breakdown)
+        if cfg.plot:
+            metrics["latency_breakdown_plot"] = str(plot_breakdown(per_layer, self.out / "latency_breakdown.png"))
+        metrics["latency_per_layer"] = per_layer
+        return metrics
 
     # ------------------------------------------------------------------------------ lightning
     def trainer(self, stage: str, epochs: int, callbacks: list[L.Callback], logger: Any = None,

@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from compress_run.hardware.profile import HardwareConfig
+
 STAGES = ("train", "compress", "finetune", "evaluate")
 DISTRIBUTIONS = ("uniform", "global", "erk")
 
@@ -211,6 +213,30 @@ class WandbLoggerConfig(LoggerConfig):
     log_model: bool = False
 
 
+# -------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluateConfig:
+    hardware: list[str] | None = None   # extra profiles to simulate besides the `hardware` group's
+    batch_size: int = 8                 # batch N of the second simulated/measured latency (batch 1 always)
+    measure_latency: bool = True        # time the executed model on this host
+    warmup: int = 5
+    repeats: int = 20
+    breakdown: int = 0                  # print the N slowest layers per profile (0 = off)
+    plot: bool = False                  # write latency_breakdown.png
+
+    def __post_init__(self) -> None:
+        from compress_run.hardware.profile import available_profiles
+
+        known = available_profiles()
+        unknown = [h for h in self.hardware or [] if h not in known]
+        _check(not unknown, "evaluate.hardware", list(self.hardware or []),
+               f"a list of hardware profiles from {known} (unknown: {unknown})")
+        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.warmup >= 0, "evaluate.warmup", self.warmup, "an integer >= 0")
+        _check(self.repeats >= 1, "evaluate.repeats", self.repeats, "an integer >= 1")
+        _check(self.breakdown >= 0, "evaluate.breakdown", self.breakdown, "an integer >= 0 (0 = off)")
+
+
 # ------------------------------------------------------------------------------------------ root
 @dataclass
 class PathsConfig:
@@ -229,9 +255,11 @@ class RootConfig:
     model: Any = MISSING
     dataset: Any = MISSING
     method: Any = MISSING
+    hardware: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     debug: Any = None
     experiment: Any = None
@@ -253,6 +281,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
     ("method", "base_method"): MethodConfig,
     ("method", "base_method_gmp"): GMPConfig,
+    ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,
     ("logger", "base_logger"): LoggerConfig,

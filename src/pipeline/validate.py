@@ -16,7 +16,9 @@ from compress_run.pipeline.errors import UserError
 
 # Keys that do not change what a run computes; they may differ when a run is resumed.
 NON_RESULT_KEYS = ("output_dir", "stages", "tags", "logger", "paths", "dataset.num_workers",
-                   "trainer.enable_model_summary", "trainer.log_every_n_steps")
+                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "hardware", "evaluate")
+# Keys that only change what the evaluate stage reports: a change re-runs that stage alone.
+EVALUATE_KEYS = ("hardware", "evaluate")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -64,6 +66,11 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     for key in NON_RESULT_KEYS:
         _drop(resolved, key)
     return resolved
+
+
+def evaluate_fingerprint(cfg: DictConfig) -> str:
+    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in EVALUATE_KEYS if k in cfg}
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -35,6 +35,12 @@ CASES = [
     ("gpu_without_cuda", ["trainer=gpu"], ["no usable CUDA device", "trainer=cpu"]),
     ("corrupt_init_ckpt", ["init_ckpt={garbage}"], ["is corrupt or not a PyTorch checkpoint", "init_ckpt=null"]),
     ("mismatched_init_ckpt", ["init_ckpt={foreign}"], ["does not fit model=resnet20", "init_ckpt"]),
+    ("unknown_hardware", ["hardware=tpu9"], ["unknown option 'tpu9'", "config group 'hardware'", "a100"]),
+    ("unknown_evaluate_hardware", ["evaluate.hardware=[a100,tpu9]"], ["unknown: ['tpu9']", "jetson_orin"]),
+    ("unknown_hardware_dtype", ["hardware.dtype=fp4"], ["hardware.dtype='fp4' is not allowed", "int8"]),
+    ("dtype_without_peaks", ["hardware=systolic_asic", "hardware.dtype=fp32"],
+     ["hardware.dtype='fp32'", "['int8']"]),
+    ("zero_repeats", ["evaluate.repeats=0"], ["evaluate.repeats=0 is not allowed"]),
 ]
 
 

@@ -10,13 +10,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from compress_run.hardware.profile import load_profile
 from compress_run.methods.base import Method
 from compress_run.pipeline.data import BaseDataModule
 from compress_run.pipeline.validate import validate
 from tests.conftest import compose
 
 CONF = files("compress_run.conf")
-GROUPS = ("model", "dataset", "method", "schedule", "trainer", "logger", "debug", "paths", "hydra")
+GROUPS = ("model", "dataset", "method", "hardware", "schedule", "trainer", "logger", "debug", "paths", "hydra")
 
 
 def options(group: str) -> list[str]:
@@ -79,6 +80,9 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
             assert logger.save_dir == str(tmp_path)
     elif group == "debug":
         assert cfg.trainer.limit_train_batches == 3
+    elif group == "hardware":
+        profile = load_profile(cfg.hardware)
+        assert profile.name == option and profile.peak("conv") > 0 and profile.memory_gbps > 0
 
 
 def test_the_default_job_is_magnitude_resnet20_fashion_mnist_demo():

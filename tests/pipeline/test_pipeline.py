@@ -42,6 +42,27 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
     assert m["model/flops_dense"] == 2 * m["model/macs_dense"]
     assert [results["stages"][s]["status"] for s in ("train", "compress", "finetune", "evaluate")] == ["done"] * 4
     assert results["stages"]["evaluate"]["evaluated"] == str(tmp_path / "checkpoints" / "finetune.ckpt")
+    # hardware view: irregular masks run dense on the host profile unless its CSR path is faster
+    assert m["hardware"] == "host_cpu" and m["latency_sim_ms/host_cpu"] > 0 and m["latency_sim_ms/host_cpu/b8"] > 0
+    assert m["model/macs_effective"] <= m["model/macs_executed"] <= m["model/macs_dense"]
+    assert m["latency_host_ms/b1"] > 0 and m["latency_host_ms/b8"] > 0 and m["latency_host/threads"] >= 1
+    assert results["latency_per_layer"]["host_cpu"]
+
+
+def test_changed_evaluate_settings_rerun_only_evaluate(tmp_path, capsys):
+    first = run_pipeline([*SMOKE, "method=dense", "evaluate.measure_latency=false"], tmp_path)
+    assert "latency_host_ms/b1" not in first["metrics"]
+    capsys.readouterr()
+    second = run_pipeline([*SMOKE, "method=dense", "evaluate.measure_latency=false",
+                           "evaluate.hardware=[a100,systolic_asic]", "evaluate.plot=true"], tmp_path)
+    out = capsys.readouterr().out
+    assert "stage train: already finished, skipped" in out and "stage evaluate: start" in out
+    m = second["metrics"]
+    assert {"latency_sim_ms/host_cpu", "latency_sim_ms/a100", "latency_sim_ms/systolic_asic"} <= set(m)
+    assert m["model/macs_executed/a100"] == m["model/macs_dense"]
+    assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
+    assert "MACs and latency per hardware profile" in out and "a100" in out
+    assert second["metrics"]["test/acc"] == first["metrics"]["test/acc"]
 
 
 def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):

@@ -1,0 +1,130 @@
+"""The evaluate stage's hardware numbers: MAC views, simulated latency per profile, measured host latency.
+
+:func:`hardware_metrics` traces the model at batch 1 and batch N once, simulates every requested profile
+on those traces, times the *executed* form on this host (masked layers whose sparse path the host
+profile prefers run through the CSR/BSR kernels) and returns flat metrics plus per-layer rows.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from compress_run.hardware.macs import mac_report
+from compress_run.hardware.measure import model_latency_ms
+from compress_run.hardware.profile import HardwareConfig
+from compress_run.hardware.simulator import Simulation, simulate
+from compress_run.hardware.trace import trace_model
+from compress_run.kernels.sparse import to_executed
+
+
+def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: list[HardwareConfig],
+                     host: HardwareConfig, batch: int, measure: bool = True, warmup: int = 5,
+                     repeats: int = 20) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Flat metrics (the first profile is the run's primary hardware) and batch-1 per-layer rows per profile."""
+    traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
+    macs = mac_report(net, traces[1])
+    metrics: dict[str, Any] = {
+        "model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
+        "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
+        "macs_per_layer": {name: {"dense": round(m), "effective": round(macs.per_module_effective[name])}
+                           for name, m in macs.per_module.items()}}
+    per_layer: dict[str, list[dict[str, Any]]] = {}
+    for i, profile in enumerate(profiles):
+        sims = {b: simulate(net, trace, profile) for b, trace in traces.items()}
+        executed = round(sims[1].macs("executed"))
+        if i == 0:
+            metrics["model/macs_executed"] = executed
+            metrics["model/flops_executed"] = 2 * executed
+            metrics["hardware"] = profile.name
+        metrics[f"model/macs_executed/{profile.name}"] = executed
+        metrics[f"latency_sim_ms/{profile.name}"] = round(sims[1].total_ms, 4)
+        metrics[f"latency_sim_ms/{profile.name}/b{batch}"] = round(sims[batch].total_ms, 4)
+        per_layer[profile.name] = layer_rows(sims[1])
+    if measure:
+        host_sim = simulate(net, traces[1], host)
+        deployed = to_executed(copy.deepcopy(net), host_sim.formats()).eval()
+        metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
+        metrics[f"latency_host_ms/b{batch}"] = round(
+            model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
+        metrics["latency_host/threads"] = torch.get_num_threads()
+        metrics["latency_host/sparse_layers"] = len(host_sim.formats())
+    return metrics, per_layer
+
+
+def layer_rows(sim: Simulation) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for layer in sim.layers:
+        row = rows.setdefault(layer.module or "(model)", {"module": layer.module or "(model)", "kind": layer.kind,
+                                                          "format": layer.fmt, "ms": 0.0, "macs_executed": 0.0})
+        row["ms"] += layer.total_ms
+        row["macs_executed"] += layer.macs_executed
+        if layer.fmt != "dense":
+            row["format"] = layer.fmt
+    return [{**r, "ms": round(r["ms"], 5), "macs_executed": round(r["macs_executed"])} for r in rows.values()]
+
+
+def print_hardware_table(metrics: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    profiles = [k.removeprefix("latency_sim_ms/") for k in metrics
+                if k.startswith("latency_sim_ms/") and k.count("/") == 1]
+    if not profiles:
+        return
+    batch_keys = [k for k in metrics if k.startswith(f"latency_sim_ms/{profiles[0]}/b")]
+    batch = batch_keys[0].rsplit("/b", 1)[1] if batch_keys else None
+    table = Table(title="MACs and latency per hardware profile", title_justify="left")
+    for col in ("hardware", "MACs dense", "MACs effective", "MACs executed", "sim ms (b1)",
+                *([f"sim ms (b{batch})"] if batch else [])):
+        table.add_column(col, justify="left" if col == "hardware" else "right")
+    for name in profiles:
+        row = [name, f"{metrics['model/macs_dense'] / 1e6:,.2f} M", f"{metrics['model/macs_effective'] / 1e6:,.2f} M",
+               f"{metrics[f'model/macs_executed/{name}'] / 1e6:,.2f} M", f"{metrics[f'latency_sim_ms/{name}']:.3f}"]
+        if batch:
+            row.append(f"{metrics[f'latency_sim_ms/{name}/b{batch}']:.3f}")
+        table.add_row(*row)
+    if "latency_host_ms/b1" in metrics:
+        row = [f"measured on this host ({metrics['latency_host/threads']} threads)", "", "", "",
+               f"{metrics['latency_host_ms/b1']:.3f}"]
+        if batch:
+            row.append(f"{metrics.get(f'latency_host_ms/b{batch}', float('nan')):.3f}")
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_breakdown(per_layer: dict[str, list[dict[str, Any]]], top: int, console: Console | None = None) -> None:
+    console = console or Console()
+    for name, rows in per_layer.items():
+        total = sum(r["ms"] for r in rows) or 1.0
+        table = Table(title=f"{name}: the {top} slowest layers (batch 1, simulated)", title_justify="left")
+        for col in ("layer", "kind", "format", "ms", "share", "MACs executed"):
+            table.add_column(col, justify="left" if col in ("layer", "kind", "format") else "right")
+        for r in sorted(rows, key=lambda r: -r["ms"])[:top]:
+            table.add_row(r["module"], r["kind"], r["format"], f"{r['ms']:.4f}", f"{r['ms'] / total:.1%}",
+                          f"{r['macs_executed'] / 1e6:,.2f} M")
+        console.print(table)
+
+
+def plot_breakdown(per_layer: dict[str, list[dict[str, Any]]], path: Path, top: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(per_layer), figsize=(5 * len(per_layer), 0.3 * top + 1.5), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], per_layer.items(), strict=True):
+        rows = sorted(rows, key=lambda r: -r["ms"])[:top][::-1]
+        ax.barh([r["module"] for r in rows], [r["ms"] for r in rows],
+                color=["tab:orange" if r["format"] != "dense" else "tab:blue" for r in rows])
+        ax.set_title(f"{name} (total {sum(r['ms'] for r in per_layer[name]):.3f} ms)")
+        ax.set_xlabel("simulated ms, batch 1 (orange: sparse format)")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Execution of compressed layers (sparse formats, later compaction and factorized layers)."""
