@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_accuracy.py::test_digits_magnitude_90_percent
 
-.PHONY: install data demo test test-slow test-ci-slow lint clean
+.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ test-ci-slow: install data
 
 test-slow: install data
 	$(PYTEST) -m slow -q
+
+calibrate: install
+	$(VENV)/bin/python scripts/calibrate_hardware.py
+
+bench-latency: install
+	$(VENV)/bin/python scripts/bench_latency_sim.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard scripts)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from compress_run.hardware.measure import median_seconds
@@ -101,7 +102,8 @@ def _sizes(tiny: bool) -> dict[str, list]:
                  (128, 28, 3, 1, 1),
                  (256, 14, 3, 1, 1), (512, 7, 3, 1, 1), (128, 28, 3, 2, 1), (256, 14, 1, 1, 1), (512, 7, 1, 1, 1),
                  (64, 56, 1, 1, 1), (1024, 14, 1, 1, 1), (16, 32, 3, 1, 8), (64, 56, 3, 1, 8), (256, 14, 3, 1, 8),
-                 (512, 7, 3, 1, 8), (64, 112, 7, 2, 1), (96, 56, 1, 1, 1), (384, 14, 1, 1, 1)],
+                 (512, 7, 3, 1, 8), (64, 112, 7, 2, 1), (96, 56, 1, 1, 1), (384, 14, 1, 1, 1),
+                 (512, 2, 3, 1, 1), (512, 4, 3, 1, 1), (256, 4, 3, 1, 1), (256, 8, 3, 1, 1), (1024, 2, 1, 1, 1)],
         "dw": [(32, 112, 1), (96, 56, 2), (144, 56, 1), (192, 28, 1), (384, 14, 1), (576, 14, 1), (960, 7, 1),
                (144, 56, 8), (576, 14, 8)],
         # (M, K, N)
@@ -239,8 +241,12 @@ def _composites(tiny: bool) -> list[tuple[nn.Module, tuple[int, ...]]]:
                           nn.Flatten(), nn.Linear(48 * 64, 10))
     mixer = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 768), nn.GELU(), nn.Linear(768, 256),
                           nn.LayerNorm(256), nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    wide = nn.Sequential(*cbr(256, 384), *cbr(384, 384), nn.MaxPool2d(2), *cbr(384, 512), *cbr(512, 512),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 100))
+    encoder = Block(320, 5)  # timm's pre-norm transformer block (nn.TransformerEncoderLayer has a fused fast path)
     return [(plain, (1, 3, 96, 96)), (inverted, (1, 24, 56, 56)), (bottleneck, (1, 256, 28, 28)),
-            (small, (1, 3, 32, 32)), (mixer, (1, 100, 256)), (plain, (4, 3, 64, 64))]
+            (small, (1, 3, 32, 32)), (mixer, (1, 100, 256)), (plain, (4, 3, 64, 64)), (wide, (1, 256, 8, 8)),
+            (encoder, (1, 145, 320)), (inverted, (1, 24, 28, 28))]
 
 
 def composite_sweep(tiny: bool = False, progress: Progress = print, min_time_s: float = 0.05,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 
 from compress_run.hardware.macs import count_macs
 from compress_run.methods.masks import magnitude_scores, prunable_layers, prune_by_score
@@ -12,9 +13,13 @@ from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvisio
 
 @pytest.mark.parametrize(("model", "shape", "reference"), [
     (lambda: cifar_resnet.resnet20(10, 3, 32), (1, 3, 32, 32), 40551040),
+    (lambda: cifar_resnet.resnet56(10, 3, 32), (1, 3, 32, 32), 125485696),
     (lambda: cifar_vgg.vgg16_bn(10, 3, 32), (1, 3, 32, 32), 313201664),
+    (lambda: torchvision_models.resnet18(1000, 3, 224), (1, 3, 224, 224), 1814073344),
     (lambda: torchvision_models.resnet50(1000, 3, 224), (1, 3, 224, 224), 4089184256),
-])
+    (lambda: torchvision_models.mobilenet_v2(1000, 3, 224), (1, 3, 224, 224), 300774272),
+    (lambda: torchvision.models.vgg16(weights=None), (1, 3, 224, 224), 15470264320),
+], ids=["resnet20", "resnet56", "vgg16_bn_cifar", "resnet18", "resnet50", "mobilenet_v2", "vgg16"])
 def test_cnn_reference_counts_exact(model, shape, reference):
     assert count_macs(model(), shape).dense == reference
 
