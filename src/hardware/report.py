@@ -54,7 +54,8 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics[f"latency_host_ms/b{batch}"] = round(
             model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
         metrics["latency_host/threads"] = torch.get_num_threads()
-        metrics["latency_host/sparse_layers"] = len(host_sim.formats())
+        metrics["latency_host/sparse_layers"] = sum(
+            not isinstance(m, nn.Linear | nn.Conv2d) for n, m in deployed.named_modules() if n in host_sim.formats())
     return metrics, per_layer
 
 

@@ -33,6 +33,7 @@ from compress_run.hardware.profile import FALLBACK_CLASS, HardwareConfig, Sparse
 from compress_run.hardware.trace import ModelTrace, OpRecord
 
 COMPUTE_KINDS = ("conv", "conv_im2col", "conv_dw", "gemm", "attention")
+SPARSE_KINDS = ("conv", "conv_im2col", "gemm")  # ops a masked weight can run in a sparse format
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Simulator:
         weight_bw = self.hw.onchip_gbps * 1e9 if weights_on_chip else self.hw.memory_gbps * 1e9
         dense_compute = self.compute_seconds(op)
         candidates = [("dense", 1.0, dense_compute)]
-        if masked and op.kind in COMPUTE_KINDS and self.hw.kind != "systolic":
+        if masked and op.kind in SPARSE_KINDS and self.hw.kind != "systolic":
             for fmt, density in (info.get("formats") or {}).items():
                 if fmt in self.hw.sparse_formats and density is not None:
                     spec = self.hw.sparse_formats[fmt]
@@ -231,7 +232,7 @@ class Simulator:
                 continue
             row = self.layer(op, info_for(infos, op.module), weights_on_chip)
             layers.append(row)
-            open_row = row if op.kind in COMPUTE_KINDS or hw.fuse_epilogue else None
+            open_row = row
             open_output, open_out_bytes = op.output, op.out_bytes
         framework = views * hw.view_overhead_us + trace.module_calls * hw.module_overhead_us
         if framework:

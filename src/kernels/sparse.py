@@ -82,15 +82,21 @@ class SparseConv2d(nn.Module):
 def sparse_module(module: nn.Module, fmt: str) -> nn.Module:
     if isinstance(module, nn.Linear):
         return SparseLinear(module, fmt)
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and module.padding_mode == "zeros":
         return SparseConv2d(module, fmt)
-    raise ValueError(f"no sparse kernel for {type(module).__name__}")
+    raise ValueError(f"no sparse kernel for {module!r}")
 
 
 def to_executed(model: nn.Module, formats: dict[str, str]) -> nn.Module:
-    """Replace each named layer by its sparse-format version (``formats``: module name -> format)."""
+    """Replace each named layer by its sparse-format version (``formats``: module name -> format).
+
+    A layer no kernel here can run (grouped conv, string padding, non-zero padding mode) stays dense.
+    """
     for name, fmt in formats.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, sparse_module(getattr(parent, child), fmt))
+        try:
+            setattr(parent, child, sparse_module(getattr(parent, child), fmt))
+        except ValueError:
+            continue
     return model

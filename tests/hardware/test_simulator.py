@@ -133,3 +133,11 @@ def test_memory_bound_layer_follows_bandwidth():
     assert row.memory_ms > row.compute_ms
     assert row.memory_ms == pytest.approx((4096 * 4096 * 2) / (profile.memory_gbps * 1e9) * 1e3, rel=0.01)
     assert math.isclose(row.total_ms, row.memory_ms + row.overhead_ms)
+
+
+def test_depthwise_and_attention_never_get_a_sparse_format():
+    layer = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    attach_mask(layer, torch.rand(layer.weight.shape) < 0.02)
+    host = load_profile("host_cpu")
+    fast_csr = dataclasses.replace(host, sparse_formats={"csr": SparseFormatConfig(efficiency=4.0, fixed=0.0)})
+    assert not simulate(layer, trace_model(layer, (1, 16, 32, 32)), fast_csr).formats()

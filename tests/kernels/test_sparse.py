@@ -47,3 +47,9 @@ def test_to_executed_swaps_named_layers_and_keeps_outputs():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(executed(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_layers_without_a_kernel_stay_dense():
+    model = torch.nn.Sequential(nn.Conv2d(8, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, groups=8))
+    executed = to_executed(copy.deepcopy(model), {"0": "csr", "1": "csr"})
+    assert isinstance(executed[0], nn.Conv2d) and isinstance(executed[1], nn.Conv2d)
