@@ -52,13 +52,14 @@ class Sample:
 
 
 class _Fn(nn.Module):
-    def __init__(self, fn: Callable[..., torch.Tensor], *params: torch.Tensor) -> None:
+    """A function as a module, so it can be traced and timed like a layer."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.fn = fn
-        self.params = nn.ParameterList([nn.Parameter(p, requires_grad=False) for p in params])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, *self.params)
+        return self.fn(x)
 
 
 def _measure(module: nn.Module, shape: tuple[int, ...], min_time_s: float) -> Sample:

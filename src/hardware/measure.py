@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -46,7 +47,5 @@ def machine_description() -> dict[str, object]:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "system": platform.platform()}

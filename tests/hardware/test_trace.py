@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from compress_run.hardware.trace import trace_model
@@ -38,5 +37,4 @@ def test_pooling_work_counts_the_window():
 
 def test_input_creation_is_not_traced():
     trace = trace_model(nn.Identity(), (1, 3, 8, 8))
-    assert not [op for op in trace.ops if op.kind != "view"]
-    assert torch.zeros(1).sum() == 0
+    assert not [op for op in trace.ops if op.kind != "view"] and trace.macs == 0
