@@ -132,6 +132,20 @@ class GMPConfig(MethodConfig):
         _check(self.frequency >= 1, "method.frequency", self.frequency, "an integer >= 1 (optimizer steps)")
 
 
+@dataclass
+class RigLConfig(MethodConfig):
+    distribution: str = "erk"
+    delta_t: int = 100
+    alpha: float = 0.3
+    end_fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.delta_t >= 1, "method.delta_t", self.delta_t, "an integer >= 1 (optimizer steps)")
+        _check(0.0 < self.alpha < 1.0, "method.alpha", self.alpha, "a float in (0, 1)")
+        _check(0.0 < self.end_fraction <= 1.0, "method.end_fraction", self.end_fraction, "a float in (0, 1]")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -281,6 +295,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
     ("method", "base_method"): MethodConfig,
     ("method", "base_method_gmp"): GMPConfig,
+    ("method", "base_method_rigl"): RigLConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

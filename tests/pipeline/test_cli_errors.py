@@ -41,6 +41,7 @@ CASES = [
     ("dtype_without_peaks", ["hardware=systolic_asic", "hardware.dtype=fp32"],
      ["hardware.dtype='fp32'", "['int8']"]),
     ("zero_repeats", ["evaluate.repeats=0"], ["evaluate.repeats=0 is not allowed"]),
+    ("rigl_alpha", ["method=rigl", "method.alpha=1.5"], ["method.alpha=1.5 is not allowed", "(0, 1)"]),
 ]
 
 

@@ -1,5 +1,6 @@
 """Kill -9 during the train stage, rerun the same command: same final metrics and weights as an
-uninterrupted run (deterministic CPU trainer). GMP is used so masks and method state evolve mid-stage."""
+uninterrupted run (deterministic CPU trainer). GMP and RigL are used so masks and method state evolve
+mid-stage (RigL: drop/regrow every 3 steps, update steps restored afterwards)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import torch
 
 from tests.conftest import cli_path, read_json
 
-ARGS = ["dataset=digits", "method=gmp", "method.sparsity=0.8", "method.frequency=3", "schedule=fmnist",
-        "schedule.batch_size=64", "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv",
-        "trainer.deterministic=true"]
+COMMON = ["dataset=digits", "method.sparsity=0.8", "schedule=fmnist", "schedule.batch_size=64",
+          "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv", "trainer.deterministic=true"]
+METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"]}
 
 
-def _run(out, cwd):
-    return subprocess.run([cli_path(), *ARGS, f"output_dir={out}"], cwd=cwd, capture_output=True, text=True,
+def _run(args, out, cwd):
+    return subprocess.run([cli_path(), *args, f"output_dir={out}"], cwd=cwd, capture_output=True, text=True,
                           timeout=900)
 
 
@@ -28,12 +29,14 @@ def _state(path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path):
-    reference = _run(tmp_path / "reference", tmp_path)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, method):
+    args = [*METHODS[method], *COMMON]
+    reference = _run(args, tmp_path / "reference", tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([cli_path(), *ARGS, f"output_dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([cli_path(), *args, f"output_dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     last = out / "checkpoints" / "train-last.ckpt"
     deadline = time.time() + 600
@@ -46,7 +49,7 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path):
     assert not (out / "stages" / "train.json").exists(), "the run finished its train stage before the kill"
     assert last.is_file()
 
-    resumed = _run(out, tmp_path)
+    resumed = _run(args, out, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage train: resuming from" in resumed.stdout
     ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
