@@ -37,8 +37,9 @@ class MacReport:
         return sum(self.per_module_effective.values())
 
 
-def mac_report(model: nn.Module, trace: ModelTrace) -> MacReport:
-    infos = compression_infos(model)
+def mac_report(model: nn.Module, trace: ModelTrace, infos: dict[str, dict] | None = None) -> MacReport:
+    """Per-module dense and effective MACs of ``trace`` (``infos``: precomputed ``compression_infos``)."""
+    infos = compression_infos(model) if infos is None else infos
     report = MacReport()
     for name, macs in trace.macs_by_module().items():
         info = info_for(infos, name)

@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from compress_run.hardware.compression_info import compression_infos
 from compress_run.hardware.macs import mac_report
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
-from compress_run.hardware.simulator import Simulation, simulate
+from compress_run.hardware.simulator import Simulation, Simulator
 from compress_run.hardware.trace import trace_model
-from compress_run.kernels.sparse import to_executed
+from compress_run.kernels.sparse import SparseConv2d, SparseLinear, to_executed
 
 
 def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: list[HardwareConfig],
@@ -29,7 +30,8 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
                      repeats: int = 20) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Flat metrics (the first profile is the run's primary hardware) and batch-1 per-layer rows per profile."""
     traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
-    macs = mac_report(net, traces[1])
+    infos = compression_infos(net)  # read the masks once for every view and profile
+    macs = mac_report(net, traces[1], infos)
     metrics: dict[str, Any] = {
         "model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
         "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
@@ -37,7 +39,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
                            for name, m in macs.per_module.items()}}
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for i, profile in enumerate(profiles):
-        sims = {b: simulate(net, trace, profile) for b, trace in traces.items()}
+        sims = {b: Simulator(profile).run(trace, infos) for b, trace in traces.items()}
         executed = round(sims[1].macs("executed"))
         if i == 0:
             metrics["model/macs_executed"] = executed
@@ -48,14 +50,14 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics[f"latency_sim_ms/{profile.name}/b{batch}"] = round(sims[batch].total_ms, 4)
         per_layer[profile.name] = layer_rows(sims[1])
     if measure:
-        host_sim = simulate(net, traces[1], host)
+        host_sim = Simulator(host).run(traces[1], infos)
         deployed = to_executed(copy.deepcopy(net), host_sim.formats()).eval()
         metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
         metrics[f"latency_host_ms/b{batch}"] = round(
             model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
         metrics["latency_host/threads"] = torch.get_num_threads()
-        metrics["latency_host/sparse_layers"] = sum(
-            not isinstance(m, nn.Linear | nn.Conv2d) for n, m in deployed.named_modules() if n in host_sim.formats())
+        metrics["latency_host/sparse_layers"] = sum(isinstance(m, SparseLinear | SparseConv2d)
+                                                    for m in deployed.modules())
     return metrics, per_layer
 
 

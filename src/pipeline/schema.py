@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from compress_run.hardware.profile import HardwareConfig
+from compress_run.hardware.profile import HardwareConfig, available_profiles
 
 STAGES = ("train", "compress", "finetune", "evaluate")
 DISTRIBUTIONS = ("uniform", "global", "erk")
@@ -239,8 +239,6 @@ class EvaluateConfig:
     plot: bool = False                  # write latency_breakdown.png
 
     def __post_init__(self) -> None:
-        from compress_run.hardware.profile import available_profiles
-
         known = available_profiles()
         unknown = [h for h in self.hardware or [] if h not in known]
         _check(not unknown, "evaluate.hardware", list(self.hardware or []),
