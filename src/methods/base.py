@@ -3,6 +3,8 @@
 * ``stages`` — the pipeline stages the method needs; the others are recorded as skipped.
 * ``check_applicable(model)`` — raise :class:`NotApplicable` if the method cannot act on this model.
 * ``training_callbacks(stage, model)`` — Lightning callbacks acting during train/finetune.
+* ``lr_cycles(stage)`` — how many times the LR schedule (warm-up included) restarts within a stage
+  (default 1): a method whose stage is a sequence of separate training runs says so here.
 * ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
 * ``state_dict()/load_state_dict()`` — method state that is not already in the model's state
   (masks are buffers of the model, so they travel with every checkpoint by themselves).
@@ -13,8 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
+from compress_run.methods.allocation import allocate
 from compress_run.methods.masks import (
     LayerSelectionError,
     MaskEnforcer,
@@ -38,6 +42,9 @@ class Method:
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return []
+
+    def lr_cycles(self, stage: str) -> int:
+        return 1
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         return model
@@ -78,6 +85,20 @@ class MaskPruningMethod(Method):
         """Magnitude-prune the prunable layers to ``sparsity`` with this method's distribution and pattern."""
         layers = self.layers(model)
         self.achieved = prune_by_score(layers, magnitude_scores(layers), sparsity, self.distribution, self.pattern)
+
+    def prune_subset(self, model: nn.Module, names: list[str], sparsity: float,
+                     scores: dict[str, torch.Tensor] | None = None) -> None:
+        """Prune only the prunable layers ``names`` (scores default to |w|): ``uniform`` per layer,
+        ``global`` one threshold over the subset (which then holds exactly its share of the budget), ``erk``
+        each layer at the density ERK gives it among all prunable layers."""
+        layers = self.layers(model)
+        subset = {n: layers[n] for n in names}
+        scores = scores if scores is not None else magnitude_scores(subset)
+        densities = None
+        if self.distribution == "erk":  # ERK depends on shapes only
+            densities = allocate({n: m.weight for n, m in layers.items()}, sparsity, "erk")
+        self.achieved.update(prune_by_score(subset, scores, sparsity, self.distribution, self.pattern,
+                                            densities=densities))
 
     def check_applicable(self, model: nn.Module) -> None:
         try:

@@ -126,12 +126,11 @@ class LayerSelectionError(ValueError):
 # ------------------------------------------------------------------------------------ pruning
 @torch.no_grad()
 def prune_by_score(layers: Mapping[str, nn.Module], scores: Mapping[str, torch.Tensor], sparsity: float,
-                   distribution: str = "uniform", pattern: str = "irregular") -> dict[str, float]:
-    """Mask every layer to the density that ``distribution`` allocates, with ``pattern``'s projection.
-
-    Returns the achieved sparsity per layer (counted from the masks, not assumed).
-    """
-    densities = allocate(dict(scores), sparsity, distribution)
+                   distribution: str = "uniform", pattern: str = "irregular",
+                   densities: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Mask every layer to the density that ``distribution`` allocates (or the given ``densities``),
+    with ``pattern``'s projection. Returns the achieved sparsity per layer (counted from the masks)."""
+    densities = densities if densities is not None else allocate(dict(scores), sparsity, distribution)
     achieved = {}
     for name, module in layers.items():
         mask = project(pattern, scores[name], densities[name])

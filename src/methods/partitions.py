@@ -4,8 +4,8 @@ Partitioners (``../shared/methods/sparse_training.md``, GaP):
 * ``by_stage`` — one group per top-level stage (the first component of the module name, e.g.
   ``layer1`` of a ResNet or ``blocks`` ... of a ViT); the model must have exactly ``num_partitions``.
 * ``equal_params`` — cut the ordered layer list into ``num_partitions`` consecutive groups whose
-  parameter counts are as balanced as consecutive cuts allow (each cut placed where the cumulative count
-  crosses i/num_partitions of the total; every group keeps at least one layer).
+  parameter counts are as balanced as consecutive cuts allow (cut j at the layer boundary whose
+  cumulative count is nearest to j/num_partitions of the total; every group keeps at least one layer).
 * an explicit list of fnmatch globs — group i holds the layers matching glob i; every prunable layer
   must match exactly one glob.
 """
@@ -43,16 +43,15 @@ def equal_params(layers: Mapping[str, nn.Module], num_partitions: int) -> list[l
     names = list(layers)
     if num_partitions > len(names):
         raise PartitionError(f"num_partitions={num_partitions} exceeds the {len(names)} prunable layers")
-    sizes = [layers[n].weight.numel() for n in names]
-    total, cuts, running = sum(sizes), [], 0
-    for i, size in enumerate(sizes[:-1]):
-        running += size
-        target = total * (len(cuts) + 1) / num_partitions
-        left = len(names) - (i + 1)             # layers after this cut
-        need = num_partitions - len(cuts) - 1   # groups still to open after this cut
-        if len(cuts) < num_partitions - 1 and (running >= target or left == need):
-            cuts.append(i + 1)
-    bounds = [0, *cuts, len(names)]
+    prefix = [0]
+    for n in names:
+        prefix.append(prefix[-1] + layers[n].weight.numel())
+    cuts = [0]
+    for j in range(1, num_partitions):  # cut j at the layer boundary nearest to j/num_partitions of the weights
+        target = prefix[-1] * j / num_partitions
+        allowed = range(cuts[-1] + 1, len(names) - (num_partitions - j) + 1)
+        cuts.append(min(allowed, key=lambda i: abs(prefix[i] - target)))
+    bounds = [*cuts, len(names)]
     return [names[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 

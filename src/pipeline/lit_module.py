@@ -18,9 +18,18 @@ from torch import nn
 from compress_run.methods.masks import attach_masks_from_state_dict
 
 
-def lr_lambda(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmup_epochs: float,
-              milestones: list[float], gamma: float) -> float:
-    """LR multiplier at optimizer step ``step`` (linear warm-up, then cosine / step / constant)."""
+def lr_lambda(step: int, steps_per_epoch: int, epochs: float, schedule: str, warmup_epochs: float,
+              milestones: list[float], gamma: float, cycles: int = 1, total_steps: int = 0) -> float:
+    """LR multiplier at optimizer step ``step`` (linear warm-up, then cosine / step / constant).
+
+    ``cycles > 1`` restarts the whole schedule (warm-up included) every ``total_steps // cycles`` steps,
+    each cycle spanning ``epochs / cycles`` epochs: what separate training runs per cycle would do
+    (GaP steps, lottery-ticket retraining rounds). The last cycle absorbs the remainder steps.
+    """
+    if cycles > 1:
+        cycle_len = max(1, total_steps // cycles)
+        step -= min(step // cycle_len, cycles - 1) * cycle_len
+        epochs = epochs / cycles
     epoch = step / max(1, steps_per_epoch)
     warm = warmup_epochs
     if warm > 0 and epoch < warm:
@@ -36,7 +45,7 @@ def lr_lambda(step: int, steps_per_epoch: int, epochs: int, schedule: str, warmu
 class ClassifierModule(L.LightningModule):
     def __init__(self, net: nn.Module, optimizer: Any, lr: float, epochs: int, lr_schedule: str = "cosine",
                  warmup_epochs: float = 0.0, milestones: list[float] | None = None, gamma: float = 0.1,
-                 label_smoothing: float = 0.0, decay_norm_and_bias: bool = True,
+                 label_smoothing: float = 0.0, decay_norm_and_bias: bool = True, lr_cycles: int = 1,
                  example_input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "example_input_shape"])
@@ -80,9 +89,11 @@ class ClassifierModule(L.LightningModule):
             (no_decay if exempt else decay).append(p)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
                                            lr=hp.lr)
-        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, hp.epochs)))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, math.ceil(total_steps / max(1, hp.epochs)))
         fn = partial(lr_lambda, steps_per_epoch=steps_per_epoch, epochs=hp.epochs, schedule=hp.lr_schedule,
-                     warmup_epochs=hp.warmup_epochs, milestones=list(hp.milestones or []), gamma=hp.gamma)
+                     warmup_epochs=hp.warmup_epochs, milestones=list(hp.milestones or []), gamma=hp.gamma,
+                     cycles=hp.lr_cycles, total_steps=total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -274,6 +274,7 @@ class Pipeline:
                                 milestones=list(s.milestones), gamma=s.gamma,
                                 label_smoothing=sched.label_smoothing,
                                 decay_norm_and_bias=sched.decay_norm_and_bias,
+                                lr_cycles=self.method.lr_cycles(stage),
                                 example_input_shape=(1, self.cfg.dataset.in_channels, self.cfg.dataset.image_size,
                                                      self.cfg.dataset.image_size))
 

@@ -146,6 +146,34 @@ class RigLConfig(MethodConfig):
         _check(0.0 < self.end_fraction <= 1.0, "method.end_fraction", self.end_fraction, "a float in (0, 1]")
 
 
+@dataclass
+class GaPConfig(MethodConfig):
+    sparsity: float = 0.9
+    variant: str = "cyclic"
+    num_partitions: int = 4
+    partitioner: Any = "equal_params"
+    rounds: int = 1
+    epochs_per_step: float | None = None
+    reset_optimizer_each_step: bool = True
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.gap import VARIANTS
+        from compress_run.methods.partitions import PARTITIONERS
+
+        super().__post_init__()
+        _check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1) (GaP trains sparse)")
+        _check(self.variant in VARIANTS, "method.variant", self.variant, ", ".join(VARIANTS))
+        _check(self.num_partitions >= 2, "method.num_partitions", self.num_partitions, "an integer >= 2")
+        _check(self.rounds >= 1, "method.rounds", self.rounds, "an integer >= 1")
+        ok = self.partitioner in PARTITIONERS if isinstance(self.partitioner, str) else (
+            isinstance(self.partitioner, list) and len(self.partitioner) == self.num_partitions
+            and all(isinstance(g, str) for g in self.partitioner))
+        _check(ok, "method.partitioner", self.partitioner,
+               f"{', '.join(PARTITIONERS)} or a list of num_partitions={self.num_partitions} module-name globs")
+        if self.epochs_per_step is not None:
+            _check(self.epochs_per_step > 0, "method.epochs_per_step", self.epochs_per_step, "null or a float > 0")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -294,6 +322,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method"): MethodConfig,
     ("method", "base_method_gmp"): GMPConfig,
     ("method", "base_method_rigl"): RigLConfig,
+    ("method", "base_method_gap"): GaPConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

@@ -33,7 +33,7 @@ def test_every_group_has_options():
     assert {"resnet20", "resnet32", "resnet56", "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "deit_tiny",
             "deit_small"} <= set(options("model"))
     assert {"fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "synthetic"} <= set(options("dataset"))
-    assert {"dense", "magnitude", "gmp"} <= set(options("method"))
+    assert {"dense", "magnitude", "gmp", "rigl", "gap"} <= set(options("method"))
     assert {"demo", "fmnist", "cifar", "imagenet"} <= set(options("schedule"))
     assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("trainer"))
     assert {"csv", "wandb", "none"} <= set(options("logger"))
@@ -85,7 +85,7 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
         assert profile.name == option and profile.peak("conv") > 0 and profile.memory_gbps > 0
 
 
-def test_the_default_job_is_magnitude_resnet20_fashion_mnist_demo():
+def test_the_default_job_is_gap_resnet20_fashion_mnist_demo():
     _, choices = compose([])
     assert {k: choices[k] for k in ("method", "model", "dataset", "schedule")} == {
-        "method": "magnitude", "model": "resnet20", "dataset": "fashion_mnist", "schedule": "demo"}
+        "method": "gap", "model": "resnet20", "dataset": "fashion_mnist", "schedule": "demo"}

@@ -1,6 +1,7 @@
 """Kill -9 during the train stage, rerun the same command: same final metrics and weights as an
-uninterrupted run (deterministic CPU trainer). GMP and RigL are used so masks and method state evolve
-mid-stage (RigL: drop/regrow every 3 steps, update steps restored afterwards)."""
+uninterrupted run (deterministic CPU trainer). GMP, RigL and GaP are used so masks and method state
+evolve mid-stage (RigL: drop/regrow every 3 steps; GaP: 6 grow-and-prune steps over 8 epochs, the kill
+lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from tests.conftest import cli_path, read_json
 
 COMMON = ["dataset=digits", "method.sparsity=0.8", "schedule=fmnist", "schedule.batch_size=64",
           "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv", "trainer.deterministic=true"]
-METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"]}
+GAP = ["method=gap", "method.partitioner=by_stage", "method.num_partitions=3", "method.rounds=2"]
+METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"],
+           "gap": GAP, "pgap": [*GAP, "method.variant=parallel"]}
 
 
 def _run(args, out, cwd):

@@ -1,0 +1,199 @@
+"""GaP — scheduled grow-and-prune (Ma, Qin, Sun et al., "Effective model sparsification by scheduled
+grow-and-prune methods", ICLR 2022).
+
+Algorithm: a sparse model is trained from scratch while one group of layers at a time is dense. The
+prunable layers are split into ``num_partitions`` (kappa) groups of consecutive layers. The train stage
+is ``rounds * kappa`` GaP steps of equal length (cycles, :mod:`compress_run.methods.cycles`).
+* ``cyclic`` (C-GaP): random init; partition 0 dense, the others magnitude-pruned to s. At the start of
+  step k >= 1 the partition dense in step k-1 is magnitude-pruned to s and partition k mod kappa grows
+  to dense: its mask is removed, its pruned weights re-enter training at exactly 0. The other masks stay.
+  After the last step the compress stage prunes the still-dense partition to s; finetune trains with
+  every mask frozen.
+* ``random`` (ablation): each step grows a random 1/kappa of the layers, never last step's ones.
+* ``parallel`` (P-GaP): each round the sparse model is copied to kappa workers; worker i grows partition
+  i and trains one step with a fresh optimizer; the merged model takes partition i's layers (weight,
+  bias, mask) from worker i and every other tensor (BN, first conv, classifier) from worker 0; then every
+  prunable layer is magnitude-pruned to s. Here the workers of a round run one after another inside the
+  train stage (worker i = step k with i = k mod kappa); the compress stage merges the last round.
+
+Choices where the paper leaves a detail open: the original runs reset the optimizer and LR warm-up at
+every step because each step was a separate job; with ``reset_optimizer_each_step`` (default) every
+step therefore restarts the whole LR schedule of ``schedule.train`` over the step's length (warm-up
+included). With ``distribution: global`` the partition being pruned gets one magnitude threshold over
+its layers and keeps exactly its share (1 - s) of its weights, so the model meets the budget after
+every step; ``erk`` prunes every layer to its ERK density among all prunable layers. The initial masks
+of the sparse partitions are magnitude masks of the random init (i.e. random masks).
+
+Config keys (conf/method/gap.yaml):
+* ``sparsity`` (0.9), ``distribution`` (uniform), ``pattern`` (irregular), ``exclude``
+  ([first_conv, classifier]), ``mask_grads`` (true): as for ``magnitude``.
+* ``variant`` (cyclic): cyclic | random | parallel.
+* ``num_partitions`` (4): kappa.
+* ``partitioner`` (equal_params): by_stage | equal_params | a list of module-name globs, one per
+  partition (:mod:`compress_run.methods.partitions`); the partitions are printed at the start.
+* ``rounds`` (1): R; the train stage holds R * kappa steps.
+* ``epochs_per_step`` (null): T; null = schedule.train.epochs / (R * kappa). If set, the run checks
+  that R * kappa * T equals schedule.train.epochs.
+* ``reset_optimizer_each_step`` (true): clear optimizer state and restart the LR schedule every step
+  (always on for ``parallel``: each worker starts with a fresh optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from compress_run.methods.base import MaskPruningMethod, NotApplicable
+from compress_run.methods.cycles import CycleCallback, seeded_generator
+from compress_run.methods.masks import MaskEnforcer, attach_mask, get_mask
+from compress_run.methods.partitions import PartitionError, describe, partition
+
+VARIANTS = ("cyclic", "random", "parallel")
+
+
+class GaP(MaskPruningMethod):
+    def __init__(self, variant: str = "cyclic", num_partitions: int = 4, partitioner: str | list[str] = "equal_params",
+                 rounds: int = 1, epochs_per_step: float | None = None, reset_optimizer_each_step: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.variant, self.num_partitions, self.rounds = variant, num_partitions, rounds
+        self.partitioner = partitioner if isinstance(partitioner, str) else list(partitioner)
+        self.epochs_per_step, self.reset_optimizer_each_step = epochs_per_step, reset_optimizer_each_step
+        self.seed = torch.initial_seed()  # the pipeline has seeded torch from cfg.seed before building us
+        self.groups: list[list[str]] = []
+        self.workers: dict[int, dict[str, torch.Tensor]] = {}  # P-GaP: finished workers of the current round
+        self.round_start: dict[str, torch.Tensor] = {}         # P-GaP: the merged model the round started from
+
+    @property
+    def steps(self) -> int:
+        return self.rounds * self.num_partitions
+
+    # ----------------------------------------------------------------------------- contract
+    def check_applicable(self, model: nn.Module) -> None:
+        super().check_applicable(model)
+        try:
+            self.groups = partition(self.layers(model), self.num_partitions, self.partitioner)
+        except PartitionError as exc:
+            raise NotApplicable(f"method.partitioner: {exc}") from exc
+
+    def lr_cycles(self, stage: str) -> int:
+        resets = self.reset_optimizer_each_step or self.variant == "parallel"
+        return self.steps if stage == "train" and resets else 1
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        if stage != "train":
+            return super().training_callbacks(stage, model)
+        layers = self.layers(model)
+        self.groups = partition(layers, self.num_partitions, self.partitioner)
+        print(f"[compress-run] GaP ({self.variant}, {self.steps} steps of "
+              f"{self.epochs_per_step or 'schedule.train.epochs / steps'} epochs) partitions:\n"
+              + describe(layers, self.groups), flush=True)
+        names = list(layers)
+        dense = self.dense_layers(0)
+        for name in dense:
+            attach_mask(layers[name], torch.ones_like(layers[name].weight, dtype=torch.bool))
+        if self.variant == "parallel":
+            self.prune_subset(model, names, self.sparsity)
+            self.round_start = clone_state(model)
+            self.grow(model, dense)
+        elif self.variant == "cyclic":  # each partition holds its own share of the budget
+            for group in self.groups[1:]:
+                self.prune_subset(model, group, self.sparsity)
+        else:
+            self.prune_subset(model, [n for n in names if n not in dense], self.sparsity)
+        return [GaPScheduler(self), MaskEnforcer(self.mask_grads)]
+
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        layers = self.layers(model)
+        if self.variant == "parallel":
+            last = max([-1, *self.workers]) + 1  # the model at the end of training is this worker's
+            self.workers[last] = clone_state(model)
+            self.merge(model)
+            self.prune_subset(model, list(layers), self.sparsity)
+        else:
+            still_dense = [n for n, m in layers.items() if bool(get_mask(m).all())]
+            self.prune_subset(model, still_dense, self.sparsity)
+        return model
+
+    # ------------------------------------------------------------------------------- steps
+    def dense_layers(self, step: int) -> list[str]:
+        """The layers dense during GaP step ``step``."""
+        if self.variant != "random":
+            return list(self.groups[step % self.num_partitions])
+        names = [n for group in self.groups for n in group]
+        size = max(1, round(len(names) / self.num_partitions))
+        previous: list[str] = []
+        for k in range(step + 1):
+            pool = [n for n in names if n not in previous]
+            order = torch.randperm(len(pool), generator=seeded_generator(self.seed, k))
+            previous = [pool[i] for i in sorted(order[:size].tolist())]
+        return previous
+
+    def grow(self, model: nn.Module, names: list[str]) -> None:
+        """Make ``names`` dense: the mask opens, the pruned entries (exactly 0) train from 0."""
+        layers = self.layers(model)
+        for name in names:
+            get_mask(layers[name]).fill_(True)
+
+    def step_boundary(self, model: nn.Module, k: int) -> None:
+        if self.variant == "parallel":
+            worker = k % self.num_partitions
+            self.workers[(k - 1) % self.num_partitions] = clone_state(model)
+            if worker == 0:  # round finished: merge, prune all, the next round starts from the result
+                self.merge(model)
+                self.prune_subset(model, list(self.layers(model)), self.sparsity)
+                self.round_start = clone_state(model)
+            else:
+                model.load_state_dict(self.round_start)
+            self.grow(model, self.dense_layers(k))
+            return
+        self.prune_subset(model, self.dense_layers(k - 1), self.sparsity)
+        self.grow(model, self.dense_layers(k))
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """P-GaP merge: partition i's layers from worker i, everything else from worker 0."""
+        merged = dict(self.workers[0])
+        for i, state in self.workers.items():
+            for layer in self.groups[i]:
+                for key in state:
+                    if key.startswith(layer + ".") and key.count(".") == layer.count(".") + 1:
+                        merged[key] = state[key]
+        model.load_state_dict(merged)
+        self.workers = {}
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "variant": self.variant, "num_partitions": self.num_partitions,
+                "partitioner": self.partitioner, "rounds": self.rounds, "steps": self.steps,
+                "reset_optimizer_each_step": self.reset_optimizer_each_step, "partitions": self.groups}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"workers": self.workers, "round_start": self.round_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.workers = dict(state.get("workers", {}))
+        self.round_start = dict(state.get("round_start", {}))
+
+
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class GaPScheduler(CycleCallback):
+    def __init__(self, method: GaP) -> None:
+        resets = method.reset_optimizer_each_step or method.variant == "parallel"
+        super().__init__(method.steps, reset_optimizer=resets, name="gap")
+        self.method = method
+
+    def boundary(self, k: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.method.step_boundary(pl_module.net, k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self.method.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.method.load_state_dict(state_dict)
