@@ -174,6 +174,39 @@ class GaPConfig(MethodConfig):
             _check(self.epochs_per_step > 0, "method.epochs_per_step", self.epochs_per_step, "null or a float > 0")
 
 
+@dataclass
+class MESTConfig(MethodConfig):
+    sparsity: float = 0.9
+    mode: str = "ems"
+    update_every: int = 5
+    grad_coefficient: float = 0.0
+    phase_epochs: list[float] | None = None
+    prune_to: list[float] | None = None
+    grow_to: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.mest import MODES
+
+        super().__post_init__()
+        _check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1) (MEST trains sparse)")
+        _check(self.distribution in ("uniform", "erk"), "method.distribution", self.distribution,
+               "uniform, erk (MEST allocates per-layer counts)")
+        _check(self.mode in MODES, "method.mode", self.mode, ", ".join(MODES))
+        _check(self.update_every >= 1, "method.update_every", self.update_every, "an integer >= 1 (epochs)")
+        _check(self.grad_coefficient >= 0, "method.grad_coefficient", self.grad_coefficient, "a float >= 0")
+        if self.phase_epochs is not None:
+            _check(len(self.phase_epochs) == 2 and self.phase_epochs[0] <= self.phase_epochs[1],
+                   "method.phase_epochs", self.phase_epochs, "null or two increasing epochs [start2, start3]")
+        for key in ("prune_to", "grow_to"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(len(value) == 3 and all(0 <= v < 1 for v in value), f"method.{key}", value,
+                       "null or three sparsities in [0, 1), one per phase")
+        if self.prune_to is not None and self.grow_to is not None:
+            _check(all(g <= p for p, g in zip(self.prune_to, self.grow_to, strict=True)), "method.grow_to",
+                   self.grow_to, f"per phase at most method.prune_to={self.prune_to} (growth adds weights)")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -323,6 +356,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_gmp"): GMPConfig,
     ("method", "base_method_rigl"): RigLConfig,
     ("method", "base_method_gap"): GaPConfig,
+    ("method", "base_method_mest"): MESTConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

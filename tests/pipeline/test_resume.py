@@ -19,7 +19,8 @@ COMMON = ["dataset=digits", "method.sparsity=0.8", "schedule=fmnist", "schedule.
           "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv", "trainer.deterministic=true"]
 GAP = ["method=gap", "method.partitioner=by_stage", "method.num_partitions=3", "method.rounds=2"]
 METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"],
-           "gap": GAP, "pgap": [*GAP, "method.variant=parallel"]}
+           "gap": GAP, "pgap": [*GAP, "method.variant=parallel"],
+           "mest": ["method=mest", "method.update_every=1", "method.phase_epochs=[3,6]"]}
 
 
 def _run(args, out, cwd):
