@@ -88,8 +88,8 @@ class GaP(MaskPruningMethod):
             return super().training_callbacks(stage, model)
         layers = self.layers(model)
         self.groups = partition(layers, self.num_partitions, self.partitioner)
-        print(f"[compress-run] GaP ({self.variant}, {self.steps} steps of "
-              f"{self.epochs_per_step or 'schedule.train.epochs / steps'} epochs) partitions:\n"
+        print(f"[compress-run] GaP {self.variant}: {self.steps} steps ({self.rounds} rounds x {self.num_partitions} "
+              f"partitions, partitioner {self.partitioner}), sparsity {self.sparsity} {self.distribution}\n"
               + describe(layers, self.groups), flush=True)
         names = list(layers)
         dense = self.dense_layers(0)

@@ -53,8 +53,8 @@ class Spy(L.Callback):
 def spy(monkeypatch):
     spy = Spy()
     original = MEST.training_callbacks
-    monkeypatch.setattr(mest_module.MEST, "training_callbacks",
-                        lambda self, stage, model: [*original(self, stage, model), *([spy] if stage == "train" else [])])
+    monkeypatch.setattr(mest_module.MEST, "training_callbacks", lambda self, stage, model: [
+        *original(self, stage, model), *([spy] if stage == "train" else [])])
     return spy
 
 

@@ -1,0 +1,63 @@
+"""Every conf/experiment file: composes, validates, names its source, builds a method that applies to its
+model; and runs end to end at smoke scale on synthetic data (two in the fast suite, all in the slow one)."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from compress_run.pipeline.validate import validate
+from tests.conftest import compose, run_pipeline
+
+EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("experiment").iterdir()
+                     if p.name.endswith(".yaml"))
+FAST = ("gap_resnet50_imagenet_c90_nonuniform", "fmnist_gap")
+PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12}
+
+
+def test_every_paper_row_has_an_experiment():
+    for prefix, count in PAPER_ROWS.items():
+        assert len([e for e in EXPERIMENTS if e.startswith(prefix)]) == count, prefix
+    table = {"fmnist_dense", "fmnist_magnitude", "fmnist_gmp", "fmnist_rigl", "fmnist_mest", "fmnist_gap"}
+    assert table <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_names_its_source(name):
+    text = files("compress_run.conf").joinpath("experiment", f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    if not name.startswith("fmnist_"):
+        assert re.search(r"# Reproduces: paper_tables.yaml \w+, row", text)
+        assert re.search(r"top-1 \d+\.\d+%", text)
+    cfg, choices = compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.task_name == name
+    method = instantiate(cfg.method)
+    net = instantiate(cfg.model)
+    method.check_applicable(net)
+    with torch.no_grad():
+        x = torch.zeros(1, cfg.dataset.in_channels, 32, 32)
+        assert net.eval()(x).shape[1] == cfg.dataset.num_classes
+
+
+def _smoke(name, tmp_path):
+    results = run_pipeline([f"experiment={name}", "debug=smoke", "dataset=synthetic", "logger=none",
+                            "evaluate.repeats=2", "evaluate.warmup=1"], tmp_path)
+    assert results["status"] == "ok"
+    assert results["choices"]["dataset"] == "synthetic"
+    assert 0.0 <= results["metrics"]["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_experiment_runs_at_smoke_scale(name, tmp_path):
+    _smoke(name, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e not in FAST])
+def test_every_other_experiment_runs_at_smoke_scale(name, tmp_path):
+    _smoke(name, tmp_path)
