@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -36,6 +37,7 @@ class NotApplicable(ValueError):
 
 class Method:
     stages: tuple[str, ...] = ALL_STAGES
+    model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""

@@ -84,6 +84,7 @@ class Pipeline:
         self.datamodule = build(cfg.dataset, "dataset", batch_size=cfg.schedule.batch_size,
                                 eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed)
         self.method: Method = build(cfg.method, "method")
+        self.method.model_factory = self.new_net
         net = self.new_net()
         try:
             self.method.check_applicable(net)

@@ -207,6 +207,26 @@ class MESTConfig(MethodConfig):
                    self.grow_to, f"per phase at most method.prune_to={self.prune_to} (growth adds weights)")
 
 
+@dataclass
+class LTHConfig(MethodConfig):
+    sparsity: float = 0.9
+    distribution: str = "global"
+    protocol: str = "imp"
+    prune_rate: float = 0.2
+    rewind_epoch: int = 0
+    init: str = "original"
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.lth import INITS, PROTOCOLS
+
+        super().__post_init__()
+        _check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1)")
+        _check(self.protocol in PROTOCOLS, "method.protocol", self.protocol, ", ".join(PROTOCOLS))
+        _check(0 < self.prune_rate < 1, "method.prune_rate", self.prune_rate, "a float in (0, 1)")
+        _check(self.rewind_epoch >= 0, "method.rewind_epoch", self.rewind_epoch, "an integer >= 0 (0 = init)")
+        _check(self.init in INITS, "method.init", self.init, ", ".join(INITS))
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -357,6 +377,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_rigl"): RigLConfig,
     ("method", "base_method_gap"): GaPConfig,
     ("method", "base_method_mest"): MESTConfig,
+    ("method", "base_method_lth"): LTHConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

@@ -1,7 +1,8 @@
 """Kill -9 during the train stage, rerun the same command: same final metrics and weights as an
 uninterrupted run (deterministic CPU trainer). GMP, RigL and GaP are used so masks and method state
 evolve mid-stage (RigL: drop/regrow every 3 steps; GaP: 6 grow-and-prune steps over 8 epochs, the kill
-lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint)."""
+lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint; MEST: epoch-wise
+prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune stage)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ COMMON = ["dataset=digits", "method.sparsity=0.8", "schedule=fmnist", "schedule.
 GAP = ["method=gap", "method.partitioner=by_stage", "method.num_partitions=3", "method.rounds=2"]
 METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"],
            "gap": GAP, "pgap": [*GAP, "method.variant=parallel"],
-           "mest": ["method=mest", "method.update_every=1", "method.phase_epochs=[3,6]"]}
+           "mest": ["method=mest", "method.update_every=1", "method.phase_epochs=[3,6]"],
+           "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"]}
+KILL_IN = {"lth": "finetune"}  # IMP: kill inside the retraining rounds (4 rounds over 6 epochs)
 
 
 def _run(args, out, cwd):
@@ -42,20 +45,21 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, met
     out = tmp_path / "killed"
     proc = subprocess.Popen([cli_path(), *args, f"output_dir={out}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    last = out / "checkpoints" / "train-last.ckpt"
+    stage = KILL_IN.get(method, "train")
+    last = out / "checkpoints" / f"{stage}-last.ckpt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if last.is_file() and _epochs_done(out) >= 2:
+        if last.is_file() and _epochs_done(last) >= 2:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "stages" / "train.json").exists(), "the run finished its train stage before the kill"
+    assert not (out / "stages" / f"{stage}.json").exists(), f"the run finished its {stage} stage before the kill"
     assert last.is_file()
 
     resumed = _run(args, out, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stage train: resuming from" in resumed.stdout
+    assert f"stage {stage}: resuming from" in resumed.stdout
     ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
     for key in ("test/acc", "test/loss", "val/acc", "val/loss", "train/test/acc", "model/sparsity"):
         assert res["metrics"][key] == ref["metrics"][key], key
@@ -66,10 +70,9 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, met
         assert torch.equal(a[key], b[key]), key
 
 
-def _epochs_done(out) -> int:
+def _epochs_done(last) -> int:
     """Epochs completed according to the epoch checkpoint (0 while it is being replaced)."""
     try:
-        return int(torch.load(out / "checkpoints" / "train-last.ckpt", map_location="cpu",
-                              weights_only=False)["epoch"]) + 1
+        return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1
     except Exception:
         return 0
