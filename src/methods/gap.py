@@ -36,6 +36,10 @@ Config keys (conf/method/gap.yaml):
   that R * kappa * T equals schedule.train.epochs.
 * ``reset_optimizer_each_step`` (true): clear optimizer state and restart the LR schedule every step
   (always on for ``parallel``: each worker starts with a fresh optimizer).
+* ``worker`` (null): P-GaP as independent jobs — run only worker i of one round: the train stage
+  grows partition i of the model given by ``init_ckpt`` (round 0: the seeded init pruned to s) and
+  trains ``schedule.train.epochs``; ``scripts/pgap_jobs.py`` launches the kappa workers of every round
+  as one Hydra multirun (``hydra/launcher=joblib`` locally) and merges them between rounds.
 """
 
 from __future__ import annotations
@@ -57,8 +61,11 @@ VARIANTS = ("cyclic", "random", "parallel")
 class GaP(MaskPruningMethod):
     def __init__(self, variant: str = "cyclic", num_partitions: int = 4, partitioner: str | list[str] = "equal_params",
                  rounds: int = 1, epochs_per_step: float | None = None, reset_optimizer_each_step: bool = True,
-                 **kwargs: Any) -> None:
+                 worker: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.worker = worker
+        if worker is not None:  # one P-GaP worker of one round as its own job: train only, one step
+            self.stages, rounds = ("train",), 1
         self.variant, self.num_partitions, self.rounds = variant, num_partitions, rounds
         self.partitioner = partitioner if isinstance(partitioner, str) else list(partitioner)
         self.epochs_per_step, self.reset_optimizer_each_step = epochs_per_step, reset_optimizer_each_step
@@ -69,7 +76,7 @@ class GaP(MaskPruningMethod):
 
     @property
     def steps(self) -> int:
-        return self.rounds * self.num_partitions
+        return 1 if self.worker is not None else self.rounds * self.num_partitions
 
     # ----------------------------------------------------------------------------- contract
     def check_applicable(self, model: nn.Module) -> None:
@@ -92,6 +99,8 @@ class GaP(MaskPruningMethod):
               f"partitions, partitioner {self.partitioner}), sparsity {self.sparsity} {self.distribution}\n"
               + describe(layers, self.groups), flush=True)
         names = list(layers)
+        if self.worker is not None:
+            return self.start_worker_job(model)
         dense = self.dense_layers(0)
         for name in dense:
             attach_mask(layers[name], torch.ones_like(layers[name].weight, dtype=torch.bool))
@@ -117,6 +126,16 @@ class GaP(MaskPruningMethod):
             still_dense = [n for n, m in layers.items() if bool(get_mask(m).all())]
             self.prune_subset(model, still_dense, self.sparsity)
         return model
+
+    def start_worker_job(self, model: nn.Module) -> list[L.Callback]:
+        """P-GaP worker ``worker`` as a job: start from the round's merged model (``init_ckpt``, masks
+        included) or, in round 0, from the seeded random init pruned to s; grow partition ``worker``."""
+        layers = self.layers(model)
+        if not all(get_mask(m) is not None for m in layers.values()):
+            self.prune_subset(model, list(layers), self.sparsity)
+        self.grow(model, self.groups[self.worker])
+        print(f"[compress-run] P-GaP worker {self.worker}: partition {self.worker} grown", flush=True)
+        return [MaskEnforcer(self.mask_grads)]
 
     # ------------------------------------------------------------------------------- steps
     def dense_layers(self, step: int) -> list[str]:
@@ -153,22 +172,16 @@ class GaP(MaskPruningMethod):
         self.prune_subset(model, self.dense_layers(k - 1), self.sparsity)
         self.grow(model, self.dense_layers(k))
 
-    @torch.no_grad()
     def merge(self, model: nn.Module) -> None:
-        """P-GaP merge: partition i's layers from worker i, everything else from worker 0."""
-        merged = dict(self.workers[0])
-        for i, state in self.workers.items():
-            for layer in self.groups[i]:
-                for key in state:
-                    if key.startswith(layer + ".") and key.count(".") == layer.count(".") + 1:
-                        merged[key] = state[key]
-        model.load_state_dict(merged)
+        """P-GaP merge of the finished workers of this round into ``model``."""
+        model.load_state_dict(merge_worker_states(self.workers, self.groups))
         self.workers = {}
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "variant": self.variant, "num_partitions": self.num_partitions,
                 "partitioner": self.partitioner, "rounds": self.rounds, "steps": self.steps,
-                "reset_optimizer_each_step": self.reset_optimizer_each_step, "partitions": self.groups}
+                "reset_optimizer_each_step": self.reset_optimizer_each_step, "partitions": self.groups,
+                "worker": self.worker}
 
     def state_dict(self) -> dict[str, Any]:
         return {"workers": self.workers, "round_start": self.round_start}
@@ -176,6 +189,18 @@ class GaP(MaskPruningMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.workers = dict(state.get("workers", {}))
         self.round_start = dict(state.get("round_start", {}))
+
+
+def merge_worker_states(workers: dict[int, dict[str, torch.Tensor]], groups: list[list[str]]
+                        ) -> dict[str, torch.Tensor]:
+    """Partition i's layers (weight, bias, mask) from worker i, every other tensor from worker 0."""
+    merged = dict(workers[0])
+    for i, state in workers.items():
+        for layer in groups[i]:
+            for key in state:
+                if key.startswith(layer + ".") and key.count(".") == layer.count(".") + 1:
+                    merged[key] = state[key]
+    return merged
 
 
 def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:

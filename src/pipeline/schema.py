@@ -155,6 +155,7 @@ class GaPConfig(MethodConfig):
     rounds: int = 1
     epochs_per_step: float | None = None
     reset_optimizer_each_step: bool = True
+    worker: int | None = None
 
     def __post_init__(self) -> None:
         from compress_run.methods.gap import VARIANTS
@@ -170,6 +171,9 @@ class GaPConfig(MethodConfig):
             and all(isinstance(g, str) for g in self.partitioner))
         _check(ok, "method.partitioner", self.partitioner,
                f"{', '.join(PARTITIONERS)} or a list of num_partitions={self.num_partitions} module-name globs")
+        if self.worker is not None:
+            _check(self.variant == "parallel" and 0 <= self.worker < self.num_partitions, "method.worker",
+                   self.worker, f"null, or 0..num_partitions-1={self.num_partitions - 1} with method.variant=parallel")
         if self.epochs_per_step is not None:
             _check(self.epochs_per_step > 0, "method.epochs_per_step", self.epochs_per_step, "null or a float > 0")
 

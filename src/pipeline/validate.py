@@ -52,7 +52,7 @@ def validate(cfg: DictConfig) -> None:
                         f"(schedule.train.epochs={train_epochs})",
                         f"set method.rewind_epoch <= {train_epochs} (0 rewinds to the original init)")
     if method.get("epochs_per_step") is not None:
-        steps = method.rounds * method.num_partitions
+        steps = 1 if method.get("worker") is not None else method.rounds * method.num_partitions
         if abs(steps * method.epochs_per_step - train_epochs) > 1e-6:
             raise UserError(f"method.epochs_per_step={method.epochs_per_step} x {steps} steps (method.rounds="
                             f"{method.rounds} x method.num_partitions={method.num_partitions}) = "
