@@ -18,8 +18,14 @@ training stopped early); finetune trains with the masks frozen.
 Choices where the paper leaves a detail open: the update is made at the first optimizer step of an
 update epoch, with that step's (masked, i.e. sparse) gradient as |grad|; positions pruned by the same
 update are not eligible for regrowth (regrowth explores positions that were inactive); per-layer
-counts follow ``distribution`` (uniform or erk) at each sparsity. The optional data-efficiency part of
-the paper (dropping least-forgotten examples) is not implemented yet.
+counts follow ``distribution`` (uniform or erk) at each sparsity.
+
+Data efficiency (optional, ``remove_n`` > 0): every train example's forgetting events are counted (a
+forgetting event: classified correctly at its previous visit, wrongly now; Toneva et al. 2019); at the
+start of ``remove_data_epoch`` the ``remove_n`` least-forgotten examples leave the train split for the
+rest of the train stage (never-learned examples count as the most forgotten; ties are broken by a
+seeded shuffle). The epochs get shorter and the LR schedule follows epochs, so it still ends on time.
+The finetune stage uses the full split.
 
 Config keys (conf/method/mest.yaml):
 * ``sparsity`` (0.9), ``distribution`` (uniform; erk also allowed), ``pattern`` (irregular), ``exclude``
@@ -30,6 +36,8 @@ Config keys (conf/method/mest.yaml):
 * ``phase_epochs`` (null): epochs where phases 2 and 3 start; null = the paper's [90, 120] of 160 scaled
   to schedule.train.epochs.
 * ``prune_to`` / ``grow_to`` (null): explicit per-phase sparsity lists overriding ``mode``.
+* ``remove_n`` (0): examples removed for data efficiency (0 = off).
+* ``remove_data_epoch`` (null): when; null = the paper's epoch 70 of 160, scaled to the train stage.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.cycles import seeded_generator
 from compress_run.methods.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.methods.projections import keep_count
+from compress_run.pipeline.data import EpochSeededSampler
 
 MODES = ("em", "ems")
 PAPER_PHASES = (90 / 160, 120 / 160)
@@ -78,15 +87,18 @@ def prune_and_grow(weight: torch.Tensor, score: torch.Tensor, mask: torch.Tensor
 class MEST(MaskPruningMethod):
     def __init__(self, mode: str = "ems", update_every: int = 5, grad_coefficient: float = 0.0,
                  phase_epochs: list[float] | None = None, prune_to: list[float] | None = None,
-                 grow_to: list[float] | None = None, **kwargs: Any) -> None:
+                 grow_to: list[float] | None = None, remove_n: int = 0, remove_data_epoch: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.mode, self.update_every, self.grad_coefficient = mode, update_every, grad_coefficient
         self.phase_epochs = list(phase_epochs) if phase_epochs is not None else None
         default_prune, default_grow = phase_targets(mode, self.sparsity)
         self.prune_sparsity = list(prune_to) if prune_to is not None else default_prune
         self.grow_sparsity = list(grow_to) if grow_to is not None else default_grow
+        self.remove_n, self.remove_data_epoch = remove_n, remove_data_epoch
         self.seed = torch.initial_seed()
         self.updates: list[dict[str, float]] = []
+        self.removed: list[int] = []  # dataset positions (of the train split) removed
 
     def phase(self, epoch: int, train_epochs: int) -> int:
         starts = self.phase_epochs if self.phase_epochs is not None else [f * train_epochs for f in PAPER_PHASES]
@@ -100,7 +112,8 @@ class MEST(MaskPruningMethod):
         if stage != "train":
             return super().training_callbacks(stage, model)
         self.prune_subset(model, list(self.layers(model)), self.sparsity)  # |random init| = random mask
-        return [MaskEnforcer(self.mask_grads), MESTUpdater(self)]  # after the enforcer: sparse gradients
+        callbacks = [MaskEnforcer(self.mask_grads), MESTUpdater(self)]  # after the enforcer: sparse gradients
+        return [*callbacks, ForgettingTracker(self)] if self.remove_n else callbacks
 
     @torch.no_grad()
     def update(self, model: nn.Module, epoch: int, train_epochs: int) -> dict[str, float]:
@@ -130,13 +143,15 @@ class MEST(MaskPruningMethod):
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "mode": self.mode, "update_every": self.update_every,
                 "grad_coefficient": self.grad_coefficient, "phase_epochs": self.phase_epochs,
-                "prune_to": self.prune_sparsity, "grow_to": self.grow_sparsity, "mask_updates": len(self.updates)}
+                "prune_to": self.prune_sparsity, "grow_to": self.grow_sparsity, "mask_updates": len(self.updates),
+                "remove_n": self.remove_n, "examples_removed": len(self.removed)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates}
+        return {"updates": self.updates, "removed": self.removed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = list(state.get("updates", []))
+        self.removed = list(state.get("removed", []))
 
 
 class MESTUpdater(L.Callback):
@@ -161,3 +176,66 @@ class MESTUpdater(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.method.load_state_dict(state_dict)
+
+
+def least_forgotten(forgotten: torch.Tensor, learned: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions of the ``n`` examples with the fewest forgetting events (never learned = most forgotten)."""
+    counts = torch.where(learned, forgotten.double(), torch.full_like(forgotten, torch.inf, dtype=torch.float64))
+    shuffled = torch.randperm(counts.numel(), generator=generator)
+    order = shuffled[torch.argsort(counts[shuffled], stable=True)]
+    return order[:n]
+
+
+class ForgettingTracker(L.Callback):
+    """Counts forgetting events per train example and removes the least forgotten at the set epoch."""
+
+    def __init__(self, method: MEST) -> None:
+        self.method = method
+        self.forgotten = self.last_correct = self.learned = None
+
+    def _sampler(self, trainer: L.Trainer) -> EpochSeededSampler:
+        sampler = trainer.train_dataloader.sampler
+        if not isinstance(sampler, EpochSeededSampler):
+            raise RuntimeError("MEST data removal needs the pipeline's EpochSeededSampler on the train loader")
+        if self.forgotten is None:
+            n = sampler.num_samples
+            self.forgotten, self.last_correct = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+            self.learned = torch.zeros(n, dtype=torch.bool)
+        return sampler
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        sampler = self._sampler(trainer)
+        epoch = self.method.remove_data_epoch
+        if epoch is None:
+            epoch = round(70 / 160 * trainer.max_epochs)
+        if trainer.current_epoch == epoch and not self.method.removed:
+            n = min(self.method.remove_n, sampler.num_samples - 1)
+            positions = least_forgotten(self.forgotten, self.learned, n, seeded_generator(self.method.seed, 70))
+            self.method.removed = sorted(positions.tolist())
+            sampler.exclude(positions)
+            steps = len(trainer.train_dataloader)
+            limit = trainer.limit_train_batches
+            steps = min(steps, int(limit)) if isinstance(limit, int) else int(steps * limit)
+            pl_module.shorter_epochs_from_now(max(1, steps // trainer.accumulate_grad_batches))
+            print(f"[compress-run] MEST: removed {n} least-forgotten examples at epoch {trainer.current_epoch}; "
+                  f"{len(sampler)} remain", flush=True)
+        elif self.method.removed:
+            sampler.exclude(torch.tensor(self.method.removed, dtype=torch.long))  # a resumed run's new loader
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sampler = self._sampler(trainer)
+        logits, y = pl_module.last_train_logits, batch[1]
+        start = batch_idx * trainer.train_dataloader.batch_size
+        positions = sampler.order(trainer.current_epoch)[start: start + len(y)]
+        correct = (logits.argmax(1) == y).cpu()
+        self.forgotten[positions] += (self.last_correct[positions] & ~correct).long()
+        self.last_correct[positions] = correct
+        self.learned[positions] |= correct
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"forgotten": self.forgotten, "last_correct": self.last_correct, "learned": self.learned,
+                "removed": self.method.removed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.forgotten, self.last_correct = state_dict["forgotten"], state_dict["last_correct"]
+        self.learned, self.method.removed = state_dict["learned"], list(state_dict["removed"])

@@ -39,20 +39,33 @@ def _mix(*values: int) -> int:
 
 
 class EpochSeededSampler(Sampler[int]):
-    """Random permutation seeded by (seed, epoch); Lightning calls ``set_epoch`` before every epoch."""
+    """Random permutation seeded by (seed, epoch); Lightning calls ``set_epoch`` before every epoch.
+
+    ``exclude(positions)`` drops examples from later epochs (data-efficient training); ``order(epoch)``
+    is the exact sequence of dataset positions an epoch visits, so callbacks can tell which examples a
+    batch held without the dataset returning indices.
+    """
 
     def __init__(self, num_samples: int, seed: int) -> None:
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.excluded = torch.zeros(num_samples, dtype=torch.bool)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def exclude(self, positions: torch.Tensor) -> None:
+        self.excluded[positions] = True
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+        perm = torch.randperm(self.num_samples, generator=g)
+        return perm[~self.excluded[perm]]
+
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+        return iter(self.order(self.epoch).tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - int(self.excluded.sum())
 
 
 def read_idx(path: Path) -> np.ndarray:

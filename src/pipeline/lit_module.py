@@ -19,13 +19,20 @@ from compress_run.methods.masks import attach_masks_from_state_dict
 
 
 def lr_lambda(step: int, steps_per_epoch: int, epochs: float, schedule: str, warmup_epochs: float,
-              milestones: list[float], gamma: float, cycles: int = 1, total_steps: int = 0) -> float:
+              milestones: list[float], gamma: float, cycles: int = 1, total_steps: int = 0,
+              segments: list[tuple[int, int, int]] | None = None) -> float:
     """LR multiplier at optimizer step ``step`` (linear warm-up, then cosine / step / constant).
 
     ``cycles > 1`` restarts the whole schedule (warm-up included) every ``total_steps // cycles`` steps,
     each cycle spanning ``epochs / cycles`` epochs: what separate training runs per cycle would do
     (GaP steps, lottery-ticket retraining rounds). The last cycle absorbs the remainder steps.
+    ``segments`` — (from step, from epoch, steps per epoch) entries appended when epochs get shorter
+    mid-stage (data removal): the schedule then follows epochs, not the step count of full epochs.
     """
+    later = [seg for seg in segments or [] if seg[0] <= step]
+    if later and cycles == 1:
+        start_step, start_epoch, per_epoch = later[-1]
+        step = int((start_epoch + (step - start_step) / max(1, per_epoch)) * steps_per_epoch)
     if cycles > 1:
         cycle_len = max(1, total_steps // cycles)
         step -= min(step // cycle_len, cycles - 1) * cycle_len
@@ -53,6 +60,8 @@ class ClassifierModule(L.LightningModule):
             self.example_input_array = torch.zeros(example_input_shape)
         self.net = net
         self.optimizer_factory = optimizer
+        self.lr_segments: list[tuple[int, int, int]] = []   # see lr_lambda; saved in checkpoints
+        self.last_train_logits: torch.Tensor | None = None  # for callbacks tracking per-example outcomes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -62,6 +71,8 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         smoothing = self.hparams.label_smoothing if prefix == "train" else 0.0
         loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if prefix == "train":
+            self.last_train_logits = logits.detach()
         acc = (logits.argmax(1) == y).float().mean()
         on_step = prefix == "train"
         self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=prefix != "test",
@@ -93,12 +104,18 @@ class ClassifierModule(L.LightningModule):
         steps_per_epoch = max(1, math.ceil(total_steps / max(1, hp.epochs)))
         fn = partial(lr_lambda, steps_per_epoch=steps_per_epoch, epochs=hp.epochs, schedule=hp.lr_schedule,
                      warmup_epochs=hp.warmup_epochs, milestones=list(hp.milestones or []), gamma=hp.gamma,
-                     cycles=hp.lr_cycles, total_steps=total_steps)
+                     cycles=hp.lr_cycles, total_steps=total_steps, segments=self.lr_segments)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def shorter_epochs_from_now(self, steps_per_epoch: int) -> None:
+        """Epochs from the next one on have ``steps_per_epoch`` optimizer steps (data was removed)."""
+        self.lr_segments.append((self.trainer.global_step, self.trainer.current_epoch, steps_per_epoch))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["compress_run"] = getattr(self, "run_meta", {})
+        checkpoint["lr_segments"] = list(self.lr_segments)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         attach_masks_from_state_dict(self.net, checkpoint["state_dict"], prefix="net.")
+        self.lr_segments[:] = [tuple(seg) for seg in checkpoint.get("lr_segments", [])]  # the lambda holds this list

@@ -187,6 +187,8 @@ class MESTConfig(MethodConfig):
     phase_epochs: list[float] | None = None
     prune_to: list[float] | None = None
     grow_to: list[float] | None = None
+    remove_n: int = 0
+    remove_data_epoch: int | None = None
 
     def __post_init__(self) -> None:
         from compress_run.methods.mest import MODES
@@ -198,6 +200,10 @@ class MESTConfig(MethodConfig):
         _check(self.mode in MODES, "method.mode", self.mode, ", ".join(MODES))
         _check(self.update_every >= 1, "method.update_every", self.update_every, "an integer >= 1 (epochs)")
         _check(self.grad_coefficient >= 0, "method.grad_coefficient", self.grad_coefficient, "a float >= 0")
+        _check(self.remove_n >= 0, "method.remove_n", self.remove_n, "an integer >= 0 (0 = keep all data)")
+        if self.remove_data_epoch is not None:
+            _check(self.remove_data_epoch >= 1, "method.remove_data_epoch", self.remove_data_epoch,
+                   "null or an epoch >= 1 (forgetting needs at least one epoch of statistics)")
         if self.phase_epochs is not None:
             _check(len(self.phase_epochs) == 2 and self.phase_epochs[0] <= self.phase_epochs[1],
                    "method.phase_epochs", self.phase_epochs, "null or two increasing epochs [start2, start3]")

@@ -47,6 +47,10 @@ def validate(cfg: DictConfig) -> None:
     if "start_epoch" in method and method.start_epoch >= max(train_epochs, 1e-9):
         raise UserError(f"method.start_epoch={method.start_epoch} is not before the end of the train stage "
                         f"(schedule.train.epochs={train_epochs})", "choose a smaller method.start_epoch")
+    if method.get("remove_data_epoch") is not None and method.remove_data_epoch >= train_epochs:
+        raise UserError(f"method.remove_data_epoch={method.remove_data_epoch} is not before the end of the train "
+                        f"stage (schedule.train.epochs={train_epochs})",
+                        f"set method.remove_data_epoch < {train_epochs}, or null (epoch 70 of 160, scaled)")
     if method.get("rewind_epoch") and method.rewind_epoch > train_epochs:
         raise UserError(f"method.rewind_epoch={method.rewind_epoch} is after the end of the train stage "
                         f"(schedule.train.epochs={train_epochs})",

@@ -9,7 +9,7 @@ import torch
 
 from compress_run.methods import mest as mest_module
 from compress_run.methods.masks import get_mask, prunable_layers
-from compress_run.methods.mest import MEST, phase_targets, prune_and_grow
+from compress_run.methods.mest import MEST, least_forgotten, phase_targets, prune_and_grow
 from tests.conftest import run_pipeline
 
 SMOKE = ["dataset=digits", "debug=smoke", "logger=none", "method=mest", "method.update_every=1",
@@ -87,3 +87,45 @@ def test_mask_update_uses_the_gradient_term_when_asked():
     layer.weight.grad[smallest[0], smallest[1]] = 1.0   # large gradient: survives despite the smallest |w|
     method.update(torch.nn.Sequential(layer), epoch=0, train_epochs=10)
     assert get_mask(layer)[smallest[0], smallest[1]]
+
+
+def test_least_forgotten_prefers_learned_examples_with_few_forgetting_events():
+    forgotten = torch.tensor([3, 0, 1, 0, 0, 2])
+    learned = torch.tensor([True, True, True, False, True, True])
+    chosen = least_forgotten(forgotten, learned, 3, torch.Generator().manual_seed(0)).tolist()
+    assert set(chosen[:2]) == {1, 4} and chosen[2] == 2     # never-learned example 3 is kept
+
+
+class DataSpy(L.Callback):
+    def __init__(self) -> None:
+        self.steps_per_epoch: dict[int, int] = {}
+        self.seen_after_removal: set[int] = set()
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        epoch = trainer.current_epoch
+        self.steps_per_epoch[epoch] = self.steps_per_epoch.get(epoch, 0) + 1
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        if epoch >= 2:
+            sampler = trainer.train_dataloader.sampler
+            start = batch_idx * trainer.train_dataloader.batch_size
+            self.seen_after_removal.update(sampler.order(epoch)[start: start + len(batch[1])].tolist())
+
+
+def test_data_removal_drops_the_examples_shortens_epochs_and_keeps_the_lr_schedule(tmp_path, monkeypatch):
+    spy = DataSpy()
+    original = MEST.training_callbacks
+    monkeypatch.setattr(mest_module.MEST, "training_callbacks", lambda self, stage, model: [
+        *original(self, stage, model), *([spy] if stage == "train" else [])])
+    run_pipeline(["dataset=digits", "logger=none", "method=mest", "method.update_every=1",
+                            "schedule=fmnist", "schedule.batch_size=64", "schedule.train.epochs=4",
+                            "schedule.train.warmup_epochs=0", "method.remove_n=600", "method.remove_data_epoch=2",
+                            "stages=[train,compress]"], tmp_path)
+    removed = set(torch.load(tmp_path / "checkpoints/train.ckpt", weights_only=False)["compress_run"]
+                  ["method_state"]["removed"])
+    assert len(removed) == 600
+    assert spy.seen_after_removal and not spy.seen_after_removal & removed
+    full, short = spy.steps_per_epoch[0], spy.steps_per_epoch[3]
+    assert spy.steps_per_epoch[1] == full and short < full and abs(short - (full * 64 - 600) // 64) <= 1
+    assert spy.lrs[-1] < 0.01 * max(spy.lrs)            # the cosine still reaches its end
+    assert spy.lrs[full * 2] < spy.lrs[full * 2 - 1]    # and stays continuous at the removal
