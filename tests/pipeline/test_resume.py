@@ -22,7 +22,8 @@ GAP = ["method=gap", "method.partitioner=by_stage", "method.num_partitions=3", "
 METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"],
            "gap": GAP, "pgap": [*GAP, "method.variant=parallel"],
            "mest": ["method=mest", "method.update_every=1", "method.phase_epochs=[3,6]"],
-           "mest_removal": ["method=mest", "method.update_every=1", "method.remove_n=400", "method.remove_data_epoch=3"],
+           "mest_removal": ["method=mest", "method.update_every=1", "method.remove_n=400",
+                            "method.remove_data_epoch=3"],
            "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"]}
 KILL_IN = {"lth": "finetune"}  # IMP: kill inside the retraining rounds (4 rounds over 6 epochs)
 
