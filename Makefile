@@ -8,7 +8,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # the bounded set of slow tests that CI runs after the fast suite (each a few minutes on 2 cores)
 CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_accuracy.py::test_digits_magnitude_90_percent \
-                 tests/pipeline/test_accuracy.py::test_digits_rigl_90_percent_from_scratch
+                 tests/pipeline/test_accuracy.py::test_digits_rigl_90_percent_from_scratch \
+                 tests/pipeline/test_accuracy.py::test_digits_gap_90_percent_from_scratch \
+                 tests/pipeline/test_accuracy.py::test_digits_mest_90_percent_from_scratch
 
 .PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency lint clean
 
