@@ -20,7 +20,8 @@ def test_wheel_install_runs_outside_the_repository(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("compress_run/conf/config.yaml", "compress_run/conf/model/resnet20.yaml",
                      "compress_run/conf/method/gmp.yaml", "compress_run/pipeline/cli.py",
-                     "compress_run/methods/masks.py"):
+                     "compress_run/methods/masks.py", "compress_run/conf/experiment/fmnist_gap.yaml",
+                     "compress_run/pipeline/pgap_jobs.py"):
         assert expected in names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
@@ -37,6 +38,9 @@ def test_wheel_install_runs_outside_the_repository(tmp_path):
     help_text = subprocess.run([*exe, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
                                timeout=120).stdout
     assert "resnet20" in help_text and "fashion_mnist" in help_text
+    pgap_help = subprocess.run([sys.executable, str(site / "bin" / "compress-pgap"), "--help"], cwd=elsewhere,
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert pgap_help.returncode == 0 and "hydra/launcher=joblib" in pgap_help.stdout
 
     sweep = subprocess.run([*exe, "-m", "method=dense,magnitude", "dataset=digits", "debug=smoke", "logger=none",
                             "output_dir=sweep"], cwd=elsewhere, env=env, capture_output=True, text=True,

@@ -38,7 +38,7 @@ Config keys (conf/method/gap.yaml):
   (always on for ``parallel``: each worker starts with a fresh optimizer).
 * ``worker`` (null): P-GaP as independent jobs — run only worker i of one round: the train stage
   grows partition i of the model given by ``init_ckpt`` (round 0: the seeded init pruned to s) and
-  trains ``schedule.train.epochs``; ``scripts/pgap_jobs.py`` launches the kappa workers of every round
+  trains ``schedule.train.epochs``; ``compress-pgap`` launches the kappa workers of every round
   as one Hydra multirun (``hydra/launcher=joblib`` locally) and merges them between rounds.
 """
 

@@ -1,6 +1,6 @@
-"""P-GaP with its kappa workers as independent jobs: one Hydra multirun per round, merged in between.
+"""``compress-pgap``: P-GaP with its kappa workers as independent jobs, one Hydra multirun per round.
 
-    python scripts/pgap_jobs.py --out runs/pgap --rounds 2 -- experiment=fmnist_pgap hydra/launcher=joblib
+    compress-pgap --out runs/pgap --rounds 2 -- experiment=fmnist_pgap hydra/launcher=joblib
 
 Round r: ``compress-run -m <overrides> method.worker=0,...,kappa-1 stages=[train]
 init_ckpt=<round r-1 merged> output_dir=<out>/round<r>`` (each job: grow partition i, train
@@ -45,7 +45,11 @@ def job_overrides(overrides: list[str]) -> list[str]:
 def compress_run(args: list[str]) -> None:
     exe = Path(sys.executable).with_name("compress-run")
     print("+ compress-run " + " ".join(args), flush=True)
-    subprocess.run([str(exe) if exe.exists() else "compress-run", *args], check=True)
+    code = subprocess.run([str(exe) if exe.exists() else "compress-run", *args]).returncode
+    if code:
+        print(f"compress-pgap: this compress-run command failed (exit {code}); fix the cause printed above and "
+              "rerun the same compress-pgap command: finished rounds and jobs are kept", file=sys.stderr)
+        sys.exit(code)
 
 
 def merge_round(overrides: list[str], round_dir: Path, num_partitions: int) -> Path:
@@ -78,7 +82,16 @@ def main() -> None:
     overrides = [*args.overrides, "method=gap", "method.variant=parallel"] \
         if not any(o.startswith("method=") or o.startswith("experiment=") for o in args.overrides) \
         else [*args.overrides, "method.variant=parallel"]
-    kappa = int(compose(overrides).method.num_partitions)
+    try:
+        cfg = compose(overrides)
+        if cfg.method.get("variant") != "parallel":
+            raise ValueError("the composed method is not GaP (method=gap)")
+        kappa = int(cfg.method.num_partitions)
+    except Exception as exc:
+        print(f"compress-pgap: the overrides {overrides} do not compose to a P-GaP config: "
+              f"{str(exc).splitlines()[0].rstrip('.')}. Pass compress-run overrides after `--`, e.g. "
+              "`compress-pgap --out runs/pgap -- experiment=fmnist_pgap`.", file=sys.stderr)
+        sys.exit(2)
     previous: Path | None = None
     for r in range(args.rounds):
         round_dir = args.out / f"round{r}"

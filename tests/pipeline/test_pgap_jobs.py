@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO, read_json
+from tests.conftest import read_json
 
 ARGS = ["dataset=digits", "debug=smoke", "logger=none", "method.partitioner=by_stage", "method.num_partitions=3",
         "method.sparsity=0.8", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -19,7 +21,8 @@ def _net(path):
 
 
 def test_pgap_jobs_merge_partition_i_from_worker_i(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "pgap_jobs.py"), "--out", str(tmp_path),
+    exe = Path(sys.executable).with_name("compress-pgap")
+    proc = subprocess.run([str(exe) if exe.exists() else shutil.which("compress-pgap"), "--out", str(tmp_path),
                            "--rounds", "1", "--", *ARGS], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     workers = [_net(tmp_path / "round0" / str(i) / "checkpoints" / "train.ckpt") for i in range(3)]
