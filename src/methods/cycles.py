@@ -4,7 +4,8 @@ A cycle is what the original papers ran as a separate training job. Inside one L
 stage's optimizer steps are split into ``cycles`` equal parts (``total // cycles`` steps each, the last
 one absorbing the remainder, the same split :func:`compress_run.pipeline.lit_module.lr_lambda` uses to
 restart the LR schedule). At the first optimizer step of cycle k >= 1 the callback calls
-``boundary(k, ...)`` and, when asked, clears the optimizer state (a fresh optimizer, as a new job has).
+``on_boundary(k, trainer, pl_module)`` and, when asked, clears the optimizer state (a fresh optimizer,
+as a new job has).
 
 Everything is a function of ``trainer.global_step``, which Lightning restores on resume; a boundary
 falls at a batch start, after any epoch checkpoint of the same step, so a resumed run crosses every
@@ -14,6 +15,7 @@ boundary exactly once.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -35,11 +37,15 @@ def seeded_generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class CycleCallback(L.Callback):
-    """Calls :meth:`boundary` at the first optimizer step of every cycle after the first."""
+Boundary = Callable[[int, L.Trainer, L.LightningModule], None]
 
-    def __init__(self, cycles: int, reset_optimizer: bool, name: str) -> None:
+
+class CycleCallback(L.Callback):
+    """Calls ``on_boundary(k, trainer, pl_module)`` at the first optimizer step of every cycle k >= 1."""
+
+    def __init__(self, cycles: int, reset_optimizer: bool, name: str, on_boundary: Boundary) -> None:
         self.cycles, self.reset_optimizer, self.name = cycles, reset_optimizer, name
+        self.on_boundary = on_boundary
         self.total_steps = 0
         self.last_boundary = 0  # guards gradient accumulation (several batch starts per optimizer step)
 
@@ -57,7 +63,7 @@ class CycleCallback(L.Callback):
         if k <= self.last_boundary:
             return
         self.last_boundary = k
-        self.boundary(k, trainer, pl_module)
+        self.on_boundary(k, trainer, pl_module)
         if self.reset_optimizer:
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
@@ -68,6 +74,3 @@ class CycleCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_boundary = state_dict.get("last_boundary", 0)
-
-    def boundary(self, k: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        raise NotImplementedError

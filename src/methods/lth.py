@@ -155,10 +155,10 @@ class IMPRounds(CycleCallback):
     """Between retraining rounds: log the round, prune the next fraction globally, rewind the survivors."""
 
     def __init__(self, method: LTH) -> None:
-        super().__init__(method.rounds, reset_optimizer=True, name="lth")
+        super().__init__(method.rounds, reset_optimizer=True, name="lth", on_boundary=self.next_round)
         self.method = method
 
-    def boundary(self, k: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def next_round(self, k: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.log_round(k, trainer)
         self.method.prune_and_rewind(pl_module.net, k + 1)
 
