@@ -85,8 +85,8 @@ class MaskPruningMethod(Method):
 
     def prune_to(self, model: nn.Module, sparsity: float) -> None:
         """Magnitude-prune the prunable layers to ``sparsity`` with this method's distribution and pattern."""
-        layers = self.layers(model)
-        self.achieved = prune_by_score(layers, magnitude_scores(layers), sparsity, self.distribution, self.pattern)
+        self.achieved = {}
+        self.prune_subset(model, list(self.layers(model)), sparsity)
 
     def prune_subset(self, model: nn.Module, names: list[str], sparsity: float,
                      scores: dict[str, torch.Tensor] | None = None) -> None:

@@ -102,17 +102,16 @@ class GaP(MaskPruningMethod):
         if self.worker is not None:
             return self.start_worker_job(model)
         dense = self.dense_layers(0)
-        for name in dense:
-            attach_mask(layers[name], torch.ones_like(layers[name].weight, dtype=torch.bool))
         if self.variant == "parallel":
             self.prune_subset(model, names, self.sparsity)
             self.round_start = clone_state(model)
-            self.grow(model, dense)
-        elif self.variant == "cyclic":  # each partition holds its own share of the budget
-            for group in self.groups[1:]:
+        else:  # cyclic: each partition holds its own share of the budget
+            sparse = self.groups[1:] if self.variant == "cyclic" else [[n for n in names if n not in dense]]
+            for group in sparse:
                 self.prune_subset(model, group, self.sparsity)
-        else:
-            self.prune_subset(model, [n for n in names if n not in dense], self.sparsity)
+            for name in dense:
+                attach_mask(layers[name], torch.ones_like(layers[name].weight, dtype=torch.bool))
+        self.grow(model, dense)
         return [GaPScheduler(self), MaskEnforcer(self.mask_grads)]
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
