@@ -192,6 +192,7 @@ class ForgettingTracker(L.Callback):
     def __init__(self, method: MEST) -> None:
         self.method = method
         self.forgotten = self.last_correct = self.learned = None
+        self.epoch_order: tuple[tuple[int, int] | None, torch.Tensor | None] = (None, None)
 
     def _sampler(self, trainer: L.Trainer) -> EpochSeededSampler:
         sampler = trainer.train_dataloader.sampler
@@ -226,7 +227,10 @@ class ForgettingTracker(L.Callback):
         sampler = self._sampler(trainer)
         logits, y = pl_module.last_train_logits, batch[1]
         start = batch_idx * trainer.train_dataloader.batch_size
-        positions = sampler.order(trainer.current_epoch)[start: start + len(y)]
+        key = (trainer.current_epoch, len(sampler))
+        if self.epoch_order[0] != key:  # one permutation per epoch, not per batch
+            self.epoch_order = (key, sampler.order(trainer.current_epoch))
+        positions = self.epoch_order[1][start: start + len(y)]
         correct = (logits.argmax(1) == y).cpu()
         self.forgotten[positions] += (self.last_correct[positions] & ~correct).long()
         self.last_correct[positions] = correct
