@@ -111,7 +111,7 @@ class MEST(MaskPruningMethod):
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         if stage != "train":
             return super().training_callbacks(stage, model)
-        self.prune_subset(model, list(self.layers(model)), self.sparsity)  # |random init| = random mask
+        self.prune_to(model, self.sparsity)  # |random init| = random mask
         callbacks = [MaskEnforcer(self.mask_grads), MESTUpdater(self)]  # after the enforcer: sparse gradients
         return [*callbacks, ForgettingTracker(self)] if self.remove_n else callbacks
 
@@ -236,10 +236,9 @@ class ForgettingTracker(L.Callback):
         self.last_correct[positions] = correct
         self.learned[positions] |= correct
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"forgotten": self.forgotten, "last_correct": self.last_correct, "learned": self.learned,
-                "removed": self.method.removed}
+    def state_dict(self) -> dict[str, Any]:  # the removed positions travel with MESTUpdater's method state
+        return {"forgotten": self.forgotten, "last_correct": self.last_correct, "learned": self.learned}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.forgotten, self.last_correct = state_dict["forgotten"], state_dict["last_correct"]
-        self.learned, self.method.removed = state_dict["learned"], list(state_dict["removed"])
+        self.learned = state_dict["learned"]
