@@ -10,9 +10,10 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_accuracy.py::test_digits_magnitude_90_percent \
                  tests/pipeline/test_accuracy.py::test_digits_rigl_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_gap_90_percent_from_scratch \
-                 tests/pipeline/test_accuracy.py::test_digits_mest_90_percent_from_scratch
+                 tests/pipeline/test_accuracy.py::test_digits_mest_90_percent_from_scratch \
+                 tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch
 
-.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency lint clean
+.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency bench-compaction lint clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,9 @@ calibrate: install
 
 bench-latency: install
 	$(VENV)/bin/python scripts/bench_latency_sim.py
+
+bench-compaction: install
+	$(VENV)/bin/python scripts/bench_compaction.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard scripts)

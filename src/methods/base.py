@@ -38,6 +38,7 @@ class NotApplicable(ValueError):
 class Method:
     stages: tuple[str, ...] = ALL_STAGES
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
+    input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""

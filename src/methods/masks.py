@@ -34,7 +34,7 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, param: str = "weight") ->
     if name in module._buffers:
         module._buffers[name].copy_(mask)
     else:
-        module.register_buffer(name, mask)
+        module.register_buffer(name, mask.clone())  # never alias the caller's tensor (or an expanded view)
     with torch.no_grad():
         weight.mul_(mask)
 

@@ -17,7 +17,12 @@ class PadShortcut(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
+        self.in_planes, self.planes = in_planes, planes
         self.pad = planes - in_planes
+
+    def positions(self) -> torch.Tensor:
+        """Output channel of each input channel (the rest are zeros)."""
+        return torch.arange(self.in_planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]

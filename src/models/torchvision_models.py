@@ -1,4 +1,4 @@
-"""torchvision ResNet-18/50 and MobileNetV2 built from scratch and adapted to the dataset.
+"""torchvision ResNet-18/34/50/101 and MobileNetV2 built from scratch and adapted to the dataset.
 
 * ``num_classes`` goes to the constructor; ``in_channels`` replaces the stem conv's input channels.
 * ``stem``: ``imagenet`` keeps the 7x7/2 stem (+ max-pool) / stride-2 first conv; ``cifar`` uses a
@@ -23,7 +23,9 @@ def _resnet(arch: str, num_classes: int, in_channels: int, image_size: int, widt
         model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
     else:
         block, layers = {"resnet18": (tvm.resnet.BasicBlock, [2, 2, 2, 2]),
-                         "resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3])}[arch]
+                         "resnet34": (tvm.resnet.BasicBlock, [3, 4, 6, 3]),
+                         "resnet50": (tvm.resnet.Bottleneck, [3, 4, 6, 3]),
+                         "resnet101": (tvm.resnet.Bottleneck, [3, 4, 23, 3])}[arch]
         model = _ScaledResNet(block, layers, num_classes=num_classes, base=max(1, round(64 * width_mult)))
     width = model.conv1.out_channels
     if _small(stem, image_size):
@@ -53,6 +55,16 @@ class _ScaledResNet(tvm.ResNet):
 def resnet18(num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0,
              stem: str = "auto") -> nn.Module:
     return _resnet("resnet18", num_classes, in_channels, image_size, width_mult, stem)
+
+
+def resnet34(num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0,
+             stem: str = "auto") -> nn.Module:
+    return _resnet("resnet34", num_classes, in_channels, image_size, width_mult, stem)
+
+
+def resnet101(num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0,
+              stem: str = "auto") -> nn.Module:
+    return _resnet("resnet101", num_classes, in_channels, image_size, width_mult, stem)
 
 
 def resnet50(num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0,

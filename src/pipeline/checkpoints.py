@@ -81,4 +81,4 @@ def net_state_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = ckpt.get("state_dict", ckpt)
     if any(k.startswith("net.") for k in state):
         return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or k.endswith("_extra_state")}

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
+from compress_run.kernels.compaction import is_compacted, restore_compacted
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -42,6 +43,7 @@ from compress_run.pipeline.checkpoints import (
     net_state_from_checkpoint,
 )
 from compress_run.pipeline.errors import UserError
+from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprint, validate, write_run_config
@@ -85,6 +87,7 @@ class Pipeline:
                                 eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed)
         self.method: Method = build(cfg.method, "method")
         self.method.model_factory = self.new_net
+        self.method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
         net = self.new_net()
         try:
             self.method.check_applicable(net)
@@ -114,6 +117,7 @@ class Pipeline:
     def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path, what, fix)
         state = net_state_from_checkpoint(ckpt)
+        restore_compacted(net, state)
         attach_masks_from_state_dict(net, state)
         try:
             net.load_state_dict(state, strict=True)
@@ -226,6 +230,14 @@ class Pipeline:
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,
                         "sparsity_per_layer": report.per_layer, "method": self.method.summary()})
+        if self.cfg.evaluate.get("export") == "onnx":
+            data = self.cfg.dataset
+            metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),
+                                       self.out / "model.onnx"))
+        if is_compacted(net):  # params_dense counts the compacted shapes; this is the network before compaction
+            original = sum(p.numel() for p in self.new_net().parameters())
+            metrics.update({"model/params_original": original,
+                            "model/params_reduction": 1.0 - report.params_dense / original})
         return metrics, net
 
     def hardware_report(self, net: torch.nn.Module) -> dict[str, Any]:

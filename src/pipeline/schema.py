@@ -237,6 +237,43 @@ class LTHConfig(MethodConfig):
         _check(self.init in INITS, "method.init", self.init, ", ".join(INITS))
 
 
+@dataclass
+class ChannelMethodConfig:
+    _target_: str = MISSING
+    sparsity: float = 0.5
+    target: str = "channels"
+    flops_reduction: float = 0.5
+    min_channels: int = 1
+    channel_multiple: int = 1
+    prune_residual: bool = True
+    exclude: list[str] = field(default_factory=list)
+    mask_grads: bool = True
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.chex import TARGETS
+
+        _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1) (channels removed)")
+        _check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        _check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+               "a float in (0, 1) (fraction of MACs removed)")
+        _check(self.min_channels >= 1, "method.min_channels", self.min_channels, "an integer >= 1")
+        _check(self.channel_multiple >= 1, "method.channel_multiple", self.channel_multiple, "an integer >= 1")
+
+
+@dataclass
+class CHEXConfig(ChannelMethodConfig):
+    delta0: float = 0.2
+    delta_t_epochs: int = 2
+    t_max_fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 <= self.delta0 <= (self.sparsity if self.target == "channels" else 1.0), "method.delta0",
+               self.delta0, f"a float in [0, method.sparsity={self.sparsity}] (S - delta0 is the initial sparsity)")
+        _check(self.delta_t_epochs >= 1, "method.delta_t_epochs", self.delta_t_epochs, "an integer >= 1 (epochs)")
+        _check(0.0 < self.t_max_fraction <= 1.0, "method.t_max_fraction", self.t_max_fraction, "a float in (0, 1]")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -328,6 +365,7 @@ class EvaluateConfig:
     repeats: int = 20
     breakdown: int = 0                  # print the N slowest layers per profile (0 = off)
     plot: bool = False                  # write latency_breakdown.png
+    export: str | None = None           # onnx: write model.onnx (the executed, e.g. compacted, network)
 
     def __post_init__(self) -> None:
         known = available_profiles()
@@ -338,6 +376,7 @@ class EvaluateConfig:
         _check(self.warmup >= 0, "evaluate.warmup", self.warmup, "an integer >= 0")
         _check(self.repeats >= 1, "evaluate.repeats", self.repeats, "an integer >= 1")
         _check(self.breakdown >= 0, "evaluate.breakdown", self.breakdown, "an integer >= 0 (0 = off)")
+        _check(self.export in (None, "onnx"), "evaluate.export", self.export, "null or onnx")
 
 
 # ------------------------------------------------------------------------------------------ root
@@ -388,6 +427,8 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_gap"): GaPConfig,
     ("method", "base_method_mest"): MESTConfig,
     ("method", "base_method_lth"): LTHConfig,
+    ("method", "base_method_chex"): CHEXConfig,
+    ("method", "base_method_l1_filter"): ChannelMethodConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

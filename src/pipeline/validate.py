@@ -32,6 +32,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"invalid configuration: {msg}",
                         f"set {key} to an allowed value on the command line or in the experiment config; "
                         "`compress-run --cfg job` shows the composed config") from exc
+    if cfg.evaluate.get("export") == "onnx":
+        from compress_run.pipeline.export import check_export_available
+
+        check_export_available()
     model, data = cfg.model, cfg.dataset
     for key in ("num_classes", "in_channels", "image_size"):
         if model[key] != data[key]:

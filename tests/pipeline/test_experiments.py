@@ -16,13 +16,14 @@ from tests.conftest import compose, run_pipeline
 EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
 FAST = ("gap_resnet50_imagenet_c90_nonuniform", "fmnist_gap")
-PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12}
+PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12, "chex_": 8}
 
 
 def test_every_paper_row_has_an_experiment():
     for prefix, count in PAPER_ROWS.items():
         assert len([e for e in EXPERIMENTS if e.startswith(prefix)]) == count, prefix
-    table = {"fmnist_dense", "fmnist_magnitude", "fmnist_gmp", "fmnist_rigl", "fmnist_mest", "fmnist_gap"}
+    table = {"fmnist_dense", "fmnist_magnitude", "fmnist_gmp", "fmnist_rigl", "fmnist_mest", "fmnist_gap",
+             "fmnist_chex", "fmnist_l1_filter"}
     assert table <= set(EXPERIMENTS)
 
 
