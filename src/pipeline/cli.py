@@ -65,7 +65,7 @@ def _run(cfg: DictConfig) -> dict | None:
         bad_input = isinstance(exc, UserError)
         text = exc.paragraph() if bad_input else "".join(traceback.format_exception(exc))
         print(text, file=sys.stderr, flush=True)
-        first = (exc.paragraph() if bad_input else f"{type(exc).__name__}: {exc}").splitlines()[0]
+        first = exc.cause if bad_input else f"{type(exc).__name__}: {exc}".splitlines()[0]
         FAILED_JOBS.append((str(out), first, bad_input))
         if not (out / "results.json").is_file():
             atomic_write_json(out / "results.json", {
@@ -132,11 +132,14 @@ def main() -> None:
             raise
         print(user_error.paragraph(), file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    if FAILED_JOBS:
-        print(f"compress-run: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
-        for out, first, _ in FAILED_JOBS:
+    from compress_run.pipeline.sweeps import FAILED
+
+    failed = FAILED_JOBS or FAILED  # FAILED: from the sweep summary, also for jobs run in other processes
+    if failed:
+        print(f"compress-run: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+        for out, first, _ in failed:
             print(f"  {out}: {first}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT if all(bad for *_, bad in FAILED_JOBS) else 1)
+        sys.exit(EXIT_BAD_INPUT if all(bad for *_, bad in failed) else 1)
 
 
 if __name__ == "__main__":

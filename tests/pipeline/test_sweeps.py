@@ -1,0 +1,51 @@
+"""Sweep summary: every multirun ends with summary.csv / summary.md, one row per job, failed jobs
+recorded with their reason while the rest of the sweep goes on."""
+
+from __future__ import annotations
+
+import csv
+
+from compress_run.pipeline.sweeps import write_summary
+from tests.conftest import run_cli
+
+FAST = ["debug=smoke", "dataset=digits", "logger=none", "evaluate.measure_latency=false"]
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_methods_by_sparsity_sweep_writes_six_rows(tmp_path):
+    proc = run_cli(["-m", "method=magnitude,gmp,gap", "method.sparsity=0.5,0.9", *FAST, "output_dir=sweep"],
+                   tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "sweep" / "summary.csv")
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert [r["job"] for r in rows] == [str(i) for i in range(6)]
+    assert {" ".join(r["overrides"].split()[:2]) for r in rows} == {
+        f"method={m} method.sparsity={s}" for m in ("magnitude", "gmp", "gap") for s in ("0.5", "0.9")}
+    assert all(0.0 < float(r["test/acc"]) <= 1.0 and abs(float(r["model/prunable_sparsity"]) - float(
+        r["overrides"].split("method.sparsity=")[1].split()[0])) < 0.01 for r in rows)
+    assert "6 ok, 0 failed" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    proc = run_cli(["-m", "method=magnitude", "method.sparsity=0.1,0.3,1.5,0.5,0.7,0.9", *FAST, "output_dir=sweep"],
+                   tmp_path, timeout=900)
+    assert proc.returncode != 0
+    rows = _rows(tmp_path / "sweep" / "summary.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok", "ok", "ok"]
+    assert "method.sparsity" in rows[2]["error"] and "1.5" in rows[2]["error"]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "5 ok, 1 failed or missing, of 6 jobs" in summary
+
+
+def test_summary_lists_jobs_without_results_as_missing(tmp_path):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "results.json").write_text('{"status": "done", "overrides": ["a=1"], "metrics": '
+                                                 '{"test/acc": 0.5, "latency_sim_ms/a100": 1.0}}')
+    (tmp_path / "1").mkdir()
+    rows = write_summary(tmp_path)
+    assert rows[0]["status"] == "ok" and rows[0]["hardware"] == "a100" and rows[0]["latency_sim_ms"] == 1.0
+    assert rows[1]["status"] == "missing"
