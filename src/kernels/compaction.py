@@ -29,14 +29,12 @@ from compress_run.models.cifar_resnet import PadShortcut
 
 
 class Compacted:
-    """Mixin: a layer that lost channels. ``dense_fraction`` = its MACs / the original layer's MACs."""
+    """Mixin: a layer that lost channels. ``dense_fraction`` = its MACs / the original layer's MACs.
+    Each concrete class defines ``ctor_args()``: the constructor arguments that rebuild it at its new shape."""
 
     dense_fraction: float = 1.0
     owner_attrs: dict[str, Any]
     fx_leaf = True  # traced as the torch layer it specialises (channel_graph), not through its forward
-
-    def ctor_args(self) -> dict[str, Any]:
-        raise NotImplementedError
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"compacted": type(self).__name__, "args": self.ctor_args(), "dense_fraction": self.dense_fraction,
