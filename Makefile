@@ -11,9 +11,11 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_accuracy.py::test_digits_rigl_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_gap_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_mest_90_percent_from_scratch \
-                 tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch
+                 tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch \
+                 tests/pipeline/test_tables.py::test_gap_imagenet_table_at_smoke_scale \
+                 tests/pipeline/test_tables.py::test_chex_imagenet_table_at_smoke_scale
 
-.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency bench-compaction lint clean
+.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency bench-compaction results lint clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +49,11 @@ bench-latency: install
 
 bench-compaction: install
 	$(VENV)/bin/python scripts/bench_compaction.py
+
+# RESULTS.md from the committed small-scale tables in docs/tables (publish one with
+# `$(PY) scripts/make_results.py --publish <table dir>`).
+results: install
+	$(PY) scripts/make_results.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard scripts)

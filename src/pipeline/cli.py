@@ -119,9 +119,19 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def register_plugins() -> None:
+    """Register the rows sweeper by hand: an editable install hides it from Hydra's plugin scan."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.compress_run_rows import RowsSweeper
+
+    Plugins.instance().register(RowsSweeper)
+
+
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us, so we can print one clear paragraph
     quiet_libraries()
+    register_plugins()
     try:
         _hydra_main()
     except SystemExit:

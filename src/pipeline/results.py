@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +21,17 @@ from rich.table import Table
 from compress_run.hardware.report import print_hardware_table
 
 PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy")
+
+
+def host_info() -> dict[str, Any]:
+    """Where the run ran: OS, architecture, CPU model and the number of CPUs this process may use."""
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), model)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"machine": platform.machine(), "processor": model, "system": platform.system(), "cpus": cpus, "gpu": gpu}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -66,7 +80,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "seed": cfg.seed,
         "git": git_commit(),
         "versions": versions(),
-        "host": {"machine": platform.machine(), "processor": platform.processor(), "system": platform.system()},
+        "host": host_info(),
         "started_at": started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,

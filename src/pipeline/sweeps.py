@@ -26,21 +26,29 @@ METRICS = ("test/acc", "val/acc", "model/prunable_sparsity", "model/params_nonze
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
+    """Numbered job dirs (Hydra's default subdir), else named ones (compress-table's rows/<row>)."""
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(jobs, key=lambda p: int(p.name))
+    if jobs:
+        return sorted(jobs, key=lambda p: int(p.name))
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and ((p / "results.json").is_file()
+                                                                  or (p / ".hydra").is_dir()))
 
 
-def _simulated_latency(metrics: dict[str, Any]) -> tuple[str, Any]:
+def simulated_latency(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
+    """(hardware profile, batch-1 simulated ms) of the run's primary profile."""
+    hardware = metrics.get("hardware")
+    if hardware and f"latency_sim_ms/{hardware}" in metrics:
+        return hardware, metrics[f"latency_sim_ms/{hardware}"]
     for key, value in metrics.items():
         if key.startswith("latency_sim_ms/") and key.count("/") == 1:
-            return key, value
-    return "latency_sim_ms", None
+            return key.partition("/")[2], value
+    return None, None
 
 
 def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for job in _job_dirs(sweep_dir):
-        row: dict[str, Any] = {"job": int(job.name)}
+        row: dict[str, Any] = {"job": int(job.name) if job.name.isdigit() else job.name}
         path = job / "results.json"
         if not path.is_file():
             row.update(status="missing", error="no results.json (the job was killed or never started)")
@@ -53,6 +61,7 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             rows.append(row)
             continue
         row["overrides"] = " ".join(results.get("overrides", []))
+        row["method"] = results.get("choices", {}).get("method")
         failed = results.get("status") == "failed"
         row["status"] = "failed" if failed else "ok"
         row["error"] = results.get("error", "") if failed else ""
@@ -60,9 +69,7 @@ def summary_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         metrics = results.get("metrics", {})
         for key in METRICS:
             row[key] = metrics.get(key)
-        key, value = _simulated_latency(metrics)
-        row["latency_sim_ms"] = value
-        row["hardware"] = key.partition("/")[2] or None
+        row["hardware"], row["latency_sim_ms"] = simulated_latency(metrics)
         row["output_dir"] = str(job)
         rows.append(row)
     return rows
@@ -78,7 +85,7 @@ def _fmt(value: Any) -> str:
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = summary_rows(sweep_dir)
-    columns = ["job", "status", "overrides", *METRICS, "latency_sim_ms", "hardware", "error", "output_dir"]
+    columns = ["job", "status", "method", "overrides", *METRICS, "latency_sim_ms", "hardware", "error", "output_dir"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

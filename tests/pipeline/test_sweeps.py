@@ -4,9 +4,12 @@ recorded with their reason while the rest of the sweep goes on."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
+from compress_run.pipeline.plots import pareto_front
 from compress_run.pipeline.sweeps import write_summary
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 FAST = ["debug=smoke", "dataset=digits", "logger=none", "evaluate.measure_latency=false"]
 
@@ -28,6 +31,19 @@ def test_methods_by_sparsity_sweep_writes_six_rows(tmp_path):
     assert all(0.0 < float(r["test/acc"]) <= 1.0 and abs(float(r["model/prunable_sparsity"]) - float(
         r["overrides"].split("method.sparsity=")[1].split()[0])) < 0.01 for r in rows)
     assert "6 ok, 0 failed" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert {r["method"] for r in rows} == {"magnitude", "gmp", "gap"}
+
+    # the Pareto figure and the per-layer chart are drawn from this real (tiny) sweep
+    script = [sys.executable, str(REPO / "scripts" / "plot_pareto.py")]
+    subprocess.run([*script, str(tmp_path / "sweep"), "--out", str(tmp_path / "fig" / "pareto")], check=True,
+                   capture_output=True, text=True, timeout=300)
+    png = tmp_path / "fig" / "pareto.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = _rows(tmp_path / "fig" / "pareto.csv")
+    assert len(points) == 6 and any(p["pareto_macs"] == "True" for p in points)
+    subprocess.run([*script, "--layers", str(tmp_path / "sweep" / "0" / "results.json"), "--out",
+                    str(tmp_path / "fig" / "layers")], check=True, capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "fig" / "layers.png").stat().st_size > 10_000
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -49,3 +65,10 @@ def test_summary_lists_jobs_without_results_as_missing(tmp_path):
     rows = write_summary(tmp_path)
     assert rows[0]["status"] == "ok" and rows[0]["hardware"] == "a100" and rows[0]["latency_sim_ms"] == 1.0
     assert rows[1]["status"] == "missing"
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [{"top1": 90.0, "macs_M": 10.0}, {"top1": 92.0, "macs_M": 20.0}, {"top1": 91.0, "macs_M": 25.0},
+           {"top1": 89.0, "macs_M": 5.0}, {"top1": 92.0, "macs_M": 30.0}]
+    assert [(p["macs_M"], p["top1"]) for p in pareto_front(pts, "macs_M")] == [(5.0, 89.0), (10.0, 90.0),
+                                                                               (20.0, 92.0)]

@@ -1,0 +1,1 @@
+compress-table table=digits_pareto plot=true

@@ -1,0 +1,160 @@
+"""``compress-table``: run the missing rows of a paper table, then write ``TABLE.md`` and ``table.csv``.
+
+    compress-table table=gap_imagenet dataset.root=/data/imagenet        # run what is missing, then tabulate
+    compress-table table=gap_imagenet scale=smoke                         # every row at smoke scale (minutes)
+    compress-table table=gap_imagenet --collect                           # only gather finished rows
+    compress-table table=chex_imagenet hydra/launcher=joblib hydra.launcher.n_jobs=2   # rows in parallel
+    compress-table table=gap_imagenet hydra/launcher=slurm                # one SLURM job per row (submitit)
+
+Options (key=value): ``table`` (a conf/table option or a YAML path), ``scale`` (full | smoke),
+``force`` (false: finished rows are reused; true: they are moved to ``replaced/`` and run again),
+``plot`` (false; true writes the Pareto figures next to the table), ``output_dir`` (default
+``logs/tables/<table>``, ``logs/tables/<table>-smoke`` at smoke scale). Every other ``key=value`` goes to
+each row's compress-run (launcher, dataset root, trainer settings). Rows run as one Hydra multirun with
+the rows sweeper (``hydra_plugins.compress_run_rows``), each in ``<output_dir>/rows/<row>``; a killed
+table is completed by running the same command again (unfinished rows resume from their checkpoints).
+Exit status: 0 when every row is done, 1 when a row failed or is still missing, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from compress_run.pipeline.checkpoints import atomic_write_text
+from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
+from compress_run.pipeline.tables import TableConfig, load_table, row_overrides, row_state, write_table
+
+OPTIONS = {"table": None, "scale": "full", "force": "false", "plot": "false", "output_dir": None}
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]:
+    options, passthrough, collect = dict(OPTIONS), [], False
+    for arg in argv:
+        if arg == "--collect":
+            collect = True
+        elif arg.startswith("-"):
+            raise UserError(f"unknown flag '{arg}'", "the only flags are --collect and --help; options are "
+                            "key=value (table=, scale=, force=, plot=, output_dir=)")
+        elif "=" not in arg:
+            raise UserError(f"argument '{arg}' is not key=value", "write e.g. table=gap_imagenet scale=smoke")
+        else:
+            key, _, value = arg.partition("=")
+            if key in options:
+                options[key] = value
+            else:
+                passthrough.append(arg)
+    if not options["table"]:
+        raise UserError("no table given", "add table=<name>; the tables are the files of conf/table/")
+    if options["scale"] not in ("full", "smoke"):
+        raise UserError(f"scale={options['scale']} is not a scale", "use scale=full (default) or scale=smoke")
+    for key in ("force", "plot"):
+        if str(options[key]).lower() not in ("true", "false"):
+            raise UserError(f"{key}={options[key]} is not a boolean", f"use {key}=true or {key}=false")
+    return options, passthrough, collect
+
+
+def launch(table: TableConfig, names: list[str], table_dir: Path, smoke: bool, passthrough: list[str]) -> int:
+    """Run the named rows as one multirun of compress-run; returns its exit code."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jobs = [[*row_overrides(table, row, smoke), f"hydra.sweep.subdir={row.name}"]
+            for row in table.rows if row.name in names]
+    jobs_file = table_dir / "jobs" / f"{stamp}.yaml"
+    jobs_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(jobs_file, OmegaConf.to_yaml(OmegaConf.create(jobs)))
+    command = [sys.executable, "-m", "compress_run.pipeline.cli", "-m", "hydra/sweeper=rows",
+               f"hydra.sweeper.jobs_file={jobs_file}", f"hydra.sweep.dir={table_dir / 'rows'}", *passthrough]
+    started = time.time()
+    code = subprocess.run(command, check=False).returncode
+    with open(table_dir / "launches.jsonl", "a") as log:  # one line per launch: which rows ran, how it ended
+        log.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                              "seconds": round(time.time() - started, 1), "rows": names, "returncode": code,
+                              "command": command}) + "\n")
+    return code
+
+
+def run(argv: list[str], console: Console) -> int:
+    options, passthrough, collect = parse_args(argv)
+    name, smoke = str(options["table"]), options["scale"] == "smoke"
+    table = load_table(name)
+    name = Path(name).stem
+    table_dir = Path(options["output_dir"] or f"logs/tables/{name}{'-smoke' if smoke else ''}").absolute()
+    states = {row.name: row_state(table_dir / "rows" / row.name, row_overrides(table, row, smoke))[0]
+              for row in table.rows}
+    force = str(options["force"]).lower() == "true"
+    todo = [n for n, s in states.items() if s in ("missing", "failed") or (force and s in ("done", "stale"))]
+    stale = [n for n, s in states.items() if s == "stale" and not force]
+    bad_input = False
+    console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows, "
+                  f"{sum(s == 'done' for s in states.values())} done; table dir {table_dir}")
+    for row_name in stale:
+        console.print(f"[yellow]row {row_name}: its run dir holds a run with other overrides than the table now "
+                      "asks for; it is left as it is (force=true moves it to replaced/ and runs the row again)")
+    if todo and not collect:
+        table_dir.mkdir(parents=True, exist_ok=True)
+        for row_name in todo:
+            row_dir = table_dir / "rows" / row_name
+            if force and states[row_name] in ("done", "stale"):
+                target = table_dir / "replaced" / f"{row_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(row_dir), str(target))
+                console.print(f"row {row_name}: earlier run moved to {target}")
+        console.print(f"running {len(todo)} of {len(table.rows)} rows: {', '.join(todo)}")
+        code = launch(table, todo, table_dir, smoke, passthrough)
+        if code == EXIT_BAD_INPUT:
+            bad_input = True
+    elif collect and todo:
+        console.print(f"--collect: {len(todo)} rows not done ({', '.join(todo)}); not running them")
+    table_dir.mkdir(parents=True, exist_ok=True)
+    rows = write_table(table, name, table_dir, smoke)
+    summarize(rows, console)
+    if str(options["plot"]).lower() == "true":
+        from compress_run.pipeline.plots import plot_pareto
+
+        done = [r for r in rows if r["status"] == "done"]
+        png = plot_pareto(done, table_dir / "pareto", title=table.title + (" (smoke)" if smoke else ""))
+        console.print(f"Pareto figures: {png}")
+    console.print(f"table: {table_dir / 'TABLE.md'} and {table_dir / 'table.csv'}")
+    if bad_input:  # every job that failed was rejected as bad input (its paragraph is printed above)
+        return EXIT_BAD_INPUT
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+def summarize(rows: list[dict], console: Console) -> None:
+    metric_keys = [k[:-5] for k in rows[0] if k.endswith("_ours")] if rows else []
+    view = Table(title="rows (ours / paper)", title_justify="left")
+    for col in ["row", "status", *metric_keys, "MACs (M)", "sim ms"]:
+        view.add_column(col, justify="left" if col in ("row", "status") else "right")
+
+    def fmt(value: float | None, spec: str = ".2f") -> str:
+        return "–" if value is None else format(value, spec)
+
+    for r in rows:
+        pairs = [f"{fmt(r[f'{m}_ours'])} / {fmt(r[f'{m}_paper'])}" for m in metric_keys]
+        view.add_row(r["row"], r["status"], *pairs, fmt(r["macs_effective_M"]), fmt(r["latency_sim_ms"], ".3f"))
+    console.print(view)
+
+
+def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        return
+    console = Console()
+    try:
+        code = run(sys.argv[1:], console)
+    except UserError as exc:
+        print(exc.paragraph().replace("compress-run:", "compress-table:", 1), file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""compress-table: table configs, finished rows reused, killed tables completed, force, bad input, and the
+two ImageNet paper tables at smoke scale (slow, in CI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from compress_run.pipeline.tables import METRICS, experiment_names, load_table, table_names
+from tests.conftest import read_json
+
+TINY_ROWS = [{"name": "magnitude", "experiment": "fmnist_magnitude"},
+             {"name": "gmp", "experiment": "fmnist_gmp", "overrides": ["method.sparsity=0.5"]},
+             {"name": "dense", "experiment": "fmnist_dense"}]
+FAST = ["evaluate.measure_latency=false"]
+
+
+def compress_table(args: list[str], cwd: Path, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("compress-table")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+                          **kw)
+
+
+def tiny_table(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create({"title": "tiny", "metrics": ["top1", "sparsity"],
+                                     "smoke_overrides": ["schedule.train.epochs=1"], "rows": TINY_ROWS}), path)
+    return path
+
+
+def launches(table_dir: Path) -> list[dict]:
+    path = table_dir / "launches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_table_config_loads_and_names_real_experiments(name):
+    table = load_table(name)
+    assert table.rows and table.title and table.source
+    assert set(table.metrics) <= set(METRICS)
+    assert {row.experiment for row in table.rows} <= experiment_names()
+    if name in ("gap_imagenet", "rigl_imagenet", "chex_imagenet"):  # every published row has its value
+        assert all("top1" in row.paper for row in table.rows)
+
+
+def test_paper_tables_have_all_their_rows():
+    assert len(load_table("gap_imagenet").rows) == 6
+    assert len(load_table("rigl_imagenet").rows) == 12
+    chex = load_table("chex_imagenet")
+    assert len(chex.rows) == 8 and chex.rows[3].paper == {"top1": 77.4, "macs_reduction": 50.0}
+
+
+def test_rows_are_reused_and_a_killed_table_completes_only_missing_rows(tmp_path):
+    table, out = tiny_table(tmp_path), tmp_path / "out"
+    args = [f"table={table}", "scale=smoke", f"output_dir={out}", *FAST]
+    # start the table, kill it (and its row process) once the first row has finished
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("compress-table")), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = out / "rows" / "magnitude" / "results.json"
+    deadline = time.time() + 600
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.is_file()
+    assert not (out / "rows" / "dense" / "results.json").is_file()
+    stamp = first.stat().st_mtime_ns
+
+    done = compress_table(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert launches(out)[-1]["rows"] == ["gmp", "dense"] or launches(out)[-1]["rows"] == ["dense"]
+    assert first.stat().st_mtime_ns == stamp
+    csv_rows = (out / "table.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and all(",done," in line for line in csv_rows[1:])
+    text = (out / "TABLE.md").read_text()
+    assert "SMOKE SCALE" in text and "3 of 3 rows done" in text
+    assert read_json(out / "rows" / "gmp" / "results.json")["metrics"]["model/prunable_sparsity"] == pytest.approx(
+        0.5, abs=1e-3)
+
+    before = len(launches(out))
+    again = compress_table(args, tmp_path)
+    assert again.returncode == 0 and len(launches(out)) == before  # nothing re-run
+    assert first.stat().st_mtime_ns == stamp
+
+    forced = compress_table([*args, "force=true"], tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert launches(out)[-1]["rows"] == ["magnitude", "gmp", "dense"]
+    assert len(list((out / "replaced").iterdir())) == 3  # earlier runs kept, not deleted
+    meta = read_json(out / "table.json")
+    assert meta["smoke"] and len(meta["rows"]) == 3 and meta["hosts"]
+
+
+def test_changed_table_marks_row_stale_and_collect_only_gathers(tmp_path):
+    table, out = tiny_table(tmp_path), tmp_path / "out"
+    row_dir = out / "rows" / "gmp"
+    row_dir.mkdir(parents=True)
+    (row_dir / "results.json").write_text(json.dumps({"status": "ok", "overrides": [
+        "experiment=fmnist_gmp", "method.sparsity=0.9"], "metrics": {"test/acc": 0.5}}))
+    proc = compress_table([f"table={table}", f"output_dir={out}", "--collect"], tmp_path)
+    assert proc.returncode == 1
+    assert "other overrides" in proc.stdout
+    assert not (out / "launches.jsonl").exists()
+    status = {line.split(",")[0]: line.split(",")[3] for line in (out / "table.csv").read_text().splitlines()[1:]}
+    assert status == {"magnitude": "missing", "gmp": "stale", "dense": "missing"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["table=nope"], "unknown table 'nope'"),
+    (["table=gap_imagenet", "scale=huge"], "scale=huge is not a scale"),
+    (["table=gap_imagenet", "--fast"], "unknown flag '--fast'"),
+    (["scale=smoke"], "no table given"),
+])
+def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, args, message):
+    proc = compress_table(args, tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("compress-table: error:") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_slurm_launcher_config_composes(tmp_path, monkeypatch):
+    exe = Path(sys.executable).with_name("compress-run")
+    monkeypatch.setenv("COMPRESS_RUN_SLURM_PARTITION", "gpu-a100")  # read by the config's oc.env interpolations
+    monkeypatch.setenv("COMPRESS_RUN_SLURM_GPUS", "4")
+    env = dict(os.environ)
+    proc = subprocess.run([str(exe), "hydra/launcher=slurm", "hydra.launcher.mem_gb=128", "--cfg", "hydra"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    launcher = OmegaConf.create(proc.stdout).hydra.launcher  # its env interpolations resolve on access
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb) == ("gpu-a100", 4, 128)
+
+
+def _smoke_table(name: str, tmp_path: Path) -> None:
+    out = tmp_path / name
+    started = time.time()
+    proc = compress_table([f"table={name}", "scale=smoke", f"output_dir={out}", "evaluate.repeats=2"], tmp_path,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = load_table(name).rows
+    text = (out / "TABLE.md").read_text()
+    assert f"{len(rows)} of {len(rows)} rows done" in text and "SMOKE SCALE" in text
+    assert launches(out)[0]["rows"] == [row.name for row in rows]
+    print(f"{name} at smoke scale: {time.time() - started:.0f} s")
+    shutil.rmtree(out / "rows")  # keep tmp small: the checkpoints of ResNet-scale rows
+
+
+@pytest.mark.slow
+def test_gap_imagenet_table_at_smoke_scale(tmp_path):
+    _smoke_table("gap_imagenet", tmp_path)
+
+
+@pytest.mark.slow
+def test_chex_imagenet_table_at_smoke_scale(tmp_path):
+    _smoke_table("chex_imagenet", tmp_path)
