@@ -56,7 +56,7 @@ results: install
 	$(PY) scripts/make_results.py
 
 lint: install
-	$(VENV)/bin/ruff check src tests $(wildcard scripts)
+	$(VENV)/bin/ruff check src tests hydra_plugins $(wildcard scripts)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
