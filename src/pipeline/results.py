@@ -123,8 +123,9 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
                       f"(model sparsity {100 * m['model/sparsity']:.2f}%, prunable-layer sparsity "
                       f"{100 * m['model/prunable_sparsity']:.2f}%)")
     if "model/params_original" in m:
-        console.print(f"compacted: {m['model/params_dense']:,} params stored, {m['model/params_original']:,} before "
-                      f"compaction ({100 * m['model/params_reduction']:.2f}% fewer)")
+        console.print(f"restructured (compacted or factorized): {m['model/params_dense']:,} params stored, "
+                      f"{m['model/params_original']:,} in the original network "
+                      f"({100 * m['model/params_reduction']:.2f}% fewer)")
     if "model/macs_dense" in m:
         dense, effective = m["model/macs_dense"], m["model/macs_effective"]
         console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
 from compress_run.kernels.compaction import is_compacted, restore_compacted
+from compress_run.kernels.factorized import is_factorized, restore_factorized
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -118,6 +119,7 @@ class Pipeline:
         ckpt = load_checkpoint(path, what, fix)
         state = net_state_from_checkpoint(ckpt)
         restore_compacted(net, state)
+        restore_factorized(net, state)
         attach_masks_from_state_dict(net, state)
         try:
             net.load_state_dict(state, strict=True)
@@ -234,7 +236,7 @@ class Pipeline:
             data = self.cfg.dataset
             metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),
                                        self.out / "model.onnx"))
-        if is_compacted(net):  # params_dense counts the compacted shapes; this is the network before compaction
+        if is_compacted(net) or is_factorized(net):  # params_dense counts the new shapes; original = before
             original = sum(p.numel() for p in self.new_net().parameters())
             metrics.update({"model/params_original": original,
                             "model/params_reduction": 1.0 - report.params_dense / original})

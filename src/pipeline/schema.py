@@ -274,6 +274,28 @@ class CHEXConfig(ChannelMethodConfig):
         _check(0.0 < self.t_max_fraction <= 1.0, "method.t_max_fraction", self.t_max_fraction, "a float in (0, 1]")
 
 
+@dataclass
+class SVDConfig:
+    _target_: str = MISSING
+    form: str = "channel"
+    target: str = "flops"
+    energy: float = 0.9
+    flops_reduction: float = 0.5
+    include_linear: bool = False
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.svd import FORMS, TARGETS
+
+        _check(self.form in FORMS, "method.form", self.form, ", ".join(FORMS))
+        _check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        _check(0.0 < self.energy <= 1.0, "method.energy", self.energy, "a float in (0, 1] (singular energy kept)")
+        _check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+               "a float in (0, 1) (fraction of MACs removed)")
+        _check(self.min_rank >= 1, "method.min_rank", self.min_rank, "an integer >= 1")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -429,6 +451,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_lth"): LTHConfig,
     ("method", "base_method_chex"): CHEXConfig,
     ("method", "base_method_l1_filter"): ChannelMethodConfig,
+    ("method", "base_method_svd"): SVDConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

@@ -1,0 +1,129 @@
+"""SVD low-rank factorization after training + finetune (the post-training low-rank baseline; e.g.
+Denton et al. 2014, Jaderberg et al. 2014 for the two conv forms).
+
+Algorithm: train the dense model; at the compress stage replace every factorizable layer (convs except
+the first, optionally linear layers except the classifier) by its truncated-SVD two-factor form
+(:mod:`compress_run.kernels.factorized`: ``channel`` = k×k conv to r channels then 1×1, ``spatial`` =
+k×1 then 1×k), then finetune the factorized network. Ranks: ``target: energy`` keeps, per layer, the
+smallest rank whose singular values hold ``energy`` of the squared singular energy; ``target: flops``
+finds the one energy threshold shared by all layers (bisection) at which the whole network has
+``flops_reduction`` fewer MACs. A layer whose factorization would not save MACs at the chosen rank is
+left dense (our choice; reported under ``left_dense``).
+
+Config keys (conf/method/svd.yaml):
+* ``form`` (channel): channel | spatial.
+* ``target`` (flops): energy | flops; ``energy`` (0.9); ``flops_reduction`` (0.5).
+* ``include_linear`` (false): also factorize linear layers (never the classifier).
+* ``exclude`` ([first_conv, classifier]): module-name globs kept dense (aliases as for magnitude).
+* ``min_rank`` (1): the smallest rank a layer gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from compress_run.hardware.macs import count_macs
+from compress_run.kernels.factorized import (
+    LowRankConv2d,
+    LowRankLinear,
+    factorizable,
+    layer_fraction,
+    rank_for_energy,
+    set_module,
+    singular_values,
+)
+from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.masks import prunable_layers
+from compress_run.pipeline.errors import UserError
+
+TARGETS = ("energy", "flops")
+FORMS = ("channel", "spatial")
+
+
+class SVD(Method):
+    def __init__(self, form: str = "channel", target: str = "flops", energy: float = 0.9,
+                 flops_reduction: float = 0.5, include_linear: bool = False,
+                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier"), min_rank: int = 1) -> None:
+        self.form, self.target, self.energy, self.flops_reduction = form, target, float(energy), float(flops_reduction)
+        self.include_linear, self.exclude, self.min_rank = include_linear, list(exclude), int(min_rank)
+        self.ranks: dict[str, int] = {}
+        self.left_dense: list[str] = []
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        chosen = {}
+        for name, layer in prunable_layers(model, self.exclude).items():
+            if isinstance(layer, nn.Linear) and not self.include_linear:
+                continue
+            if factorizable(layer) and not (isinstance(layer, nn.Conv2d) and self.form == "spatial"
+                                            and layer.kernel_size[1] == 1):
+                chosen[name] = layer
+        return chosen
+
+    def check_applicable(self, model: nn.Module) -> None:
+        if not self.layers(model):
+            raise NotApplicable("no factorizable layer (groups=1 conv2d or, with include_linear, linear) outside "
+                                f"exclude={self.exclude}")
+
+    def choose_ranks(self, layers: dict[str, nn.Module], spectra: dict[str, torch.Tensor],
+                     energy: float) -> dict[str, int]:
+        ranks = {}
+        for name, layer in layers.items():
+            rank = max(self.min_rank, rank_for_energy(spectra[name], energy))
+            if layer_fraction(layer, rank, self.form) < 1.0:
+                ranks[name] = min(rank, len(spectra[name]))
+        return ranks
+
+    def energy_for_macs(self, model: nn.Module, layers: dict[str, nn.Module],
+                        spectra: dict[str, torch.Tensor]) -> float:
+        per_module = count_macs(model, (1, *self.input_shape)).per_module
+        total = sum(per_module.values())
+        layer_macs = {n: per_module.get(n, 0.0) for n in layers}
+        fixed = total - sum(layer_macs.values())
+        goal = (1.0 - self.flops_reduction) * total
+
+        def macs(energy: float) -> float:
+            ranks = self.choose_ranks(layers, spectra, energy)
+            return fixed + sum(layer_macs[n] * (layer_fraction(layers[n], ranks[n], self.form)
+                                                if n in ranks else 1.0) for n in layers)
+
+        if macs(0.0) > goal:
+            raise UserError(f"method.flops_reduction={self.flops_reduction} cannot be reached by factorizing "
+                            f"{len(layers)} layers at rank >= {self.min_rank} (at most "
+                            f"{1 - macs(0.0) / total:.1%} fewer MACs)", "lower method.flops_reduction or "
+                            "method.min_rank, or factorize more layers (method.include_linear, method.exclude)")
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if macs(mid) <= goal else (low, mid)
+        return low
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        layers = self.layers(model)
+        spectra = {n: singular_values(layer, self.form).float().cpu() for n, layer in layers.items()}
+        if self.target == "flops":
+            self.energy = self.energy_for_macs(model, layers, spectra)
+        self.ranks = self.choose_ranks(layers, spectra, self.energy)
+        self.left_dense = [n for n in layers if n not in self.ranks]
+        for name, rank in self.ranks.items():
+            layer = layers[name]
+            new = (LowRankLinear.from_linear(layer, rank) if isinstance(layer, nn.Linear)
+                   else LowRankConv2d.from_conv(layer, rank, self.form))
+            set_module(model, name, new)
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {"form": self.form, "target": self.target, "energy": self.energy,
+                "flops_reduction": self.flops_reduction, "ranks": self.ranks, "left_dense": self.left_dense}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"energy": self.energy, "ranks": self.ranks, "left_dense": self.left_dense}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.energy = state.get("energy", self.energy)
+        self.ranks = dict(state.get("ranks", {}))
+        self.left_dense = list(state.get("left_dense", []))
