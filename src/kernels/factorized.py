@@ -89,8 +89,9 @@ class Factorized(nn.Module, ABC):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    @abstractmethod
-    def ranks(self) -> list[int]: ...
+    def ranks(self) -> list[int]:
+        """The two-factor layers' single rank; Tucker-2 has two."""
+        return [self._args["rank"]]
 
     @abstractmethod
     def mac_fraction(self) -> float: ...
@@ -118,9 +119,6 @@ class LowRankLinear(Factorized):
             if layer.bias is not None:
                 new.second.bias.copy_(layer.bias)
         return new.to(layer.weight.device)
-
-    def ranks(self) -> list[int]:
-        return [self._args["rank"]]
 
     def mac_fraction(self) -> float:
         a = self._args
@@ -170,9 +168,6 @@ class LowRankConv2d(Factorized):
             if layer.bias is not None:
                 new.second.bias.copy_(layer.bias)
         return new.to(layer.weight.device)
-
-    def ranks(self) -> list[int]:
-        return [self._args["rank"]]
 
     def mac_fraction(self) -> float:
         a = self._args
