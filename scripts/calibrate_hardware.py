@@ -23,6 +23,15 @@ from compress_run.hardware.profile import load_profile
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def simd_fp32_lanes() -> int:
+    """fp32 lanes of the widest vector unit (oneDNN blocks channels by this): 16 with AVX-512, else 8."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 8
+    return 16 if " avx512f" in flags else 8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "conf" / "hardware" / "host_cpu.yaml")
@@ -48,7 +57,8 @@ def main() -> None:
     errors = fitted.pop("fit_median_rel_error")
     profile = {"defaults": ["base_hardware"], "name": "host_cpu",
                "description": f"{machine['cpu']}, {machine['logical_cpus']} logical CPUs, PyTorch eager fp32",
-               "kind": "cpu", "dtype": "fp32", "threads": torch.get_num_threads(), **fitted,
+               "kind": "cpu", "dtype": "fp32", "rank_granularity": simd_fp32_lanes(),
+               "threads": torch.get_num_threads(), **fitted,
                "fuse_epilogue": False,
                "calibrated": f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} on {machine['cpu']} "
                              f"(torch {machine['torch']}, {torch.get_num_threads()} threads)"}

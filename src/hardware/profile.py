@@ -86,6 +86,9 @@ class HardwareConfig:
     fuse_epilogue: bool = False      # elementwise ops consuming a kernel's output run inside that kernel
     sms: int = 0                     # streaming multiprocessors (GPU wave quantization); 0 = none
     tile: list[int] = field(default_factory=lambda: [128, 128])  # output tile (M, N) of one CTA
+    # channel/rank step the device's kernels are built around (SIMD lanes, tensor-core K/N multiple, array
+    # slice); rank searches (HALOC) try multiples of it
+    rank_granularity: int = 8
     sparse_formats: dict[str, SparseFormatConfig] = field(default_factory=dict)
     systolic: SystolicConfig | None = None
     threads: int | None = None       # CPU threads the figures were measured with
@@ -120,6 +123,7 @@ class HardwareConfig:
         for fmt, spec in self.sparse_formats.items():
             _check(fmt in SPARSE_FORMATS, "hardware.sparse_formats", fmt, ", ".join(SPARSE_FORMATS))
             spec.check(f"hardware.sparse_formats.{fmt}")
+        _check(self.rank_granularity >= 1, "hardware.rank_granularity", self.rank_granularity, "an integer >= 1")
         _check(len(self.tile) == 2 and min(self.tile) > 0, "hardware.tile", self.tile, "[M, N] positive")
         _check(self.kind != "systolic" or self.systolic is not None, "hardware.systolic", self.systolic,
                "a systolic block (rows, cols, clock_ghz, dram_words_per_cycle) for kind=systolic")

@@ -47,6 +47,28 @@ def _matrix(layer: nn.Module, form: str) -> torch.Tensor:
     raise ValueError(f"unknown factorization form '{form}' (channel | spatial)")
 
 
+def _unmatrix(matrix: torch.Tensor, shape: torch.Size, form: str) -> torch.Tensor:
+    """Inverse of :func:`_matrix`: the weight of ``shape`` whose reshaping for ``form`` is ``matrix``."""
+    if len(shape) == 2 or form == "channel":
+        return matrix.reshape(shape)
+    c_out, c_in, kh, kw = shape
+    return matrix.reshape(c_in, kh, c_out, kw).permute(2, 0, 1, 3).contiguous()
+
+
+def truncated_weight(layer: nn.Module, rank: int, form: str = "channel") -> torch.Tensor:
+    """``layer.weight`` replaced by the rank-``rank`` truncated SVD of its ``form`` matrix (same shape)."""
+    u, s, vh = torch.linalg.svd(_matrix(layer, form).detach().double(), full_matrices=False)
+    low = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return _unmatrix(low, layer.weight.shape, form).to(layer.weight.dtype)
+
+
+def nuclear_subgradient(layer: nn.Module, form: str = "channel") -> torch.Tensor:
+    """U·Vᵀ of the ``form`` matrix (over its non-zero singular values), a subgradient of its nuclear norm."""
+    u, s, vh = torch.linalg.svd(_matrix(layer, form).detach().double(), full_matrices=False)
+    keep = s > s.max() * 1e-12 if len(s) else s.bool()
+    return _unmatrix(u[:, keep] @ vh[keep], layer.weight.shape, form).to(layer.weight.dtype)
+
+
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep ``energy`` of the total squared singular energy."""
     cumulative = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum().clamp_min(1e-300)
@@ -60,6 +82,14 @@ def two_factor_fraction(c_in: int, c_out: int, kernel: tuple[int, int], rank: in
     if form == "spatial":
         return (c_in * kh * rank * stride_w + rank * c_out * kw) / (c_in * c_out * kh * kw)
     return (c_in * kh * kw * rank + rank * c_out) / (c_in * c_out * kh * kw)
+
+
+def tucker2_fraction(c_in: int, c_out: int, kernel: tuple[int, int], rank_in: int, rank_out: int,
+                     stride: tuple[int, int] = (1, 1)) -> float:
+    """MACs of a Tucker-2 conv / MACs of the conv (the first 1×1 runs at the input resolution)."""
+    kh, kw = kernel
+    return (c_in * rank_in * stride[0] * stride[1] + rank_in * rank_out * kh * kw + rank_out * c_out) / (
+        c_in * c_out * kh * kw)
 
 
 def layer_fraction(layer: nn.Module, rank: int, form: str = "channel") -> float:
@@ -193,6 +223,11 @@ class Tucker2Conv2d(Factorized):
         self.last = nn.Conv2d(rank_out, out_channels, 1, bias=bias)
 
     @classmethod
+    def like(cls, layer: nn.Conv2d, rank_in: int, rank_out: int) -> Tucker2Conv2d:
+        """A freshly initialised Tucker-2 conv in place of ``layer`` (for training from scratch)."""
+        return cls(**{**_conv_args(layer), "rank_in": rank_in, "rank_out": rank_out}).to(layer.weight.device)
+
+    @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank_in: int, rank_out: int) -> Tucker2Conv2d:
         """HOSVD: factors from the mode unfoldings, core = kernel ×₀ U_outᵀ ×₁ U_inᵀ."""
         new = cls(**{**_conv_args(layer), "rank_in": rank_in, "rank_out": rank_out})
@@ -213,10 +248,8 @@ class Tucker2Conv2d(Factorized):
 
     def mac_fraction(self) -> float:
         a = self._args
-        (kh, kw), c_in, c_out, r_in, r_out = a["kernel_size"], a["in_channels"], a["out_channels"], a["rank_in"], \
-            a["rank_out"]
-        stride_area = a["stride"][0] * a["stride"][1]  # the first 1x1 runs at the input resolution
-        return (c_in * r_in * stride_area + r_in * r_out * kh * kw + r_out * c_out) / (c_in * c_out * kh * kw)
+        return tucker2_fraction(a["in_channels"], a["out_channels"], a["kernel_size"], a["rank_in"], a["rank_out"],
+                                a["stride"])
 
     def factor_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_in: C_in × r_in, U_out: C_out × r_out), the matrices ELRT keeps near-orthogonal."""

@@ -2,6 +2,9 @@
 
 * ``stages`` — the pipeline stages the method needs; the others are recorded as skipped.
 * ``check_applicable(model)`` — raise :class:`NotApplicable` if the method cannot act on this model.
+* ``prepare(model)`` — the network the train stage starts from (default: the model itself); a method
+  that trains in another form from scratch (ELRT's Tucker-2 network) builds it here. Deterministic in
+  the model's shapes, so a resumed train stage rebuilds the same structure.
 * ``training_callbacks(stage, model)`` — Lightning callbacks acting during train/finetune.
 * ``lr_cycles(stage)`` — how many times the LR schedule (warm-up included) restarts within a stage
   (default 1): a method whose stage is a sequence of separate training runs says so here.
@@ -39,9 +42,13 @@ class Method:
     stages: tuple[str, ...] = ALL_STAGES
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
     input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
+    hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return []

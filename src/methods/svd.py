@@ -52,6 +52,7 @@ class SVD(Method):
         self.include_linear, self.exclude, self.min_rank = include_linear, list(exclude), int(min_rank)
         self.ranks: dict[str, int] = {}
         self.left_dense: list[str] = []
+        self._macs: tuple[float, dict[str, float]] | None = None  # (network MACs, per-module MACs), by shape
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         chosen = {}
@@ -79,8 +80,10 @@ class SVD(Method):
 
     def energy_for_macs(self, model: nn.Module, layers: dict[str, nn.Module],
                         spectra: dict[str, torch.Tensor]) -> float:
-        per_module = count_macs(model, (1, *self.input_shape)).per_module
-        total = sum(per_module.values())
+        if self._macs is None:
+            per_module = count_macs(model, (1, *self.input_shape)).per_module
+            self._macs = sum(per_module.values()), per_module
+        total, per_module = self._macs
         layer_macs = {n: per_module.get(n, 0.0) for n in layers}
         fixed = total - sum(layer_macs.values())
         goal = (1.0 - self.flops_reduction) * total
@@ -102,12 +105,17 @@ class SVD(Method):
         return low
 
     @torch.no_grad()
-    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
-        layers = self.layers(model)
+    def select_ranks(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, int]:
+        """Per-layer ranks by this method's rule (``target``); layers absent are better left dense."""
         spectra = {n: singular_values(layer, self.form).float().cpu() for n, layer in layers.items()}
         if self.target == "flops":
             self.energy = self.energy_for_macs(model, layers, spectra)
-        self.ranks = self.choose_ranks(layers, spectra, self.energy)
+        return self.choose_ranks(layers, spectra, self.energy)
+
+    @torch.no_grad()
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        layers = self.layers(model)
+        self.ranks = self.select_ranks(model, layers)
         self.left_dense = [n for n in layers if n not in self.ranks]
         for name, rank in self.ranks.items():
             layer = layers[name]

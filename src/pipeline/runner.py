@@ -89,6 +89,7 @@ class Pipeline:
         self.method: Method = build(cfg.method, "method")
         self.method.model_factory = self.new_net
         self.method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
+        self.method.hardware = load_profile(cfg.hardware)
         net = self.new_net()
         try:
             self.method.check_applicable(net)
@@ -96,6 +97,7 @@ class Pipeline:
             raise UserError(f"method={self.choices.get('method')} cannot be applied to "
                             f"model={self.choices.get('model')}: {exc}",
                             "change method.exclude or pick another model/method combination") from exc
+        net = self.method.prepare(net)
         self.datamodule.setup("fit")
         if cfg.init_ckpt and not self.finished("train"):
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",

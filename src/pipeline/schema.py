@@ -296,6 +296,78 @@ class SVDConfig:
         _check(self.min_rank >= 1, "method.min_rank", self.min_rank, "an integer >= 1")
 
 
+@dataclass
+class TRPConfig(SVDConfig):
+    target: str = "energy"
+    period: int = 20
+    nuclear_weight: float = 3e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.period >= 1, "method.period", self.period, "an integer >= 1 (optimizer steps between truncations)")
+        _check(self.nuclear_weight >= 0, "method.nuclear_weight", self.nuclear_weight, "a float >= 0")
+
+
+@dataclass
+class ELRTConfig:
+    _target_: str = MISSING
+    target: str = "flops"
+    rank_ratio: float = 0.5
+    flops_reduction: float = 0.7
+    ortho_weight: float = 1e-3
+    orthogonal_init: bool = True
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.elrt import TARGETS
+
+        _check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        _check(0.0 < self.rank_ratio <= 1.0, "method.rank_ratio", self.rank_ratio, "a float in (0, 1]")
+        _check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+               "a float in (0, 1) (fraction of MACs removed)")
+        _check(self.ortho_weight >= 0, "method.ortho_weight", self.ortho_weight, "a float >= 0")
+        _check(self.min_rank >= 1, "method.min_rank", self.min_rank, "an integer >= 1")
+
+
+@dataclass
+class HALOCConfig:
+    _target_: str = MISSING
+    latency_fraction: float = 0.3
+    latency_source: str = "simulated"
+    hardware: str | None = None
+    granularity: int | None = None
+    search_epochs: float = 2.0
+    lut_batch: int = 1
+    tau_start: float = 5.0
+    tau_end: float = 0.1
+    latency_exponent: float = 1.5
+    feature_weight: float = 1.0
+    weight_lr: float = 0.01
+    arch_lr: float = 0.01
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+
+    def __post_init__(self) -> None:
+        from compress_run.hardware.profile import available_profiles
+        from compress_run.methods.haloc import SOURCES
+
+        _check(0.0 < self.latency_fraction < 1.0, "method.latency_fraction", self.latency_fraction,
+               "a float in (0, 1) (target latency of the searched layers / their dense latency)")
+        _check(self.latency_source in SOURCES, "method.latency_source", self.latency_source, ", ".join(SOURCES))
+        _check(self.hardware is None or self.hardware in available_profiles(), "method.hardware", self.hardware,
+               f"null (the run's hardware) or one of {', '.join(available_profiles())}")
+        _check(self.granularity is None or self.granularity >= 1, "method.granularity", self.granularity,
+               "null (the profile's rank_granularity) or an integer >= 1")
+        _check(self.search_epochs > 0, "method.search_epochs", self.search_epochs, "a float > 0 (epochs)")
+        _check(self.lut_batch >= 1, "method.lut_batch", self.lut_batch, "an integer >= 1")
+        _check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
+               "0 < tau_end <= tau_start")
+        _check(self.latency_exponent > 0, "method.latency_exponent", self.latency_exponent, "a float > 0")
+        _check(self.feature_weight >= 0, "method.feature_weight", self.feature_weight, "a float >= 0")
+        _check(self.weight_lr > 0 and self.arch_lr > 0, "method.weight_lr/arch_lr", (self.weight_lr, self.arch_lr),
+               "floats > 0")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -452,6 +524,9 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_chex"): CHEXConfig,
     ("method", "base_method_l1_filter"): ChannelMethodConfig,
     ("method", "base_method_svd"): SVDConfig,
+    ("method", "base_method_trp"): TRPConfig,
+    ("method", "base_method_elrt"): ELRTConfig,
+    ("method", "base_method_haloc"): HALOCConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

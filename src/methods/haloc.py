@@ -1,0 +1,250 @@
+"""HALOC — hardware-aware automatic low-rank compression (Xiao et al., AAAI 2023).
+
+Algorithm: rank selection as a differentiable architecture search with the target hardware's latency
+in the loss. From the trained dense network, every searched conv l gets candidate Tucker-2 branches at
+ranks r ∈ {c, 2c, …} ≤ min(C_in, C_out) (equal ranks for both modes, c the hardware's rank granularity),
+each initialised by HOSVD, and architecture logits α_l. The search alternates batches: a *weight* step
+mixes the branches with Gumbel-softmax(α_l, τ) and minimises CE + feature_weight·(interference term:
+every branch's output pulled towards the dense layer's output on the same input); an *architecture* step
+updates α only, on loss CE·(Lat/Lat_target)^β when the expected latency Lat = Σ_l Σ_r softmax(α_l)_r ·
+LUT_l(r) is above the target, CE otherwise. τ anneals exponentially from ``tau_start`` to ``tau_end``.
+Then each layer keeps its argmax branch (with the weights the search trained), and finetune trains the
+Tucker-2 network. LUT_l(r) comes from our latency simulator for the hardware profile (``simulated``),
+from timing the branch on this host (``measured``), or is the branch's MACs (``macs``, for equal-MAC
+comparisons).
+
+Choices where the paper leaves details open (documented here, configurable):
+* Searched layers: groups=1 convs with a kernel larger than 1×1 outside ``exclude`` (Tucker-2 of a 1×1
+  conv is a chain of 1×1 convs, which two-factor SVD does better). Candidate ranks whose Tucker-2 form
+  has no fewer MACs than the conv are dropped; a layer left without candidates (e.g. 16 channels at
+  c = 16) stays dense and is listed under ``left_dense``.
+* Latency target: ``latency_fraction`` × Σ_l LUT_l(dense layer); LUTs are per layer in isolation at
+  batch ``lut_batch`` (layers outside the search cost the same for every choice and are left out).
+* The interference term is the mean over branches of ‖y_r − y_dense‖² / ‖y_dense‖² (scale-free).
+* Weight and architecture steps alternate on consecutive training batches (no held-out split); the
+  batches are normalised like training batches but not augmented.
+* Optimisers: SGD (momentum 0.9, weight decay 5e-4) at ``weight_lr`` for the weights; AdamW at
+  ``arch_lr`` 1e-2, weight decay 5e-4, for the logits (COMCAT's search settings, same authors); β = 1.5.
+
+Config keys (conf/method/haloc.yaml):
+* ``latency_fraction`` (0.3): target expected latency of the searched layers / their dense latency.
+* ``latency_source`` (simulated): simulated | measured | macs.
+* ``hardware`` (null): profile whose LUT is used; null = the run's ``hardware``.
+* ``granularity`` (null): rank step c; null = the profile's ``rank_granularity``.
+* ``search_epochs`` (2.0): passes over the training data (fractions allowed); ``lut_batch`` (1).
+* ``tau_start`` (5.0), ``tau_end`` (0.1); ``latency_exponent`` (1.5): β; ``feature_weight`` (1.0).
+* ``weight_lr`` (0.01), ``arch_lr`` (0.01); ``exclude`` ([first_conv, classifier]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from compress_run.hardware.measure import model_latency_ms
+from compress_run.hardware.profile import HardwareConfig, load_profile
+from compress_run.hardware.simulator import Simulator
+from compress_run.hardware.trace import trace_model
+from compress_run.kernels.factorized import Tucker2Conv2d, set_module, tucker2_fraction
+from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.masks import prunable_layers
+from compress_run.pipeline.errors import UserError
+
+SOURCES = ("simulated", "measured", "macs")
+
+
+def candidate_ranks(layer: nn.Conv2d, granularity: int) -> list[int]:
+    """Multiples of ``granularity`` up to min(C_in, C_out) at which Tucker-2 has fewer MACs than the conv."""
+    top = min(layer.in_channels, layer.out_channels)
+    return [r for r in range(granularity, top + 1, granularity)
+            if tucker2_fraction(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), r, r,
+                                tuple(layer.stride)) < 1.0]
+
+
+def layer_cost(module: nn.Module, shape: tuple[int, ...], source: str, profile: HardwareConfig) -> float:
+    """Cost of ``module`` alone on an input of ``shape``: simulated ms, measured ms, or MACs."""
+    module = module.eval()
+    if source == "measured":
+        return model_latency_ms(module, shape, warmup=3, repeats=15)
+    trace = trace_model(module, shape)
+    if source == "macs":
+        return float(sum(op.macs for op in trace.ops))
+    return Simulator(profile).run(trace, {}).total_ms
+
+
+class CandidateConv(nn.Module):
+    """A searched layer: the frozen dense conv, its Tucker-2 branches, logits α and each branch's cost."""
+
+    def __init__(self, dense: nn.Conv2d, ranks: list[int], costs: list[float]) -> None:
+        super().__init__()
+        self.reference = dense.requires_grad_(False)
+        self.ranks = ranks
+        self.branches = nn.ModuleList(Tucker2Conv2d.from_conv(dense, r, r) for r in ranks)
+        self.logits = nn.Parameter(torch.zeros(len(ranks), device=dense.weight.device))
+        self.register_buffer("costs", torch.tensor(costs, dtype=torch.float32, device=dense.weight.device))
+        self.tau = 5.0
+        self.interference = torch.zeros(())
+
+    def expected_cost(self) -> torch.Tensor:
+        return (F.softmax(self.logits, 0) * self.costs).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = F.gumbel_softmax(self.logits, tau=self.tau)
+        outputs = [branch(x) for branch in self.branches]
+        with torch.no_grad():
+            reference = self.reference(x)
+            scale = (reference**2).mean().clamp_min(1e-12)
+        self.interference = torch.stack([((y - reference) ** 2).mean() for y in outputs]).mean() / scale
+        return sum(g * y for g, y in zip(gates, outputs, strict=True))
+
+
+class HALOC(Method):
+    def __init__(self, latency_fraction: float = 0.3, latency_source: str = "simulated", hardware: str | None = None,
+                 granularity: int | None = None, search_epochs: float = 2.0, lut_batch: int = 1,
+                 tau_start: float = 5.0, tau_end: float = 0.1, latency_exponent: float = 1.5,
+                 feature_weight: float = 1.0, weight_lr: float = 0.01, arch_lr: float = 0.01,
+                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier")) -> None:
+        self.latency_fraction, self.latency_source = float(latency_fraction), latency_source
+        self.profile_name, self.granularity = hardware, granularity
+        self.search_epochs, self.lut_batch = float(search_epochs), int(lut_batch)
+        self.tau_start, self.tau_end, self.latency_exponent = float(tau_start), float(tau_end), float(latency_exponent)
+        self.feature_weight, self.weight_lr, self.arch_lr = float(feature_weight), float(weight_lr), float(arch_lr)
+        self.exclude = list(exclude)
+        self.ranks: dict[str, int] = {}
+        self.luts: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, float]] = []
+        self.left_dense: list[str] = []
+        self.target_cost = 0.0
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Conv2d]:
+        return {n: m for n, m in prunable_layers(model, self.exclude).items()
+                if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size[0] * m.kernel_size[1] > 1}
+
+    def check_applicable(self, model: nn.Module) -> None:
+        if not self.layers(model):
+            raise NotApplicable(f"no groups=1 conv2d with a kernel larger than 1x1 outside exclude={self.exclude}")
+
+    def profile(self) -> HardwareConfig:
+        return load_profile(self.profile_name) if self.profile_name else (self.hardware or load_profile("host_cpu"))
+
+    def input_shapes(self, model: nn.Module, layers: dict[str, nn.Conv2d]) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                shapes.setdefault(name, tuple(args[0].shape))
+            return hook
+
+        hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+        was_training = model.training
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros((self.lut_batch, *self.input_shape), device=device))
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+        return shapes
+
+    def wrap(self, model: nn.Module) -> dict[str, CandidateConv]:
+        """Replace every searched layer by its :class:`CandidateConv` with costs from the LUT."""
+        layers, profile = self.layers(model), self.profile()
+        step = int(self.granularity or profile.rank_granularity)
+        shapes = self.input_shapes(model, layers)
+        wrapped, dense_total = {}, 0.0
+        for name, layer in layers.items():
+            ranks = candidate_ranks(layer, step)
+            if not ranks:
+                self.left_dense.append(name)
+                continue
+            costs = [layer_cost(Tucker2Conv2d.like(layer, r, r).cpu(), shapes[name], self.latency_source, profile)
+                     for r in ranks]
+            dense = layer_cost(layer, shapes[name], self.latency_source, profile)
+            dense_total += dense
+            self.luts[name] = {"ranks": ranks, "costs": [round(c, 6) for c in costs], "dense": round(dense, 6)}
+            wrapped[name] = CandidateConv(layer, ranks, costs)
+            set_module(model, name, wrapped[name])
+        self.target_cost = self.latency_fraction * dense_total
+        return wrapped
+
+    def search(self, model: nn.Module, wrapped: dict[str, CandidateConv], batches,
+               prepare: Callable[[tuple], tuple] = lambda batch: batch) -> None:
+        """Alternate weight and architecture steps over ``batches`` (``prepare``: the datamodule's
+        per-batch normalisation)."""
+        logits = [w.logits for w in wrapped.values()]
+        logit_ids = {id(p) for p in logits}
+        weights = [p for p in model.parameters() if p.requires_grad and id(p) not in logit_ids]
+        weight_opt = torch.optim.SGD(weights, lr=self.weight_lr, momentum=0.9, weight_decay=5e-4)
+        arch_opt = torch.optim.AdamW(logits, lr=self.arch_lr, weight_decay=5e-4)
+        total = max(2, math.ceil(self.search_epochs * len(batches)))
+        device = next(model.parameters()).device
+        model.train()
+        with Progress(transient=True) as progress:
+            task = progress.add_task("HALOC rank search", total=total)
+            step = 0
+            while step < total:
+                for x, y in batches:
+                    if step >= total:
+                        break
+                    tau = self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, total - 1))
+                    for w in wrapped.values():
+                        w.tau = tau
+                    x, y = prepare((x.to(device), y.to(device)))
+                    ce = F.cross_entropy(model(x), y)
+                    latency = sum(w.expected_cost() for w in wrapped.values())
+                    if step % 2 == 0:
+                        loss = ce + self.feature_weight * sum(w.interference for w in wrapped.values()) / len(wrapped)
+                        weight_opt.zero_grad()
+                        loss.backward()
+                        weight_opt.step()
+                    else:
+                        ratio = latency / self.target_cost
+                        loss = ce * ratio**self.latency_exponent if ratio.item() > 1 else ce
+                        arch_opt.zero_grad()
+                        loss.backward()
+                        arch_opt.step()
+                    if step % max(1, total // 20) == 0 or step == total - 1:
+                        self.history.append({"step": step, "tau": round(tau, 4), "ce": round(ce.item(), 4),
+                                             "expected_cost": round(latency.item(), 6)})
+                    step += 1
+                    progress.advance(task)
+
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        wrapped = self.wrap(model)
+        if not wrapped:
+            raise UserError(f"HALOC has no layer to search: no Tucker-2 rank in multiples of granularity "
+                            f"{self.granularity or self.profile().rank_granularity} saves MACs on this model's convs",
+                            "set a smaller method.granularity (e.g. method.granularity=4)")
+        self.search(model, wrapped, datamodule.train_dataloader(),
+                    prepare=lambda batch: datamodule.on_after_batch_transfer(batch, 0))
+        for name, w in wrapped.items():
+            best = int(w.logits.argmax())
+            self.ranks[name] = w.ranks[best]
+            set_module(model, name, w.branches[best])
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        chosen = sum(self.luts[n]["costs"][self.luts[n]["ranks"].index(r)] for n, r in self.ranks.items())
+        dense = sum(lut["dense"] for lut in self.luts.values())
+        return {"latency_source": self.latency_source, "hardware": self.profile().name,
+                "granularity": self.granularity or self.profile().rank_granularity,
+                "latency_fraction": self.latency_fraction, "ranks": self.ranks, "left_dense": self.left_dense,
+                "chosen_cost_fraction": round(chosen / dense, 4) if dense else None, "luts": self.luts,
+                "search_history": self.history}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self.ranks, "luts": self.luts, "history": self.history, "left_dense": self.left_dense}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ranks = dict(state.get("ranks", self.ranks))
+        self.luts = dict(state.get("luts", self.luts))
+        self.history = list(state.get("history", self.history))
+        self.left_dense = list(state.get("left_dense", self.left_dense))

@@ -1,0 +1,90 @@
+"""TRP — Trained Rank Pruning (Xu et al., IJCAI 2020; arXiv 1812.02402), the in-training low-rank baseline.
+
+Algorithm: train the full-size network, and every ``period`` optimizer steps replace the weight of every
+factorizable layer (convs except the first) by its truncated SVD — the same reshaping as the final
+two-factor form (``channel`` or ``spatial``) — at the ranks of the method's rank rule; between those
+projections add the nuclear-norm subgradient λ·U·Vᵀ of each layer's matrix to its gradient, which keeps
+pushing small singular values towards zero. The weights therefore stay close to low rank, and the final
+decomposition at the compress stage (the :class:`~compress_run.methods.svd.SVD` factorization at the same
+rule) costs little accuracy; the finetune stage then trains the factorized network (set
+``schedule.finetune.epochs=0`` for the paper's "no fine-tuning").
+
+Choices where the paper leaves details open:
+* The periodic truncation uses the same rank rule as the final decomposition: with ``target: energy``
+  each layer keeps ``energy`` (0.9) of its singular energy, as in the paper; with ``target: flops`` the
+  per-layer ranks are those of the one energy threshold that removes ``flops_reduction`` of the network's
+  MACs (re-solved at every truncation), so training already lives at the final budget.
+* The subgradient is added after the backward pass, before the optimizer step, on top of weight decay.
+
+Config keys (conf/method/trp.yaml), besides those of ``svd`` (form, target, energy, flops_reduction,
+include_linear, exclude, min_rank):
+* ``period`` (20): optimizer steps between truncations (the paper's CIFAR setting m = 20).
+* ``nuclear_weight`` (3e-4): λ of the nuclear-norm subgradient (paper: 3e-4 on CIFAR-10); 0 disables it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from compress_run.kernels.factorized import nuclear_subgradient, truncated_weight
+from compress_run.methods.svd import SVD
+
+
+class TrainedRankPruning(L.Callback):
+    """Periodic truncation + nuclear-norm subgradient on the layers of a :class:`TRP` method."""
+
+    def __init__(self, method: TRP) -> None:
+        self.method = method
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.method.nuclear_weight <= 0:
+            return
+        method = self.method
+        with torch.no_grad():
+            for layer in method.layers(pl_module.net).values():
+                if layer.weight.grad is not None:
+                    layer.weight.grad.add_(nuclear_subgradient(layer, method.form), alpha=method.nuclear_weight)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.method.period == 0:
+            self.method.truncate(pl_module.net)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.method.truncate(pl_module.net)
+
+
+class TRP(SVD):
+    def __init__(self, period: int = 20, nuclear_weight: float = 3e-4, **svd_keys: Any) -> None:
+        super().__init__(**svd_keys)
+        self.period, self.nuclear_weight = int(period), float(nuclear_weight)
+        self.truncations = 0
+        self.truncated_ranks: dict[str, int] = {}  # of the latest truncation
+
+    @torch.no_grad()
+    def truncate(self, model: nn.Module) -> dict[str, int]:
+        """Project every layer's weight onto its rank by the method's rule; returns the ranks used."""
+        layers = self.layers(model)
+        ranks = self.select_ranks(model, layers)
+        for name, rank in ranks.items():
+            layers[name].weight.copy_(truncated_weight(layers[name], rank, self.form))
+        self.truncations += 1
+        self.truncated_ranks = ranks
+        return ranks
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        return [TrainedRankPruning(self)] if stage == "train" else []
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "period": self.period, "nuclear_weight": self.nuclear_weight,
+                "truncations": self.truncations}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "truncations": self.truncations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.truncations = int(state.get("truncations", self.truncations))
