@@ -7,7 +7,8 @@ A table dir holds ``rows/<row name>/`` (an ordinary compress-run output dir per 
 resumes from its checkpoints), ``TABLE.md``, ``table.csv`` and, with ``plot=true``, the Pareto figures.
 Metrics (all in the units of the published tables): ``top1`` (% test accuracy), ``macs_reduction`` (% of
 the dense MACs removed), ``sparsity`` (% zeros in the prunable layers), ``params_reduction`` (% of the
-original parameters removed), ``latency_ms`` (simulated batch-1 latency on the run's hardware profile).
+original parameters removed), ``latency_ms`` (simulated batch-1 latency on the run's hardware profile),
+``host_ms`` (measured batch-1 latency on the host that ran the evaluate stage).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ METRICS: dict[str, tuple[str, Any]] = {
     "sparsity": ("sparsity (%)", lambda m: _pct(m.get("model/prunable_sparsity"))),
     "params_reduction": ("param reduction (%)", lambda m: _pct(m.get("model/params_reduction"))),
     "latency_ms": ("sim latency (ms)", lambda m: simulated_latency(m)[1]),
+    "host_ms": ("host latency (ms, b1)", lambda m: m.get("latency_host_ms/b1")),
 }
 SMOKE_OVERRIDES = ["debug=smoke", "dataset=synthetic", "logger=none", "evaluate.repeats=2", "evaluate.warmup=1"]
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
