@@ -287,3 +287,6 @@ def restore_factorized(model: nn.Module, state_dict: dict[str, Any], prefix: str
 
 def is_factorized(model: nn.Module) -> bool:
     return any(isinstance(m, Factorized) for m in model.modules())
+
+
+import compress_run.kernels.lowrank_attention  # noqa: E402,F401  (registers LowRankAttention in FACTORIZED)

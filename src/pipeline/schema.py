@@ -368,6 +368,40 @@ class HALOCConfig:
                "floats > 0")
 
 
+@dataclass
+class COMCATConfig:
+    _target_: str = MISSING
+    params_reduction: float = 0.5
+    search_epochs: int = 2
+    search_fraction: float = 0.5
+    train_fraction: float = 0.5
+    tau_start: float = 5.0
+    tau_end: float = 0.1
+    params_exponent: float = 1.5
+    arch_lr: float = 0.01
+    arch_weight_decay: float = 5e-4
+    weight_lr: float = 1e-4
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    block_weight: float = 1.0
+    attn_ranks: list[int] = field(default_factory=list)
+    mlp_ranks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.params_reduction < 1.0, "method.params_reduction", self.params_reduction,
+               "a float in (0, 1) (fraction of parameters removed)")
+        _check(self.search_epochs >= 1, "method.search_epochs", self.search_epochs, "an integer >= 1")
+        for key in ("search_fraction", "train_fraction"):
+            _check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "a float > 0 (of an epoch)")
+        _check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
+               "0 < tau_end <= tau_start")
+        _check(self.kd_temperature > 0, "method.kd_temperature", self.kd_temperature, "a float > 0")
+        for key in ("kd_weight", "block_weight", "arch_weight_decay"):
+            _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), "a float >= 0")
+        _check(all(r >= 1 for r in [*self.attn_ranks, *self.mlp_ranks]), "method.attn_ranks/mlp_ranks",
+               (self.attn_ranks, self.mlp_ranks), "lists of integers >= 1 (empty = the default rule)")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -527,6 +561,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_trp"): TRPConfig,
     ("method", "base_method_elrt"): ELRTConfig,
     ("method", "base_method_haloc"): HALOCConfig,
+    ("method", "base_method_comcat"): COMCATConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,
