@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from compress_run.kernels.factorized import LowRankLinear, set_module
+from compress_run.kernels.factorized import LowRankLinear
 from compress_run.kernels.lowrank_attention import LowRankAttention, check_timm_attention
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.pipeline.errors import UserError
@@ -55,7 +55,7 @@ from compress_run.pipeline.errors import UserError
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """Blocks with an ``attn`` (timm Attention: ``qkv`` + ``proj``) and an ``mlp`` (``fc1`` + ``fc2``)."""
     return {n: m for n, m in model.named_modules()
-            if hasattr(m, "attn") and hasattr(getattr(m, "attn"), "qkv") and hasattr(m, "mlp")
+            if hasattr(m, "attn") and hasattr(m.attn, "qkv") and hasattr(m, "mlp")
             and hasattr(m.mlp, "fc1") and hasattr(m.mlp, "fc2")}
 
 
@@ -108,7 +108,8 @@ class COMCAT(Method):
         self.params_reduction, self.search_epochs = float(params_reduction), int(search_epochs)
         self.search_fraction, self.train_fraction = float(search_fraction), float(train_fraction)
         self.tau_start, self.tau_end, self.params_exponent = float(tau_start), float(tau_end), float(params_exponent)
-        self.arch_lr, self.arch_weight_decay, self.weight_lr = float(arch_lr), float(arch_weight_decay), float(weight_lr)
+        self.arch_lr, self.arch_weight_decay = float(arch_lr), float(arch_weight_decay)
+        self.weight_lr = float(weight_lr)
         self.kd_weight, self.kd_temperature, self.block_weight = float(kd_weight), float(kd_temperature), \
             float(block_weight)
         self.attn_ranks, self.mlp_ranks = [int(r) for r in attn_ranks], [int(r) for r in mlp_ranks]

@@ -78,19 +78,19 @@ def test_full_rank_model_equals_dense_and_prefix_gate_equals_cut():
     assert block.attn.q.out_features == block.attn.num_heads * choices[0].chosen
 
 
+SEARCH_ARGS = ["dataset=digits", "model=deit_tiny", "model.patch_size=2", "debug=smoke", "logger=none",
+               "method=comcat", "method.params_reduction=0.6", "method.arch_lr=0.3", "method.search_fraction=0.3",
+               "method.train_fraction=0.1", "evaluate.measure_latency=false"]
+
+
 def test_search_reaches_the_params_target_on_digits(tmp_path):
-    results = run_pipeline(["dataset=digits", "model=deit_tiny", "model.patch_size=2", "debug=smoke", "logger=none", "method=comcat",
-                            "method.params_reduction=0.6", "method.arch_lr=0.3", "method.search_fraction=0.3",
-                            "method.train_fraction=0.1", "evaluate.measure_latency=false"], tmp_path)
+    results = run_pipeline(SEARCH_ARGS, tmp_path)
     m, info = results["metrics"], results["method"]
     history = [h["expected_params"] for h in info["search_history"]]
     assert history[-1] < history[0]
     assert m["model/params_reduction"] >= 0.5
     assert all(isinstance(v, list) for v in info["ranks"].values())
-    again = run_pipeline(["dataset=digits", "model=deit_tiny", "model.patch_size=2", "debug=smoke", "logger=none", "method=comcat",
-                          "method.params_reduction=0.6", "method.arch_lr=0.3", "method.search_fraction=0.3",
-                          "method.train_fraction=0.1", "evaluate.measure_latency=false", "evaluate.breakdown=3"],
-                         tmp_path)
+    again = run_pipeline([*SEARCH_ARGS, "evaluate.breakdown=3"], tmp_path)
     assert again["metrics"]["test/acc"] == m["test/acc"]
 
 
