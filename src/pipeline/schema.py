@@ -109,12 +109,19 @@ class MethodConfig:
     mask_grads: bool = True
 
     def __post_init__(self) -> None:
-        from compress_run.methods.projections import PATTERNS
+        from compress_run.methods.projections import fixed_density, parse_pattern
 
         _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")
         _check(self.distribution in DISTRIBUTIONS, "method.distribution", self.distribution,
                ", ".join(DISTRIBUTIONS))
-        _check(self.pattern in PATTERNS, "method.pattern", self.pattern, ", ".join(PATTERNS))
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as exc:
+            _check(False, "method.pattern", self.pattern, str(exc))
+        density = fixed_density(self.pattern)
+        _check(density is None or self.sparsity == 0.0 or abs(self.sparsity - (1 - density)) < 1e-9,
+               "method.sparsity", self.sparsity, f"{1 - (density or 0):g} with method.pattern={self.pattern} "
+               "(N:M fixes the sparsity at 1 - N/M)")
 
 
 @dataclass
