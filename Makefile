@@ -12,6 +12,7 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_accuracy.py::test_digits_gap_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_mest_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch \
+                 tests/pipeline/test_accuracy.py::test_digits_lowrank_at_half_the_macs \
                  tests/pipeline/test_tables.py::test_gap_imagenet_table_at_smoke_scale \
                  tests/pipeline/test_tables.py::test_chex_imagenet_table_at_smoke_scale
 
