@@ -1,0 +1,131 @@
+"""Gather-scatter (GS) sparse execution (Sun et al. 2021) of masked linear and conv layers.
+
+A GS mask (:func:`compress_run.methods.projections.gather_scatter`) gives every row of a group of B/E rows
+the same number of non-zeros, spread evenly over the B banks (column mod B). The compact format
+:class:`GSMatrix` stores, per row, its K_g non-zero values and their column indices (K_g equal within a
+group: no per-row pointers, no load imbalance) plus the per-group pack counts P_g = K_g / E; a row group's
+non-zeros are the union of its P_g packs of B entries, one per bank. The kernel gathers the input rows
+named by the indices and accumulates per output row: Y[r] = Σ_k V[r, k] · X[C[r, k]]. The vectorised
+PyTorch version gathers in chunks of the other dimension and reduces with one batched matmul per group.
+
+Conv layers run as ``W @ im2col(x)``; the GS matrix view orders a conv's columns (k_h, k_w, C_in) with the
+input channel fastest (so banks interleave channels), and the indices are mapped to ``F.unfold``'s
+(C_in, k_h, k_w) order when the format is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_run.methods.masks import get_mask
+from compress_run.methods.projections import as_matrix, check_gather_scatter
+
+CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
+
+
+@dataclass
+class GSMatrix:
+    rows: int
+    cols: int
+    banks: int
+    elems: int
+    values: list[torch.Tensor]       # per row group: (rows in group, K_g)
+    columns: list[torch.Tensor]      # per row group: (rows in group, K_g), column indices
+    pack_counts: torch.Tensor        # per row group: P_g = K_g / E
+
+    @classmethod
+    def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, banks: int = 16, elems: int = 1,
+                    column_order: torch.Tensor | None = None) -> GSMatrix:
+        """Compact a (rows × cols) weight matrix whose ``mask`` is GS-valid; ``column_order`` maps the
+        matrix's column index to the index the kernel's input uses (default: identity)."""
+        problems = check_gather_scatter(mask, banks, elems)
+        if problems:
+            raise ValueError(f"mask is not a valid gather-scatter pattern (B={banks}, E={elems}): {problems[0]}")
+        rows, cols = weight.shape
+        group = banks // elems
+        if rows % group:
+            raise ValueError(f"{rows} rows are not a whole number of row groups of B/E = {group}")
+        values, columns, packs = [], [], []
+        for start in range(0, rows, group):
+            part_mask = mask[start:start + group].bool()
+            count = int(part_mask[0].sum())
+            index = torch.nonzero(part_mask, as_tuple=False)[:, 1].reshape(group, count)
+            columns.append(index if column_order is None else column_order[index])
+            values.append(weight[start:start + group].gather(1, index).contiguous())
+            packs.append(count // elems)
+        return cls(rows, cols, banks, elems, values, columns, torch.tensor(packs))
+
+    def nnz(self) -> int:
+        return sum(v.numel() for v in self.values)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``W @ x`` for x of shape (cols, n)."""
+        n = x.shape[1]
+        out = x.new_zeros(self.rows, n)
+        group = self.banks // self.elems
+        for g, (vals, cols) in enumerate(zip(self.values, self.columns, strict=True)):
+            if not vals.numel():
+                continue
+            rows = slice(g * group, (g + 1) * group)
+            chunk = max(1, CHUNK_ELEMENTS // vals.numel())
+            for lo in range(0, n, chunk):
+                gathered = x[cols.flatten(), lo:lo + chunk].reshape(*cols.shape, -1)  # (group, K, chunk)
+                out[rows, lo:lo + chunk] = torch.bmm(vals[:, None, :], gathered)[:, 0]
+        return out
+
+
+def gs_matrix(layer: nn.Module, banks: int = 16, elems: int = 1) -> GSMatrix:
+    """The GS compact format of a masked linear or conv layer (conv columns in ``F.unfold`` order)."""
+    mask = get_mask(layer)
+    if mask is None:
+        raise ValueError("layer has no mask")
+    weight = layer.weight.detach() * mask
+    order = None
+    if weight.dim() == 4:
+        c_out, c_in, kh, kw = weight.shape
+        # matrix column (i_h, i_w, c) -> unfold column c * kh * kw + i_h * kw + i_w
+        order = torch.arange(c_in * kh * kw).reshape(c_in, kh, kw).permute(1, 2, 0).flatten()
+    return GSMatrix.from_masked(as_matrix(weight), as_matrix(mask), banks, elems, order)
+
+
+class GSLinear(nn.Module):
+    def __init__(self, dense: nn.Linear, banks: int = 16, elems: int = 1) -> None:
+        super().__init__()
+        self.matrix = gs_matrix(dense, banks, elems)
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        self.bias = None if dense.bias is None else dense.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = self.matrix.matmul(flat.T.contiguous()).T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class GSConv2d(nn.Module):
+    def __init__(self, dense: nn.Conv2d, banks: int = 16, elems: int = 1) -> None:
+        super().__init__()
+        if dense.groups != 1:
+            raise ValueError("gather-scatter execution of grouped/depthwise convs is not supported")
+        self.matrix = gs_matrix(dense, banks, elems)
+        self.out_channels = dense.out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = (dense.kernel_size, dense.stride,
+                                                                     dense.padding, dense.dilation)
+        self.bias = None if dense.bias is None else dense.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        kh, kw = self.kernel_size
+        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)                          # (K, B*L)
+        out = self.matrix.matmul(cols).reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out.contiguous()
