@@ -5,17 +5,26 @@ the same number of non-zeros, spread evenly over the B banks (column mod B). The
 :class:`GSMatrix` stores, per row, its K_g non-zero values and their column indices (K_g equal within a
 group: no per-row pointers, no load imbalance) plus the per-group pack counts P_g = K_g / E; a row group's
 non-zeros are the union of its P_g packs of B entries, one per bank. The kernel gathers the input rows
-named by the indices and accumulates per output row: Y[r] = Σ_k V[r, k] · X[C[r, k]]. The vectorised
-PyTorch version gathers in chunks of the other dimension and reduces with one batched matmul per group.
+named by the indices and accumulates per output row: Y[r] = Σ_k V[r, k] · X[C[r, k]]. Two kernels: a
+compiled one (``csrc/gather_scatter.cpp``, built on first use with torch's JIT extension loader; rows in
+parallel, the other dimension in cache-sized tiles, a vectorised multiply-add inside) and a vectorised
+PyTorch one (gathers in chunks, one batched matmul per group) used when no compiler is available or
+``COMPRESS_RUN_GS_KERNEL=torch``.
 
-Conv layers run as ``W @ im2col(x)``; the GS matrix view orders a conv's columns (k_h, k_w, C_in) with the
+Conv layers run directly on the padded input with the compiled kernel (no im2col: each output plane
+accumulates shifted input rows, one per non-zero), else as ``W @ im2col(x)``. The GS matrix view orders a conv's columns (k_h, k_w, C_in) with the
 input channel fastest (so banks interleave channels), and the indices are mapped to ``F.unfold``'s
 (C_in, k_h, k_w) order when the format is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +34,25 @@ from compress_run.methods.masks import get_mask
 from compress_run.methods.projections import as_matrix, check_gather_scatter
 
 CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
+TILE = 64                 # columns of x per tile in the compiled kernel (a 64-wide tile of x stays in L2)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_kernel() -> Any | None:
+    """The compiled GS extension, or None (no compiler, build failure, or COMPRESS_RUN_GS_KERNEL=torch)."""
+    if os.environ.get("COMPRESS_RUN_GS_KERNEL", "").lower() == "torch":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load(name="compress_run_gs", sources=[str(Path(__file__).parent / "csrc" / "gather_scatter.cpp")],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler / headers: fall back to the PyTorch kernel
+        warnings.warn(f"gather-scatter C++ kernel unavailable ({str(exc).splitlines()[0][:200]}); using the "
+                      "vectorised PyTorch kernel", stacklevel=2)
+        return None
 
 
 @dataclass
@@ -36,6 +64,7 @@ class GSMatrix:
     values: list[torch.Tensor]       # per row group: (rows in group, K_g)
     columns: list[torch.Tensor]      # per row group: (rows in group, K_g), column indices
     pack_counts: torch.Tensor        # per row group: P_g = K_g / E
+    flat: dict[str, torch.Tensor] = field(default_factory=dict)  # row-major values/columns/offsets (C++ kernel)
 
     @classmethod
     def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, banks: int = 16, elems: int = 1,
@@ -57,13 +86,25 @@ class GSMatrix:
             columns.append(index if column_order is None else column_order[index])
             values.append(weight[start:start + group].gather(1, index).contiguous())
             packs.append(count // elems)
-        return cls(rows, cols, banks, elems, values, columns, torch.tensor(packs))
+        flat_values = torch.cat([v.flatten() for v in values]).float().contiguous()
+        flat_columns = torch.cat([c.flatten() for c in columns]).int().contiguous()
+        per_row = torch.cat([torch.full((group,), c.shape[1], dtype=torch.long) for c in columns])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), per_row.cumsum(0)])
+        return cls(rows, cols, banks, elems, values, columns, torch.tensor(packs),
+                   {"values": flat_values, "columns": flat_columns, "offsets": offsets})
 
     def nnz(self) -> int:
         return sum(v.numel() for v in self.values)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``W @ x`` for x of shape (cols, n)."""
+        """``W @ x`` for x of shape (cols, n): the compiled kernel for fp32 CPU tensors when available."""
+        kernel = compiled_kernel()
+        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu" and self.flat:
+            return kernel.gs_matmul(self.flat["values"], self.flat["columns"], self.flat["offsets"],
+                                    x.contiguous(), TILE)
+        return self.matmul_torch(x)
+
+    def matmul_torch(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         out = x.new_zeros(self.rows, n)
         group = self.banks // self.elems
@@ -123,6 +164,13 @@ class GSConv2d(nn.Module):
         kh, kw = self.kernel_size
         out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        kernel = compiled_kernel()
+        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            padded = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+            flat = self.matrix.flat
+            out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], padded, kh, kw, *self.stride,
+                                   *self.dilation, out_h, out_w)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)                          # (K, B*L)
         out = self.matrix.matmul(cols).reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)

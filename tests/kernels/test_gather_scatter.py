@@ -50,3 +50,18 @@ def test_invalid_mask_is_rejected():
     mask[0, 0] = True  # one row with a non-zero, the others empty
     with pytest.raises(ValueError, match="not a valid gather-scatter pattern"):
         GSMatrix.from_masked(weight, mask)
+
+
+def test_pytorch_fallback_kernel_matches(monkeypatch):
+    import compress_run.kernels.gather_scatter as gs
+
+    torch.manual_seed(3)
+    conv = _masked(nn.Conv2d(16, 32, 3, stride=2, padding=1), 0.2, 16, 1)
+    linear = _masked(nn.Linear(64, 32), 0.2, 16, 1)
+    x, v = torch.randn(2, 16, 9, 9), torch.randn(4, 64)
+    with torch.no_grad():
+        compiled = GSConv2d(conv)(x), GSLinear(linear)(v)
+        monkeypatch.setattr(gs, "compiled_kernel", lambda: None)
+        fallback = GSConv2d(conv)(x), GSLinear(linear)(v)
+        assert torch.allclose(fallback[0], conv(x), atol=1e-5) and torch.allclose(fallback[1], linear(v), atol=1e-5)
+    assert torch.allclose(compiled[0], fallback[0], atol=1e-5) and torch.allclose(compiled[1], fallback[1], atol=1e-5)
