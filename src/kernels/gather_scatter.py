@@ -12,9 +12,9 @@ PyTorch one (gathers in chunks, one batched matmul per group) used when no compi
 ``COMPRESS_RUN_GS_KERNEL=torch``.
 
 Conv layers run directly on the padded input with the compiled kernel (no im2col: each output plane
-accumulates shifted input rows, one per non-zero), else as ``W @ im2col(x)``. The GS matrix view orders a conv's columns (k_h, k_w, C_in) with the
-input channel fastest (so banks interleave channels), and the indices are mapped to ``F.unfold``'s
-(C_in, k_h, k_w) order when the format is built.
+accumulates shifted input rows, one per non-zero), else as ``W @ im2col(x)``. The GS matrix view orders a
+conv's columns (k_h, k_w, C_in) with the input channel fastest (so banks interleave channels), and the
+indices are mapped to ``F.unfold``'s (C_in, k_h, k_w) order when the format is built.
 """
 
 from __future__ import annotations
