@@ -90,7 +90,8 @@ def main() -> None:
                 with torch.inference_mode():
                     for _ in range(rounds):
                         for name, layer in layers.items():
-                            times[name].append(median_seconds(lambda layer=layer, x=x: layer(x), warmup=2, repeats=repeats))
+                            run = lambda layer=layer, x=x: layer(x)  # noqa: E731
+                            times[name].append(median_seconds(run, warmup=2, repeats=repeats))
                 best = {k: min(v) * 1e3 for k, v in times.items()}
                 row = {"shape": shape_name, "sparsity": sparsity, "batch": batch, "ms": best,
                        "speedup": {k: best["dense"] / best[k] for k in KERNELS}}
