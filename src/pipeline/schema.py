@@ -409,6 +409,20 @@ class COMCATConfig:
                (self.attn_ranks, self.mlp_ranks), "lists of integers >= 1 (empty = the default rule)")
 
 
+@dataclass
+class ADMMConfig(MethodConfig):
+    sparsity: float = 0.9
+    rho: float = 1e-3
+    update_epochs: int = 1
+    start_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.rho > 0, "method.rho", self.rho, "a float > 0")
+        _check(self.update_epochs >= 1, "method.update_epochs", self.update_epochs, "an integer >= 1")
+        _check(self.start_epoch >= 0, "method.start_epoch", self.start_epoch, "an integer >= 0")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -569,6 +583,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_elrt"): ELRTConfig,
     ("method", "base_method_haloc"): HALOCConfig,
     ("method", "base_method_comcat"): COMCATConfig,
+    ("method", "base_method_admm"): ADMMConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,
