@@ -423,6 +423,24 @@ class ADMMConfig(MethodConfig):
         _check(self.start_epoch >= 0, "method.start_epoch", self.start_epoch, "an integer >= 0")
 
 
+@dataclass
+class ReweightedConfig(MethodConfig):
+    sparsity: float = 0.9
+    reg_lambda: float = 1e-4
+    eps: float = 1e-3
+    reweight_epochs: int = 1
+    norm: str = "l2sq"
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.reweighted import NORMS
+
+        super().__post_init__()
+        _check(self.reg_lambda >= 0, "method.reg_lambda", self.reg_lambda, "a float >= 0")
+        _check(self.eps > 0, "method.eps", self.eps, "a float > 0")
+        _check(self.reweight_epochs >= 1, "method.reweight_epochs", self.reweight_epochs, "an integer >= 1")
+        _check(self.norm in NORMS, "method.norm", self.norm, ", ".join(NORMS))
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -584,6 +602,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_haloc"): HALOCConfig,
     ("method", "base_method_comcat"): COMCATConfig,
     ("method", "base_method_admm"): ADMMConfig,
+    ("method", "base_method_reweighted"): ReweightedConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

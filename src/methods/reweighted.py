@@ -1,0 +1,111 @@
+"""Reweighted dynamic group regularization (Zhang, Ma, …, Qin et al. 2020 / DAC'21), for any pattern.
+
+Algorithm: during the train stage the loss gets λ·Σ_g P_g·‖W_g‖² over the pattern's groups g of every
+prunable layer, with P_g = 1/(‖W_g‖² + ε) recomputed from the current weights every ``reweight_epochs``
+epochs (its gradient 2λ·P_g·W_g is added before each optimizer step): groups that are already small get
+large penalties and collapse towards zero. At the compress stage each layer is hard-pruned to its rate by
+the smallest ‖W_g‖ with the pattern's projection; finetune retrains with the masks fixed.
+
+Groups per pattern: single weights for ``irregular``, ``nm`` and ``gather_scatter`` (their structure comes
+from the projection at the end); R×C blocks of the matrix view for ``block``; output rows for ``filter``;
+input channels for ``channel``. ``norm: l1`` (the spec leaves the original's form open) uses
+P_g = 1/(‖W_g‖ + ε) and the penalty λ·Σ_g P_g·‖W_g‖ (reweighted ℓ1 for single weights, reweighted group
+lasso for groups). The reweighting phase is the whole train stage (its length: ``schedule.train.epochs``).
+
+Config keys (conf/method/reweighted.yaml), besides those of magnitude (sparsity, distribution, pattern,
+exclude, mask_grads):
+* ``reg_lambda`` (1e-4): λ.
+* ``eps`` (1e-3): ε.
+* ``reweight_epochs`` (1): epochs between recomputations of P.
+* ``norm`` (l2sq): l2sq | l1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.masks import prune_by_score
+from compress_run.methods.projections import as_matrix, from_matrix, parse_pattern
+
+NORMS = ("l2sq", "l1")
+
+
+def group_sq_norms(weight: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Each entry's group squared norm ‖W_g‖² (same shape as ``weight``)."""
+    name, args = parse_pattern(pattern)
+    squared = weight.detach() ** 2
+    if name == "block":
+        r, c = int(args.get("r", 4)), int(args.get("c", 4))
+        matrix = as_matrix(squared)
+        rows, cols = matrix.shape
+        padded = F.pad(matrix, (0, (-cols) % c, 0, (-rows) % r))
+        sums = F.avg_pool2d(padded[None, None], (r, c))[0, 0] * (r * c)
+        return from_matrix(sums.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols], weight.shape)
+    if name == "filter":
+        return squared.reshape(len(squared), -1).sum(1).view(-1, *[1] * (weight.dim() - 1)).expand_as(weight)
+    if name == "channel":
+        dims = (0, 2, 3) if weight.dim() == 4 else (0,)
+        return squared.sum(dim=dims, keepdim=True).expand_as(weight)
+    return squared
+
+
+class Reweighting(L.Callback):
+    def __init__(self, method: Reweighted) -> None:
+        self.method = method
+        self.penalties: dict[str, torch.Tensor] = {}
+
+    def reweight(self, net: nn.Module) -> None:
+        m = self.method
+        for name, layer in m.layers(net).items():
+            norms = group_sq_norms(layer.weight, m.pattern)
+            self.penalties[name] = 1.0 / (norms + m.eps) if m.norm == "l2sq" else 1.0 / (norms.sqrt() + m.eps)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch % self.method.reweight_epochs == 0 or not self.penalties:
+            self.reweight(pl_module.net)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        m = self.method
+        with torch.no_grad():
+            for name, layer in m.layers(pl_module.net).items():
+                if layer.weight.grad is None or name not in self.penalties:
+                    continue
+                if m.norm == "l2sq":
+                    layer.weight.grad.add_(2 * m.reg_lambda * self.penalties[name] * layer.weight)
+                else:
+                    norms = group_sq_norms(layer.weight, m.pattern).sqrt().clamp_min(1e-12)
+                    layer.weight.grad.add_(m.reg_lambda * self.penalties[name] * layer.weight / norms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"penalties": self.penalties}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.penalties = dict(state_dict.get("penalties", {}))
+
+
+class Reweighted(MaskPruningMethod):
+    def __init__(self, reg_lambda: float = 1e-4, eps: float = 1e-3, reweight_epochs: int = 1, norm: str = "l2sq",
+                 **mask_keys: Any) -> None:
+        super().__init__(**mask_keys)
+        self.reg_lambda, self.eps, self.reweight_epochs, self.norm = float(reg_lambda), float(eps), \
+            int(reweight_epochs), norm
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        return [Reweighting(self)] if stage == "train" else super().training_callbacks(stage, model)
+
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        """Hard-prune each layer to its rate by the smallest group norms (the pattern's projection of W²)."""
+        layers = self.layers(model)
+        scores = {n: m.weight.detach() ** 2 for n, m in layers.items()}
+        self.achieved = prune_by_score(layers, scores, self.sparsity, self.distribution, self.pattern)
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "reg_lambda": self.reg_lambda, "eps": self.eps, "norm": self.norm,
+                "reweight_epochs": self.reweight_epochs}
