@@ -50,7 +50,7 @@ def test_penalty_gradient_and_collapse_of_small_groups():
     before = small_group_share()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(6):
+    for _epoch in range(6):
         callback.reweight(net)
         for _ in range(10):
             x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
