@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.kernels.sparse import Im2colConv
 from compress_run.methods.masks import get_mask
 from compress_run.methods.projections import as_matrix, check_gather_scatter
 
@@ -148,32 +149,18 @@ class GSLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class GSConv2d(nn.Module):
+class GSConv2d(Im2colConv):
     def __init__(self, dense: nn.Conv2d, banks: int = 16, elems: int = 1) -> None:
-        super().__init__()
-        if dense.groups != 1:
-            raise ValueError("gather-scatter execution of grouped/depthwise convs is not supported")
+        super().__init__(dense)
         self.matrix = gs_matrix(dense, banks, elems)
-        self.out_channels = dense.out_channels
-        self.kernel_size, self.stride, self.padding, self.dilation = (dense.kernel_size, dense.stride,
-                                                                     dense.padding, dense.dilation)
-        self.bias = None if dense.bias is None else dense.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        kh, kw = self.kernel_size
-        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        out_h, out_w = self.output_size(x)
         kernel = compiled_kernel()
         if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            padded = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+            (kh, kw), (ph, pw) = self.kernel_size, self.padding
             flat = self.matrix.flat
-            out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], padded, kh, kw, *self.stride,
-                                   *self.dilation, out_h, out_w)
+            out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], F.pad(x, (pw, pw, ph, ph)),
+                                   kh, kw, *self.stride, *self.dilation, out_h, out_w)
             return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
-        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)                          # (K, B*L)
-        out = self.matrix.matmul(cols).reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out.contiguous()
+        return self.assemble(self.matrix.matmul(self.columns(x)), x.shape[0], out_h, out_w)

@@ -49,34 +49,52 @@ class SparseLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class SparseConv2d(nn.Module):
-    def __init__(self, dense: nn.Conv2d, fmt: str) -> None:
+class Im2colConv(nn.Module):
+    """Geometry shared by the sparse conv kernels: output size, im2col columns, output assembly."""
+
+    def __init__(self, dense: nn.Conv2d) -> None:
         super().__init__()
         if dense.groups != 1:
             raise ValueError("sparse execution of grouped/depthwise convs is not supported")
-        mask = get_mask(dense)
-        weight = dense.weight.detach() * mask if mask is not None else dense.weight.detach()
-        self.fmt, self.out_channels = fmt, dense.out_channels
+        self.out_channels = dense.out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = (dense.kernel_size, dense.stride,
                                                                      dense.padding, dense.dilation)
-        self.reduction = weight[0].numel()
-        self.weight = _sparse(weight.reshape(dense.out_channels, -1), fmt)
         self.bias = None if dense.bias is None else dense.bias.detach().clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        kh, kw = self.kernel_size
+    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        (kh, kw), (_, _, height, width) = self.kernel_size, x.shape
         out_h = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         out_w = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return out_h, out_w
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """im2col of ``x`` as one (C_in·k_h·k_w, batch·L) matrix (F.unfold's row order)."""
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
-        cols = cols.transpose(0, 1).reshape(self.reduction, -1)                        # (K, B*L)
-        if self.weight.shape[1] != self.reduction:
-            cols = F.pad(cols, (0, 0, 0, self.weight.shape[1] - self.reduction))
-        out = (self.weight @ cols)[: self.out_channels].reshape(self.out_channels, batch, out_h, out_w)
-        out = out.transpose(0, 1)
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+
+    def assemble(self, out: torch.Tensor, batch: int, out_h: int, out_w: int) -> torch.Tensor:
+        """(C_out, batch·L) product -> (batch, C_out, H_out, W_out) with the bias added."""
+        out = out[: self.out_channels].reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out.contiguous()
+
+
+class SparseConv2d(Im2colConv):
+    def __init__(self, dense: nn.Conv2d, fmt: str) -> None:
+        super().__init__(dense)
+        mask = get_mask(dense)
+        weight = dense.weight.detach() * mask if mask is not None else dense.weight.detach()
+        self.fmt = fmt
+        self.reduction = weight[0].numel()
+        self.weight = _sparse(weight.reshape(dense.out_channels, -1), fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_h, out_w = self.output_size(x)
+        cols = self.columns(x)
+        if self.weight.shape[1] != self.reduction:  # BSR pads the reduction dim to whole blocks
+            cols = F.pad(cols, (0, 0, 0, self.weight.shape[1] - self.reduction))
+        return self.assemble(self.weight @ cols, x.shape[0], out_h, out_w)
 
 
 def sparse_module(module: nn.Module, fmt: str) -> nn.Module:
