@@ -57,7 +57,7 @@ def _digits_batches():
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = nn.functional.interpolate(x, size=16, mode="bilinear").repeat(1, 3, 1, 1)
     y = torch.tensor(digits.target)
-    return list(zip(x[:1024].split(32), y[:1024].split(32), strict=True))
+    return list(zip(x[:640].split(32), y[:640].split(32), strict=True))
 
 
 def _tiny_net() -> nn.Module:
