@@ -3,6 +3,10 @@
 :func:`hardware_metrics` traces the model at batch 1 and batch N once, simulates every requested profile
 on those traces, times the *executed* form on this host (masked layers whose sparse path the host
 profile prefers run through the CSR/BSR kernels) and returns flat metrics plus per-layer rows.
+
+The executed form: with ``kernels="measured"`` every masked layer runs the kernel that was fastest on its
+real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.kernels.select`); with
+``kernels="simulated"`` the host profile's simulator picks the formats.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
 from compress_run.hardware.simulator import Simulation, Simulator
 from compress_run.hardware.trace import trace_model
+from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
+from compress_run.kernels.select import choose_kernels, to_fastest
 from compress_run.kernels.sparse import SparseConv2d, SparseLinear, to_executed
 
 
 def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: list[HardwareConfig],
                      host: HardwareConfig, batch: int, measure: bool = True, warmup: int = 5,
-                     repeats: int = 20) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+                     repeats: int = 20, kernels: str = "measured"
+                     ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Flat metrics (the first profile is the run's primary hardware) and batch-1 per-layer rows per profile."""
     traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
     infos = compression_infos(net)  # read the masks once for every view and profile
@@ -50,14 +57,20 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics[f"latency_sim_ms/{profile.name}/b{batch}"] = round(sims[batch].total_ms, 4)
         per_layer[profile.name] = layer_rows(sims[1])
     if measure:
-        host_sim = Simulator(host).run(traces[1], infos)
-        deployed = to_executed(copy.deepcopy(net), host_sim.formats()).eval()
+        if kernels == "measured":
+            choice = choose_kernels(net, sample_shape)
+            deployed = to_fastest(net, choice)
+            metrics["kernels_per_layer"] = choice
+        else:
+            host_sim = Simulator(host).run(traces[1], infos)
+            deployed = to_executed(copy.deepcopy(net), host_sim.formats()).eval()
         metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
         metrics[f"latency_host_ms/b{batch}"] = round(
             model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
         metrics["latency_host/threads"] = torch.get_num_threads()
-        metrics["latency_host/sparse_layers"] = sum(isinstance(m, SparseLinear | SparseConv2d)
+        metrics["latency_host/sparse_layers"] = sum(isinstance(m, SparseLinear | SparseConv2d | GSLinear | GSConv2d)
                                                     for m in deployed.modules())
+        metrics["latency_host/kernel_choice"] = kernels
     return metrics, per_layer
 
 

@@ -12,9 +12,10 @@ PyTorch one (gathers in chunks, one batched matmul per group) used when no compi
 ``COMPRESS_RUN_GS_KERNEL=torch``.
 
 Conv layers run directly on the padded input with the compiled kernel (no im2col: each output plane
-accumulates shifted input rows, one per non-zero), else as ``W @ im2col(x)``. The GS matrix view orders a
-conv's columns (k_h, k_w, C_in) with the input channel fastest (so banks interleave channels), and the
-indices are mapped to ``F.unfold``'s (C_in, k_h, k_w) order when the format is built.
+accumulates shifted input rows, one per non-zero; a strided conv runs as the stride-1 conv over the input's
+stride phases, :func:`space_to_depth`, so its inner loop stays contiguous), else as ``W @ im2col(x)``.
+The GS matrix view orders a conv's columns (k_h, k_w, C_in) with the input channel fastest (so banks
+interleave channels), and the indices are mapped to ``F.unfold``'s (C_in, k_h, k_w) order when the format is built.
 """
 
 from __future__ import annotations
@@ -153,14 +154,45 @@ class GSConv2d(Im2colConv):
     def __init__(self, dense: nn.Conv2d, banks: int = 16, elems: int = 1) -> None:
         super().__init__(dense)
         self.matrix = gs_matrix(dense, banks, elems)
+        self.phase_columns = None
+        if self.stride != (1, 1) and self.dilation == (1, 1):
+            self.phase_columns = phase_columns(self.matrix.flat["columns"], dense.in_channels, self.kernel_size,
+                                               self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_h, out_w = self.output_size(x)
         kernel = compiled_kernel()
         if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             (kh, kw), (ph, pw) = self.kernel_size, self.padding
-            flat = self.matrix.flat
-            out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], F.pad(x, (pw, pw, ph, ph)),
-                                   kh, kw, *self.stride, *self.dilation, out_h, out_w)
+            flat, padded = self.matrix.flat, F.pad(x, (pw, pw, ph, ph))
+            if self.phase_columns is None:
+                out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], padded,
+                                       kh, kw, *self.stride, *self.dilation, out_h, out_w)
+            else:  # a strided conv is a stride-1 conv over the input's stride phases
+                (sh, sw) = self.stride
+                out = kernel.gs_conv2d(flat["values"], self.phase_columns, flat["offsets"],
+                                       space_to_depth(padded, sh, sw), -(-kh // sh), -(-kw // sw), 1, 1, 1, 1,
+                                       out_h, out_w)
             return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         return self.assemble(self.matrix.matmul(self.columns(x)), x.shape[0], out_h, out_w)
+
+
+def space_to_depth(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C·sh·sw, ⌈H/sh⌉, ⌈W/sw⌉): channel (c·sh + p)·sw + q holds x[:, c, p::sh, q::sw]."""
+    batch, channels, height, width = x.shape
+    x = F.pad(x, (0, -width % sw, 0, -height % sh))
+    hq, wq = x.shape[2] // sh, x.shape[3] // sw
+    return x.reshape(batch, channels, hq, sh, wq, sw).permute(0, 1, 3, 5, 2, 4).reshape(batch, -1, hq, wq)
+
+
+def phase_columns(columns: torch.Tensor, in_channels: int, kernel_size: tuple[int, int],
+                  stride: tuple[int, int]) -> torch.Tensor:
+    """Unfold-order columns (c, i_h, i_w) of a strided conv -> columns of the equivalent stride-1 conv over
+    :func:`space_to_depth` input: tap (i_h, i_w) reads phase (i_h mod s_h, i_w mod s_w) at offset
+    (i_h div s_h, i_w div s_w), since x[o·s + i] = phase[i mod s][o + i div s]."""
+    (kh, kw), (sh, sw) = kernel_size, stride
+    khq, kwq = -(-kh // sh), -(-kw // sw)
+    col = columns.long()
+    ch, ih, iw = col // (kh * kw), (col % (kh * kw)) // kw, col % kw
+    phase_channel = (ch * sh + ih % sh) * sw + iw % sw
+    return (phase_channel * (khq * kwq) + (ih // sh) * kwq + iw // sw).int().contiguous()

@@ -88,6 +88,8 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "macs_per_layer": evaluate.get("macs_per_layer", {}),
         "latency_per_layer": evaluate.get("latency_per_layer", {}),
         "method": evaluate.get("method", {}),
+        "kernels_per_layer": evaluate.get("kernels_per_layer", {}),  # host kernel chosen per masked layer
+        "levels": evaluate.get("levels", []),  # multi-level models: one row per level
         "stages": records,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -126,6 +128,10 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"restructured (compacted or factorized): {m['model/params_dense']:,} params stored, "
                       f"{m['model/params_original']:,} in the original network "
                       f"({100 * m['model/params_reduction']:.2f}% fewer)")
+    kernels = [row["kernel"] for row in results.get("kernels_per_layer", {}).values()]
+    if kernels:
+        counts = ", ".join(f"{kernels.count(k)} {k}" for k in sorted(set(kernels)))
+        console.print(f"host kernels (fastest measured per masked layer): {counts}")
     if "model/macs_dense" in m:
         dense, effective = m["model/macs_dense"], m["model/macs_effective"]
         console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "

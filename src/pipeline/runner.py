@@ -28,6 +28,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
 
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
@@ -35,6 +37,7 @@ from compress_run.kernels.compaction import is_compacted, restore_compacted
 from compress_run.kernels.factorized import is_factorized, restore_factorized
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
+from compress_run.methods.nesting import check_hierarchy, level_count, level_sparsity, level_view, restore_levels
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
     AtomicCheckpointIO,
@@ -98,6 +101,7 @@ class Pipeline:
                             f"model={self.choices.get('model')}: {exc}",
                             "change method.exclude or pick another model/method combination") from exc
         net = self.method.prepare(net)
+        self.check_evaluate_level()
         self.datamodule.setup("fit")
         if cfg.init_ckpt and not self.finished("train"):
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
@@ -122,6 +126,7 @@ class Pipeline:
         state = net_state_from_checkpoint(ckpt)
         restore_compacted(net, state)
         restore_factorized(net, state)
+        restore_levels(net, state)
         attach_masks_from_state_dict(net, state)
         try:
             net.load_state_dict(state, strict=True)
@@ -221,10 +226,16 @@ class Pipeline:
         return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
 
     def run_evaluate(self, net):
+        level_metrics: dict[str, Any] = {}
+        if level_count(net):
+            net, level_metrics = self.evaluate_levels(net)
         report = sparsity_report(net)
         # the previous stage tested exactly this checkpoint: reuse its accuracy instead of a second pass
         source = self.records.get(self.loaded_from or "", {}).get("metrics", {})
-        if all(k in source for k in ACCURACY_KEYS):
+        if level_metrics:
+            metrics = {k: level_metrics["levels"][level_metrics["levels/chosen"]][k] for k in ACCURACY_KEYS}
+            metrics.update(level_metrics)
+        elif all(k in source for k in ACCURACY_KEYS):
             metrics = {k: source[k] for k in ACCURACY_KEYS}
             metrics["accuracy_from"] = f"{self.loaded_from} stage checkpoint"
         else:
@@ -244,6 +255,45 @@ class Pipeline:
                             "model/params_reduction": 1.0 - report.params_dense / original})
         return metrics, net
 
+    def check_evaluate_level(self) -> None:
+        wanted = self.cfg.evaluate.get("level")
+        if wanted is None:
+            return
+        levels = getattr(self.method, "levels", None)
+        if not levels:
+            raise UserError(f"evaluate.level={wanted} picks a level of a multi-level model, but "
+                            f"method={self.choices.get('method')} trains a single sparsity",
+                            "use method=multilevel or remove evaluate.level")
+        if not any(abs(float(wanted) - s) < 1e-9 for s in levels):
+            raise UserError(f"evaluate.level={wanted} is not one of method.levels={list(levels)}",
+                            f"set evaluate.level to one of {list(levels)} (or null for the densest)")
+
+    def evaluate_levels(self, net: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Accuracy, sparsity, MACs and simulated latency of every level of a multi-level model, the
+        nesting check for every pair, and the level ``evaluate.level`` picks (default: the densest)."""
+        count, data = level_count(net), self.cfg.dataset
+        targets = list(getattr(self.method, "levels", None) or [None] * count)
+        wanted = self.cfg.evaluate.get("level")
+        chosen = count - 1 if wanted is None else \
+            next(k for k, s in enumerate(targets) if s is not None and abs(float(wanted) - s) < 1e-9)
+        primary = load_profile(self.cfg.hardware)
+        views = [level_view(net, k).cpu().eval() for k in range(count)]
+        rows = []
+        for k, view in enumerate(views):
+            self.log(f"stage evaluate: level {k} (target sparsity {targets[k]})")
+            hw, _ = hardware_metrics(view, (data.in_channels, data.image_size, data.image_size), [primary],
+                                     primary, batch=self.cfg.evaluate.batch_size, measure=False)
+            rows.append({"level": k, "target_sparsity": targets[k], "sparsity": round(level_sparsity(net, k), 6),
+                         **self.evaluate_metrics(view), "model/macs_effective": hw["model/macs_effective"],
+                         "model/macs_dense": hw["model/macs_dense"],
+                         f"latency_sim_ms/{primary.name}": hw[f"latency_sim_ms/{primary.name}"]})
+        problems = {f"{i}<{j}": check_hierarchy(views[i], views[j])
+                    for i in range(count) for j in range(i + 1, count)}
+        print_levels(rows, primary.name, problems)
+        return views[chosen], {"levels": rows, "levels/chosen": chosen,
+                               "levels/hierarchy_ok": not any(problems.values()),
+                               "levels/hierarchy_problems": {k: v for k, v in problems.items() if v}}
+
     def hardware_report(self, net: torch.nn.Module) -> dict[str, Any]:
         """MAC views, simulated latency on every requested profile, measured host latency."""
         cfg, data = self.cfg.evaluate, self.cfg.dataset
@@ -253,7 +303,7 @@ class Pipeline:
         net = net.cpu().eval()
         metrics, per_layer = hardware_metrics(net, (data.in_channels, data.image_size, data.image_size), profiles,
                                               host, batch=cfg.batch_size, measure=cfg.measure_latency,
-                                              warmup=cfg.warmup, repeats=cfg.repeats)
+                                              warmup=cfg.warmup, repeats=cfg.repeats, kernels=cfg.kernels)
         if cfg.breakdown:
             print_breakdown(per_layer, cfg.breakdown)
         if cfg.plot:
@@ -349,3 +399,17 @@ class Pipeline:
     @staticmethod
     def log(message: str) -> None:
         print(f"[compress-run] {message}", flush=True)
+
+
+def print_levels(rows: list[dict[str, Any]], hardware: str, problems: dict[str, list[str]]) -> None:
+    table = Table(title="Multi-level model: every level", title_justify="left")
+    for col in ("level", "target sparsity", "sparsity", "test acc", "MACs effective", f"sim ms ({hardware})"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["level"]), f"{r['target_sparsity']}", f"{r['sparsity']:.4f}",
+                      f"{r.get('test/acc', float('nan')):.4f}", f"{r['model/macs_effective'] / 1e6:,.2f} M",
+                      f"{r[f'latency_sim_ms/{hardware}']:.3f}")
+    Console().print(table)
+    bad = {k: v for k, v in problems.items() if v}
+    print(f"[compress-run] check_hierarchy over {len(problems)} level pairs: "
+          + ("nested" if not bad else f"VIOLATED {bad}"), flush=True)

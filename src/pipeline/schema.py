@@ -441,6 +441,19 @@ class ReweightedConfig(MethodConfig):
         _check(self.norm in NORMS, "method.norm", self.norm, ", ".join(NORMS))
 
 
+@dataclass
+class MultilevelConfig(MethodConfig):
+    levels: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8])
+    per_level_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        levels = list(self.levels)
+        _check(bool(levels) and all(0 < s < 1 for s in levels)
+               and all(a > b for a, b in zip(levels, levels[1:], strict=False)), "method.levels", levels,
+               "a non-empty list of sparsities in (0, 1), strictly decreasing (sparsest first)")
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -533,6 +546,8 @@ class EvaluateConfig:
     breakdown: int = 0                  # print the N slowest layers per profile (0 = off)
     plot: bool = False                  # write latency_breakdown.png
     export: str | None = None           # onnx: write model.onnx (the executed, e.g. compacted, network)
+    level: float | None = None          # multi-level models: the level (its sparsity) reported as the model
+    kernels: str = "measured"           # measured: fastest kernel per layer by timing; simulated: simulator's pick
 
     def __post_init__(self) -> None:
         known = available_profiles()
@@ -544,6 +559,9 @@ class EvaluateConfig:
         _check(self.repeats >= 1, "evaluate.repeats", self.repeats, "an integer >= 1")
         _check(self.breakdown >= 0, "evaluate.breakdown", self.breakdown, "an integer >= 0 (0 = off)")
         _check(self.export in (None, "onnx"), "evaluate.export", self.export, "null or onnx")
+        _check(self.kernels in ("measured", "simulated"), "evaluate.kernels", self.kernels, "measured or simulated")
+        _check(self.level is None or 0 < self.level < 1, "evaluate.level", self.level,
+               "null (the densest level) or one of method.levels")
 
 
 # ------------------------------------------------------------------------------------------ root
@@ -603,6 +621,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("method", "base_method_comcat"): COMCATConfig,
     ("method", "base_method_admm"): ADMMConfig,
     ("method", "base_method_reweighted"): ReweightedConfig,
+    ("method", "base_method_multilevel"): MultilevelConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

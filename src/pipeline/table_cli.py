@@ -88,13 +88,14 @@ def run(argv: list[str], console: Console) -> int:
     name = Path(name).stem
     table_dir = Path(options["output_dir"] or f"logs/tables/{name}{'-smoke' if smoke else ''}").absolute()
     states = {row.name: row_state(table_dir / "rows" / row.name, row_overrides(table, row, smoke))[0]
-              for row in table.rows}
+              for row in table.rows if not row.run}  # a row with `run` reads another row's run
     force = str(options["force"]).lower() == "true"
     todo = [n for n, s in states.items() if s in ("missing", "failed") or (force and s in ("done", "stale"))]
     stale = [n for n, s in states.items() if s == "stale" and not force]
     bad_input = False
-    console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows, "
-                  f"{sum(s == 'done' for s in states.values())} done; table dir {table_dir}")
+    console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows "
+                  f"({len(states)} runs), {sum(s == 'done' for s in states.values())} runs done; "
+                  f"table dir {table_dir}")
     for row_name in stale:
         console.print(f"[yellow]row {row_name}: its run dir holds a run with other overrides than the table now "
                       "asks for; it is left as it is (force=true moves it to replaced/ and runs the row again)")
@@ -107,7 +108,7 @@ def run(argv: list[str], console: Console) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(row_dir), str(target))
                 console.print(f"row {row_name}: earlier run moved to {target}")
-        console.print(f"running {len(todo)} of {len(table.rows)} rows: {', '.join(todo)}")
+        console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo)}")
         code = launch(table, todo, table_dir, smoke, passthrough)
         if code == EXIT_BAD_INPUT:
             bad_input = True

@@ -58,6 +58,12 @@ class TableRow:
     overrides: list[str] = field(default_factory=list)
     paper: dict[str, float] = field(default_factory=dict)   # metric -> published value (empty: no reference)
     note: str = ""
+    level: float | None = None          # multi-level runs: report this level (its sparsity) of the run
+    run: str = ""                       # read the run of this other row (another level of it); not launched
+
+
+def run_dir_of(table_dir: Path, row: TableRow) -> Path:
+    return table_dir / "rows" / (row.run or row.name)
 
 
 @dataclass
@@ -91,8 +97,8 @@ def load_table(name: str) -> TableConfig:
         table = OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
         raise UserError(f"invalid table config {path}: {str(exc).splitlines()[0]}",
-                        "use the keys title, source, metrics, smoke_overrides and rows (name, experiment, "
-                        "overrides, paper, note) as in conf/table/gap_imagenet.yaml") from exc
+                        "use the keys title, source, metrics, smoke_overrides and rows (name, experiment, overrides, "
+                        "paper, note, level, run) as in conf/table/gap_imagenet.yaml") from exc
     check_table(table, path)
     return table  # type: ignore[return-value]
 
@@ -111,6 +117,12 @@ def check_table(table: DictConfig, path: Path) -> None:
         if row.experiment not in experiments:
             raise UserError(f"table {path}, row '{row.name}': unknown experiment '{row.experiment}'",
                             "use a file name from conf/experiment/ without .yaml")
+        if row.run:
+            owner = next((r for r in table.rows if r.name == row.run), None)
+            if owner is None or owner.run or owner.experiment != row.experiment or \
+                    list(owner.overrides) != list(row.overrides):
+                raise UserError(f"table {path}, row '{row.name}': run '{row.run}' is not another row with the "
+                                "same experiment and overrides", "point run at the row that runs the experiment")
         bad = [k for k in row.paper if k not in table.metrics]
         if bad:
             raise UserError(f"table {path}, row '{row.name}': paper values for {bad}, which the table does not "
@@ -142,8 +154,20 @@ def row_state(row_dir: Path, expected: list[str]) -> tuple[str, dict[str, Any]]:
     return ("failed" if results.get("status") == "failed" else "done"), results
 
 
+def level_metrics(results: dict[str, Any], level: float) -> dict[str, Any]:
+    """The run's metrics as they are for one level of a multi-level model ({} if it has no such level)."""
+    row = next((r for r in results.get("levels", []) if r.get("target_sparsity") is not None
+                and abs(r["target_sparsity"] - level) < 1e-9), None)
+    if row is None:
+        return {}
+    return {**results.get("metrics", {}), **{k: v for k, v in row.items() if "/" in k},
+            "model/prunable_sparsity": row["sparsity"]}
+
+
 def row_values(table: TableConfig, row: TableRow, results: dict[str, Any], smoke: bool) -> dict[str, Any]:
     metrics = results.get("metrics", {})
+    if row.level is not None and results:
+        metrics = level_metrics(results, row.level)
     hardware, latency = simulated_latency(metrics)
     values: dict[str, Any] = {"row": row.name, "experiment": row.experiment,
                               "method": results.get("choices", {}).get("method"),
@@ -175,8 +199,10 @@ def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool) -> 
     """Collect every row's results into ``table.csv`` and ``TABLE.md``; returns the rows."""
     rows = []
     for row in table.rows:
-        row_dir = table_dir / "rows" / row.name
+        row_dir = run_dir_of(table_dir, row)
         state, results = row_state(row_dir, row_overrides(table, row, smoke))
+        if state == "done" and row.level is not None and not level_metrics(results, row.level):
+            state, results = "failed", {"error": f"the run has no level {row.level}"}
         values = row_values(table, row, results if state == "done" else {}, smoke)
         values.update(status=state, error=results.get("error", "") if state == "failed" else "",
                       run_dir=str(row_dir), note=row.note, finished_at=results.get("finished_at"),

@@ -33,7 +33,9 @@ def test_gs_linear_matches_the_masked_dense_layer(rows, cols, density, banks, el
 
 
 @pytest.mark.parametrize("shape,stride,padding", [((32, 16, 3, 3), 1, 1), ((16, 32, 3, 3), 2, 1),
-                                                 ((64, 16, 1, 1), 1, 0), ((32, 8, 5, 3), 1, (2, 1))])
+                                                 ((64, 16, 1, 1), 1, 0), ((32, 8, 5, 3), 1, (2, 1)),
+                                                 ((32, 16, 1, 1), 2, 0), ((16, 8, 5, 3), (2, 3), (2, 1)),
+                                                 ((16, 8, 7, 7), 2, 3)])
 @pytest.mark.parametrize("density", [0.5, 0.1])
 def test_gs_conv_matches_the_masked_dense_conv(shape, stride, padding, density):
     torch.manual_seed(0)

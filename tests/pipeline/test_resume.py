@@ -3,7 +3,8 @@ uninterrupted run (deterministic CPU trainer). GMP, RigL and GaP are used so mas
 evolve mid-stage (RigL: drop/regrow every 3 steps; GaP: 6 grow-and-prune steps over 8 epochs, the kill
 lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint; MEST: epoch-wise
 prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune stage; CHEX: killed mid-
-exploration, the compacted architecture must come out the same)."""
+exploration, the compacted architecture must come out the same; multi-level: killed inside the per-level
+finetune phases)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "mest_removal": ["method=mest", "method.update_every=1", "method.remove_n=400",
                             "method.remove_data_epoch=3"],
            "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"],
-           "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"]}
-KILL_IN = {"lth": "finetune"}  # IMP: kill inside the retraining rounds (4 rounds over 6 epochs)
+           "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"],
+           "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"]}
+# IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases
+KILL_IN = {"lth": "finetune", "multilevel": "finetune"}
 
 
 def _run(args, out, cwd):

@@ -163,3 +163,29 @@ def test_gap_imagenet_table_at_smoke_scale(tmp_path):
 @pytest.mark.slow
 def test_chex_imagenet_table_at_smoke_scale(tmp_path):
     _smoke_table("chex_imagenet", tmp_path)
+
+
+def test_level_rows_read_one_multilevel_run(tmp_path):
+    path, out = tmp_path / "levels.yaml", tmp_path / "out"
+    rows = [{"name": "ml_95", "experiment": "fmnist_multilevel", "level": 0.95},
+            {"name": "ml_80", "experiment": "fmnist_multilevel", "level": 0.8, "run": "ml_95"},
+            {"name": "ml_70", "experiment": "fmnist_multilevel", "level": 0.7, "run": "ml_95"}]
+    OmegaConf.save(OmegaConf.create({"title": "levels", "metrics": ["top1", "sparsity"], "rows": rows}), path)
+    run_dir = out / "rows" / "ml_95"
+    run_dir.mkdir(parents=True)
+    levels = [{"level": k, "target_sparsity": s, "sparsity": s, "test/acc": acc, "model/macs_effective": macs}
+              for k, (s, acc, macs) in enumerate([(0.95, 0.80, 1e6), (0.8, 0.85, 3e6)])]
+    (run_dir / "results.json").write_text(json.dumps({
+        "status": "ok", "overrides": ["experiment=fmnist_multilevel"], "levels": levels,
+        "metrics": {"test/acc": 0.85, "model/prunable_sparsity": 0.8, "model/macs_dense": 4e6}}))
+    proc = compress_table([f"table={path}", f"output_dir={out}", "--collect"], tmp_path)
+    assert proc.returncode == 1  # ml_70: the run has no such level
+    table = {r["row"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
+    assert table["ml_95"]["top1_ours"] == pytest.approx(80.0) and table["ml_95"]["sparsity_ours"] == pytest.approx(95.0)
+    assert table["ml_80"]["top1_ours"] == pytest.approx(85.0) and table["ml_80"]["macs_effective_M"] == 3.0
+    assert table["ml_70"]["status"] == "failed" and "no level 0.7" in table["ml_70"]["error"]
+    assert not (out / "rows" / "ml_80").exists() and not (out / "launches.jsonl").exists()
+    rows[1]["run"] = "nope"
+    OmegaConf.save(OmegaConf.create({"title": "levels", "metrics": ["top1"], "rows": rows}), path)
+    bad = compress_table([f"table={path}", f"output_dir={out}", "--collect"], tmp_path)
+    assert bad.returncode == 2 and "is not another row" in " ".join(bad.stderr.split())

@@ -1,0 +1,89 @@
+"""Per-layer kernel choice by measurement: run every kernel that can execute a masked layer on the layer's
+real input shape, keep the fastest, fall back to the dense layer when no sparse kernel beats it.
+
+Candidates: ``csr`` and ``bsr_<b>`` (torch.sparse, :mod:`compress_run.kernels.sparse`) and ``gs`` (the
+gather-scatter kernel, :mod:`compress_run.kernels.gather_scatter`, only for masks that are valid GS patterns
+with ``gs_banks`` banks). A layer none of them can run (grouped conv, string padding) stays dense.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress_run.hardware.measure import median_seconds
+from compress_run.methods.masks import get_mask
+from compress_run.methods.projections import as_matrix, check_gather_scatter
+
+CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gs")
+
+
+def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module:
+    """``module`` run by kernel ``fmt`` (ValueError if that kernel cannot run it)."""
+    from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
+    from compress_run.kernels.sparse import sparse_module
+
+    if fmt == "dense":
+        return module
+    if fmt != "gs":
+        return sparse_module(module, fmt)
+    mask = get_mask(module)
+    if mask is None or check_gather_scatter(as_matrix(mask), gs_banks, 1):
+        raise ValueError("the mask is not a gather-scatter pattern")
+    if isinstance(module, nn.Linear):
+        return GSLinear(module, gs_banks)
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple) \
+            and module.padding_mode == "zeros":
+        return GSConv2d(module, gs_banks)
+    raise ValueError(f"no gather-scatter kernel for {module!r}")
+
+
+def layer_inputs(net: nn.Module, sample_shape: tuple[int, ...], batch: int) -> dict[str, torch.Tensor]:
+    """The input of every masked conv/linear layer on one random batch."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args[0].detach()))
+             for name, m in net.named_modules()
+             if isinstance(m, nn.Conv2d | nn.Linear) and get_mask(m) is not None]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.randn(batch, *sample_shape, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def choose_kernels(net: nn.Module, sample_shape: tuple[int, ...], batch: int = 1,
+                   candidates: tuple[str, ...] = CANDIDATES, gs_banks: int = 16, warmup: int = 3,
+                   repeats: int = 10, min_time_s: float = 0.02) -> dict[str, dict[str, Any]]:
+    """Per masked layer: ``kernel`` (the fastest, or ``dense``) and ``ms`` (every kernel that could run it)."""
+    choice = {}
+    for name, x in layer_inputs(net, sample_shape, batch).items():
+        layer = net.get_submodule(name)
+        timings = {"dense": median_seconds(partial(layer, x), warmup, repeats, min_time_s) * 1e3}
+        for fmt in candidates:
+            try:
+                kernel = executed_layer(layer, fmt, gs_banks).eval()
+            except ValueError:
+                continue
+            timings[fmt] = median_seconds(partial(kernel, x), warmup, repeats, min_time_s) * 1e3
+        best = min(timings, key=timings.__getitem__)
+        choice[name] = {"kernel": best, "ms": {k: round(v, 5) for k, v in timings.items()}}
+    return choice
+
+
+def to_fastest(net: nn.Module, choice: dict[str, dict[str, Any]], gs_banks: int = 16) -> nn.Module:
+    """A copy of ``net`` with every layer replaced by its chosen kernel."""
+    executed = copy.deepcopy(net)
+    for name, row in choice.items():
+        if row["kernel"] == "dense":
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = executed.get_submodule(parent_name) if parent_name else executed
+        setattr(parent, child, executed_layer(getattr(parent, child), row["kernel"], gs_banks))
+    return executed.eval()

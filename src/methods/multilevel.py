@@ -1,0 +1,180 @@
+"""Multi-level nested sparsity (Qin, Zhang, Sun et al. 2021): one model, sub-models at s1 > s2 > ….
+
+Algorithm: the dense model is trained (train stage). The compress stage scores every prunable weight by
+|w| and builds nested masks, sparsest first (:func:`~compress_run.methods.nesting.nested_level_maps`:
+level k keeps everything levels < k keep plus the best free entries up to (1 − s_k)·N, with the
+``pattern`` projection and ``distribution`` allocation), keeps the dense values of the free entries, and
+activates level 0. The finetune stage is split into one phase per level (``lr_cycles`` = number of levels,
+so each phase has its own LR schedule, warm-up included): phase 0 retrains level 0's weights like a
+masked finetune; at the start of phase k the entries that join at level k get their dense trained values
+back, every value a lower level holds is frozen (its gradient zeroed, and the values re-imposed after every
+optimizer step so weight decay and momentum cannot move it), and only the level-k entries train. Layers
+kept dense (``exclude``), biases and — without per-level BN — BatchNorm are shared by all levels and
+therefore frozen after phase 0 too. The evaluate stage reports every level (accuracy, sparsity, MACs,
+simulated latency, and ``check_hierarchy`` for every pair); ``evaluate.level=<sparsity>`` picks the
+level reported as the model.
+
+Choices where the description leaves details open: one-shot magnitude pruning per level (on the dense
+trained weights, the same scores for every level, so a level's new entries are the best free ones); the
+phase boundaries follow the LR cycles (optimizer steps, not epochs); with ``per_level_bn`` every BN's
+weight, bias and running statistics are trainable in every phase and snapshot per level at the end of
+its phase (the statistics alone would leave the shared affine parameters un-nested).
+
+Config keys (conf/method/multilevel.yaml), besides ``distribution``, ``pattern``, ``exclude``, ``mask_grads``:
+* ``levels`` ([0.95, 0.9, 0.8]): the sparsities, strictly decreasing (level 0 = the first = sparsest).
+  ``sparsity`` is ignored (set to the densest level).
+* ``per_level_bn`` (true): BN parameters and statistics per level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from compress_run.methods.base import MaskPruningMethod, NotApplicable
+from compress_run.methods.masks import MaskEnforcer
+from compress_run.methods.nesting import (
+    BN_BUFFER,
+    LEVEL_BUFFER,
+    attach_levels,
+    level_layers,
+    level_sparsity,
+    nested_level_maps,
+    set_level_mask,
+    store_level_bn,
+)
+from compress_run.methods.projections import fixed_density
+
+
+class LevelPhases(L.Callback):
+    """Finetune in one phase per level: activate level k, freeze what lower levels hold, train the rest."""
+
+    def __init__(self, method: Multilevel) -> None:
+        self.method = method
+        self.level = -1
+        self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> (values, positions)
+
+    def phase_of(self, trainer: L.Trainer) -> int:
+        count = len(self.method.levels)
+        phase_len = max(1, int(trainer.estimated_stepping_batches) // count)
+        return min(trainer.global_step // phase_len, count - 1)
+
+    def active_level(self, net: nn.Module) -> int:
+        """The level the model's masks currently hold (so a resumed phase is not started again)."""
+        name, layer = next(iter(level_layers(net).items()))
+        kept = int(layer.weight_mask.sum())
+        for level in range(len(self.method.levels)):
+            if int((layer._buffers[LEVEL_BUFFER] <= level).sum()) == kept:
+                return level
+        raise RuntimeError(f"layer {name}: its mask matches no level")
+
+    @torch.no_grad()
+    def enter(self, net: nn.Module, level: int, fresh: bool) -> None:
+        if fresh and level > 0:
+            store_level_bn(net, level - 1)
+            for name, layer in level_layers(net).items():
+                joining = layer._buffers[LEVEL_BUFFER] == level
+                layer.weight[joining] = self.method.dense[name].to(layer.weight.device)[joining]
+            set_level_mask(net, level)
+        self.level = level
+        self.frozen = {}
+        if level == 0:
+            return
+        layers = level_layers(net)
+        per_level_bn = {f"{n}.{f}" for n, m in net.named_modules() if BN_BUFFER in m._buffers
+                        for f in ("weight", "bias")}
+        for name, param in net.named_parameters():
+            owner = name.rpartition(".")[0]
+            if owner in layers and name.endswith(".weight"):
+                positions = layers[owner]._buffers[LEVEL_BUFFER] < level
+                self.frozen[name] = (param.detach().clone(), positions)
+            elif name not in per_level_bn:
+                self.frozen[name] = (param.detach().clone(), None)
+        for name, buffer in net.named_buffers():
+            if name.endswith(("running_mean", "running_var")) and f"{name.rpartition('.')[0]}.weight" \
+                    not in per_level_bn:
+                self.frozen[name] = (buffer.detach().clone(), None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.enter(pl_module.net, self.active_level(pl_module.net), fresh=False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        phase = self.phase_of(trainer)
+        if phase > self.level:
+            self.enter(pl_module.net, phase, fresh=True)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = dict(pl_module.net.named_parameters())
+        for name, (_, positions) in self.frozen.items():
+            grad = params[name].grad if name in params else None
+            if grad is None:
+                continue
+            if positions is None:
+                grad.zero_()
+            else:
+                grad.masked_fill_(positions, 0.0)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tensors = {**dict(pl_module.net.named_parameters()), **dict(pl_module.net.named_buffers())}
+        for name, (values, positions) in self.frozen.items():
+            if positions is None:
+                tensors[name].copy_(values)
+            else:
+                tensors[name][positions] = values[positions]
+        # the active level's BN snapshot follows its BN at every step (a resumed stage with no steps left
+        # must not need an end-of-training hook to get it)
+        store_level_bn(pl_module.net, self.level)
+
+
+class Multilevel(MaskPruningMethod):
+    def __init__(self, levels: list[float] | tuple[float, ...] = (0.95, 0.9, 0.8), per_level_bn: bool = True,
+                 **mask_keys: Any) -> None:
+        mask_keys["sparsity"] = float(levels[-1]) if levels else 0.0
+        super().__init__(**mask_keys)
+        self.levels = [float(s) for s in levels]
+        self.per_level_bn = bool(per_level_bn)
+        self.dense: dict[str, torch.Tensor] = {}
+
+    def check_applicable(self, model: nn.Module) -> None:
+        super().check_applicable(model)
+        if len(self.levels) < 1 or any(a <= b for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise NotApplicable(f"method.levels={self.levels} must be strictly decreasing sparsities")
+        if fixed_density(self.pattern) is not None:
+            raise NotApplicable(f"method.pattern={self.pattern} fixes the density (N:M), so its levels cannot "
+                                "differ; use irregular, block, gather_scatter, filter or channel")
+
+    def lr_cycles(self, stage: str) -> int:
+        return len(self.levels) if stage == "finetune" else 1
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        if stage != "finetune":
+            return []
+        return [MaskEnforcer(self.mask_grads), LevelPhases(self)]
+
+    def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        layers = self.layers(model)
+        scores = {n: m.weight.detach().abs() for n, m in layers.items()}
+        try:
+            maps = nested_level_maps(layers, scores, self.levels, self.distribution, self.pattern)
+        except ValueError as exc:
+            raise NotApplicable(str(exc)) from exc
+        self.dense = {n: m.weight.detach().cpu().clone() for n, m in layers.items()}
+        attach_levels(model, maps, len(self.levels), self.per_level_bn)
+        set_level_mask(model, 0)
+        self.achieved = {f"level {k}": level_sparsity(model, k) for k in range(len(self.levels))}
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "levels": self.levels, "per_level_bn": self.per_level_bn,
+                "achieved_level_sparsity": self.achieved}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense, "achieved": self.achieved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dense = dict(state.get("dense", self.dense))
+        self.achieved = dict(state.get("achieved", self.achieved))
