@@ -47,6 +47,12 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
     assert m["model/macs_effective"] <= m["model/macs_executed"] <= m["model/macs_dense"]
     assert m["latency_host_ms/b1"] > 0 and m["latency_host_ms/b8"] > 0 and m["latency_host/threads"] >= 1
     assert results["latency_per_layer"]["host_cpu"]
+    # every masked layer ran its fastest measured kernel (dense included as a candidate)
+    kernels = results["kernels_per_layer"]
+    assert set(kernels) == {name.rsplit(".", 1)[0] for name in masked}
+    assert all(k["kernel"] == min(k["ms"], key=k["ms"].get) and {"dense", "csr"} <= set(k["ms"])
+               for k in kernels.values())
+    assert m["latency_host/sparse_layers"] == sum(k["kernel"] != "dense" for k in kernels.values())
 
 
 def test_changed_evaluate_settings_rerun_only_evaluate(tmp_path, capsys):
