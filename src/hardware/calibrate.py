@@ -39,8 +39,9 @@ from torch import nn
 from compress_run.hardware.measure import median_seconds
 from compress_run.hardware.simulator import COMPUTE_KINDS, operand_bytes
 from compress_run.hardware.trace import OpRecord, trace_model
-from compress_run.kernels.sparse import sparse_module
+from compress_run.kernels.select import executed_layer
 from compress_run.methods.masks import attach_mask, remove_masks
+from compress_run.methods.projections import project
 
 Progress = Callable[[str], None]
 
@@ -200,7 +201,7 @@ def sparse_sweep(tiny: bool = False, progress: Progress = print, min_time_s: flo
     sizes = _sizes(tiny)
     progress("sparse kernels")
     torch.manual_seed(0)
-    out: dict[str, list[SparseSample]] = {"csr": [], "bsr_16": [], "bsr_32": []}
+    out: dict[str, list[SparseSample]] = {"csr": [], "bsr_16": [], "bsr_32": [], "gather_scatter": []}
     for c, s, b in sizes["sparse"]:
         layers = [(nn.Conv2d(c, c, 3, 1, 1, bias=False), (b, c, s, s)),
                   (nn.Linear(c * 9, c), (b * s * s, c * 9))]
@@ -217,7 +218,7 @@ def sparse_sweep(tiny: bool = False, progress: Progress = print, min_time_s: flo
                     with torch.no_grad():
                         layer.weight.copy_(original)  # attach_mask zeroes the pruned weights in place
                     attach_mask(layer, mask)
-                    kernel = sparse_module(layer, fmt)
+                    kernel = executed_layer(layer, fmt)
                     with torch.inference_mode():
                         sparse = min(median_seconds(partial(kernel, x), 2, 5, min_time_s) for _ in range(passes))
                     out[fmt].append(SparseSample(op, mask.float().mean().item(), dense, sparse))
@@ -285,6 +286,8 @@ def _structured_mask(weight: torch.Tensor, fmt: str, density: float) -> torch.Te
     matrix_shape = (weight.shape[0], weight[0].numel())
     if fmt == "csr":
         return (torch.rand(weight.shape) < density)
+    if fmt == "gather_scatter":  # random scores through the gather-scatter projection (16 banks)
+        return project("gather_scatter:16", torch.rand(weight.shape), density)
     block = int(fmt.split("_")[1])
     rows, cols = (math.ceil(d / block) for d in matrix_shape)
     keep = torch.rand(rows, cols) < density

@@ -27,6 +27,9 @@ from compress_run.methods.masks import get_mask
 BLOCK_SIZES = (16, 32, 64)
 
 
+GS_BANKS = 16  # the gather-scatter kernel's banks (format "gather_scatter")
+
+
 def mask_matrix(mask: torch.Tensor) -> torch.Tensor:
     """2-D (rows = outputs, cols = reduction) view of a weight mask, input channels innermost."""
     if mask.dim() > 2:
@@ -53,9 +56,20 @@ def mask_formats(mask: torch.Tensor) -> dict[str, float]:
     formats = {"csr": plain.float().mean().item()}
     for block in BLOCK_SIZES:
         formats[f"bsr_{block}"] = block_density(plain, block)
-    if nm_compliant(mask_matrix(mask.bool())):
+    matrix = mask_matrix(mask.bool())
+    if nm_compliant(matrix):
         formats["nm_2_4"] = 0.5
+    if gs_compliant(matrix):
+        formats["gather_scatter"] = formats["csr"]
     return formats
+
+
+def gs_compliant(matrix: torch.Tensor, banks: int = GS_BANKS) -> bool:
+    """A gather-scatter pattern with ``banks`` banks (whole row groups, equal per-row and per-bank counts)."""
+    from compress_run.methods.projections import check_gather_scatter
+
+    rows = matrix.shape[0]
+    return rows % banks == 0 and 0 < int(matrix.sum()) < matrix.numel() and not check_gather_scatter(matrix, banks, 1)
 
 
 def compression_info(module: nn.Module) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.ker
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from compress_run.hardware.simulator import Simulation, Simulator
 from compress_run.hardware.trace import trace_model
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
 from compress_run.kernels.select import choose_kernels, to_fastest
-from compress_run.kernels.sparse import SparseConv2d, SparseLinear, to_executed
+from compress_run.kernels.sparse import SparseConv2d, SparseLinear
 
 
 def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: list[HardwareConfig],
@@ -63,7 +62,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
             metrics["kernels_per_layer"] = choice
         else:
             host_sim = Simulator(host).run(traces[1], infos)
-            deployed = to_executed(copy.deepcopy(net), host_sim.formats()).eval()
+            deployed = to_fastest(net, {name: {"kernel": fmt} for name, fmt in host_sim.formats().items()})
         metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
         metrics[f"latency_host_ms/b{batch}"] = round(
             model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)

@@ -1,7 +1,7 @@
 """Per-layer kernel choice by measurement: run every kernel that can execute a masked layer on the layer's
 real input shape, keep the fastest, fall back to the dense layer when no sparse kernel beats it.
 
-Candidates: ``csr`` and ``bsr_<b>`` (torch.sparse, :mod:`compress_run.kernels.sparse`) and ``gs`` (the
+Candidates: ``csr`` and ``bsr_<b>`` (torch.sparse, :mod:`compress_run.kernels.sparse`) and ``gather_scatter`` (the
 gather-scatter kernel, :mod:`compress_run.kernels.gather_scatter`, only for masks that are valid GS patterns
 with ``gs_banks`` banks). A layer none of them can run (grouped conv, string padding) stays dense.
 """
@@ -19,7 +19,7 @@ from compress_run.hardware.measure import median_seconds
 from compress_run.methods.masks import get_mask
 from compress_run.methods.projections import as_matrix, check_gather_scatter
 
-CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gs")
+CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gather_scatter")
 
 
 def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module:
@@ -29,7 +29,7 @@ def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module
 
     if fmt == "dense":
         return module
-    if fmt != "gs":
+    if fmt != "gather_scatter":
         return sparse_module(module, fmt)
     mask = get_mask(module)
     if mask is None or check_gather_scatter(as_matrix(mask), gs_banks, 1):
@@ -78,12 +78,16 @@ def choose_kernels(net: nn.Module, sample_shape: tuple[int, ...], batch: int = 1
 
 
 def to_fastest(net: nn.Module, choice: dict[str, dict[str, Any]], gs_banks: int = 16) -> nn.Module:
-    """A copy of ``net`` with every layer replaced by its chosen kernel."""
+    """A copy of ``net`` with every layer replaced by its chosen kernel (a layer the kernel cannot run stays
+    dense: a simulator's pick may name a format no kernel here executes for that layer)."""
     executed = copy.deepcopy(net)
     for name, row in choice.items():
         if row["kernel"] == "dense":
             continue
         parent_name, _, child = name.rpartition(".")
         parent = executed.get_submodule(parent_name) if parent_name else executed
-        setattr(parent, child, executed_layer(getattr(parent, child), row["kernel"], gs_banks))
+        try:
+            setattr(parent, child, executed_layer(getattr(parent, child), row["kernel"], gs_banks))
+        except ValueError:
+            continue
     return executed.eval()

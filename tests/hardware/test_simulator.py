@@ -141,3 +141,23 @@ def test_depthwise_and_attention_never_get_a_sparse_format():
     host = load_profile("host_cpu")
     fast_csr = dataclasses.replace(host, sparse_formats={"csr": SparseFormatConfig(efficiency=4.0, fixed=0.0)})
     assert not simulate(layer, trace_model(layer, (1, 16, 32, 32)), fast_csr).formats()
+
+
+def test_gather_scatter_masks_can_run_in_the_gs_format():
+    from compress_run.hardware.compression_info import compression_info
+    from compress_run.methods.projections import project
+
+    conv = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    attach_mask(conv, project("gather_scatter:16", conv.weight.detach().abs(), 0.1))
+    info = compression_info(conv)
+    assert info["formats"]["gather_scatter"] == pytest.approx(info["density"])
+    trace = trace_model(conv, (1, 32, 16, 16))
+    host = load_profile("host_cpu")
+    fast_gs = dataclasses.replace(host, sparse_formats={"gather_scatter": SparseFormatConfig(efficiency=1.0)})
+    sim = simulate(conv, trace, fast_gs)
+    assert set(sim.formats().values()) == {"gather_scatter"}
+    assert sim.macs("executed") == pytest.approx(sim.macs("effective"))
+    # an irregular mask of the same density is not a GS pattern
+    attach_mask(conv, torch.rand(64, 32, 3, 3) < 0.1)
+    assert "gather_scatter" not in compression_info(conv)["formats"]
+    assert not simulate(conv, trace_model(conv, (1, 32, 16, 16)), fast_gs).formats()

@@ -40,7 +40,8 @@ def test_choice_is_the_fastest_timed_kernel_and_outputs_match():
     assert set(choice) == {"conv2", "fc", "dw"}  # conv1 has no mask
     for row in choice.values():
         assert row["kernel"] == min(row["ms"], key=row["ms"].__getitem__)
-    assert "gs" in choice["conv2"]["ms"] and "gs" not in choice["fc"]["ms"]  # fc's mask is not GS-valid
+    assert "gather_scatter" in choice["conv2"]["ms"]
+    assert "gather_scatter" not in choice["fc"]["ms"]  # fc's mask is not GS-valid
     assert set(choice["dw"]["ms"]) == {"dense"}  # no sparse kernel runs a depthwise conv
     assert set(choice["conv2"]["ms"]) == {"dense", *CANDIDATES}
     x = torch.randn(2, 3, 12, 12)
@@ -54,7 +55,8 @@ def test_every_kernel_computes_the_masked_layer(fmt):
     x = torch.randn(2, 32, 12, 12)
     with torch.no_grad():
         assert torch.allclose(executed_layer(net.conv2, fmt)(x), net.conv2(x), atol=1e-5)
-    forced = {"conv2": {"kernel": fmt}, "fc": {"kernel": "dense" if fmt == "gs" else fmt}, "dw": {"kernel": "dense"}}
+    forced = {"conv2": {"kernel": fmt}, "fc": {"kernel": "dense" if fmt == "gather_scatter" else fmt},
+              "dw": {"kernel": "dense"}}
     with torch.no_grad():
         x = torch.randn(2, 3, 12, 12)
         assert torch.allclose(to_fastest(net, forced)(x), net(x), atol=1e-5)
@@ -64,4 +66,4 @@ def test_every_kernel_computes_the_masked_layer(fmt):
 def test_gs_needs_a_gs_mask():
     net = _masked_net()
     with pytest.raises(ValueError, match="gather-scatter"):
-        executed_layer(net.fc, "gs")
+        executed_layer(net.fc, "gather_scatter")
