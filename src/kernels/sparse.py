@@ -110,11 +110,13 @@ def to_executed(model: nn.Module, formats: dict[str, str]) -> nn.Module:
 
     A layer no kernel here can run (grouped conv, string padding, non-zero padding mode) stays dense.
     """
+    from compress_run.kernels.select import executed_layer  # also runs gather_scatter (its module imports this one)
+
     for name, fmt in formats.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         try:
-            setattr(parent, child, sparse_module(getattr(parent, child), fmt))
+            setattr(parent, child, executed_layer(getattr(parent, child), fmt))
         except ValueError:
             continue
     return model
