@@ -6,11 +6,12 @@
 
 For every variant the host_cpu profile (conf/hardware/host_cpu.yaml, from scripts/calibrate_hardware.py)
 simulates batch-1 latency; the model the simulator would deploy (masked layers whose sparse path wins run
-through the CSR/BSR kernels) is timed on this host: warm-up, median of repeats, in several interleaved
-rounds. The 2 cores are shared with other tenants and contention only ever adds time, so a variant's
-measured latency is its fastest round (every round is kept in the JSON) -- the same estimator the
-calibration uses for its microbenchmarks. The same run evaluates a naive single-peak
-roofline (max(MACs / conv peak, bytes / DRAM bandwidth), no overheads) as the baseline predictor.
+through the CSR/BSR/gather-scatter kernels; masked variants use irregular, GS16 and 4x4-block magnitude
+masks) is timed on this host: warm-up, median of repeats, in several interleaved rounds. The 2 cores are
+shared with other tenants and contention only ever adds time, so a variant's measured latency is its fastest
+round (every round is kept in the JSON) -- the same estimator the calibration uses for its microbenchmarks.
+The same run evaluates a naive single-peak roofline (max(MACs / conv peak, bytes / DRAM bandwidth), no
+overheads) as the baseline predictor.
 """
 
 from __future__ import annotations
@@ -42,28 +43,33 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGENET, CIFAR = (3, 224, 224), (3, 32, 32)
 
 
-def _variants() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int, int], float]]:
-    """(name, builder, input shape, sparsity of a magnitude mask or 0)."""
+def _variants() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int, int], float, str]]:
+    """(name, builder, input shape, sparsity of a magnitude mask or 0, the mask's pattern or "")."""
     tv = torchvision_models
     return [
-        ("resnet18", lambda: tv.resnet18(1000, 3, 224), IMAGENET, 0.0),
-        ("resnet50", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.0),
-        ("mobilenet_v2", lambda: tv.mobilenet_v2(1000, 3, 224), IMAGENET, 0.0),
-        ("deit_tiny", lambda: timm_models.vit("deit_tiny_patch16_224", 1000, 3, 224), IMAGENET, 0.0),
-        ("deit_small", lambda: timm_models.vit("deit_small_patch16_224", 1000, 3, 224), IMAGENET, 0.0),
-        ("resnet20_cifar", lambda: cifar_resnet.resnet20(10, 3, 32), CIFAR, 0.0),
-        ("resnet56_cifar", lambda: cifar_resnet.resnet56(10, 3, 32), CIFAR, 0.0),
-        ("vgg16_bn_cifar", lambda: cifar_vgg.vgg16_bn(10, 3, 32), CIFAR, 0.0),
-        ("resnet18_w0.5", lambda: tv.resnet18(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0),
-        ("resnet50_w0.5", lambda: tv.resnet50(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0),
-        ("mobilenet_v2_w0.5", lambda: tv.mobilenet_v2(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0),
+        ("resnet18", lambda: tv.resnet18(1000, 3, 224), IMAGENET, 0.0, ""),
+        ("resnet50", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.0, ""),
+        ("mobilenet_v2", lambda: tv.mobilenet_v2(1000, 3, 224), IMAGENET, 0.0, ""),
+        ("deit_tiny", lambda: timm_models.vit("deit_tiny_patch16_224", 1000, 3, 224), IMAGENET, 0.0, ""),
+        ("deit_small", lambda: timm_models.vit("deit_small_patch16_224", 1000, 3, 224), IMAGENET, 0.0, ""),
+        ("resnet20_cifar", lambda: cifar_resnet.resnet20(10, 3, 32), CIFAR, 0.0, ""),
+        ("resnet56_cifar", lambda: cifar_resnet.resnet56(10, 3, 32), CIFAR, 0.0, ""),
+        ("vgg16_bn_cifar", lambda: cifar_vgg.vgg16_bn(10, 3, 32), CIFAR, 0.0, ""),
+        ("resnet18_w0.5", lambda: tv.resnet18(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0, ""),
+        ("resnet50_w0.5", lambda: tv.resnet50(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0, ""),
+        ("mobilenet_v2_w0.5", lambda: tv.mobilenet_v2(1000, 3, 224, width_mult=0.5), IMAGENET, 0.0, ""),
         ("deit_tiny_w0.5", lambda: timm_models.vit("deit_tiny_patch16_224", 1000, 3, 224, width_mult=0.5),
-         IMAGENET, 0.0),
-        ("resnet18_masked90", lambda: tv.resnet18(1000, 3, 224), IMAGENET, 0.9),
-        ("resnet50_masked90", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.9),
-        ("vgg16_bn_cifar_masked95", lambda: cifar_vgg.vgg16_bn(10, 3, 32), CIFAR, 0.95),
-        ("deit_small_masked90", lambda: timm_models.vit("deit_small_patch16_224", 1000, 3, 224), IMAGENET, 0.9),
-        ("resnet56_cifar_masked70", lambda: cifar_resnet.resnet56(10, 3, 32), CIFAR, 0.7),
+         IMAGENET, 0.0, ""),
+        ("resnet18_masked90", lambda: tv.resnet18(1000, 3, 224), IMAGENET, 0.9, "irregular"),
+        ("resnet50_masked90", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.9, "irregular"),
+        ("vgg16_bn_cifar_masked95", lambda: cifar_vgg.vgg16_bn(10, 3, 32), CIFAR, 0.95, "irregular"),
+        ("deit_small_masked90", lambda: timm_models.vit("deit_small_patch16_224", 1000, 3, 224), IMAGENET, 0.9,
+         "irregular"),
+        ("resnet56_cifar_masked70", lambda: cifar_resnet.resnet56(10, 3, 32), CIFAR, 0.7, "irregular"),
+        ("resnet50_gs16_masked90", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.9, "gather_scatter:16"),
+        ("resnet50_block4_masked90", lambda: tv.resnet50(1000, 3, 224), IMAGENET, 0.9, "block:4:4"),
+        ("deit_small_gs16_masked90", lambda: timm_models.vit("deit_small_patch16_224", 1000, 3, 224), IMAGENET,
+         0.9, "gather_scatter:16"),
     ]
 
 
@@ -90,18 +96,18 @@ def main() -> None:
         args.rounds = 1
     torch.manual_seed(0)
     prepared = []
-    for name, build, shape, sparsity in variants:
+    for name, build, shape, sparsity, pattern in variants:
         model = build().eval()
         if sparsity:
             layers = prunable_layers(model)
-            prune_by_score(layers, magnitude_scores(layers), sparsity)
+            prune_by_score(layers, magnitude_scores(layers), sparsity, pattern=pattern)
         rows = {}
         for batch in (1, args.batch):
             trace = trace_model(model, (batch, *shape))
             sim = simulate(model, trace, profile)
             rows[batch] = {"sim_ms": sim.total_ms, "naive_ms": naive_roofline_ms(trace, profile), "sim": sim}
         executed = to_executed(copy.deepcopy(model), rows[1]["sim"].formats())
-        prepared.append((name, shape, sparsity, model, executed, rows))
+        prepared.append((name, shape, sparsity, pattern, executed, rows))
         console.log(f"prepared {name}: {len(rows[1]['sim'].formats())} layers run sparse")
     measured: dict[tuple[str, int], list[float]] = {}
     start = time.perf_counter()
@@ -112,9 +118,10 @@ def main() -> None:
                 measured.setdefault((name, batch), []).append(ms)
         console.log(f"round {round_ + 1}/{args.rounds} done ({time.perf_counter() - start:.0f} s)")
     results = []
-    for name, shape, sparsity, _, _, rows in prepared:
+    for name, shape, sparsity, pattern, _, rows in prepared:
         sim1 = rows[1]["sim"]
         entry = {"variant": name, "input": list(shape), "mask_sparsity": sparsity,
+                 "mask_pattern": pattern or None, "formats": sorted(set(sim1.formats().values())),
                  "macs_dense": sim1.macs("dense"), "macs_effective": round(sim1.macs("effective")),
                  "macs_executed": round(sim1.macs("executed")), "sparse_layers": len(sim1.formats())}
         for batch in rows:

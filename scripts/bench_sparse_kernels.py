@@ -9,7 +9,8 @@ fc2 on 197 tokens). Sparsities 80/90/95/98%, batch 1 and 32. Each kernel runs th
 the same sparsity (all projections of the same random weight's magnitudes): CSR — irregular mask through
 torch.sparse CSR; BSR 4/16/32 — block masks of that size through torch.sparse BSR; GS — gather_scatter:16
 mask through the compiled GS kernel (:mod:`compress_run.kernels.gather_scatter`). Speedup = dense layer
-time / kernel time (median of ``--repeats``, fastest of ``--rounds`` interleaved rounds), one intra-op thread.
+time / kernel time (median of ``--repeats``, fastest of ``--rounds`` interleaved rounds), torch's default
+threads (all cores, as the host_cpu profile; ``--threads`` to change).
 ``gs_speedup_90``: median over shapes of GS's speedup at 90% (batch 1 and 32 pooled); ``gs_vs_csr_90``: the
 median ratio CSR time / GS time at 90%. Goal: gs_speedup_90 >= 2.5 and GS within 20% of CSR.
 """
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from compress_run.hardware.calibrate import bench_layer
 from compress_run.hardware.measure import machine_description, median_seconds
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear, compiled_kernel
 from compress_run.kernels.sparse import sparse_module
@@ -34,18 +36,24 @@ from compress_run.methods.masks import attach_mask
 from compress_run.methods.projections import project
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> (layer factory, input shape without batch)
+# name -> (torch.nn layer, its constructor arguments, input shape without batch); the JSON rows carry both, so
+# scripts/calibrate_hardware.py --sparse-from can rebuild and trace each layer when it re-fits the sparse formats.
 SHAPES = {
-    "r50.conv3x3.64@56": (lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False), (64, 56, 56)),
-    "r50.conv3x3.128@28": (lambda: nn.Conv2d(128, 128, 3, padding=1, bias=False), (128, 28, 28)),
-    "r50.conv3x3.256@14": (lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False), (256, 14, 14)),
-    "r50.conv3x3.512@7": (lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False), (512, 7, 7)),
-    "r50.conv1x1.256-64@56": (lambda: nn.Conv2d(256, 64, 1, bias=False), (256, 56, 56)),
-    "r50.conv1x1.1024-256@14": (lambda: nn.Conv2d(1024, 256, 1, bias=False), (1024, 14, 14)),
-    "deit_s.qkv": (lambda: nn.Linear(384, 1152), (197, 384)),
-    "deit_s.proj": (lambda: nn.Linear(384, 384), (197, 384)),
-    "deit_s.fc1": (lambda: nn.Linear(384, 1536), (197, 384)),
-    "deit_s.fc2": (lambda: nn.Linear(1536, 384), (197, 1536)),
+    "r50.conv3x3.64@56": ("Conv2d", {"in_channels": 64, "out_channels": 64, "kernel_size": 3, "padding": 1},
+                          (64, 56, 56)),
+    "r50.conv3x3.128@28": ("Conv2d", {"in_channels": 128, "out_channels": 128, "kernel_size": 3, "padding": 1},
+                           (128, 28, 28)),
+    "r50.conv3x3.256@14": ("Conv2d", {"in_channels": 256, "out_channels": 256, "kernel_size": 3, "padding": 1},
+                           (256, 14, 14)),
+    "r50.conv3x3.512@7": ("Conv2d", {"in_channels": 512, "out_channels": 512, "kernel_size": 3, "padding": 1},
+                          (512, 7, 7)),
+    "r50.conv1x1.256-64@56": ("Conv2d", {"in_channels": 256, "out_channels": 64, "kernel_size": 1}, (256, 56, 56)),
+    "r50.conv1x1.1024-256@14": ("Conv2d", {"in_channels": 1024, "out_channels": 256, "kernel_size": 1},
+                                (1024, 14, 14)),
+    "deit_s.qkv": ("Linear", {"in_features": 384, "out_features": 1152}, (197, 384)),
+    "deit_s.proj": ("Linear", {"in_features": 384, "out_features": 384}, (197, 384)),
+    "deit_s.fc1": ("Linear", {"in_features": 384, "out_features": 1536}, (197, 384)),
+    "deit_s.fc2": ("Linear", {"in_features": 1536, "out_features": 384}, (197, 1536)),
 }
 KERNELS = {"csr": "irregular", "bsr_4": "block:4:4", "bsr_16": "block:16:16", "bsr_32": "block:32:32",
            "gs": "gather_scatter:16"}
@@ -62,10 +70,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's default, all cores -- as the host_cpu profile)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "sparse_kernels.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     console.log(f"GS kernel: {'compiled' if compiled_kernel() is not None else 'PyTorch fallback'}")
     shapes = ["r50.conv3x3.256@14", "deit_s.fc1"] if args.quick else list(SHAPES)
@@ -74,15 +84,18 @@ def main() -> None:
     rounds, repeats = (1, 3) if args.quick else (args.rounds, args.repeats)
     rows = []
     for shape_name in shapes:
-        factory, in_shape = SHAPES[shape_name]
+        module, kwargs, in_shape = SHAPES[shape_name]
+        factory = lambda module=module, kwargs=kwargs: bench_layer({"module": module, "kwargs": kwargs})  # noqa: E731
         torch.manual_seed(0)
         dense = factory().eval()
         for sparsity in sparsities:
-            layers = {"dense": dense}
+            layers, density = {"dense": dense}, {}
             for kernel, pattern in KERNELS.items():
                 layer = factory().eval()
                 layer.load_state_dict(dense.state_dict())
-                attach_mask(layer, project(pattern, layer.weight.detach().abs(), 1 - sparsity))
+                mask = project(pattern, layer.weight.detach().abs(), 1 - sparsity)
+                density[kernel] = mask.float().mean().item()
+                attach_mask(layer, mask)
                 layers[kernel] = kernel_for(kernel, layer)
             for batch in batches:
                 x = torch.randn(batch, *in_shape)
@@ -93,7 +106,8 @@ def main() -> None:
                             run = lambda layer=layer, x=x: layer(x)  # noqa: E731
                             times[name].append(median_seconds(run, warmup=2, repeats=repeats))
                 best = {k: min(v) * 1e3 for k, v in times.items()}
-                row = {"shape": shape_name, "sparsity": sparsity, "batch": batch, "ms": best,
+                row = {"shape": shape_name, "layer": {"module": module, "kwargs": kwargs}, "input": list(in_shape),
+                       "sparsity": sparsity, "batch": batch, "density": density, "ms": best,
                        "speedup": {k: best["dense"] / best[k] for k in KERNELS}}
                 rows.append(row)
                 console.log(f"{shape_name} s={sparsity} b={batch}: " + ", ".join(
@@ -101,7 +115,8 @@ def main() -> None:
     at90 = [r for r in rows if r["sparsity"] == 0.9]
     result = {"benchmark": "sparse_kernels", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_description(), "command": "python scripts/bench_sparse_kernels.py" +
-              (" --quick" if args.quick else ""), "gs_kernel": "compiled" if compiled_kernel() else "torch",
+              (" --quick" if args.quick else ""), "threads": torch.get_num_threads(),
+              "gs_kernel": "compiled" if compiled_kernel() else "torch",
               "rounds": rounds, "repeats": repeats, "rows": rows,
               "gs_speedup_90": statistics.median(r["speedup"]["gs"] for r in at90),
               "gs_vs_csr_90": statistics.median(r["ms"]["csr"] / r["ms"]["gs"] for r in at90),

@@ -17,9 +17,13 @@ what the simulator does with them:
   networks (conv stacks, inverted residuals, bottlenecks, an MLP block — not the benchmark's models);
 * noise — the 2 cores are shared, so the whole sweep runs ``passes`` times and each microbenchmark keeps
   its fastest pass (contention only ever adds time);
-* sparse formats — the executed CSR/BSR kernels (:mod:`compress_run.kernels.sparse`) at several densities
+* sparse formats — the executed CSR/BSR/GS kernels (:mod:`compress_run.kernels.select`) at several densities
   on conv and linear layers, fitted to ``fixed * dense time + density * MAC time / efficiency + operand
-  bytes / operand_gbps`` (the simulator's sparse model, see :mod:`compress_run.hardware.profile`).
+  bytes / operand_gbps`` (the simulator's sparse model, see :mod:`compress_run.hardware.profile`). The
+  samples come from the built-in :func:`sparse_sweep` or, with ``--sparse-from``, from the rows of
+  ``scripts/bench_sparse_kernels.py`` (ResNet-50/DeiT-S layer shapes, batch 1 and 32):
+  :func:`sparse_samples_from_bench` rebuilds and traces each benchmarked layer and :func:`fit_sparse_formats`
+  fits every format from its measured times.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,10 +68,13 @@ class _Fn(nn.Module):
         return self.fn(x)
 
 
+def _main_op(module: nn.Module, shape: tuple[int, ...]) -> OpRecord:
+    ops = [op for op in trace_model(module, shape).ops if op.kind != "view"]
+    return max(ops, key=lambda op: (op.macs, op.out_bytes))
+
+
 def _measure(module: nn.Module, shape: tuple[int, ...], min_time_s: float) -> Sample:
-    trace = trace_model(module, shape)
-    ops = [op for op in trace.ops if op.kind != "view"]
-    main = max(ops, key=lambda op: (op.macs, op.out_bytes))
+    main = _main_op(module, shape)
     x = torch.randn(shape)
     with torch.inference_mode():
         seconds = median_seconds(lambda: module(x), warmup=2, repeats=5, min_time_s=min_time_s)
@@ -197,11 +205,11 @@ class SparseSample:
 
 def sparse_sweep(tiny: bool = False, progress: Progress = print, min_time_s: float = 0.05,
                  passes: int = 1) -> dict[str, list[SparseSample]]:
-    """The executed CSR/BSR kernels against the dense layer, on conv and linear layers at several densities."""
+    """The executed CSR/BSR/GS kernels against the dense layer, on conv and linear layers at several densities."""
     sizes = _sizes(tiny)
     progress("sparse kernels")
     torch.manual_seed(0)
-    out: dict[str, list[SparseSample]] = {"csr": [], "bsr_16": [], "bsr_32": [], "gather_scatter": []}
+    out: dict[str, list[SparseSample]] = {"csr": [], "bsr_4": [], "bsr_16": [], "bsr_32": [], "gather_scatter": []}
     for c, s, b in sizes["sparse"]:
         layers = [(nn.Conv2d(c, c, 3, 1, 1, bias=False), (b, c, s, s)),
                   (nn.Linear(c * 9, c), (b * s * s, c * 9))]
@@ -333,7 +341,24 @@ def fit(samples: dict[str, list[Sample]], sparse: dict[str, list[SparseSample]],
                                  [s.seconds for s in pool])
     peaks["pool"] = 1e-12 / max(per_op, 1e-30)
     class_overhead["pool"] = max(pool_fixed - overhead, 0.0) * 1e6
-    formats = {}
+    formats, sparse_errors = fit_sparse_formats(sparse, peaks)
+    errors.update(sparse_errors)
+    return {"peak_tflops": {"fp32": {k: round(v, 5) for k, v in peaks.items()}},
+            "memory_gbps": round(bw_dram / 1e9, 2), "onchip_gbps": round(bw_onchip / 1e9, 2),
+            "onchip_mb": onchip_mb, "kernel_overhead_us": round(overhead * 1e6, 3),
+            "class_overhead_us": {k: round(v, 3) for k, v in class_overhead.items()},
+            "weight_prep_gbps": {k: round(v, 3) for k, v in weight_prep.items()},
+            "operand_gbps": {k: round(v, 3) for k, v in operand.items()},
+            "view_overhead_us": round(view * 1e6, 3), "module_overhead_us": round(module * 1e6, 3),
+            "sparse_formats": formats, "fit_median_rel_error": {k: round(v, 3) for k, v in errors.items()}}
+
+
+def fit_sparse_formats(sparse: dict[str, list[SparseSample]],
+                       peaks: dict[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """``sparse_formats`` entries (and each fit's median relative error) from timed sparse samples; ``peaks``
+    in TFLOP/s per op class (the profile's ``peak_tflops.fp32``) give each sample's MAC time."""
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    formats, errors = {}, {}
     for fmt, rows in sparse.items():
         if not rows:
             continue
@@ -346,15 +371,40 @@ def fit(samples: dict[str, list[Sample]], sparse: dict[str, list[SparseSample]],
                         "operand_gbps": round(1e-9 / per_byte, 3) if per_byte > 0 else 0.0}
         predicted = [fixed * r.dense_seconds + inv_eff * r.density * t + per_byte * operand_bytes(r.op)
                      for r, t in zip(rows, mac_time, strict=True)]
-        errors[fmt] = med([abs(p / r.seconds - 1) for p, r in zip(predicted, rows, strict=True)])
-    return {"peak_tflops": {"fp32": {k: round(v, 5) for k, v in peaks.items()}},
-            "memory_gbps": round(bw_dram / 1e9, 2), "onchip_gbps": round(bw_onchip / 1e9, 2),
-            "onchip_mb": onchip_mb, "kernel_overhead_us": round(overhead * 1e6, 3),
-            "class_overhead_us": {k: round(v, 3) for k, v in class_overhead.items()},
-            "weight_prep_gbps": {k: round(v, 3) for k, v in weight_prep.items()},
-            "operand_gbps": {k: round(v, 3) for k, v in operand.items()},
-            "view_overhead_us": round(view * 1e6, 3), "module_overhead_us": round(module * 1e6, 3),
-            "sparse_formats": formats, "fit_median_rel_error": {k: round(v, 3) for k, v in errors.items()}}
+        errors[fmt] = round(med([abs(p / r.seconds - 1) for p, r in zip(predicted, rows, strict=True)]), 3)
+    return formats, errors
+
+
+# kernel names of scripts/bench_sparse_kernels.py -> the profile's sparse formats
+BENCH_FORMATS = {"csr": "csr", "bsr_4": "bsr_4", "bsr_16": "bsr_16", "bsr_32": "bsr_32", "gs": "gather_scatter"}
+BENCH_LAYERS = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+
+
+def bench_layer(spec: dict[str, Any]) -> nn.Module:
+    """A benchmarked layer from its JSON spec ``{"module": "Conv2d" | "Linear", "kwargs": {...}}``."""
+    if spec.get("module") not in BENCH_LAYERS:
+        raise ValueError(f"benchmark layer {spec.get('module')!r} is not one of {', '.join(BENCH_LAYERS)}: the "
+                         "JSON was not written by scripts/bench_sparse_kernels.py; rerun that script")
+    return BENCH_LAYERS[spec["module"]](**spec.get("kwargs", {}))
+
+
+def sparse_samples_from_bench(bench: dict[str, Any]) -> dict[str, list[SparseSample]]:
+    """The timed rows of ``bench_results/sparse_kernels.json`` as sparse samples per profile format."""
+    rows = bench.get("rows") or []
+    if not rows or any(key not in rows[0] for key in ("layer", "input", "density", "ms")):
+        raise ValueError("the benchmark JSON has no rows with layer, input, density and ms: it was written by an "
+                         "older scripts/bench_sparse_kernels.py; rerun it (python scripts/bench_sparse_kernels.py)")
+    out: dict[str, list[SparseSample]] = {fmt: [] for fmt in BENCH_FORMATS.values()}
+    ops: dict[tuple[str, int], OpRecord] = {}
+    for row in rows:
+        key = (row["shape"], row["batch"])
+        if key not in ops:
+            ops[key] = _main_op(bench_layer(row["layer"]).eval(), (row["batch"], *row["input"]))
+        for kernel, fmt in BENCH_FORMATS.items():
+            if kernel in row["ms"]:
+                out[fmt].append(SparseSample(ops[key], row["density"][kernel], row["ms"]["dense"] / 1e3,
+                                             row["ms"][kernel] / 1e3))
+    return out
 
 
 def last_level_cache_mb() -> float:

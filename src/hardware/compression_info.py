@@ -24,7 +24,7 @@ from torch import nn
 
 from compress_run.methods.masks import get_mask
 
-BLOCK_SIZES = (16, 32, 64)
+BLOCK_SIZES = (4, 16, 32, 64)
 
 
 GS_BANKS = 16  # the gather-scatter kernel's banks (format "gather_scatter")

@@ -27,7 +27,7 @@ OP_CLASSES = ("conv", "conv_im2col", "conv_dw", "gemm", "attention", "pool", "el
 REQUIRED_CLASSES = ("conv", "gemm", "elementwise")
 FALLBACK_CLASS = {"conv_dw": "conv", "conv_im2col": "conv", "attention": "gemm", "pool": "elementwise"}
 KINDS = ("cpu", "gpu", "systolic")
-SPARSE_FORMATS = ("csr", "bsr_16", "bsr_32", "bsr_64", "nm_2_4", "gather_scatter")
+SPARSE_FORMATS = ("csr", "bsr_4", "bsr_16", "bsr_32", "bsr_64", "nm_2_4", "gather_scatter")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

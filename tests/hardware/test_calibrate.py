@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -36,3 +37,79 @@ def test_tiny_calibration_writes_a_valid_profile(tmp_path):
     assert profile.name == "host_cpu" and profile.calibrated
     assert profile.peak("conv") > 0 and profile.kernel_overhead_us > 0 and "csr" in profile.sparse_formats
     assert "Median relative error" in out.read_text()
+
+
+# --------------------------------------------------------------- sparse formats from the kernel benchmark
+PEAKS = {"conv": 0.2, "gemm": 0.25, "elementwise": 0.01}
+TRUE = {"csr": (0.05, 0.12), "bsr_4": (0.02, 0.3), "gs": (0.01, 0.6)}  # kernel -> (fixed, efficiency)
+
+
+def _bench_rows() -> list[dict]:
+    """Benchmark rows whose kernel times follow the sparse model exactly (no operand term)."""
+    layers = {"conv": ({"module": "Conv2d", "kwargs": {"in_channels": 32, "out_channels": 48, "kernel_size": 3,
+                                                           "padding": 1}}, [32, 14, 14]),
+              "fc": ({"module": "Linear", "kwargs": {"in_features": 96, "out_features": 64}}, [20, 96])}
+    rows = []
+    for name, (spec, shape) in layers.items():
+        for batch in (1, 4):
+            op = calibrate._main_op(calibrate.bench_layer(spec), (batch, *shape))
+            mac_time = 2 * op.macs / (PEAKS.get(op.kind, PEAKS["conv"]) * 1e12)
+            dense = 1.7 * mac_time
+            for density in (0.02, 0.05, 0.1, 0.2):
+                ms = {"dense": dense * 1e3}
+                for kernel, (fixed, eff) in TRUE.items():
+                    ms[kernel] = (fixed * dense + density * mac_time / eff) * 1e3
+                rows.append({"shape": name, "layer": spec, "input": shape, "batch": batch, "sparsity": 1 - density,
+                             "density": {k: density for k in TRUE}, "ms": ms})
+    return rows
+
+
+def test_sparse_formats_are_fitted_from_benchmark_rows():
+    samples = calibrate.sparse_samples_from_bench({"rows": _bench_rows()})
+    assert {fmt for fmt, rows in samples.items() if rows} == {"csr", "bsr_4", "gather_scatter"}
+    formats, errors = calibrate.fit_sparse_formats(samples, PEAKS)
+    for kernel, (fixed, eff) in TRUE.items():
+        fitted = formats[calibrate.BENCH_FORMATS[kernel]]
+        assert fitted["efficiency"] == pytest.approx(eff, rel=1e-3)
+        assert fitted["fixed"] == pytest.approx(fixed, abs=1e-3)
+    assert max(errors.values()) < 1e-3
+
+
+def test_old_or_foreign_benchmark_json_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="rerun"):
+        calibrate.sparse_samples_from_bench({"rows": [{"shape": "x", "ms": {"dense": 1.0}}]})
+    with pytest.raises(ValueError, match="rerun that script"):
+        calibrate.bench_layer({"module": "Sequential", "kwargs": {}})
+
+
+def test_sparse_only_refit_rewrites_sparse_formats_and_keeps_the_rest(tmp_path):
+    from omegaconf import OmegaConf
+
+    profile_path = tmp_path / "host.yaml"
+    original = (REPO / "conf" / "hardware" / "host_cpu.yaml").read_text()
+    profile_path.write_text(original)
+    before = OmegaConf.to_container(OmegaConf.create(original))
+    bench = {"date": "2026-01-01T00:00:00+00:00", "threads": before["threads"], "rows": _bench_rows()}
+    bench_path = tmp_path / "bench.json"
+    bench_path.write_text(json.dumps(bench))
+    script = REPO / "scripts" / "calibrate_hardware.py"
+    args = [sys.executable, str(script), "--sparse-from", str(bench_path), "--sparse-only", "--out", str(profile_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = OmegaConf.to_container(OmegaConf.load(profile_path))
+    load_profile(OmegaConf.load(profile_path))
+    assert set(after["sparse_formats"]) == {"csr", "bsr_4", "gather_scatter"}
+    peaks = before["peak_tflops"]["fp32"]
+    assert after["sparse_formats"]["gather_scatter"]["efficiency"] == pytest.approx(
+        calibrate.fit_sparse_formats(calibrate.sparse_samples_from_bench(bench), peaks)[0]["gather_scatter"]
+        ["efficiency"])
+    assert {k: v for k, v in after.items() if k != "sparse_formats"} == \
+        {k: v for k, v in before.items() if k != "sparse_formats"}
+    assert "re-fitted from" in profile_path.read_text()
+    # a benchmark measured with another thread count than the profile is refused, the profile left alone
+    bench["threads"] = before["threads"] + 1
+    bench_path.write_text(json.dumps(bench))
+    text = profile_path.read_text()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--threads" in proc.stderr
+    assert profile_path.read_text() == text
