@@ -16,7 +16,7 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_tables.py::test_gap_imagenet_table_at_smoke_scale \
                  tests/pipeline/test_tables.py::test_chex_imagenet_table_at_smoke_scale
 
-.PHONY: install data demo test test-slow test-ci-slow calibrate bench-latency bench-compaction results lint clean
+.PHONY: install data demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction results lint clean
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,12 @@ test-ci-slow: install data
 test-slow: install data
 	$(PYTEST) -m slow -q
 
-calibrate: install
-	$(VENV)/bin/python scripts/calibrate_hardware.py
+# host_cpu profile: the sparse-kernel benchmark (its rows give the sparse formats), then the dense sweep
+calibrate: bench-sparse
+	$(VENV)/bin/python scripts/calibrate_hardware.py --sparse-from bench_results/sparse_kernels.json
+
+bench-sparse: install
+	$(VENV)/bin/python scripts/bench_sparse_kernels.py
 
 bench-latency: install
 	$(VENV)/bin/python scripts/bench_latency_sim.py
