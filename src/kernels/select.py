@@ -3,7 +3,9 @@ real input shape, keep the fastest, fall back to the dense layer when no sparse 
 
 Candidates: ``csr`` and ``bsr_<b>`` (torch.sparse, :mod:`compress_run.kernels.sparse`) and ``gather_scatter`` (the
 gather-scatter kernel, :mod:`compress_run.kernels.gather_scatter`, only for masks that are valid GS patterns
-with ``gs_banks`` banks). A layer none of them can run (grouped conv, string padding) stays dense.
+with ``gs_banks`` banks) and ``nm_2_4`` (2:4 masks on sparse tensor cores,
+:mod:`compress_run.kernels.semi_structured`; only for layers on a CUDA device of compute capability >= 8.0).
+A layer none of them can run (grouped conv, string padding) stays dense.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from compress_run.hardware.measure import median_seconds
 from compress_run.methods.masks import get_mask
 from compress_run.methods.projections import as_matrix, check_gather_scatter
 
-CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gather_scatter")
+HOST_CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gather_scatter")  # kernels that run on the CPU
+CANDIDATES = (*HOST_CANDIDATES, "nm_2_4")
 
 
 def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module:
@@ -29,6 +32,12 @@ def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module
 
     if fmt == "dense":
         return module
+    if fmt == "nm_2_4":
+        from compress_run.kernels import semi_structured
+
+        if not (semi_structured.available() and module.weight.is_cuda):
+            raise ValueError("2:4 kernels run on a CUDA device with sparse tensor cores (compute capability >= 8.0)")
+        return semi_structured.semi_structured_module(module)
     if fmt != "gather_scatter":
         return sparse_module(module, fmt)
     mask = get_mask(module)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.kernels.select import CANDIDATES, choose_kernels, executed_layer, to_fastest
+from compress_run.kernels.select import HOST_CANDIDATES, choose_kernels, executed_layer, to_fastest
 from compress_run.methods.masks import attach_mask, get_mask
 from compress_run.methods.projections import project
 
@@ -43,13 +43,13 @@ def test_choice_is_the_fastest_timed_kernel_and_outputs_match():
     assert "gather_scatter" in choice["conv2"]["ms"]
     assert "gather_scatter" not in choice["fc"]["ms"]  # fc's mask is not GS-valid
     assert set(choice["dw"]["ms"]) == {"dense"}  # no sparse kernel runs a depthwise conv
-    assert set(choice["conv2"]["ms"]) == {"dense", *CANDIDATES}
+    assert set(choice["conv2"]["ms"]) == {"dense", *HOST_CANDIDATES}  # nm_2_4 needs CUDA and a 2:4 mask
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         assert torch.allclose(to_fastest(net, choice)(x), net(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", CANDIDATES)
+@pytest.mark.parametrize("fmt", HOST_CANDIDATES)
 def test_every_kernel_computes_the_masked_layer(fmt):
     net = _masked_net()
     x = torch.randn(2, 32, 12, 12)
@@ -67,3 +67,9 @@ def test_gs_needs_a_gs_mask():
     net = _masked_net()
     with pytest.raises(ValueError, match="gather-scatter"):
         executed_layer(net.fc, "gather_scatter")
+
+
+def test_2_of_4_kernel_is_refused_off_cuda_or_without_a_2_of_4_mask():
+    net = _masked_net()
+    with pytest.raises(ValueError, match="CUDA|2:4"):
+        executed_layer(net.conv2, "nm_2_4")
