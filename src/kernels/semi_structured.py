@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.hardware.compression_info import nm_compliant
 from compress_run.kernels.sparse import Im2colConv
 from compress_run.methods.masks import get_mask
 from compress_run.methods.projections import as_matrix
@@ -35,11 +36,6 @@ def available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
-def is_2_of_4(matrix: torch.Tensor) -> bool:
-    rows, cols = matrix.shape
-    return cols % 4 == 0 and bool(((matrix != 0).reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
-
-
 def _semi_structured(matrix: torch.Tensor) -> torch.Tensor:
     from torch.sparse import to_sparse_semi_structured
 
@@ -51,7 +47,7 @@ def _padded_weight(layer: nn.Conv2d | nn.Linear, dtype: torch.dtype, to_sparse: 
     mask = get_mask(layer)
     weight = layer.weight.detach() * mask if mask is not None else layer.weight.detach()
     matrix = as_matrix(weight)
-    if not is_2_of_4(matrix):
+    if not nm_compliant(matrix != 0, 2, 4):
         raise ValueError("the mask is not 2:4 along the weight's reduction dim (use method.pattern=nm:2:4)")
     rows, cols = matrix.shape
     padded = F.pad(matrix, (0, -cols % COL_MULTIPLE, 0, -rows % ROW_MULTIPLE))
