@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def section(path: Path) -> list[str]:
     meta = json.loads(path.read_text())
-    table = OmegaConf.create({k: meta[k] for k in ("title", "source", "metrics")})
-    body = render_markdown(table, meta["name"], meta["rows"], meta["smoke"]).splitlines()
+    table = OmegaConf.create({k: meta.get(k, []) for k in ("title", "source", "metrics", "seeds")})
+    body = render_markdown(table, meta["name"], meta["rows"], meta["smoke"], meta.get("orderings")).splitlines()
     lines = [f"## {meta['title']}", "", f"* Command: `{meta['command']}`"]
     lines.append(f"* Machine: {'; '.join(meta['hosts']) or 'unknown'}")
     dates = sorted({d[:10] for d in meta["finished"]})
     lines.append(f"* Date: {' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'not run'}")
-    lines.append(f"* Files: `{path.parent.relative_to(ROOT)}/` (TABLE.md, table.csv, table.json)")
+    lines.append(f"* Files: `{path.parent.relative_to(ROOT)}/` (TABLE.md, table.csv, runs.csv, table.json)")
+    if meta.get("commits"):
+        lines.append(f"* Code: commit(s) {', '.join(c[:10] for c in meta['commits'])}")
     body = [ln for ln in body[1:] if not ln.startswith("`compress-table")]
     body = [ln for i, ln in enumerate(body) if ln or (i > 0 and body[i - 1])]  # no double blank lines
     while body and not body[0]:
@@ -46,8 +48,9 @@ def publish(table_dir: Path) -> None:
         sys.exit(f"make_results: {table_dir} is a smoke-scale table; only real runs are published")
     target = ROOT / "docs" / "tables" / meta["name"]
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("TABLE.md", "table.csv", "table.json"):
-        shutil.copy2(table_dir / name, target / name)
+    for name in ("TABLE.md", "table.csv", "runs.csv", "table.json"):
+        if (table_dir / name).is_file():
+            shutil.copy2(table_dir / name, target / name)
     if (table_dir / "pareto.png").is_file():
         figures = ROOT / "docs" / "figures"
         figures.mkdir(parents=True, exist_ok=True)

@@ -65,11 +65,11 @@ def mask_formats(mask: torch.Tensor) -> dict[str, float]:
 
 
 def gs_compliant(matrix: torch.Tensor, banks: int = GS_BANKS) -> bool:
-    """A gather-scatter pattern with ``banks`` banks (whole row groups, equal per-row and per-bank counts)."""
-    from compress_run.methods.projections import check_gather_scatter
+    """A gather-scatter pattern with ``banks`` banks (equal per-row and per-bank counts in every row group, under
+    consecutive grouping or one of the tilings :func:`~compress_run.methods.gs_pattern.gs_tile_of` tries)."""
+    from compress_run.methods.gs_pattern import gs_tile_of
 
-    rows = matrix.shape[0]
-    return rows % banks == 0 and 0 < int(matrix.sum()) < matrix.numel() and not check_gather_scatter(matrix, banks, 1)
+    return 0 < int(matrix.sum()) < matrix.numel() and gs_tile_of(matrix, banks, 1) is not None
 
 
 def compression_info(module: nn.Module) -> dict[str, Any] | None:

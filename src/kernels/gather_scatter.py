@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress_run.kernels.sparse import Im2colConv
+from compress_run.methods.gs_pattern import group_shape, gs_tile_of, row_groups
 from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix, check_gather_scatter
+from compress_run.methods.projections import as_matrix
 
 CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
 TILE = 64                 # columns of x per tile in the compiled kernel (a 64-wide tile of x stays in L2)
@@ -65,7 +66,8 @@ class GSMatrix:
     elems: int
     values: list[torch.Tensor]       # per row group: (rows in group, K_g)
     columns: list[torch.Tensor]      # per row group: (rows in group, K_g), column indices
-    pack_counts: torch.Tensor        # per row group: P_g = K_g / E
+    pack_counts: torch.Tensor        # per row group: K_g / (entries per row of one of its packs)
+    groups: list[torch.Tensor]       # per row group: its row indices (consecutive, or a tile's grouping)
     flat: dict[str, torch.Tensor] = field(default_factory=dict)  # row-major values/columns/offsets (C++ kernel)
 
     @classmethod
@@ -73,27 +75,24 @@ class GSMatrix:
                     column_order: torch.Tensor | None = None) -> GSMatrix:
         """Compact a (rows × cols) weight matrix whose ``mask`` is GS-valid; ``column_order`` maps the
         matrix's column index to the index the kernel's input uses (default: identity)."""
-        problems = check_gather_scatter(mask, banks, elems)
-        if problems:
-            raise ValueError(f"mask is not a valid gather-scatter pattern (B={banks}, E={elems}): {problems[0]}")
-        rows, cols = weight.shape
-        group = banks // elems
-        if rows % group:
-            raise ValueError(f"{rows} rows are not a whole number of row groups of B/E = {group}")
+        tile = gs_tile_of(mask, banks, elems)
+        if tile is None:
+            raise ValueError(f"mask is not a valid gather-scatter pattern (B={banks}, E={elems}, any tiling)")
+        groups = row_groups(mask, banks, elems, tile)
         values, columns, packs = [], [], []
-        for start in range(0, rows, group):
-            part_mask = mask[start:start + group].bool()
+        for rows_idx in groups:
+            part_mask = mask[rows_idx].bool()
             count = int(part_mask[0].sum())
-            index = torch.nonzero(part_mask, as_tuple=False)[:, 1].reshape(group, count)
+            index = torch.nonzero(part_mask, as_tuple=False)[:, 1].reshape(len(rows_idx), count)
             columns.append(index if column_order is None else column_order[index])
-            values.append(weight[start:start + group].gather(1, index).contiguous())
-            packs.append(count // elems)
-        flat_values = torch.cat([v.flatten() for v in values]).float().contiguous()
-        flat_columns = torch.cat([c.flatten() for c in columns]).int().contiguous()
-        per_row = torch.cat([torch.full((group,), c.shape[1], dtype=torch.long) for c in columns])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), per_row.cumsum(0)])
-        return cls(rows, cols, banks, elems, values, columns, torch.tensor(packs),
-                   {"values": flat_values, "columns": flat_columns, "offsets": offsets})
+            values.append(weight[rows_idx].gather(1, index).contiguous())
+            packs.append(count // group_shape(len(rows_idx), banks, elems)[0])
+        rows_nz, cols_nz = torch.nonzero(mask.bool(), as_tuple=True)  # row-major: the C++ kernel's order
+        flat_columns = cols_nz if column_order is None else column_order[cols_nz]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), mask.bool().sum(1).cumsum(0)])
+        return cls(weight.shape[0], weight.shape[1], banks, elems, values, columns, torch.tensor(packs), groups,
+                   {"values": weight[rows_nz, cols_nz].float().contiguous(),
+                    "columns": flat_columns.int().contiguous(), "offsets": offsets})
 
     def nnz(self) -> int:
         return sum(v.numel() for v in self.values)
@@ -109,11 +108,9 @@ class GSMatrix:
     def matmul_torch(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         out = x.new_zeros(self.rows, n)
-        group = self.banks // self.elems
-        for g, (vals, cols) in enumerate(zip(self.values, self.columns, strict=True)):
+        for rows, vals, cols in zip(self.groups, self.values, self.columns, strict=True):
             if not vals.numel():
                 continue
-            rows = slice(g * group, (g + 1) * group)
             chunk = max(1, CHUNK_ELEMENTS // vals.numel())
             for lo in range(0, n, chunk):
                 gathered = x[cols.flatten(), lo:lo + chunk].reshape(*cols.shape, -1)  # (group, K, chunk)

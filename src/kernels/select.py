@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from compress_run.hardware.measure import median_seconds
+from compress_run.methods.gs_pattern import gs_tile_of
 from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix, check_gather_scatter
+from compress_run.methods.projections import as_matrix
 
 HOST_CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gather_scatter")  # kernels that run on the CPU
 CANDIDATES = (*HOST_CANDIDATES, "nm_2_4")
@@ -41,7 +42,7 @@ def executed_layer(module: nn.Module, fmt: str, gs_banks: int = 16) -> nn.Module
     if fmt != "gather_scatter":
         return sparse_module(module, fmt)
     mask = get_mask(module)
-    if mask is None or check_gather_scatter(as_matrix(mask), gs_banks, 1):
+    if mask is None or gs_tile_of(as_matrix(mask), gs_banks, 1) is None:
         raise ValueError("the mask is not a gather-scatter pattern")
     if isinstance(module, nn.Linear):
         return GSLinear(module, gs_banks)

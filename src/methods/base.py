@@ -30,6 +30,7 @@ from compress_run.methods.masks import (
     prunable_layers,
     prune_by_score,
 )
+from compress_run.methods.projections import pattern_shape_problem
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
 
@@ -117,6 +118,14 @@ class MaskPruningMethod(Method):
             raise NotApplicable(f"method.exclude: {exc}") from exc
         if not layers:
             raise NotApplicable(f"no prunable conv/linear layer is left after method.exclude={self.exclude}")
+        density = 1.0 - self.sparsity if self.distribution == "uniform" and self.sparsity > 0 else None
+        problems = {n: pattern_shape_problem(self.pattern, m.weight.shape, density) for n, m in layers.items()}
+        bad = {n: problem for n, problem in problems.items() if problem}
+        if bad:
+            name, problem = next(iter(bad.items()))
+            raise NotApplicable(f"method.pattern={self.pattern} cannot hold on {len(bad)} layer(s), e.g. {name}: "
+                                f"{problem}; add them to method.exclude (e.g. {list(bad)[:3]}) or choose another "
+                                "pattern")
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return [MaskEnforcer(self.mask_grads)] if stage == "finetune" else []

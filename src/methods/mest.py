@@ -17,8 +17,15 @@ training stopped early); finetune trains with the masks frozen.
 
 Choices where the paper leaves a detail open: the update is made at the first optimizer step of an
 update epoch, with that step's (masked, i.e. sparse) gradient as |grad|; positions pruned by the same
-update are not eligible for regrowth (regrowth explores positions that were inactive); per-layer
-counts follow ``distribution`` (uniform or erk) at each sparsity.
+update are regrown only when the pattern leaves no other choice (regrowth explores positions that were
+inactive); per-layer counts follow ``distribution`` (uniform or erk) at each sparsity.
+
+Patterns: with a structured ``pattern`` the prune and the regrowth move whole units of it (blocks,
+filters, input channels, gather-scatter packs), so every mask is a mask of the pattern after every update
+(:func:`~compress_run.methods.projections.drop_and_regrow`). N:M fixes the density, so the phase's
+prune-to/grow-to pair cannot be realised as such: each update instead swaps as many entries as the pair
+would regrow (grow-to count − prune-to count), inside their groups of M (a deviation: the paper is
+unstructured).
 
 Data efficiency (optional, ``remove_n`` > 0): every train example's forgetting events are counted (a
 forgetting event: classified correctly at its previous visit, wrongly now; Toneva et al. 2019); at the
@@ -52,7 +59,7 @@ from compress_run.methods.allocation import allocate
 from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.cycles import seeded_generator
 from compress_run.methods.masks import MaskEnforcer, attach_mask, get_mask
-from compress_run.methods.projections import keep_count
+from compress_run.methods.projections import drop_and_regrow, fixed_density, keep_count
 from compress_run.pipeline.data import EpochSeededSampler
 
 MODES = ("em", "ems")
@@ -68,20 +75,17 @@ def phase_targets(mode: str, sparsity: float) -> tuple[list[float], list[float]]
 
 
 @torch.no_grad()
-def prune_and_grow(weight: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, keep: int, grow_to: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """New mask: the ``keep`` highest-scoring active entries, plus random inactive ones up to ``grow_to``."""
-    flat = mask.flatten()
-    active_score = torch.where(flat, score.flatten(), torch.full_like(score.flatten(), -torch.inf))
-    new = torch.zeros_like(flat)
-    keep = min(keep, int(flat.sum()))
-    if keep:
-        new[torch.topk(active_score, keep).indices] = True
-    candidates = (~flat).nonzero().flatten()
-    extra = min(max(0, grow_to - keep), candidates.numel())
-    if extra:
-        new[candidates[torch.randperm(candidates.numel(), generator=generator)[:extra]]] = True
-    return new.view_as(mask)
+def prune_and_grow(score: torch.Tensor, mask: torch.Tensor, keep: int, grow_to: int, generator: torch.Generator,
+                   pattern: str = "irregular") -> torch.Tensor:
+    """New mask: the ``keep`` highest-scoring active entries (whole units of ``pattern``), then uniformly random
+    positions that were inactive before this update up to ``grow_to`` entries, again a mask of ``pattern``.
+    With a fixed-density pattern (N:M) the update swaps ``grow_to - keep`` entries inside their groups."""
+    active = int(mask.sum())
+    if fixed_density(pattern) is not None:
+        swap = min(active, max(0, grow_to - keep))
+        keep, grow_to = active - swap, active
+    random_scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    return drop_and_regrow(pattern, mask, score, random_scores, min(keep, active), grow_to, regrow_dropped=False)
 
 
 class MEST(MaskPruningMethod):
@@ -126,7 +130,9 @@ class MEST(MaskPruningMethod):
             score = weight.abs()
             if self.grad_coefficient and weight.grad is not None:
                 score = score + self.grad_coefficient * weight.grad.abs()
-            new = prune_and_grow(weight, score, get_mask(module), keep[name], grow[name], generator)
+            old = get_mask(module).clone()
+            new = prune_and_grow(score, old, keep[name], grow[name], generator, self.pattern)
+            weight[new & ~old] = 0.0  # grown connections start at zero, whatever the weight held while inactive
             attach_mask(module, new)
         record = {"epoch": epoch, "phase": phase, "prune_to": self.prune_sparsity[phase],
                   "grow_to": self.grow_sparsity[phase]}

@@ -8,9 +8,10 @@ Every pruning method takes ``pattern=`` and calls :func:`project`. A pattern is 
   fixed at N/M (the requested one is ignored; methods check it, :func:`fixed_density`).
 * ``block:R:C[:mean]`` (e.g. ``block:4:4``) — R×C blocks scored by the sum (or mean) of their scores, the
   top blocks kept; edge blocks are partial.
-* ``gather_scatter:B[:E]`` (e.g. ``gather_scatter:16``) — Sun et al. 2021: rows in groups of B/E, every row
-  of a group with the same count and every bank (column mod B) with the same count; greedy packs of B
-  entries, E per row and one per bank (:func:`gather_scatter`, checker :func:`check_gather_scatter`).
+* ``gather_scatter:B[:E[:T]]`` (e.g. ``gather_scatter:16``, tiled ``gather_scatter:16:1:64``) — Sun et al. 2021:
+  rows in groups of B/E, every row of a group with the same count and every bank (column mod B) with the
+  same count (packs of B entries, E per row and one per bank); T > 0 groups rows inside tiles of T rows by
+  their above-threshold counts (the paper's tiled variant). :mod:`compress_run.methods.gs_pattern`.
 * ``filter`` — whole output rows; ``channel`` — whole input channels (all k×k positions of one C_in).
 
 A conv weight [C_out, C_in, K_h, K_w] is seen as the matrix C_out × (K_h·K_w·C_in), input channel fastest
@@ -25,24 +26,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress_run.methods.gs_pattern import check_gather_scatter, gather_scatter, gs_shape_problem
+from compress_run.methods.weight_matrix import as_matrix, from_matrix, keep_count
+
+__all__ = ["as_matrix", "from_matrix", "keep_count", "check_gather_scatter", "gather_scatter", "project",
+           "parse_pattern", "fixed_density", "check_pattern", "pattern_shape_problem"]
+
 Projection = Callable[..., torch.Tensor]
-
-
-def keep_count(numel: int, density: float) -> int:
-    """Number of entries kept at ``density`` (rounded to nearest, within [0, numel])."""
-    return min(numel, max(0, int(round(density * numel))))
-
-
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """Rows = outputs, columns = (k_h, k_w, c_in) with the input channel fastest."""
-    return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1) if t.dim() == 4 else t.reshape(t.shape[0], -1)
-
-
-def from_matrix(matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if len(shape) == 4:
-        c_out, c_in, kh, kw = shape
-        return matrix.reshape(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
-    return matrix.reshape(shape)
 
 
 def irregular(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -96,88 +86,12 @@ def channel_pattern(scores: torch.Tensor, density: float) -> torch.Tensor:
     return keep.view(shape).expand_as(scores).clone()
 
 
-def gather_scatter(scores: torch.Tensor, density: float, banks: int = 16, elems: int = 1) -> torch.Tensor:
-    """Gather-scatter projection (Sun et al. 2021). Threshold τ at the layer's density; per group of B/E
-    consecutive rows, as many packs as the group has entries above τ (÷ B, rounded); each pack is built
-    greedily: among rows still short of E entries, the largest remaining entry in a bank (column mod B)
-    the pack has not used. A pack that cannot be completed (rows out of entries in the free banks, which
-    only happens when C_in·k² is not a multiple of B) is dropped and ends the group. Rows past the last
-    full group (C_out not a multiple of B/E) follow the irregular pattern at τ."""
-    matrix = as_matrix(scores).float()
-    rows, cols = matrix.shape
-    group = banks // elems
-    n_groups, per_bank = rows // group, -(-cols // banks)
-    threshold = torch.quantile(matrix.flatten(), 1 - density) if 0 < density < 1 else None
-    keep_matrix = torch.zeros(rows, cols, dtype=torch.bool)
-    if density >= 1:
-        keep_matrix[:] = True
-    elif threshold is not None and n_groups * group < rows:
-        keep_matrix[n_groups * group:] = matrix[n_groups * group:] > threshold
-    if n_groups == 0 or threshold is None:
-        return from_matrix(keep_matrix, scores.shape)
-    padded = F.pad(matrix[: n_groups * group], (0, per_bank * banks - cols), value=-math.inf)
-    # values[g, row, bank, k]: k-th best entry of that row among the columns of that bank
-    values, order = padded.reshape(n_groups, group, per_bank, banks).transpose(2, 3).sort(dim=3, descending=True)
-    available = torch.isfinite(values).sum(3)                    # real entries per (group, row, bank)
-    above = (padded > threshold).reshape(n_groups, -1).sum(1)
-    packs = torch.round(above.float() / banks).long()
-    pointer = torch.zeros(n_groups, group, banks, dtype=torch.long)
-    keep = torch.zeros(n_groups, group, banks, per_bank, dtype=torch.bool)
-    g_index = torch.arange(n_groups)
-    for pack in range(int(packs.max())):
-        active = packs > pack
-        need = torch.full((n_groups, group), elems)
-        bank_free = torch.ones(n_groups, banks, dtype=torch.bool)
-        taken = []
-        for _ in range(banks):
-            head = values.gather(3, pointer.clamp(max=per_bank - 1)[..., None])[..., 0]
-            eligible = (need > 0)[:, :, None] & bank_free[:, None, :] & active[:, None, None] & (pointer < available)
-            best = torch.where(eligible, head, torch.full_like(head, -math.inf)).reshape(n_groups, -1)
-            choice = best.argmax(1)
-            ok = eligible.reshape(n_groups, -1).gather(1, choice[:, None])[:, 0]
-            row, bank = choice // banks, choice % banks
-            slot = order[g_index, row, bank, pointer[g_index, row, bank].clamp(max=per_bank - 1)]
-            g, row, bank, slot = g_index[ok], row[ok], bank[ok], slot[ok]
-            keep[g, row, bank, slot] = True
-            pointer[g, row, bank] += 1
-            need[g, row] -= 1
-            bank_free[g, bank] = False
-            taken.append((g, row, bank, slot))
-        incomplete = active & (need > 0).any(1)
-        if bool(incomplete.any()):  # roll the unfinished packs back; those groups take no more packs
-            for g, row, bank, slot in taken:
-                undo = incomplete[g]
-                keep[g[undo], row[undo], bank[undo], slot[undo]] = False
-            packs = torch.where(incomplete, torch.full_like(packs, pack), packs)
-    grouped = keep.transpose(2, 3).reshape(n_groups * group, per_bank * banks)[:, :cols]
-    keep_matrix[: n_groups * group] = grouped
-    return from_matrix(keep_matrix, scores.shape)
-
-
-def check_gather_scatter(mask: torch.Tensor, banks: int = 16, elems: int = 1) -> list[str]:
-    """Violations of the GS constraint in ``mask`` (empty list = valid): in every full group of B/E rows,
-    every row holds the same count, and counted by column mod B, every bank holds the same count."""
-    matrix = as_matrix(mask).bool()
-    rows, cols = matrix.shape
-    group = banks // elems
-    problems = []
-    for start in range(0, rows - group + 1, group):
-        part = matrix[start:start + group]
-        per_row = part.sum(1)
-        if not bool((per_row == per_row[0]).all()):
-            problems.append(f"rows {start}-{start + part.shape[0] - 1}: unequal row counts {per_row.tolist()}")
-        bank_of = torch.arange(cols) % banks
-        per_bank = torch.zeros(banks, dtype=torch.long).index_add_(0, bank_of, part.sum(0).long())
-        if not bool((per_bank == per_bank[0]).all()):
-            problems.append(f"rows {start}-{start + part.shape[0] - 1}: unequal bank counts {per_bank.tolist()}")
-    return problems
-
-
 PATTERNS: dict[str, Projection] = {"irregular": irregular, "nm": nm, "block": block, "filter": filter_pattern,
                                    "channel": channel_pattern, "gather_scatter": gather_scatter}
 ARGS: dict[str, tuple[tuple[str, type], ...]] = {
     "irregular": (), "filter": (), "channel": (), "nm": (("n", int), ("m", int)),
-    "block": (("r", int), ("c", int), ("reduce", str)), "gather_scatter": (("banks", int), ("elems", int))}
+    "block": (("r", int), ("c", int), ("reduce", str)),
+    "gather_scatter": (("banks", int), ("elems", int), ("tile", int))}
 
 
 def parse_pattern(spec: str) -> tuple[str, dict[str, object]]:
@@ -198,10 +112,12 @@ def parse_pattern(spec: str) -> tuple[str, dict[str, object]]:
         (name == "block" and (min(kwargs.get("r", 4), kwargs.get("c", 4)) < 1
                               or kwargs.get("reduce", "sum") not in ("sum", "mean"))) or \
         (name == "gather_scatter" and (kwargs.get("banks", 16) < 1 or kwargs.get("elems", 1) < 1
-                                       or kwargs.get("banks", 16) % kwargs.get("elems", 1)))
+                                       or kwargs.get("banks", 16) % kwargs.get("elems", 1)
+                                       or kwargs.get("tile", 0) < 0
+                                       or kwargs.get("tile", 0) % (kwargs.get("banks", 16) // kwargs.get("elems", 1))))
     if bad:
         raise ValueError(f"pattern {spec!r}: need 0 < N <= M (nm), R, C >= 1 and reduce sum|mean (block), "
-                         "E dividing B (gather_scatter)")
+                         "E dividing B and a tile T >= 0 that is a multiple of B/E (gather_scatter)")
     return name, kwargs
 
 
@@ -214,3 +130,80 @@ def fixed_density(spec: str) -> float | None:
 def project(pattern: str, scores: torch.Tensor, density: float) -> torch.Tensor:
     name, kwargs = parse_pattern(pattern)
     return PATTERNS[name](scores, density, **kwargs)
+
+
+def pattern_shape_problem(pattern: str, shape: torch.Size | tuple[int, ...],
+                          density: float | None = None) -> str | None:
+    """Why a weight of ``shape`` cannot hold ``pattern`` (at ``density`` within 0.01, if given) — None if it can."""
+    name, kwargs = parse_pattern(pattern)
+    if name == "gather_scatter":
+        return gs_shape_problem(shape, **kwargs, density=density)
+    return None
+
+
+@torch.no_grad()
+def check_pattern(pattern: str, mask: torch.Tensor) -> list[str]:
+    """Violations of ``pattern`` in ``mask`` (empty list = the mask is one the pattern can produce)."""
+    name, kwargs = parse_pattern(pattern)
+    matrix = as_matrix(mask).bool()
+    rows, cols = matrix.shape
+    if name == "gather_scatter":
+        return check_gather_scatter(mask, **kwargs)
+    if name == "nm":
+        n, m = kwargs.get("n", 2), kwargs.get("m", 4)
+        pad = (-cols) % m
+        groups = F.pad(matrix.float(), (0, pad)).reshape(rows, -1, m).sum(2)
+        real = F.pad(torch.ones(rows, cols), (0, pad)).reshape(rows, -1, m).sum(2)
+        bad = groups != torch.minimum(real, torch.full_like(real, n))
+        return [f"{int(bad.sum())} groups of {m} do not keep exactly {n}"] if bool(bad.any()) else []
+    if name == "block":
+        r, c = kwargs.get("r", 4), kwargs.get("c", 4)
+        padded = F.pad(matrix.float(), (0, (-cols) % c, 0, (-rows) % r))
+        real = F.pad(torch.ones(rows, cols), (0, (-cols) % c, 0, (-rows) % r))
+        kept = F.avg_pool2d(padded[None, None], (r, c))[0, 0]
+        size = F.avg_pool2d(real[None, None], (r, c))[0, 0]
+        mixed = (kept > 0) & (kept < size)
+        return [f"{int(mixed.sum())} blocks of {r}x{c} are partly kept"] if bool(mixed.any()) else []
+    if name == "filter":
+        mixed = matrix.any(1) & ~matrix.all(1)
+        return [f"{int(mixed.sum())} filters are partly kept"] if bool(mixed.any()) else []
+    if name == "channel":
+        per_channel = mask.bool().transpose(0, 1).reshape(mask.shape[1], -1)
+        mixed = per_channel.any(1) & ~per_channel.all(1)
+        return [f"{int(mixed.sum())} input channels are partly kept"] if bool(mixed.any()) else []
+    return []
+
+
+def rank01(x: torch.Tensor) -> torch.Tensor:
+    """Ranks of the entries of ``x`` scaled into [0, 1) (order-preserving, scale-free scores)."""
+    flat = x.detach().flatten().float()
+    ranks = torch.empty_like(flat)
+    ranks[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), dtype=torch.float32) / flat.numel()
+    return ranks.view_as(x)
+
+
+@torch.no_grad()
+def drop_and_regrow(pattern: str, mask: torch.Tensor, keep_scores: torch.Tensor, grow_scores: torch.Tensor,
+                    keep: int, grow: int, regrow_dropped: bool = True) -> torch.Tensor:
+    """A pattern-valid mask update for dynamic sparse training (RigL, MEST) with any projection.
+
+    Drop: the active entries (``mask``) are projected onto ``pattern`` at ``keep`` entries by ``keep_scores``
+    (inactive entries rank below every active one), so whole pattern units (blocks, filters, packs) leave.
+    Regrow: the survivors rank above everything else and the rest by ``grow_scores`` (the entries dropped
+    just now last unless ``regrow_dropped``); the projection at ``grow`` entries keeps the survivors and
+    fills the pattern with the best candidates. For a fixed-density pattern (N:M) the drop is element-wise
+    (the ``keep`` weakest-scored active entries stay... the rest leave) and the regrowth refills each group
+    to its N, so entries are swapped inside their groups and the count never changes."""
+    numel = mask.numel()
+    active = torch.where(mask, rank01(keep_scores), torch.full_like(keep_scores, -1.0, dtype=torch.float32))
+    if fixed_density(pattern) is None:
+        survivors = project(pattern, active, keep / numel) & mask
+    else:
+        survivors = irregular(active, keep / numel) & mask
+    dropped = mask & ~survivors
+    candidates = rank01(grow_scores)
+    if not regrow_dropped:
+        candidates = torch.where(dropped, candidates - 1.0, candidates)
+    # survivors above any unit of candidates, whatever the unit's size (a block's score is a sum)
+    candidates = torch.where(survivors, float(numel) + rank01(keep_scores), candidates)
+    return project(pattern, candidates, grow / numel)

@@ -5,7 +5,10 @@ Algorithm: the network is sparse from the first step — random masks at the per
 train stage (T_end), each prunable layer drops the fraction f(t) = alpha/2 * (1 + cos(pi t / T_end))
 of its active weights with the smallest magnitude and regrows the same number at the inactive
 positions (after the drop) with the largest *dense* gradient magnitude, initialised to zero; so every
-layer keeps its non-zero count. Dense gradients are read at update steps only: they are what backward
+layer keeps its non-zero count. With a structured ``pattern`` the drop and the regrowth move whole units
+of the pattern (blocks, filters, input channels, gather-scatter packs; N:M swaps entries inside their
+groups of M): :func:`~compress_run.methods.projections.drop_and_regrow`, so every mask stays a mask of
+the pattern after every update. Dense gradients are read at update steps only: they are what backward
 produces anyway before the masked entries are zeroed. As in the reference implementation an update
 step applies no weight update (weights and optimizer state are restored after Lightning's step), and
 the momentum of regrown connections starts at zero. Between updates masks are enforced as in
@@ -30,6 +33,7 @@ from torch import nn
 
 from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.masks import MaskEnforcer, apply_masks, get_mask, prune_by_score
+from compress_run.methods.projections import drop_and_regrow
 
 
 def drop_fraction(step: int, end_step: int, alpha: float) -> float:
@@ -37,22 +41,15 @@ def drop_fraction(step: int, end_step: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """New mask: drop ``fraction`` of the active weights by |w|, regrow as many by |grad| among the rest."""
+def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, fraction: float,
+                  pattern: str = "irregular") -> torch.Tensor:
+    """New mask: drop ``fraction`` of the active weights by |w| (whole units of ``pattern``), regrow as many by
+    |grad| among the rest (the dropped included), the result again a mask of ``pattern`` with the same count."""
     active = int(mask.sum())
     k = int(fraction * active)
     if k == 0:
         return mask.clone()
-    flat_mask = mask.flatten()
-    weight_score = torch.where(flat_mask, weight.abs().flatten(), torch.full_like(weight.flatten(), math.inf))
-    dropped = torch.topk(weight_score, k, largest=False).indices
-    after_drop = flat_mask.clone()
-    after_drop[dropped] = False
-    grow_score = torch.where(after_drop, torch.full_like(grad.flatten(), -math.inf), grad.abs().flatten())
-    grown = torch.topk(grow_score, k).indices
-    new = after_drop.clone()
-    new[grown] = True
-    return new.view_as(mask)
+    return drop_and_regrow(pattern, mask, weight.abs(), grad.abs(), active - k, active, regrow_dropped=True)
 
 
 class RigL(MaskPruningMethod):
@@ -109,7 +106,7 @@ class RigLUpdater(L.Callback):
             mask = get_mask(module)
             if module.weight.grad is None:
                 continue
-            new = drop_and_grow(module.weight, module.weight.grad, mask, fraction)
+            new = drop_and_grow(module.weight, module.weight.grad, mask, fraction, self.method.pattern)
             self.saved["grown"][module.weight] = new & ~mask
             mask.copy_(new)
         self.method.updates += 1

@@ -6,13 +6,18 @@
     compress-table table=chex_imagenet hydra/launcher=joblib hydra.launcher.n_jobs=2   # rows in parallel
     compress-table table=gap_imagenet hydra/launcher=slurm                # one SLURM job per row (submitit)
 
+    compress-table table=fmnist_sparse records=docs/records/fmnist_small --collect   # rebuild from records
+
 Options (key=value): ``table`` (a conf/table option or a YAML path), ``scale`` (full | smoke),
 ``force`` (false: finished rows are reused; true: they are moved to ``replaced/`` and run again),
 ``plot`` (false; true writes the Pareto figures next to the table), ``output_dir`` (default
-``logs/tables/<table>``, ``logs/tables/<table>-smoke`` at smoke scale). Every other ``key=value`` goes to
-each row's compress-run (launcher, dataset root, trainer settings). Rows run as one Hydra multirun with
-the rows sweeper (``hydra_plugins.compress_run_rows``), each in ``<output_dir>/rows/<row>``; a killed
-table is completed by running the same command again (unfinished rows resume from their checkpoints).
+``logs/tables/<table>``, ``logs/tables/<table>-smoke`` at smoke scale), ``records`` (default
+``<output_dir>/records``: where every finished run's small record is written as it completes, and read
+from when its run dir is gone). Every other ``key=value`` goes to each row's compress-run (launcher,
+dataset root, trainer settings). Runs (rows, times seeds for a table with ``seeds``) go as one Hydra
+multirun with the rows sweeper (``hydra_plugins.compress_run_rows``), each in ``<output_dir>/rows/<row>``
+(``rows/<row>/seed<s>``); a killed table is completed by running the same command again (unfinished
+runs resume from their checkpoints, runs with a record are not run again).
 Exit status: 0 when every row is done, 1 when a row failed or is still missing, 2 for bad input.
 """
 
@@ -31,9 +36,20 @@ from rich.table import Table
 
 from compress_run.pipeline.checkpoints import atomic_write_text
 from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
-from compress_run.pipeline.tables import TableConfig, load_table, row_overrides, row_state, write_table
+from compress_run.pipeline.tables import (
+    TableConfig,
+    TableRow,
+    launched_runs,
+    load_table,
+    record_path,
+    row_overrides,
+    run_dir_of,
+    run_key,
+    run_state,
+    write_table,
+)
 
-OPTIONS = {"table": None, "scale": "full", "force": "false", "plot": "false", "output_dir": None}
+OPTIONS = {"table": None, "scale": "full", "force": "false", "plot": "false", "output_dir": None, "records": None}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]:
@@ -43,7 +59,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]
             collect = True
         elif arg.startswith("-"):
             raise UserError(f"unknown flag '{arg}'", "the only flags are --collect and --help; options are "
-                            "key=value (table=, scale=, force=, plot=, output_dir=)")
+                            "key=value (table=, scale=, force=, plot=, output_dir=, records=)")
         elif "=" not in arg:
             raise UserError(f"argument '{arg}' is not key=value", "write e.g. table=gap_imagenet scale=smoke")
         else:
@@ -62,16 +78,19 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]
     return options, passthrough, collect
 
 
-def launch(table: TableConfig, names: list[str], table_dir: Path, smoke: bool, passthrough: list[str]) -> int:
-    """Run the named rows as one multirun of compress-run; returns its exit code."""
+def launch(table: TableConfig, todo: list[tuple[TableRow, int | None]], table_dir: Path, records_dir: Path,
+           smoke: bool, passthrough: list[str]) -> int:
+    """Run the (row, seed) runs as one multirun of compress-run; returns its exit code."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    jobs = [[*row_overrides(table, row, smoke), f"hydra.sweep.subdir={row.name}"]
-            for row in table.rows if row.name in names]
+    jobs = [[*row_overrides(table, row, smoke, seed), f"hydra.sweep.subdir={run_key(row.name, seed)}"]
+            for row, seed in todo]
+    names = [run_key(row.name, seed) for row, seed in todo]
     jobs_file = table_dir / "jobs" / f"{stamp}.yaml"
     jobs_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(jobs_file, OmegaConf.to_yaml(OmegaConf.create(jobs)))
     command = [sys.executable, "-m", "compress_run.pipeline.cli", "-m", "hydra/sweeper=rows",
-               f"hydra.sweeper.jobs_file={jobs_file}", f"hydra.sweep.dir={table_dir / 'rows'}", *passthrough]
+               f"hydra.sweeper.jobs_file={jobs_file}", f"hydra.sweep.dir={table_dir / 'rows'}",
+               f"hydra.callbacks.table_records.records_dir={records_dir}", *passthrough]
     started = time.time()
     code = subprocess.run(command, check=False).returncode
     with open(table_dir / "launches.jsonl", "a") as log:  # one line per launch: which rows ran, how it ended
@@ -87,35 +106,44 @@ def run(argv: list[str], console: Console) -> int:
     table = load_table(name)
     name = Path(name).stem
     table_dir = Path(options["output_dir"] or f"logs/tables/{name}{'-smoke' if smoke else ''}").absolute()
-    states = {row.name: row_state(table_dir / "rows" / row.name, row_overrides(table, row, smoke))[0]
-              for row in table.rows if not row.run}  # a row with `run` reads another row's run
+    records_dir = Path(options["records"]).absolute() if options["records"] else table_dir / "records"
+    runs = launched_runs(table)
+    states = {run_key(row.name, seed): run_state(run_dir_of(table_dir, row, seed), record_path(records_dir, row, seed),
+                                                 row_overrides(table, row, smoke, seed))[0]
+              for row, seed in runs}
     force = str(options["force"]).lower() == "true"
-    todo = [n for n, s in states.items() if s in ("missing", "failed") or (force and s in ("done", "stale"))]
-    stale = [n for n, s in states.items() if s == "stale" and not force]
+    todo = [(row, seed) for row, seed in runs
+            if states[run_key(row.name, seed)] in ("missing", "failed")
+            or (force and states[run_key(row.name, seed)] in ("done", "stale"))]
+    stale = [key for key, s in states.items() if s == "stale" and not force]
     bad_input = False
     console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows "
                   f"({len(states)} runs), {sum(s == 'done' for s in states.values())} runs done; "
                   f"table dir {table_dir}")
-    for row_name in stale:
-        console.print(f"[yellow]row {row_name}: its run dir holds a run with other overrides than the table now "
-                      "asks for; it is left as it is (force=true moves it to replaced/ and runs the row again)")
+    for key in stale:
+        console.print(f"[yellow]run {key}: its run dir (or record) holds a run with other overrides than the table "
+                      "now asks for; it is left as it is (force=true moves it to replaced/ and runs it again)")
+    todo_names = [run_key(row.name, seed) for row, seed in todo]
     if todo and not collect:
         table_dir.mkdir(parents=True, exist_ok=True)
-        for row_name in todo:
-            row_dir = table_dir / "rows" / row_name
-            if force and states[row_name] in ("done", "stale"):
-                target = table_dir / "replaced" / f"{row_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(row_dir), str(target))
-                console.print(f"row {row_name}: earlier run moved to {target}")
-        console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo)}")
-        code = launch(table, todo, table_dir, smoke, passthrough)
+        for row, seed in todo:
+            key = run_key(row.name, seed)
+            if force and states[key] in ("done", "stale"):
+                stamp = time.strftime('%Y%m%d-%H%M%S')
+                for source in (run_dir_of(table_dir, row, seed), record_path(records_dir, row, seed)):
+                    if source.exists():
+                        target = table_dir / "replaced" / f"{key.replace('/', '-')}-{stamp}{source.suffix}"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(str(source), str(target))
+                        console.print(f"run {key}: earlier {source.name} moved to {target}")
+        console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo_names)}")
+        code = launch(table, todo, table_dir, records_dir, smoke, passthrough)
         if code == EXIT_BAD_INPUT:
             bad_input = True
     elif collect and todo:
-        console.print(f"--collect: {len(todo)} rows not done ({', '.join(todo)}); not running them")
+        console.print(f"--collect: {len(todo)} runs not done ({', '.join(todo_names)}); not running them")
     table_dir.mkdir(parents=True, exist_ok=True)
-    rows = write_table(table, name, table_dir, smoke)
+    rows = write_table(table, name, table_dir, smoke, records_dir)
     summarize(rows, console)
     if str(options["plot"]).lower() == "true":
         from compress_run.pipeline.plots import plot_pareto
@@ -123,7 +151,7 @@ def run(argv: list[str], console: Console) -> int:
         done = [r for r in rows if r["status"] == "done"]
         png = plot_pareto(done, table_dir / "pareto", title=table.title + (" (smoke)" if smoke else ""))
         console.print(f"Pareto figures: {png}")
-    console.print(f"table: {table_dir / 'TABLE.md'} and {table_dir / 'table.csv'}")
+    console.print(f"table: {table_dir / 'TABLE.md'} and {table_dir / 'table.csv'}; records: {records_dir}")
     if bad_input:  # every job that failed was rejected as bad input (its paragraph is printed above)
         return EXIT_BAD_INPUT
     return 0 if all(r["status"] == "done" for r in rows) else 1
@@ -138,9 +166,14 @@ def summarize(rows: list[dict], console: Console) -> None:
     def fmt(value: float | None, spec: str = ".2f") -> str:
         return "–" if value is None else format(value, spec)
 
+    def ours(r: dict, m: str) -> str:
+        std = r.get(f"{m}_std")
+        return fmt(r[f"{m}_ours"]) + ("" if std is None else f" ± {std:.2f}")
+
     for r in rows:
-        pairs = [f"{fmt(r[f'{m}_ours'])} / {fmt(r[f'{m}_paper'])}" for m in metric_keys]
-        view.add_row(r["row"], r["status"], *pairs, fmt(r["macs_effective_M"]), fmt(r["latency_sim_ms"], ".3f"))
+        pairs = [f"{ours(r, m)} / {fmt(r[f'{m}_paper'])}" for m in metric_keys]
+        status = r["status"] + (f" {r['seeds_done']}/{r['seeds']}" if r["seeds"] > 1 else "")
+        view.add_row(r["row"], status, *pairs, fmt(r["macs_effective_M"]), fmt(r["latency_sim_ms"], ".3f"))
     console.print(view)
 
 

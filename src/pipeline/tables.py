@@ -1,14 +1,26 @@
-"""Paper tables: ``conf/table/<name>.yaml`` (rows = experiment + overrides + published values), the state
-of each row in a table's output dir, and ``TABLE.md`` / ``table.csv`` with paper value, ours and the
-difference side by side. The ``compress-table`` command that runs the missing rows is
-:mod:`compress_run.pipeline.table_cli`.
+"""Paper tables: ``conf/table/<name>.yaml`` (rows = experiment + overrides + published values, optional
+``seeds`` and ``orderings``), the state of each run in a table's output dir, and ``TABLE.md`` / ``table.csv``
+/ ``runs.csv`` / ``table.json`` with paper value, ours and the difference side by side. The
+``compress-table`` command that runs the missing rows is :mod:`compress_run.pipeline.table_cli`.
 
-A table dir holds ``rows/<row name>/`` (an ordinary compress-run output dir per row, so a killed row
-resumes from its checkpoints), ``TABLE.md``, ``table.csv`` and, with ``plot=true``, the Pareto figures.
+A table dir holds ``rows/<row>/`` (or ``rows/<row>/seed<s>/`` for every seed of a multi-seed table): an
+ordinary compress-run output dir per run, so a killed run resumes from its checkpoints. Beside it, every
+finished run leaves a small **record** (``records/<row>.json`` or ``records/<row>/seed<s>.json``: its metrics,
+overrides, host and commit, never checkpoints), written as the run completes. Records can live in a
+directory of their own (``records=`` of compress-table, e.g. committed under ``docs/``), so a table that spans
+several sessions on machines that may be replaced is rebuilt from them (``--collect``) and only the runs
+without a record are run again.
+
 Metrics (all in the units of the published tables): ``top1`` (% test accuracy), ``macs_reduction`` (% of
 the dense MACs removed), ``sparsity`` (% zeros in the prunable layers), ``params_reduction`` (% of the
 original parameters removed), ``latency_ms`` (simulated batch-1 latency on the run's hardware profile),
-``host_ms`` (measured batch-1 latency on the host that ran the evaluate stage).
+``host_ms`` (measured batch-1 latency on the host that ran the evaluate stage). A multi-seed row reports
+the mean and the sample standard deviation over its seeds.
+
+``orderings`` state the papers' claims about rows (``rows: [a, b, c]`` claims a ≥ b ≥ c on ``metric``;
+with ``within: x`` the claim is |a − b| ≤ x for every b after a). A "≥" claim *holds* only when the
+means differ by more than the sum of the two standard deviations (the ±1 std intervals do not overlap),
+is *reversed* when the same holds the other way, and is *not resolved* otherwise.
 """
 
 from __future__ import annotations
@@ -16,12 +28,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -47,8 +61,10 @@ METRICS: dict[str, tuple[str, Any]] = {
     "latency_ms": ("sim latency (ms)", lambda m: simulated_latency(m)[1]),
     "host_ms": ("host latency (ms, b1)", lambda m: m.get("latency_host_ms/b1")),
 }
+EXTRA = ("macs_effective_M", "macs_dense_M", "latency_sim_ms")  # aggregated beside the compared metrics
 SMOKE_OVERRIDES = ["debug=smoke", "dataset=synthetic", "logger=none", "evaluate.repeats=2", "evaluate.warmup=1"]
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RECORD_KEYS = ("status", "choices", "overrides", "seed", "started_at", "finished_at", "git", "host", "versions")
 
 
 @dataclass
@@ -62,8 +78,12 @@ class TableRow:
     run: str = ""                       # read the run of this other row (another level of it); not launched
 
 
-def run_dir_of(table_dir: Path, row: TableRow) -> Path:
-    return table_dir / "rows" / (row.run or row.name)
+@dataclass
+class Ordering:
+    rows: list[str] = MISSING           # the claimed order, best first (a >= b >= c)
+    metric: str = "top1"
+    within: float | None = None         # set: a closeness claim, |rows[0] - r| <= within for every other r
+    claim: str = ""                     # the paper's statement, shown beside the verdict
 
 
 @dataclass
@@ -72,9 +92,12 @@ class TableConfig:
     source: str = ""                    # where the published values come from
     metrics: list[str] = field(default_factory=lambda: ["top1"])  # compared metrics, the first is the headline
     smoke_overrides: list[str] = field(default_factory=list)     # added to SMOKE_OVERRIDES at scale=smoke
+    seeds: list[int] = field(default_factory=list)  # every row once per seed (empty: one run, the config's seed)
+    orderings: list[Ordering] = field(default_factory=list)
     rows: list[TableRow] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------------------------- loading
 def table_names() -> list[str]:
     return sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("table").iterdir()
                   if p.name.endswith(".yaml"))
@@ -97,8 +120,8 @@ def load_table(name: str) -> TableConfig:
         table = OmegaConf.merge(OmegaConf.structured(TableConfig), OmegaConf.load(path))
     except OmegaConfBaseException as exc:
         raise UserError(f"invalid table config {path}: {str(exc).splitlines()[0]}",
-                        "use the keys title, source, metrics, smoke_overrides and rows (name, experiment, overrides, "
-                        "paper, note, level, run) as in conf/table/gap_imagenet.yaml") from exc
+                        "use the keys title, source, metrics, smoke_overrides, seeds, orderings and rows (name, "
+                        "experiment, overrides, paper, note, level, run) as in conf/table/fmnist_sparse.yaml") from exc
     check_table(table, path)
     return table  # type: ignore[return-value]
 
@@ -127,33 +150,102 @@ def check_table(table: DictConfig, path: Path) -> None:
         if bad:
             raise UserError(f"table {path}, row '{row.name}': paper values for {bad}, which the table does not "
                             "compare", f"list them under metrics (now {list(table.metrics)})")
+        if any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in row.overrides) and table.seeds:
+            raise UserError(f"table {path}, row '{row.name}': a seed override in a table with seeds "
+                            f"{list(table.seeds)}", "remove the row's seed= override (the table sets it per run)")
     if not table.rows:
         raise UserError(f"table {path} has no rows", "add rows: [{name: ..., experiment: ..., paper: {...}}]")
+    if len(set(table.seeds)) != len(table.seeds):
+        raise UserError(f"table {path}: seeds {list(table.seeds)} repeat a seed", "list every seed once")
+    for ordering in table.orderings:
+        missing = [r for r in ordering.rows if r not in seen]
+        if len(ordering.rows) < 2 or missing or ordering.metric not in table.metrics:
+            raise UserError(f"table {path}: ordering {list(ordering.rows)} on '{ordering.metric}' names "
+                            f"{'unknown rows ' + str(missing) if missing else 'fewer than two rows or a metric '}"
+                            "the table does not have", "list at least two of the table's rows and one of its metrics")
 
 
-def row_overrides(table: TableConfig, row: TableRow, smoke: bool) -> list[str]:
-    """The overrides that define a row's job (without where it runs)."""
+# -------------------------------------------------------------------------------------- runs
+def seeds_of(table: TableConfig) -> list[int | None]:
+    return list(table.seeds) or [None]
+
+
+def run_key(row_name: str, seed: int | None) -> str:
+    """The run's path below rows/ and records/ (``row`` or ``row/seed<s>``)."""
+    return row_name if seed is None else f"{row_name}/seed{seed}"
+
+
+def run_dir_of(table_dir: Path, row: TableRow, seed: int | None = None) -> Path:
+    return table_dir / "rows" / run_key(row.run or row.name, seed)
+
+
+def record_path(records_dir: Path, row: TableRow, seed: int | None = None) -> Path:
+    return records_dir / f"{run_key(row.run or row.name, seed)}.json"
+
+
+def launched_runs(table: TableConfig) -> list[tuple[TableRow, int | None]]:
+    """(row, seed) of every run the table launches (rows with ``run`` read another row's runs)."""
+    return [(row, seed) for row in table.rows if not row.run for seed in seeds_of(table)]
+
+
+def row_overrides(table: TableConfig, row: TableRow, smoke: bool, seed: int | None = None) -> list[str]:
+    """The overrides that define a run's job (without where it runs)."""
     extra = [*SMOKE_OVERRIDES, *table.smoke_overrides] if smoke else []
-    return [f"experiment={row.experiment}", *row.overrides, *extra]
+    return [f"experiment={row.experiment}", *row.overrides, *([f"seed={seed}"] if seed is not None else []), *extra]
 
 
-def row_state(row_dir: Path, expected: list[str]) -> tuple[str, dict[str, Any]]:
-    """('done' | 'failed' | 'missing' | 'stale', results). 'stale': finished with other overrides than the
-    table now asks for (the table config changed); it is neither reused nor silently replaced."""
-    path = row_dir / "results.json"
-    if not path.is_file():
-        return "missing", {}
+def small_record(results: dict[str, Any]) -> dict[str, Any]:
+    """What a table needs of a run's results.json: scalar metrics, levels, overrides, host, commit."""
+    record = {k: results[k] for k in RECORD_KEYS if k in results}
+    record["metrics"] = {k: v for k, v in results.get("metrics", {}).items()
+                         if isinstance(v, int | float | str | bool) or v is None}
+    if results.get("levels"):
+        record["levels"] = results["levels"]
+    if results.get("level_mixes"):
+        record["level_mixes"] = results["level_mixes"]
+    return record
+
+
+def write_record(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(small_record(results), indent=1, sort_keys=True) + "\n")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
     try:
-        results = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return "failed", {"error": "unreadable results.json"}
+        return None
+
+
+def run_state(run_dir: Path, record: Path | None, expected: list[str]) -> tuple[str, dict[str, Any], str]:
+    """('done' | 'failed' | 'missing' | 'stale', results or record, where it came from: 'run' | 'record').
+
+    The run dir's results.json wins; without it, the run's record (if any) stands in. 'stale': finished
+    with other overrides than the table now asks for (the table config changed); it is neither reused nor
+    silently replaced."""
+    source, path = "run", run_dir / "results.json"
+    if not path.is_file() and record is not None and record.is_file():
+        source, path = "record", record
+    if not path.is_file():
+        return "missing", {}, source
+    results = _read(path)
+    if results is None:
+        return "failed", {"error": f"unreadable {path.name}"}, source
     given = set(results.get("overrides", []))
     smoke_run = "debug=smoke" in given and "debug=smoke" not in expected
     if not set(expected) <= given or smoke_run:
-        return "stale", results
-    return ("failed" if results.get("status") == "failed" else "done"), results
+        return "stale", results, source
+    return ("failed" if results.get("status") == "failed" else "done"), results, source
 
 
+def row_state(row_dir: Path, expected: list[str]) -> tuple[str, dict[str, Any]]:
+    """State of a run dir alone (no record): ('done' | 'failed' | 'missing' | 'stale', results)."""
+    state, results, _ = run_state(row_dir, None, expected)
+    return state, results
+
+
+# ------------------------------------------------------------------------------------ values
 def level_metrics(results: dict[str, Any], level: float) -> dict[str, Any]:
     """The run's metrics as they are for one level of a multi-level model ({} if it has no such level)."""
     row = next((r for r in results.get("levels", []) if r.get("target_sparsity") is not None
@@ -164,66 +256,167 @@ def level_metrics(results: dict[str, Any], level: float) -> dict[str, Any]:
             "model/prunable_sparsity": row["sparsity"]}
 
 
-def row_values(table: TableConfig, row: TableRow, results: dict[str, Any], smoke: bool) -> dict[str, Any]:
+def run_values(table: TableConfig, row: TableRow, results: dict[str, Any]) -> dict[str, Any]:
+    """The metric values of one finished run ({} for an empty result)."""
     metrics = results.get("metrics", {})
     if row.level is not None and results:
         metrics = level_metrics(results, row.level)
     hardware, latency = simulated_latency(metrics)
-    values: dict[str, Any] = {"row": row.name, "experiment": row.experiment,
-                              "method": results.get("choices", {}).get("method"),
-                              "macs_effective_M": _div(metrics.get("model/macs_effective"), 1e6),
+    values: dict[str, Any] = {"macs_effective_M": _div(metrics.get("model/macs_effective"), 1e6),
                               "macs_dense_M": _div(metrics.get("model/macs_dense"), 1e6),
                               "latency_sim_ms": latency, "hardware": hardware}
     for metric in table.metrics:
-        ours = METRICS[metric][1](metrics) if metrics else None
-        paper = None if smoke else row.paper.get(metric)
-        values[f"{metric}_paper"] = paper
-        values[f"{metric}_ours"] = ours
-        values[f"{metric}_diff"] = ours - paper if ours is not None and paper is not None else None
+        values[metric] = METRICS[metric][1](metrics) if metrics else None
     return values
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _div(value: float | None, by: float) -> float | None:
     return None if value is None else value / by
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-    return str(value)
+def collect_runs(table: TableConfig, table_dir: Path, records_dir: Path | None,
+                 smoke: bool) -> list[dict[str, Any]]:
+    """One entry per (row, seed): its state, values, where it lives, and (for a run dir) a fresh record."""
+    runs = []
+    for row in table.rows:
+        owner = next(r for r in table.rows if r.name == (row.run or row.name))
+        for seed in seeds_of(table):
+            run_dir = run_dir_of(table_dir, row, seed)
+            record = record_path(records_dir, row, seed) if records_dir else None
+            state, results, source = run_state(run_dir, record, row_overrides(table, owner, smoke, seed))
+            if state == "done" and row.level is not None and not level_metrics(results, row.level):
+                state, results = "failed", {"error": f"the run has no level {row.level}"}
+            if state == "done" and source == "run" and record is not None and not row.run:
+                previous = _read(record) if record.is_file() else None
+                if previous != small_record(results):
+                    write_record(record, results)
+            entry = {"row": row.name, "seed": seed, "status": state, "source": source,
+                     "error": results.get("error", "") if state == "failed" else "",
+                     "run_dir": str(run_dir.relative_to(table_dir)), "finished_at": results.get("finished_at"),
+                     "host": _host(results) if state == "done" else None,
+                     "commit": (results.get("git") or {}).get("commit") if state == "done" else None,
+                     "method": results.get("choices", {}).get("method") if state == "done" else None}
+            entry.update(run_values(table, row, results if state == "done" else {}))
+            runs.append(entry)
+    return runs
 
 
-def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool) -> list[dict[str, Any]]:
-    """Collect every row's results into ``table.csv`` and ``TABLE.md``; returns the rows."""
+def aggregate(table: TableConfig, runs: list[dict[str, Any]], smoke: bool) -> list[dict[str, Any]]:
+    """One entry per row: mean and std of every metric over its finished seeds, paper value, difference."""
     rows = []
     for row in table.rows:
-        row_dir = run_dir_of(table_dir, row)
-        state, results = row_state(row_dir, row_overrides(table, row, smoke))
-        if state == "done" and row.level is not None and not level_metrics(results, row.level):
-            state, results = "failed", {"error": f"the run has no level {row.level}"}
-        values = row_values(table, row, results if state == "done" else {}, smoke)
-        values.update(status=state, error=results.get("error", "") if state == "failed" else "",
-                      run_dir=str(row_dir), note=row.note, finished_at=results.get("finished_at"),
-                      host=_host(results) if state == "done" else None)
+        mine = [r for r in runs if r["row"] == row.name]
+        done = [r for r in mine if r["status"] == "done"]
+        failed = [r for r in mine if r["status"] == "failed"]
+        if len(done) == len(mine):
+            status = "done"
+        elif failed:
+            status = "failed"
+        elif any(r["status"] == "stale" for r in mine):
+            status = "stale"
+        else:
+            status = "partial" if done else "missing"
+        owner = row.run or row.name
+        values: dict[str, Any] = {"row": row.name, "experiment": row.experiment, "status": status,
+                                  "seeds_done": len(done), "seeds": len(mine), "note": row.note,
+                                  "error": failed[0]["error"] if failed else "",
+                                  "run_dir": f"rows/{owner}",
+                                  "method": next((r["method"] for r in done if r["method"]), None),
+                                  "hardware": next((r["hardware"] for r in done if r["hardware"]), None),
+                                  "finished_at": max((r["finished_at"] for r in done if r["finished_at"]),
+                                                     default=None),
+                                  "host": next((r["host"] for r in done if r["host"]), None)}
+        for metric in [*table.metrics, *EXTRA]:
+            mean, std = mean_std([r[metric] for r in done if r.get(metric) is not None])
+            key = metric if metric in EXTRA else f"{metric}_ours"
+            values[key] = mean
+            values[f"{metric}_std"] = std
+            if metric in table.metrics:
+                paper = None if smoke else row.paper.get(metric)
+                values[f"{metric}_paper"] = paper
+                values[f"{metric}_diff"] = mean - paper if mean is not None and paper is not None else None
         rows.append(values)
-    columns = ["row", "experiment", "method", "status"]
+    return rows
+
+
+def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The verdict on every claimed ordering (see the module docstring for the rule)."""
+    by_name = {r["row"]: r for r in rows}
+    verdicts = []
+    for ordering in table.orderings:
+        names = list(ordering.rows)
+        pairs = [(names[0], b) for b in names[1:]] if ordering.within is not None else \
+            list(zip(names, names[1:], strict=False))
+        for a, b in pairs:
+            ra, rb, metric = by_name[a], by_name[b], ordering.metric
+            ma, mb = ra[f"{metric}_ours"], rb[f"{metric}_ours"]
+            sa, sb = ra[f"{metric}_std"], rb[f"{metric}_std"]
+            entry = {"better": a, "worse": b, "metric": metric, "within": ordering.within, "claim": ordering.claim,
+                     "mean_a": ma, "std_a": sa, "n_a": ra["seeds_done"], "mean_b": mb, "std_b": sb,
+                     "n_b": rb["seeds_done"], "delta": None}
+            if ma is None or mb is None:
+                entry["verdict"] = "not run"
+            else:
+                delta = entry["delta"] = ma - mb
+                margin = (sa or 0.0) + (sb or 0.0)
+                if ordering.within is not None:
+                    entry["verdict"] = "holds" if abs(delta) <= ordering.within else "does not hold"
+                elif sa is None or sb is None:
+                    entry["verdict"] = "one seed: no std to judge by"
+                elif delta > margin:
+                    entry["verdict"] = "holds (beyond one std)"
+                elif -delta > margin:
+                    entry["verdict"] = "reversed (beyond one std)"
+                else:
+                    entry["verdict"] = "not resolved (within one std)"
+            verdicts.append(entry)
+    return verdicts
+
+
+# ------------------------------------------------------------------------------------ output
+def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool,
+                records_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Collect every run (run dir, else record) into ``table.csv``, ``runs.csv``, ``TABLE.md`` and
+    ``table.json``; writes the record of every finished run dir that lacks an up-to-date one."""
+    runs = collect_runs(table, table_dir, records_dir, smoke)
+    rows = aggregate(table, runs, smoke)
+    orderings = evaluate_orderings(table, rows)
+    columns = ["row", "experiment", "method", "status", "seeds_done", "seeds"]
     for metric in table.metrics:
-        columns += [f"{metric}_paper", f"{metric}_ours", f"{metric}_diff"]
+        columns += [f"{metric}_paper", f"{metric}_ours", f"{metric}_std", f"{metric}_diff"]
     columns += ["macs_effective_M", "macs_dense_M", "latency_sim_ms", "hardware", "error", "run_dir", "note"]
+    _write_csv(table_dir / "table.csv", columns, rows)
+    run_columns = ["row", "seed", "status", "source", *table.metrics, *EXTRA, "hardware", "error", "run_dir",
+                   "finished_at", "commit"]
+    _write_csv(table_dir / "runs.csv", run_columns, runs)
+    atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke, orderings))
+    meta = {"name": name, "title": table.title, "source": table.source, "metrics": list(table.metrics),
+            "seeds": list(table.seeds), "smoke": smoke,
+            "command": f"compress-table table={name}{' scale=smoke' if smoke else ''}",
+            "hosts": sorted({r["host"] for r in runs if r["host"]}),
+            "finished": sorted(r["finished_at"] for r in runs if r["finished_at"]),
+            "commits": sorted({r["commit"] for r in runs if r["commit"]}),
+            "rows": rows, "runs": runs, "orderings": orderings}
+    atomic_write_text(table_dir / "table.json", json.dumps(meta, indent=1) + "\n")
+    return rows
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(table_dir / "table.csv", buffer.getvalue())
-    atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke))
-    meta = {"name": name, "title": table.title, "source": table.source, "metrics": list(table.metrics),
-            "smoke": smoke, "command": f"compress-table table={name}{' scale=smoke' if smoke else ''}",
-            "hosts": sorted({r["host"] for r in rows if r["host"]}),
-            "finished": sorted(r["finished_at"] for r in rows if r["finished_at"]), "rows": rows}
-    atomic_write_text(table_dir / "table.json", json.dumps(meta, indent=1) + "\n")
-    return rows
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _host(results: dict[str, Any]) -> str:
@@ -237,8 +430,22 @@ def _host(results: dict[str, Any]) -> str:
     return f"{text}, torch {torch_version}" + (f", latency measured with {threads} thread(s)" if threads else "")
 
 
-def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bool) -> str:
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_mean(mean: Any, std: Any) -> str:
+    return _fmt(mean) if std is None or mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bool,
+                    orderings: list[dict[str, Any]] | None = None) -> str:
     """TABLE.md of a table (a TableConfig, or the same keys read back from table.json)."""
+    seeds = list(table.get("seeds", []) if isinstance(table, dict | DictConfig) else table.seeds)
     done = sum(r["status"] == "done" for r in rows)
     lines = [f"# {table.title}{' — SMOKE SCALE' if smoke else ''}", ""]
     if smoke:
@@ -247,7 +454,10 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     if table.source:
         lines += [f"Published values: {table.source}.", ""]
     lines += [f"`compress-table table={name}{' scale=smoke' if smoke else ''}` — {done} of {len(rows)} rows done.", ""]
-    compared = [m for m in table.metrics if any(r[f"{m}_paper"] is not None for r in rows)]
+    if seeds:
+        lines += [f"Every row ran with seeds {', '.join(map(str, seeds))}; values are mean ± sample standard "
+                  "deviation over the seeds that finished.", ""]
+    compared = [m for m in table.metrics if any(r.get(f"{m}_paper") is not None for r in rows)]
     header = ["row", "experiment"]
     for metric in table.metrics:  # paper and difference columns only where a published value exists
         label = METRICS[metric][0]
@@ -257,13 +467,41 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     for r in rows:
         cells = [r["row"], f"`{r['experiment']}`"]
         for metric in table.metrics:
-            ours = _fmt(r[f"{metric}_ours"])
+            ours = _fmt_mean(r[f"{metric}_ours"], r.get(f"{metric}_std"))
             cells += [_fmt(r[f"{metric}_paper"]), ours, _fmt(r[f"{metric}_diff"], -2)] if metric in compared else [ours]
         latency = f"{r['latency_sim_ms']:.3f} ({r['hardware']})" if r["latency_sim_ms"] is not None else "–"
-        status = r["status"] + (f": {r['error']}" if r["error"] else "")
+        status = r["status"] + (f" ({r['seeds_done']}/{r['seeds']} seeds)" if seeds else "")
+        status += f": {r['error']}" if r["error"] else ""
         cells += [_fmt(r["macs_effective_M"]), latency, status.replace("|", "\\|"), f"`{r['run_dir']}`"]
         lines.append("| " + " | ".join(cells) + " |")
+    if orderings:
+        lines += ["", "Claimed orderings (a claim holds only when the ±1 std intervals of the two rows do not "
+                  "overlap):", ""]
+        for o in orderings:
+            relation = f"|Δ| ≤ {o['within']:g}" if o["within"] is not None else "≥"
+            detail = "" if o["delta"] is None else (
+                f": {_fmt_mean(o['mean_a'], o['std_a'])} vs {_fmt_mean(o['mean_b'], o['std_b'])}, "
+                f"Δ = {o['delta']:+.2f}")
+            claim = f" ({o['claim']})" if o["claim"] else ""
+            lines.append(f"* {o['better']} {relation} {o['worse']} on {o['metric']}{claim}{detail} — "
+                         f"**{o['verdict']}**")
     notes = [f"* {r['row']}: {r['note']}" for r in rows if r["note"]]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+class TableRecords(Callback):
+    """Hydra callback: when a table's job ends, write its small record into ``records_dir`` (set by
+    compress-table), so a finished run is kept even if the table run is killed before it collects."""
+
+    def __init__(self, records_dir: str | None = None) -> None:
+        self.records_dir = records_dir
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if not self.records_dir:
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        results = _read(run_dir / "results.json")
+        if results and results.get("status") == "ok":
+            write_record(Path(self.records_dir) / f"{config.hydra.sweep.subdir}.json", results)

@@ -67,3 +67,22 @@ def test_pytorch_fallback_kernel_matches(monkeypatch):
         fallback = GSConv2d(conv)(x), GSLinear(linear)(v)
         assert torch.allclose(fallback[0], conv(x), atol=1e-5) and torch.allclose(fallback[1], linear(v), atol=1e-5)
     assert torch.allclose(compiled[0], fallback[0], atol=1e-5) and torch.allclose(compiled[1], fallback[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern,rows", [("gather_scatter:16", 40), ("gather_scatter:16:1:32", 64),
+                                          ("gather_scatter:16:1:32", 72)])
+def test_partial_and_tiled_row_groups_execute_exactly(monkeypatch, pattern, rows):
+    import compress_run.kernels.gather_scatter as gs
+
+    torch.manual_seed(rows)
+    layer = nn.Linear(48, rows)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(rows, 1) ** 3 * 10)  # rows of different magnitude: tiles regroup them
+    attach_mask(layer, project(pattern, layer.weight.detach().abs(), 0.25))
+    matrix = gs_matrix(layer)
+    assert matrix.nnz() == int(get_mask(layer).sum()) and sum(len(g) for g in matrix.groups) == rows
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        assert torch.allclose(GSLinear(layer)(x), layer(x), atol=1e-5)
+        monkeypatch.setattr(gs, "compiled_kernel", lambda: None)
+        assert torch.allclose(GSLinear(layer)(x), layer(x), atol=1e-5)

@@ -28,13 +28,27 @@ def test_prune_and_grow_keeps_the_most_important_and_grows_only_inactive_positio
     torch.manual_seed(0)
     mask = torch.rand(30, 40) < 0.2
     weight = torch.randn(30, 40) * mask
-    new = prune_and_grow(weight, weight.abs(), mask, keep=100, grow_to=180, generator=torch.Generator().manual_seed(1))
+    new = prune_and_grow(weight.abs(), mask, keep=100, grow_to=180, generator=torch.Generator().manual_seed(1))
     kept, grown = new & mask, new & ~mask
     assert kept.sum() == 100 and grown.sum() == 80 and new.sum() == 180
     assert weight[kept].abs().min() >= weight[mask & ~new].abs().max()   # dropped the least important
-    assert (weight[grown] == 0).all()                                    # grown positions start at zero
-    again = prune_and_grow(weight, weight.abs(), mask, 100, 180, torch.Generator().manual_seed(1))
+    again = prune_and_grow(weight.abs(), mask, 100, 180, torch.Generator().manual_seed(1))
     assert torch.equal(again, new)                                       # seeded, hence resumable
+    other = prune_and_grow(weight.abs(), mask, 100, 180, torch.Generator().manual_seed(2))
+    assert not torch.equal(other & ~mask, grown)                         # regrowth is random
+
+
+def test_update_regrows_at_zero_even_where_the_weight_held_a_value():
+    layer = torch.nn.Linear(20, 30)
+    method = MEST(sparsity=0.8, mode="ems", exclude=[])
+    net = torch.nn.Sequential(layer)
+    method.prune_subset(net, ["0"], 0.8)
+    old = get_mask(layer).clone()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight).abs() + 1.0)  # inactive entries hold non-zero values
+    method.update(net, epoch=0, train_epochs=10)
+    grown = get_mask(layer) & ~old
+    assert grown.any() and (layer.weight[grown] == 0).all()
 
 
 class Spy(L.Callback):

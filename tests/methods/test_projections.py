@@ -14,6 +14,7 @@ from compress_run.methods.projections import (
     fixed_density,
     from_matrix,
     parse_pattern,
+    pattern_shape_problem,
     project,
 )
 
@@ -93,6 +94,78 @@ def test_gather_scatter_prefers_large_entries_and_checker_catches_violations():
     broken[row, col] = False  # one row and one bank now short by one
     problems = check_gather_scatter(broken, 16, 1)
     assert any("row counts" in p for p in problems) and any("bank counts" in p for p in problems)
+
+
+def test_gather_scatter_holds_on_the_rows_after_the_last_full_group():
+    scores = _scores((40, 64))                 # 2 full groups of 16 rows + a partial group of 8
+    mask = project("gather_scatter:16", scores, 0.25)
+    assert check_gather_scatter(mask, 16, 1) == []
+    tail = mask[32:]
+    assert (tail.sum(1) == tail.sum(1)[0]).all() and tail.any()    # equal counts, not an irregular tail
+    broken = mask.clone()
+    row, col = torch.nonzero(broken[32:])[0]
+    broken[32 + row, col] = False
+    assert check_gather_scatter(broken, 16, 1)                     # the partial group is checked too
+
+
+def test_gather_scatter_meets_the_density_when_columns_are_not_a_multiple_of_the_banks():
+    mask = project("gather_scatter:16", _scores((64, 27)), 0.5)  # the 64x27 layer ended at 0.19
+    assert check_gather_scatter(mask, 16, 1) == []
+    assert abs(mask.float().mean().item() - 0.5) <= 0.01
+
+
+def _zoo_shapes(models: list[str]) -> list[tuple[int, ...]]:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    shapes = set()
+    for model in models:
+        cfg, _ = compose([f"model={model}"])
+        net = instantiate(cfg.model)
+        shapes |= {tuple(m.weight.shape) for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    return sorted(shapes)
+
+
+def _check_zoo(models: list[str], densities: tuple[float, ...]) -> None:
+    checked = refused = 0
+    for shape in _zoo_shapes(models):
+        for density in densities:
+            problem = pattern_shape_problem("gather_scatter:16", shape, density)
+            if problem:  # refused loudly, never projected quietly into something else
+                refused += 1
+                if "columns (C_in" in problem:
+                    with pytest.raises(ValueError, match="cannot hold the pattern"):
+                        project("gather_scatter:16", torch.rand(shape), density)
+                continue
+            mask = project("gather_scatter:16", torch.rand(shape), density)
+            assert check_gather_scatter(mask, 16, 1) == [], shape
+            assert abs(mask.float().mean().item() - density) <= 0.01, (shape, density)
+            checked += 1
+    assert checked > 10
+
+
+def test_gather_scatter_on_every_layer_of_the_small_zoo_models_at_90_percent():
+    _check_zoo(["resnet20", "resnet56", "mobilenet_v2", "deit_tiny"], (0.1,))
+
+
+@pytest.mark.slow
+def test_gather_scatter_on_every_layer_of_every_zoo_model():
+    _check_zoo(["resnet20", "resnet32", "resnet56", "vgg16_bn", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
+                "resnet101", "deit_tiny", "deit_small", "deit_base"], (0.5, 0.1))
+
+
+def test_tiled_gather_scatter_groups_rows_by_need_and_keeps_more_of_the_score():
+    torch.manual_seed(0)
+    scale = torch.rand(64, 1) ** 4 * 10           # rows of very different magnitude, interleaved
+    scores = (torch.rand(64, 96) * scale).abs()
+    plain = project("gather_scatter:16", scores, 0.2)
+    tiled = project("gather_scatter:16:1:64", scores, 0.2)
+    assert check_gather_scatter(tiled, 16, 1, tile=64) == [] and int(tiled.sum()) == int(plain.sum())
+    assert check_gather_scatter(tiled, 16, 1) != []  # its groups are not the consecutive ones
+    assert (scores * tiled).sum() > (scores * plain).sum()
+    with pytest.raises(ValueError, match="multiple of B/E"):
+        parse_pattern("gather_scatter:16:1:24")
 
 
 @pytest.mark.parametrize("shape", [(64, 16, 3, 3), (32, 48)])

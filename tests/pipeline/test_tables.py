@@ -96,7 +96,8 @@ def test_rows_are_reused_and_a_killed_table_completes_only_missing_rows(tmp_path
     forced = compress_table([*args, "force=true"], tmp_path)
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert launches(out)[-1]["rows"] == ["magnitude", "gmp", "dense"]
-    assert len(list((out / "replaced").iterdir())) == 3  # earlier runs kept, not deleted
+    replaced = list((out / "replaced").iterdir())  # earlier runs and their records kept, not deleted
+    assert sum(p.is_dir() for p in replaced) == 3 and sum(p.suffix == ".json" for p in replaced) == 3
     meta = read_json(out / "table.json")
     assert meta["smoke"] and len(meta["rows"]) == 3 and meta["hosts"]
 
@@ -112,6 +113,7 @@ def test_changed_table_marks_row_stale_and_collect_only_gathers(tmp_path):
     assert "other overrides" in proc.stdout
     assert not (out / "launches.jsonl").exists()
     status = {line.split(",")[0]: line.split(",")[3] for line in (out / "table.csv").read_text().splitlines()[1:]}
+    assert not (out / "records" / "gmp.json").exists()  # a stale run leaves no record
     assert status == {"magnitude": "missing", "gmp": "stale", "dense": "missing"}
 
 
@@ -189,3 +191,83 @@ def test_level_rows_read_one_multilevel_run(tmp_path):
     OmegaConf.save(OmegaConf.create({"title": "levels", "metrics": ["top1"], "rows": rows}), path)
     bad = compress_table([f"table={path}", f"output_dir={out}", "--collect"], tmp_path)
     assert bad.returncode == 2 and "is not another row" in " ".join(bad.stderr.split())
+
+
+def _fake_run(run_dir: Path, overrides: list[str], acc: float, seed: int) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "status": "ok", "overrides": overrides, "seed": seed, "choices": {"method": "magnitude"},
+        "finished_at": "2026-12-01T10:00:00+00:00", "git": {"commit": "abc", "dirty": False},
+        "metrics": {"test/acc": acc, "model/prunable_sparsity": 0.9, "model/macs_dense": 4e6,
+                    "model/macs_effective": 1e6, "latency_per_layer_unused": 1.0},
+        "latency_per_layer": {"big": [1, 2, 3]}}))
+
+
+def seeded_table(tmp_path: Path) -> Path:
+    path = tmp_path / "seeded.yaml"
+    rows = [{"name": "a", "experiment": "fmnist_gmp"}, {"name": "b", "experiment": "fmnist_magnitude"},
+            {"name": "c", "experiment": "fmnist_dense"}]
+    orderings = [{"rows": ["a", "b"], "claim": "a beats b"}, {"rows": ["b", "c"]},
+                 {"rows": ["a", "c"], "within": 1.0}]
+    OmegaConf.save(OmegaConf.create({"title": "seeded", "metrics": ["top1", "sparsity"], "seeds": [0, 1, 2],
+                                     "orderings": orderings, "rows": rows}), path)
+    return path
+
+
+def test_seeded_table_reports_mean_std_and_judges_each_ordering(tmp_path):
+    out = tmp_path / "out"
+    accs = {"a": [0.90, 0.91, 0.92], "b": [0.85, 0.86, 0.84], "c": [0.86, 0.845, 0.87]}
+    experiment = {"a": "fmnist_gmp", "b": "fmnist_magnitude", "c": "fmnist_dense"}
+    for row, values in accs.items():
+        for seed, acc in enumerate(values):
+            _fake_run(out / "rows" / row / f"seed{seed}", [f"experiment={experiment[row]}", f"seed={seed}"], acc, seed)
+    proc = compress_table([f"table={seeded_table(tmp_path)}", f"output_dir={out}", "--collect"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    meta = read_json(out / "table.json")
+    rows = {r["row"]: r for r in meta["rows"]}
+    assert rows["a"]["top1_ours"] == pytest.approx(91.0) and rows["a"]["top1_std"] == pytest.approx(1.0)
+    assert rows["b"]["top1_std"] == pytest.approx(1.0) and rows["a"]["seeds_done"] == 3
+    verdicts = {(o["better"], o["worse"]): o["verdict"] for o in meta["orderings"]}
+    assert verdicts[("a", "b")] == "holds (beyond one std)"        # 91 - 85 > 1 + 1
+    assert verdicts[("b", "c")] == "not resolved (within one std)"  # 85 vs 85.83 +- 1.25
+    assert verdicts[("a", "c")] == "does not hold"                  # |91 - 85.83| > 1
+    text = (out / "TABLE.md").read_text()
+    assert "91.00 ± 1.00" in text and "holds (beyond one std)" in text and "a beats b" in text
+    assert str(tmp_path) not in text and str(tmp_path) not in (out / "table.json").read_text()  # no machine paths
+    assert len((out / "runs.csv").read_text().splitlines()) == 10
+    record = read_json(out / "records" / "a" / "seed1.json")  # written for every finished run
+    assert record["metrics"]["test/acc"] == 0.91 and "latency_per_layer" not in record
+
+
+def test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none(tmp_path):
+    out, records = tmp_path / "out", tmp_path / "records"
+    table = seeded_table(tmp_path)
+    experiment = {"a": "fmnist_gmp", "b": "fmnist_magnitude", "c": "fmnist_dense"}
+    for row in ("a", "b", "c"):
+        for seed in (0, 1, 2):
+            if (row, seed) != ("c", 2):
+                _fake_run(out / "rows" / row / f"seed{seed}", [f"experiment={experiment[row]}", f"seed={seed}"],
+                          0.8, seed)
+    first = compress_table([f"table={table}", f"output_dir={out}", f"records={records}", "--collect"], tmp_path)
+    assert first.returncode == 1 and "c/seed2" in first.stdout
+    assert len(list(records.rglob("*.json"))) == 8
+    shutil.rmtree(out)  # a fresh machine: only the committed records are left
+    again = compress_table([f"table={table}", f"output_dir={out}", f"records={records}", "--collect"], tmp_path)
+    assert again.returncode == 1
+    runs = {(r["row"], r["seed"]): r for r in read_json(out / "table.json")["runs"]}
+    assert runs[("a", 0)]["status"] == "done" and runs[("a", 0)]["source"] == "record"
+    assert runs[("c", 2)]["status"] == "missing"
+    assert read_json(out / "table.json")["rows"][2]["status"] == "partial"
+
+
+def test_seeded_rows_run_once_per_seed_and_leave_records(tmp_path):
+    path, out = tmp_path / "one.yaml", tmp_path / "out"
+    OmegaConf.save(OmegaConf.create({"title": "one", "metrics": ["top1"], "seeds": [3, 4],
+                                     "smoke_overrides": ["schedule.train.epochs=1"],
+                                     "rows": [{"name": "dense", "experiment": "fmnist_dense"}]}), path)
+    proc = compress_table([f"table={path}", "scale=smoke", f"output_dir={out}", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for seed in (3, 4):
+        assert read_json(out / "rows" / "dense" / f"seed{seed}" / "results.json")["seed"] == seed
+        assert read_json(out / "records" / "dense" / f"seed{seed}.json")["seed"] == seed
+    assert read_json(out / "table.json")["rows"][0]["seeds_done"] == 2
