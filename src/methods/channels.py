@@ -143,3 +143,19 @@ def search_keep_fraction(macs_at: Callable[[float], float], target_macs: float, 
         mid = (low + high) / 2
         low, high = (mid, high) if macs_at(mid) <= target_macs else (low, mid)
     return low
+
+
+def unreachable_mac_target(model: nn.Module, input_shape: tuple[int, ...], groups: list[ChannelGroup],
+                           flops_reduction: float, min_channels: int, skipped: dict[str, str]) -> str | None:
+    """Why ``flops_reduction`` cannot be met by cutting ``groups`` (every group at ``min_channels`` at most
+    removes this much), with the reachable range — None when it can be met."""
+    macs = MacModel(model, input_shape, groups)
+    floor = macs.macs({g.id: min(min_channels, g.size) for g in groups})
+    best = 1.0 - floor / macs.total
+    if flops_reduction <= best - 1e-6:
+        return None
+    whole = f"; {len(skipped)} channel group(s) stay whole ({'; '.join(list(skipped.values())[:2])})" if skipped \
+        else ""
+    return (f"method.flops_reduction={flops_reduction} cannot be reached: with every prunable channel group cut to "
+            f"method.min_channels={min_channels}, the network still keeps {floor / macs.total:.1%} of its MACs, so "
+            f"the reachable range is 0 < flops_reduction <= {best:.3f}{whole}")

@@ -62,6 +62,7 @@ from compress_run.methods.channels import (
     search_keep_fraction,
     set_channel_mask,
     unit_rows,
+    unreachable_mac_target,
 )
 from compress_run.methods.cycles import seeded_generator
 from compress_run.methods.masks import MaskEnforcer
@@ -124,9 +125,16 @@ class CHEX(Method):
         return groups
 
     def check_applicable(self, model: nn.Module) -> None:
-        if not self.groups(model):
+        groups = self.groups(model)
+        if not groups:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:4])
             raise NotApplicable(f"CHEX found no prunable channel group with BatchNorm ({reasons})")
+        if self.target == "flops":
+            problem = unreachable_mac_target(model, self.input_shape, groups, self.flops_reduction,
+                                             self.min_channels, self.skipped)
+            if problem:
+                raise NotApplicable(f"{problem}. Lower method.flops_reduction (or method.min_channels), or let more "
+                                    "groups be pruned (method.prune_residual, method.exclude)")
 
     def keep_fraction(self, model: nn.Module, groups: list[ChannelGroup],
                       scores: dict[int, torch.Tensor] | None) -> float:

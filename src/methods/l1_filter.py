@@ -32,6 +32,7 @@ from compress_run.methods.channels import (
     round_count,
     search_keep_fraction,
     set_channel_mask,
+    unreachable_mac_target,
 )
 from compress_run.methods.masks import MaskEnforcer
 
@@ -53,9 +54,16 @@ class L1Filter(Method):
         return groups
 
     def check_applicable(self, model: nn.Module) -> None:
-        if not self.groups(model):
+        groups = self.groups(model)
+        if not groups:
             reasons = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
             raise NotApplicable(f"no prunable channel group ({reasons})")
+        if self.target == "flops":
+            problem = unreachable_mac_target(model, self.input_shape, groups, self.flops_reduction,
+                                             self.min_channels, self.skipped)
+            if problem:
+                raise NotApplicable(f"{problem}. Lower method.flops_reduction (or method.min_channels), or let more "
+                                    "groups be pruned (method.prune_residual, method.exclude)")
 
     def counts(self, groups: list[ChannelGroup], keep: float) -> dict[int, int]:
         return {g.id: round_count(max(min(self.min_channels, g.size), round(keep * g.size)), g.size,

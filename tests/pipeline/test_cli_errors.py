@@ -42,6 +42,13 @@ CASES = [
      ["hardware.dtype='fp32'", "['int8']"]),
     ("zero_repeats", ["evaluate.repeats=0"], ["evaluate.repeats=0 is not allowed"]),
     ("rigl_alpha", ["method=rigl", "method.alpha=1.5"], ["method.alpha=1.5 is not allowed", "(0, 1)"]),
+    ("l1_filter_unreachable_macs", ["method=l1_filter", "method.target=flops", "method.flops_reduction=0.99"],
+     ["method.flops_reduction=0.99 cannot be reached", "reachable range is 0 < flops_reduction <="]),
+    ("chex_unreachable_macs", ["method=chex", "method.target=flops", "method.flops_reduction=0.99",
+                               "method.prune_residual=false"],
+     ["method.flops_reduction=0.99 cannot be reached", "stay whole", "tied by a residual add"]),
+    ("gs_on_a_layer_too_narrow", ["method.pattern=gather_scatter:16", "method.exclude=[classifier]"],
+     ["method.pattern=gather_scatter:16 cannot hold on 1 layer(s), e.g. conv1", "9 columns", "method.exclude"]),
 ]
 
 
