@@ -138,6 +138,7 @@ class LowRankLinear(Factorized):
         self._args = {"in_features": in_features, "out_features": out_features, "rank": rank, "bias": bias}
         self.first = nn.Linear(in_features, rank, bias=False)
         self.second = nn.Linear(rank, out_features, bias=bias)
+        self.gate: torch.Tensor | None = None  # one weight per component during a rank search (not saved)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> LowRankLinear:
@@ -154,8 +155,25 @@ class LowRankLinear(Factorized):
         a = self._args
         return two_factor_fraction(a["in_features"], a["out_features"], (1, 1), a["rank"], "channel")
 
+    @torch.no_grad()
+    def resvd(self, rank: int) -> None:
+        """Re-factor from the product of the current factors by SVD, keeping ``rank`` components (at most the
+        current rank): orthogonal components ordered by singular value, so a prefix is the best truncation."""
+        rank = min(rank, self._args["rank"])
+        left, right, _ = _split_svd(self.second.weight @ self.first.weight, rank)
+        device, dtype = self.first.weight.device, self.first.weight.dtype
+        bias = None if self.second.bias is None else self.second.bias.detach().clone()
+        self.first = nn.Linear(self._args["in_features"], rank, bias=False).to(device=device, dtype=dtype)
+        self.second = nn.Linear(rank, self._args["out_features"], bias=bias is not None).to(device=device, dtype=dtype)
+        self.first.weight.copy_(right)
+        self.second.weight.copy_(left)
+        if bias is not None:
+            self.second.bias.copy_(bias)
+        self._args["rank"] = rank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        hidden = self.first(x)
+        return self.second(hidden if self.gate is None else hidden * self.gate.to(hidden.dtype))
 
 
 def _conv_args(layer: nn.Conv2d) -> dict[str, Any]:
@@ -205,7 +223,8 @@ class LowRankConv2d(Factorized):
                                    a["stride"][1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        hidden = self.first(x)
+        return self.second(hidden if self.gate is None else hidden * self.gate.to(hidden.dtype))
 
 
 class Tucker2Conv2d(Factorized):

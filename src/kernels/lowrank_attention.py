@@ -98,6 +98,37 @@ class LowRankAttention(Factorized):
     def ranks(self) -> list[int]:
         return [self.qk_rank, self.vo_rank]
 
+    @torch.no_grad()
+    def resvd(self, qk_rank: int, vo_rank: int) -> None:
+        """Re-factor every head from the products of its current factors by SVD, keeping ``qk_rank`` and
+        ``vo_rank`` components (at most the current ranks): afterwards the components are orthogonal and
+        ordered by singular value, so a prefix of them is the best truncation (COMCAT between rank changes)."""
+        heads, c = self.num_heads, self.q.in_features
+        qk_rank, vo_rank = min(qk_rank, self.qk_rank), min(vo_rank, self.vo_rank)
+        q = torch.cat([self.q.weight, self.q.bias[:, None]], 1).double()     # H·r × (C+1)
+        k = torch.cat([self.k.weight, self.k.bias[:, None]], 1).double()
+        v, o = self.v.weight.double(), self.o.weight.double()                # H·r × C, C × H·r
+        q_w, q_b, k_w, k_b, v_w, o_w = [], [], [], [], [], []
+        for h in range(heads):
+            rows = slice(h * self.qk_rank, (h + 1) * self.qk_rank)
+            u, s, vh = torch.linalg.svd(q[rows].T @ k[rows], full_matrices=False)
+            root = s[:qk_rank].sqrt()
+            a, b = u[:, :qk_rank] * root, vh[:qk_rank].T * root
+            q_w.append(a[:c].T), q_b.append(a[c]), k_w.append(b[:c].T), k_b.append(b[c])
+            rows = slice(h * self.vo_rank, (h + 1) * self.vo_rank)
+            u2, s2, vh2 = torch.linalg.svd(v[rows].T @ o[:, rows].T, full_matrices=False)
+            root2 = s2[:vo_rank].sqrt()
+            v_w.append((u2[:, :vo_rank] * root2).T), o_w.append((root2[:, None] * vh2[:vo_rank]).T)
+        device, dtype = self.q.weight.device, self.q.weight.dtype
+        out_bias = self.o.bias.detach().clone()
+        self.qk_rank, self.vo_rank = self._args["qk_rank"], self._args["vo_rank"] = qk_rank, vo_rank
+        self.q, self.k = nn.Linear(c, heads * qk_rank), nn.Linear(c, heads * qk_rank)
+        self.v, self.o = nn.Linear(c, heads * vo_rank, bias=False), nn.Linear(heads * vo_rank, c)
+        for layer, weight in ((self.q, torch.cat(q_w)), (self.k, torch.cat(k_w)), (self.v, torch.cat(v_w)),
+                              (self.o, torch.cat(o_w, 1))):
+            layer.to(device=device, dtype=dtype).weight.copy_(weight)
+        self.q.bias.copy_(torch.cat(q_b)), self.k.bias.copy_(torch.cat(k_b)), self.o.bias.copy_(out_bias)
+
     def mac_fraction(self) -> float:
         a, n = self._args, self.tokens
         inner, heads = a["num_heads"] * a["head_dim"], a["num_heads"]

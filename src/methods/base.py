@@ -44,6 +44,12 @@ class Method:
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
     input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
     hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
+    distill: Any = None          # set by the pipeline: a Distillation when distill.teacher is given, else None
+    distill_config: dict[str, Any] = {"kind": "soft", "alpha": 0.5, "temperature": 1.0}  # the run's distill.*
+
+    def distill_settings(self) -> dict[str, Any]:
+        """kind, alpha and temperature of the run's ``distill`` config (for a method's own distilled passes)."""
+        return {k: self.distill_config[k] for k in ("kind", "alpha", "temperature")}
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""

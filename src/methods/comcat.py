@@ -1,35 +1,51 @@
-"""COMCAT — low-rank multi-head attention for ViTs (Xiao et al., ICML 2023).
+"""COMCAT — low-rank multi-head attention for ViTs (Xiao et al., "COMCAT: Towards Efficient Compression and
+Customization of Attention-Based Vision Models", ICML 2023), following the authors' released training code.
 
 Algorithm: each transformer block's attention is refactored per head through the products W_q·W_kᵀ and
 W_v·W_o (:class:`~compress_run.kernels.lowrank_attention.LowRankAttention`: truncated SVDs of those
-products give narrower heads computed with plain dense GEMMs), and the MLP's two linears become two-factor
-SVD layers. Ranks are searched: every factorized module (attention Q·K, attention V·O, MLP fc1, MLP fc2)
-has logits over candidate ranks; each search epoch (1) updates only the logits with Gumbel-softmax rank
-mixing (a candidate = a prefix of the module's components, so mixing is a soft gate per component) on
-CE·(params/target)^β when the expected parameter count is above the target, CE otherwise, τ annealed
-exponentially from ``tau_start`` to ``tau_end`` over the whole search; (2) takes the argmax ranks;
-(3) trains the weights of the network at those ranks with CE + distillation from the dense model +
-block-output MSE. At the end every module is cut to its ranks (physically smaller); the finetune stage
-then trains the small network.
+products give narrower heads computed with plain dense GEMMs); the MLP's two linears and the classifier
+head become two-factor SVD layers. Every factorized module starts at its largest candidate rank. Then,
+for ``search_epochs`` epochs: from the second epoch on, (1) every module is re-factored by SVD from the
+product of its current factors (so a prefix of its components is the best truncation), (2) a search pass
+updates only the rank logits: each module's output mixes its candidate truncations with Gumbel-softmax
+weights at temperature τ, loss CE·(params/target)^β when the expected parameter count is above the
+target, CE otherwise, (3) every module is cut to the argmax rank and τ is multiplied by
+(τ_end/τ_start)^(1/epochs); in every epoch a training pass updates the weights at the current ranks with a
+fresh AdamW (cosine LR over the epochs) on the distillation loss of the shared ``distill`` path
+(:mod:`compress_run.methods.distill`; the paper: hard distillation, alpha 0.5, from the uncompressed model)
+plus an alignment term: the MSE between the outputs of blocks ``align_blocks`` (default the first two and
+last two) and the teacher's, weighted by ``block_weight`` (0.5) multiplied every epoch by
+cos(π/2·epoch/epochs), never below 0.01. The finetune stage then trains the small network (with the
+``distill`` path when ``distill.stages`` includes finetune).
 
 Choices where the paper leaves details open (documented here, configurable):
-* Full-rank start: attention at the head dimension, MLP linears at rank min(in, out) — output-equivalent
-  to the dense model, so the search starts from the trained network exactly.
-* Candidates: attention per-head ranks ``attn_ranks`` (default multiples of head_dim/8 up to head_dim);
-  MLP ranks ``mlp_ranks`` (default multiples of dim/6 rounded down to 8, from 1× to 5×: 64…320 for
-  dim 384, as the spec gives; set [128, 192, …, 512] for DeiT-B as published).
-* Each epoch's search and weight passes cover ``search_fraction`` and ``train_fraction`` of the training
-  data. Distillation: KL(student‖teacher) at temperature ``kd_temperature`` weighted ``kd_weight``;
-  block-output MSE weighted ``block_weight``. Weights train with AdamW at ``weight_lr`` (DeiT's optimizer).
-* The finetune stage is plain CE on labels (the pipeline's finetune); distillation happens in the search.
+* Candidate ranks: the released code's tables — attention total ranks (summed over heads) 64…320 step 64
+  for width 384 (32…160 for 192, 128…512 for 768), per-head rank = total // heads; MLP and head ranks by
+  min(in, out): [12, 24, 32, 48, 64, 96, 128, 144, 192, 288] for 384 (the tables for 192 and 768 likewise).
+  Other widths scale the 384 tables by width/384 (``attn_ranks``, ``mlp_ranks`` override).
+* The classifier head is factorized when min(in, out) >= 64 (a 10-class head has no meaningful rank
+  candidates; the released code has no table for it). ``factorize_head: false`` keeps it dense.
+* Without ``distill.teacher`` the teacher (and alignment model) is the network as it enters the compress
+  stage — the trained dense model, as in the released scripts (teacher path = the model being compressed).
+
+Known deviations from the released code:
+* The search pass reads the train split (``search_fraction`` of an epoch); the released code searches on
+  its evaluation loader (ImageNet val). Ours keeps the validation and test splits out of every decision.
+* Soft distillation uses the batch-mean KL (the released DeiT loss divides the summed KL by numel).
+* The block alignment is applied in the search epochs only, not in the finetune stage (the released
+  finetune script aligns too); the finetune stage distils through ``distill`` alone.
+* Attention q/k biases are kept inside the factorization (the released code drops them); exact at full rank.
+* Weights train with AdamW at ``weight_lr`` (the released code scales DeiT's 5e-4 by batch/512).
 
 Config keys (conf/method/comcat.yaml):
 * ``params_reduction`` (0.5): fraction of the dense model's parameters removed (target = rest).
-* ``search_epochs`` (2); ``search_fraction`` (0.5); ``train_fraction`` (0.5).
+* ``search_epochs`` (2; the paper: 30, set in the comcat_* paper experiments); ``search_fraction`` (1.0),
+  ``train_fraction`` (1.0): fractions of an epoch in each search and training pass.
 * ``tau_start`` (5.0), ``tau_end`` (0.1); ``params_exponent`` (1.5): β; ``arch_lr`` (0.01),
-  ``arch_weight_decay`` (5e-4); ``weight_lr`` (1e-4).
-* ``kd_weight`` (1.0), ``kd_temperature`` (1.0), ``block_weight`` (1.0).
-* ``attn_ranks`` ([]), ``mlp_ranks`` ([]): candidate lists; empty = the default rule above.
+  ``arch_weight_decay`` (5e-4): AdamW on the logits; ``weight_lr`` (5e-4), ``weight_decay`` (0.05).
+* ``block_weight`` (0.5), ``align_blocks`` ([0, 1, -2, -1]).
+* ``factorize_head`` (true); ``attn_ranks``, ``mlp_ranks``, ``head_ranks`` ([]): candidate lists (attention:
+  total over heads); empty = the tables above.
 """
 
 from __future__ import annotations
@@ -49,7 +65,23 @@ from torch import nn
 from compress_run.kernels.factorized import LowRankLinear
 from compress_run.kernels.lowrank_attention import LowRankAttention, check_timm_attention
 from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.distill import distillation_loss
 from compress_run.pipeline.errors import UserError
+
+ATTN_TOTAL_RANKS = {192: [32, 64, 96, 128, 160], 384: [64, 128, 192, 256, 320],
+                    768: [128, 192, 256, 320, 384, 448, 512]}
+LINEAR_RANKS = {192: [6, 12, 24, 48, 64, 96, 128, 144], 384: [12, 24, 32, 48, 64, 96, 128, 144, 192, 288],
+                768: [24, 32, 48, 64, 128, 192, 256, 320, 384, 448, 512]}
+
+
+def alignment_weights(start: float, epochs: int) -> list[float]:
+    """The block-alignment weight of every search epoch: multiplied by cos(π/2·epoch/epochs) each epoch (the
+    released code's cumulative decay), never below 0.01."""
+    weights, weight = [], start
+    for epoch in range(epochs):
+        weight = max(weight * math.cos(math.pi * 0.5 * epoch / epochs), 0.01)
+        weights.append(weight)
+    return weights
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,6 +91,12 @@ def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
             and hasattr(m.mlp, "fc1") and hasattr(m.mlp, "fc2")}
 
 
+def _scaled(table: dict[int, list[int]], width: int) -> list[int]:
+    if width in table:
+        return list(table[width])
+    return sorted({max(1, round(r * width / 384)) for r in table[384]})
+
+
 class RankChoice:
     """One factorized module's rank search: logits over candidates, each candidate's parameter count."""
 
@@ -66,18 +104,24 @@ class RankChoice:
                  params: Callable[[int], int]) -> None:
         self.name, self.part, self.module, self.full = name, part, module, full
         self.candidates = [r for r in candidates if 1 <= r <= full] or [full]
+        self.params_of = params
         self.params = torch.tensor([float(params(r)) for r in self.candidates])
         self.logits = nn.Parameter(torch.zeros(len(self.candidates)))
         self.chosen = self.candidates[-1]
+
+    def cap(self, rank: int) -> None:
+        """The module now has ``rank`` components: larger candidates are gone (their logits with them)."""
+        keep = [i for i, r in enumerate(self.candidates) if r <= rank] or [0]
+        self.candidates = [self.candidates[i] for i in keep]
+        self.params = torch.tensor([float(self.params_of(r)) for r in self.candidates])
+        self.logits = nn.Parameter(self.logits.detach()[keep].clone())
+        self.full = rank
 
     def gate(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-component gate: component c is kept by every candidate rank > c, weighted by its weight."""
         ranks = torch.tensor(self.candidates)
         keep = (torch.arange(self.full)[None, :] < ranks[:, None]).to(weights.dtype)  # candidates × full
         return weights @ keep
-
-    def hard_gate(self) -> torch.Tensor:
-        return (torch.arange(self.full) < self.chosen).float()
 
     def expected_params(self) -> torch.Tensor:
         return (F.softmax(self.logits, 0) * self.params).sum()
@@ -91,32 +135,25 @@ def _set_gate(choice: RankChoice, gate: torch.Tensor | None) -> None:
         module.gate = gate
 
 
-def _linear_gate_hook(owner: LowRankLinear) -> Callable:
-    """A pre-hook for ``owner.second`` that scales the rank components by ``owner.gate``."""
-    def hook(module: nn.Module, args: tuple) -> tuple | None:
-        gate = getattr(owner, "gate", None)
-        return None if gate is None else (args[0] * gate.to(args[0].dtype),)
-    return hook
-
-
 class COMCAT(Method):
-    def __init__(self, params_reduction: float = 0.5, search_epochs: int = 2, search_fraction: float = 0.5,
-                 train_fraction: float = 0.5, tau_start: float = 5.0, tau_end: float = 0.1,
+    def __init__(self, params_reduction: float = 0.5, search_epochs: int = 2, search_fraction: float = 1.0,
+                 train_fraction: float = 1.0, tau_start: float = 5.0, tau_end: float = 0.1,
                  params_exponent: float = 1.5, arch_lr: float = 0.01, arch_weight_decay: float = 5e-4,
-                 weight_lr: float = 1e-4, kd_weight: float = 1.0, kd_temperature: float = 1.0,
-                 block_weight: float = 1.0, attn_ranks: Iterable[int] = (), mlp_ranks: Iterable[int] = ()) -> None:
+                 weight_lr: float = 5e-4, weight_decay: float = 0.05, block_weight: float = 0.5,
+                 align_blocks: Iterable[int] = (0, 1, -2, -1), factorize_head: bool = True,
+                 attn_ranks: Iterable[int] = (), mlp_ranks: Iterable[int] = (), head_ranks: Iterable[int] = ()) -> None:
         self.params_reduction, self.search_epochs = float(params_reduction), int(search_epochs)
         self.search_fraction, self.train_fraction = float(search_fraction), float(train_fraction)
         self.tau_start, self.tau_end, self.params_exponent = float(tau_start), float(tau_end), float(params_exponent)
         self.arch_lr, self.arch_weight_decay = float(arch_lr), float(arch_weight_decay)
-        self.weight_lr = float(weight_lr)
-        self.kd_weight, self.kd_temperature, self.block_weight = float(kd_weight), float(kd_temperature), \
-            float(block_weight)
+        self.weight_lr, self.weight_decay = float(weight_lr), float(weight_decay)
+        self.block_weight, self.align_blocks = float(block_weight), [int(i) for i in align_blocks]
+        self.factorize_head = bool(factorize_head)
         self.attn_ranks, self.mlp_ranks = [int(r) for r in attn_ranks], [int(r) for r in mlp_ranks]
+        self.head_ranks = [int(r) for r in head_ranks]
         self.ranks: dict[str, list[int]] = {}
         self.history: list[dict[str, float]] = []
         self.target_params = 0.0
-        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.block_names: list[str] = []
 
     def check_applicable(self, model: nn.Module) -> None:
@@ -130,64 +167,64 @@ class COMCAT(Method):
             raise NotApplicable(str(exc)) from exc
 
     # ------------------------------------------------------------------ factorization and candidates
-    def default_mlp_ranks(self, dim: int) -> list[int]:
-        step = max(8, dim // 6 // 8 * 8)
-        return [step * k for k in range(1, 6)]
+    def _linear(self, name: str, owner: nn.Module, attr: str, candidates: list[int]) -> RankChoice:
+        linear = getattr(owner, attr)
+        full = min(linear.in_features, linear.out_features)
+        start = max([r for r in candidates if r <= full] or [full])
+        low = LowRankLinear.from_linear(linear, start)
+        setattr(owner, attr, low)
+        return RankChoice(name, "svd", low, start, candidates,
+                          lambda r, i=linear.in_features, o=linear.out_features: (i + o) * r + o)
 
     def factorize(self, model: nn.Module) -> list[RankChoice]:
-        """Full-rank factorized modules in place of every block's attention and MLP linears."""
+        """Factorized modules at their largest candidate ranks in place of every block's attention and MLP
+        linears (and the classifier head), with their rank choices."""
         choices: list[RankChoice] = []
         self.block_names = list(transformer_blocks(model))
         for name, block in transformer_blocks(model).items():
             attn = block.attn
             heads, d, dim = attn.num_heads, attn.head_dim, attn.qkv.in_features
-            new = LowRankAttention.from_attention(attn, d, d)
+            per_head = sorted({max(1, min(d, t // heads)) for t in (self.attn_ranks or _scaled(ATTN_TOTAL_RANKS, dim))})
+            new = LowRankAttention.from_attention(attn, per_head[-1], per_head[-1])
             block.attn = new
-            attn_cands = self.attn_ranks or ([d // 8 * k for k in range(1, 9)] if d >= 8 else [d])
-            choices.append(RankChoice(f"{name}.attn", "qk", new, d, attn_cands,
+            choices.append(RankChoice(f"{name}.attn", "qk", new, per_head[-1], per_head,
                                       lambda r, h=heads, c=dim: 2 * (c * h * r + h * r)))
-            choices.append(RankChoice(f"{name}.attn", "vo", new, d, attn_cands,
+            choices.append(RankChoice(f"{name}.attn", "vo", new, per_head[-1], per_head,
                                       lambda r, h=heads, c=dim: 2 * c * h * r + c))
             for fc in ("fc1", "fc2"):
                 linear = getattr(block.mlp, fc)
-                full = min(linear.in_features, linear.out_features)
-                low = LowRankLinear.from_linear(linear, full)
-                self.hooks.append(low.second.register_forward_pre_hook(_linear_gate_hook(low)))
-                setattr(block.mlp, fc, low)
-                choices.append(RankChoice(f"{name}.mlp.{fc}", "svd", low, full, self.mlp_ranks or
-                                          self.default_mlp_ranks(dim),
-                                          lambda r, i=linear.in_features, o=linear.out_features: (i + o) * r + o))
+                cands = self.mlp_ranks or _scaled(LINEAR_RANKS, min(linear.in_features, linear.out_features))
+                choices.append(self._linear(f"{name}.mlp.{fc}", block.mlp, fc, cands))
+        head = getattr(model, "head", None)
+        if self.factorize_head and isinstance(head, nn.Linear) and min(head.in_features, head.out_features) >= 64:
+            cands = self.head_ranks or _scaled(LINEAR_RANKS, min(head.in_features, head.out_features))
+            choices.append(self._linear("head", model, "head", cands))
         return choices
 
     @staticmethod
-    def truncate(choice: RankChoice) -> None:
-        """Cut ``choice.module`` to its chosen rank (the kept components are a prefix)."""
-        r, module = choice.chosen, choice.module
-        with torch.no_grad():
+    def resvd(choices: list[RankChoice], ranks: dict[int, int] | None = None) -> None:
+        """Re-factor every module by SVD of its current product (optionally at a smaller rank per choice)."""
+        by_module: dict[int, list[RankChoice]] = {}
+        for c in choices:
+            by_module.setdefault(id(c.module), []).append(c)
+        for group in by_module.values():
+            module = group[0].module
+            want = {c.part: (ranks or {}).get(id(c), c.full) for c in group}
             if isinstance(module, LowRankAttention):
-                heads = module.num_heads
-                if choice.part == "qk":
-                    full = module.qk_rank
-                    rows = torch.cat([torch.arange(h * full, h * full + r) for h in range(heads)])
-                    for lin in (module.q, module.k):
-                        _shrink_linear(lin, rows=rows)
-                    module.qk_rank = module._args["qk_rank"] = r
-                else:
-                    full = module.vo_rank
-                    rows = torch.cat([torch.arange(h * full, h * full + r) for h in range(heads)])
-                    _shrink_linear(module.v, rows=rows)
-                    _shrink_linear(module.o, cols=rows)
-                    module.vo_rank = module._args["vo_rank"] = r
+                module.resvd(want["qk"], want["vo"])
             else:
-                _shrink_linear(module.first, rows=torch.arange(r))
-                _shrink_linear(module.second, cols=torch.arange(r))
-                module._args["rank"] = r
+                module.resvd(want["svd"])
+            for c in group:
+                c.cap(want[c.part])
 
     # ------------------------------------------------------------------ search
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        settings = self.distill_settings()
+        teacher = self.distill.teacher if self.distill is not None else copy.deepcopy(model)
+        teacher = teacher.eval().requires_grad_(False)
         dense_params = sum(p.numel() for p in model.parameters())
         choices = self.factorize(model)
+        self.check_alignment(model, teacher)
         unique = {id(c.module): c.module for c in choices}.values()
         searched = {id(p) for m in unique for p in m.parameters()}
         fixed = float(sum(p.numel() for p in model.parameters() if id(p) not in searched))
@@ -197,36 +234,45 @@ class COMCAT(Method):
             raise UserError(f"method.params_reduction={self.params_reduction} cannot be reached: the smallest "
                             f"candidate ranks keep {floor / dense_params:.1%} of the parameters",
                             "lower method.params_reduction or give smaller candidates (method.attn_ranks, "
-                            "method.mlp_ranks)")
+                            "method.mlp_ranks, method.head_ranks)")
         prepare = lambda batch: datamodule.on_after_batch_transfer(batch, 0)  # noqa: E731
         loader = datamodule.train_dataloader()
         search_steps = max(1, math.ceil(self.search_fraction * len(loader)))
         train_steps = max(1, math.ceil(self.train_fraction * len(loader)))
-        total = self.search_epochs * search_steps
+        epochs, tau = self.search_epochs, self.tau_start
+        aligns = alignment_weights(self.block_weight, epochs) if self.block_weight else [0.0] * epochs
+        rate = (self.tau_end / self.tau_start) ** (1.0 / epochs)
         with Progress(transient=True) as progress:
-            task = progress.add_task("COMCAT search", total=self.search_epochs * (search_steps + train_steps))
-            for epoch in range(self.search_epochs):
-                self.search_pass(model, choices, fixed, loader, prepare, epoch * search_steps, search_steps, total,
-                                 lambda: progress.advance(task))
-                for c in choices:
-                    c.chosen = c.candidates[int(c.logits.argmax())]
-                    _set_gate(c, c.hard_gate().to(next(model.parameters()).device))
-                self.train_pass(model, teacher, loader, prepare, train_steps, lambda: progress.advance(task))
+            task = progress.add_task("COMCAT search", total=epochs * (search_steps + train_steps))
+            for epoch in range(epochs):
+                if epoch > 0:
+                    self.resvd(choices)
+                    self.search_pass(model, choices, fixed, loader, prepare, search_steps, tau, epoch,
+                                     lambda: progress.advance(task))
+                    chosen = {id(c): c.candidates[int(c.logits.argmax())] for c in choices}
+                    self.resvd(choices, chosen)
+                    tau *= rate
+                lr = self.weight_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+                self.train_pass(model, teacher, settings, loader, prepare, train_steps, lr, aligns[epoch],
+                                lambda: progress.advance(task))
         for c in choices:
-            _set_gate(c, None)
-            self.truncate(c)
-            self.ranks.setdefault(c.name, []).append(c.chosen)
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
+            self.ranks.setdefault(c.name, []).append(c.full)
         return model
 
-    def search_pass(self, model, choices, fixed, loader, prepare, start, steps, total, advance) -> None:
+    def check_alignment(self, model: nn.Module, teacher: nn.Module) -> None:
+        if not self.block_weight:
+            return
+        theirs = list(transformer_blocks(teacher))
+        if len(theirs) != len(self.block_names):
+            raise UserError(f"COMCAT aligns blocks {self.align_blocks} with the teacher's, but the teacher has "
+                            f"{len(theirs)} transformer blocks and the model {len(self.block_names)}",
+                            "use a teacher of the model's depth (distill.teacher) or method.block_weight=0")
+
+    def search_pass(self, model, choices, fixed, loader, prepare, steps, tau, epoch, advance) -> None:
         device = next(model.parameters()).device
         optimizer = torch.optim.AdamW([c.logits for c in choices], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
         model.train().requires_grad_(False)
         for step, (x, y) in enumerate(itertools.islice(itertools.cycle(loader), steps)):
-            tau = self.tau_start * (self.tau_end / self.tau_start) ** ((start + step) / max(1, total - 1))
             for c in choices:
                 _set_gate(c, c.gate(F.gumbel_softmax(c.logits, tau=tau)).to(device))
             x, y = prepare((x.to(device), y.to(device)))
@@ -238,22 +284,26 @@ class COMCAT(Method):
             loss.backward()
             optimizer.step()
             if step % max(1, steps // 5) == 0 or step == steps - 1:
-                self.history.append({"step": start + step, "tau": round(tau, 4), "ce": round(ce.item(), 4),
+                self.history.append({"epoch": epoch, "step": step, "tau": round(tau, 4), "ce": round(ce.item(), 4),
                                      "expected_params": round(params.item())})
             advance()
+        for c in choices:
+            _set_gate(c, None)
         model.requires_grad_(True)
 
-    def train_pass(self, model, teacher, loader, prepare, steps, advance) -> None:
+    def train_pass(self, model, teacher, settings, loader, prepare, steps, lr, align, advance) -> None:
         device = next(model.parameters()).device
-        blocks = [model.get_submodule(n) for n in self.block_names]
-        teacher_blocks = [teacher.get_submodule(n) for n in self.block_names]
+        n_blocks = len(self.block_names)
+        aligned = sorted({i % n_blocks for i in self.align_blocks}) if align > 0 and n_blocks else []
+        names = [self.block_names[i] for i in aligned]
+        teacher_names = [list(transformer_blocks(teacher))[i] for i in aligned]
         outputs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
-        hooks = [b.register_forward_hook(lambda _m, _a, out, key=key: outputs[key].append(out))
-                 for key, group in (("student", blocks), ("teacher", teacher_blocks)) for b in group]
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.weight_lr,
-                                      weight_decay=0.05)
+        hooks = [net.get_submodule(n).register_forward_hook(lambda _m, _a, out, key=key: outputs[key].append(out))
+                 for key, net, group in (("student", model, names), ("teacher", teacher, teacher_names))
+                 for n in group]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=self.weight_decay)
         model.train()
-        t = self.kd_temperature
         try:
             for x, y in itertools.islice(itertools.cycle(loader), steps):
                 x, y = prepare((x.to(device), y.to(device)))
@@ -261,10 +311,10 @@ class COMCAT(Method):
                 with torch.no_grad():
                     teacher_logits = teacher(x)
                 logits = model(x)
-                kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                              log_target=True, reduction="batchmean") * t * t
-                block = sum(F.mse_loss(s, te) for s, te in zip(outputs["student"], outputs["teacher"], strict=True))
-                loss = F.cross_entropy(logits, y) + self.kd_weight * kd + self.block_weight * block / len(blocks)
+                loss = distillation_loss(logits, teacher_logits, y, **settings)
+                if names:
+                    loss = loss + align * sum(F.mse_loss(s, t) for s, t in
+                                              zip(outputs["student"], outputs["teacher"], strict=True))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -275,7 +325,7 @@ class COMCAT(Method):
 
     def summary(self) -> dict[str, Any]:
         return {"params_reduction": self.params_reduction, "target_params": round(self.target_params),
-                "ranks": self.ranks, "search_history": self.history}
+                "search_epochs": self.search_epochs, "ranks": self.ranks, "search_history": self.history}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranks": self.ranks, "history": self.history, "target_params": self.target_params}
@@ -284,17 +334,3 @@ class COMCAT(Method):
         self.ranks = dict(state.get("ranks", self.ranks))
         self.history = list(state.get("history", self.history))
         self.target_params = float(state.get("target_params", self.target_params))
-
-
-def _shrink_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep only ``rows`` (outputs) and/or ``cols`` (inputs) of ``linear``, in place."""
-    weight = linear.weight.data
-    if rows is not None:
-        weight = weight[rows.to(weight.device)]
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data[rows.to(weight.device)].clone())
-        linear.out_features = len(rows)
-    if cols is not None:
-        weight = weight[:, cols.to(weight.device)]
-        linear.in_features = len(cols)
-    linear.weight = nn.Parameter(weight.clone())

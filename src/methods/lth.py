@@ -11,9 +11,18 @@ Algorithm: the train stage trains the dense network and keeps the *rewind point*
   rounds = ceil(log(1 - sparsity) / log(1 - prune_rate)).
 * ``oneshot``: prune the trained dense model once to ``sparsity``, rewind, retrain once.
 ``init`` picks what the survivors are reset to: ``original`` (the ticket: the rewind point),
-``random`` (sanity control: the same masks from a *different* random init: the pipeline builds a
-fresh network from another seed, so the model's own initializers are used) or ``trained`` (no
+``random`` (sanity control: the ticket's masks trained from a *different* random init: the pipeline
+builds a fresh network from another seed, so the model's own initializers are used) or ``trained`` (no
 rewinding: retrain from the trained weights, i.e. pruning + fine-tuning).
+
+The random re-init control of IMP must train *the ticket's* masks at every round, not masks found by
+pruning its own randomly re-initialised network (from round 2 on those differ). Every IMP run records
+for each prunable weight the last round that keeps it (``kept_through``, in its checkpoints), and the
+control reads them from ``ticket`` (the output dir of a finished ``init: original`` run, or one of its
+stage checkpoints): its masks equal the ticket's, bit for bit, at every round. With a ticket the control
+has no train stage (nothing of a trained dense network is used). ``protocol: imp`` with ``init: random``
+and no ticket is refused. For ``oneshot`` the ticket is optional (the control's own dense training with
+the same seed finds the same mask).
 Rewinding restores every parameter and buffer of the network (BN included),
 as the original code rewinds the whole state; masks are kept.
 
@@ -28,6 +37,8 @@ Config keys (conf/method/lth.yaml):
 * ``prune_rate`` (0.2): fraction of the remaining weights removed per IMP round.
 * ``rewind_epoch`` (0): 0 = original init; k > 0 = weights after k train epochs (late rewinding).
 * ``init`` (original): original | random | trained.
+* ``ticket`` (null): for ``init: random``, the finished ticket run (output dir or checkpoint) whose masks
+  the control trains.
 """
 
 from __future__ import annotations
@@ -35,15 +46,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningMethod, NotApplicable
 from compress_run.methods.cycles import CycleCallback
-from compress_run.methods.masks import MASK_SUFFIX, MaskEnforcer, apply_masks
+from compress_run.methods.masks import MASK_SUFFIX, MaskEnforcer, apply_masks, attach_mask, get_mask
 
 PROTOCOLS = ("imp", "oneshot")
 INITS = ("original", "random", "trained")
@@ -76,14 +88,55 @@ def random_reinit_state(model: nn.Module, seed: int, factory: Callable[[], nn.Mo
         return weights_state(fresh)
 
 
+def load_ticket(path: str) -> dict[str, Any]:
+    """The method state of a finished ticket run: its output dir (the finetune checkpoint) or a checkpoint."""
+    where = Path(path)
+    if where.is_dir():
+        where = where / "checkpoints" / "finetune.ckpt"
+    if not where.is_file():
+        raise NotApplicable(f"method.ticket={path}: {where} does not exist (the ticket run must have finished its "
+                            "finetune stage)")
+    try:
+        ckpt = torch.load(where, map_location="cpu", weights_only=False)
+        return dict(ckpt["compress_run"]["method_state"])
+    except Exception as exc:  # any unreadable file is the user's input
+        raise NotApplicable(f"method.ticket={path}: {where} is not a compress-run checkpoint ({exc})") from exc
+
+
 class LTH(MaskPruningMethod):
     def __init__(self, protocol: str = "imp", prune_rate: float = 0.2, rewind_epoch: int = 0, init: str = "original",
-                 distribution: str = "global", **kwargs: Any) -> None:
+                 ticket: str | None = None, distribution: str = "global", **kwargs: Any) -> None:
         super().__init__(distribution=distribution, **kwargs)
         self.protocol, self.prune_rate, self.rewind_epoch, self.init = protocol, prune_rate, rewind_epoch, init
+        self.ticket = ticket
         self.seed = torch.initial_seed()
         self.rewind_state: dict[str, torch.Tensor] = {}
         self.rounds_log: list[dict[str, float]] = []
+        self.kept_through: dict[str, torch.Tensor] = {}   # per prunable weight: the last round that keeps it
+        self.ticket_masks: dict[str, torch.Tensor] = {}   # the ticket's kept_through, read by the control
+        if ticket:  # the control trains the ticket's masks from a fresh init: no dense training
+            self.stages = ("compress", "finetune", "evaluate")
+
+    def check_applicable(self, model: nn.Module) -> None:
+        super().check_applicable(model)
+        if self.ticket and self.init != "random":
+            raise NotApplicable(f"method.ticket is read by the random re-init control only (method.init=random), "
+                                f"not with method.init={self.init}")
+        if self.init == "random" and self.protocol == "imp" and not self.ticket:
+            raise NotApplicable("the random re-init control of IMP trains the ticket's masks of every round; set "
+                                "method.ticket=<output dir of the finished IMP run with method.init=original>")
+        if self.ticket:
+            state = load_ticket(self.ticket)
+            kept = state.get("kept_through", {})
+            layers = self.layers(model)
+            if state.get("protocol", self.protocol) != self.protocol or set(kept) != set(layers) or any(
+                    kept[n].shape != m.weight.shape for n, m in layers.items()):
+                raise NotApplicable(f"method.ticket={self.ticket} is not a {self.protocol} ticket of this model "
+                                    "(its recorded masks do not match the prunable layers)")
+            if state.get("rounds") != self.rounds:
+                raise NotApplicable(f"method.ticket={self.ticket} has {state.get('rounds')} prune rounds, this run "
+                                    f"{self.rounds}; use the ticket's method.sparsity and method.prune_rate")
+            self.ticket_masks = kept
 
     @property
     def rounds(self) -> int:
@@ -113,7 +166,15 @@ class LTH(MaskPruningMethod):
 
     @torch.no_grad()
     def prune_and_rewind(self, model: nn.Module, r: int) -> None:
-        self.prune_to(model, self.round_sparsity(r))
+        layers = self.layers(model)
+        if self.ticket_masks:  # the control: the ticket's round-r masks
+            for name, module in layers.items():
+                attach_mask(module, self.ticket_masks[name].to(module.weight.device) >= r)
+        else:
+            self.prune_to(model, self.round_sparsity(r))
+        for name, module in layers.items():
+            kept = self.kept_through.setdefault(name, torch.zeros(module.weight.shape, dtype=torch.uint8))
+            kept[get_mask(module).cpu()] = r
         if self.init != "trained":
             if not self.rewind_state:
                 raise RuntimeError("lth: no rewind point was recorded during the train stage")
@@ -124,14 +185,16 @@ class LTH(MaskPruningMethod):
         return {**super().summary(), "protocol": self.protocol, "prune_rate": self.prune_rate,
                 "rewind_epoch": self.rewind_epoch, "init": self.init, "rounds": self.rounds,
                 "round_sparsity": [self.round_sparsity(r) for r in range(1, self.rounds + 1)],
-                "rounds_log": self.rounds_log}
+                "rounds_log": self.rounds_log, "ticket": self.ticket}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rewind_state": self.rewind_state, "rounds_log": self.rounds_log}
+        return {"rewind_state": self.rewind_state, "rounds_log": self.rounds_log, "kept_through": self.kept_through,
+                "protocol": self.protocol, "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewind_state = dict(state.get("rewind_state", {}))
         self.rounds_log = list(state.get("rounds_log", []))
+        self.kept_through = dict(state.get("kept_through", {}))
 
 
 class RewindPoint(L.Callback):

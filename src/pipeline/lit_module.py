@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.methods.distill import Distillation
 from compress_run.methods.masks import attach_masks_from_state_dict
 
 
@@ -62,6 +63,7 @@ class ClassifierModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_segments: list[tuple[int, int, int]] = []   # see lr_lambda; saved in checkpoints
         self.last_train_logits: torch.Tensor | None = None  # for callbacks tracking per-example outcomes
+        self.distillation: Distillation | None = None        # set by the pipeline: the training loss distils
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -70,7 +72,10 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         smoothing = self.hparams.label_smoothing if prefix == "train" else 0.0
-        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        if prefix == "train" and self.distillation is not None:
+            loss = self.distillation.loss(logits, y, x, label_smoothing=smoothing)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         if prefix == "train":
             self.last_train_logits = logits.detach()
         acc = (logits.argmax(1) == y).float().mean()
@@ -80,6 +85,10 @@ class ClassifierModule(L.LightningModule):
         self.log(f"{prefix}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        if self.distillation is not None:
+            self.distillation.teacher.to(self.device).eval().requires_grad_(False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -36,6 +36,7 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.kernels.compaction import is_compacted, restore_compacted
 from compress_run.kernels.factorized import is_factorized, restore_factorized
 from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.distill import Distillation
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
 from compress_run.methods.nesting import check_hierarchy, level_count, level_sparsity, level_view, restore_levels
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
@@ -93,6 +94,8 @@ class Pipeline:
         self.method.model_factory = self.new_net
         self.method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
         self.method.hardware = load_profile(cfg.hardware)
+        self.method.distill_config = OmegaConf.to_container(cfg.distill, resolve=True)
+        self.check_teacher()
         net = self.new_net()
         try:
             self.method.check_applicable(net)
@@ -120,6 +123,62 @@ class Pipeline:
 
     def new_net(self) -> torch.nn.Module:
         return build(self.cfg.model, "model")
+
+    # ------------------------------------------------------------------------------- distillation
+    def teacher_path(self) -> Path | None:
+        """The teacher checkpoint of ``distill.teacher`` (None when distillation is off)."""
+        teacher = self.cfg.distill.teacher
+        if not teacher:
+            return None
+        if teacher == "train":
+            return self.ckpt_dir / "train.ckpt"
+        path = Path(teacher)
+        if path.is_dir():
+            found = [path / "checkpoints" / f"{s}.ckpt" for s in ("finetune", "compress", "train")]
+            return next((p for p in found if p.is_file()), found[-1])
+        return path
+
+    def check_teacher(self) -> None:
+        teacher = self.cfg.distill.teacher
+        if not teacher:
+            return
+        if teacher == "train":
+            if "train" not in self.cfg.stages or "train" not in self.method.stages:
+                raise UserError(f"distill.teacher=train reads this run's train-stage checkpoint, but method="
+                                f"{self.choices.get('method')} with stages={list(self.cfg.stages)} has no train stage",
+                                "point distill.teacher at the checkpoint or output dir of a trained model")
+            return
+        load_checkpoint(self.teacher_path(), "distill.teacher",
+                        "point distill.teacher at a compress-run checkpoint (checkpoints/<stage>.ckpt), a run's output "
+                        "dir, or `train`; null turns distillation off")
+
+    def distillation(self) -> Distillation | None:
+        """The teacher of ``distill.teacher`` (built once: the model of its checkpoint, compression restored)."""
+        path = self.teacher_path()
+        if path is None:
+            return None
+        if getattr(self, "_teacher", None) is None:
+            ckpt = load_checkpoint(path, "distill.teacher", "point distill.teacher at a finished stage checkpoint")
+            made_for = ckpt.get("compress_run", {}).get("choices", {}).get("model")
+            net = self.new_net() if made_for in (None, self.choices.get("model")) else self.model_named(made_for)
+            self.load_into(net, path, "distill.teacher", "point distill.teacher at a checkpoint of a model for "
+                           f"dataset={self.choices.get('dataset')}")
+            self._teacher = net.eval().requires_grad_(False)
+        d = self.cfg.distill
+        return Distillation(self._teacher, kind=d.kind, alpha=float(d.alpha), temperature=float(d.temperature))
+
+    def model_named(self, option: str) -> torch.nn.Module:
+        """A fresh network of another conf/model option for this dataset (a teacher of another architecture)."""
+        from hydra import compose, initialize_config_module
+        from hydra.core.global_hydra import GlobalHydra
+
+        overrides = [f"model={option}", f"dataset={self.choices.get('dataset')}"]
+        if GlobalHydra.instance().is_initialized():
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_module(config_module="compress_run.conf", version_base="1.3"):
+                cfg = compose(config_name="config", overrides=overrides)
+        return build(cfg.model, "distill.teacher model")
 
     def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path, what, fix)
@@ -219,6 +278,7 @@ class Pipeline:
         return {"model/sparsity": report.model_sparsity, "model/prunable_sparsity": report.prunable_sparsity}
 
     def run_compress(self, net):
+        self.method.distill = self.distillation()
         net = self.method.compress(net, self.datamodule)
         state = {f"net.{k}": v for k, v in net.state_dict().items()}
         atomic_torch_save({"state_dict": state, "compress_run": self.meta("compress")},
@@ -349,6 +409,8 @@ class Pipeline:
         epochs = int(self.cfg.schedule[stage].epochs)
         module = self.module(net, stage)
         module.run_meta = self.meta(stage)
+        if stage in self.cfg.distill.stages:
+            module.distillation = self.distillation()
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         callbacks = [*self.method.training_callbacks(stage, net), EpochSeed(self.cfg.seed, stage),
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,

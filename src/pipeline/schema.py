@@ -232,6 +232,7 @@ class LTHConfig(MethodConfig):
     prune_rate: float = 0.2
     rewind_epoch: int = 0
     init: str = "original"
+    ticket: str | None = None
 
     def __post_init__(self) -> None:
         from compress_run.methods.lth import INITS, PROTOCOLS
@@ -380,33 +381,39 @@ class COMCATConfig:
     _target_: str = MISSING
     params_reduction: float = 0.5
     search_epochs: int = 2
-    search_fraction: float = 0.5
-    train_fraction: float = 0.5
+    search_fraction: float = 1.0
+    train_fraction: float = 1.0
     tau_start: float = 5.0
     tau_end: float = 0.1
     params_exponent: float = 1.5
     arch_lr: float = 0.01
     arch_weight_decay: float = 5e-4
-    weight_lr: float = 1e-4
-    kd_weight: float = 1.0
-    kd_temperature: float = 1.0
-    block_weight: float = 1.0
+    weight_lr: float = 5e-4
+    weight_decay: float = 0.05
+    block_weight: float = 0.5
+    align_blocks: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
+    factorize_head: bool = True
     attn_ranks: list[int] = field(default_factory=list)
     mlp_ranks: list[int] = field(default_factory=list)
+    head_ranks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(0.0 < self.params_reduction < 1.0, "method.params_reduction", self.params_reduction,
                "a float in (0, 1) (fraction of parameters removed)")
-        _check(self.search_epochs >= 1, "method.search_epochs", self.search_epochs, "an integer >= 1")
+        _check(self.search_epochs >= 1, "method.search_epochs", self.search_epochs,
+               "an integer >= 1 (the paper: 30; the first epoch trains at the largest ranks, the search starts at the "
+               "second)")
         for key in ("search_fraction", "train_fraction"):
             _check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "a float > 0 (of an epoch)")
         _check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
                "0 < tau_end <= tau_start")
-        _check(self.kd_temperature > 0, "method.kd_temperature", self.kd_temperature, "a float > 0")
-        for key in ("kd_weight", "block_weight", "arch_weight_decay"):
+        for key in ("block_weight", "arch_weight_decay", "weight_decay"):
             _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), "a float >= 0")
-        _check(all(r >= 1 for r in [*self.attn_ranks, *self.mlp_ranks]), "method.attn_ranks/mlp_ranks",
-               (self.attn_ranks, self.mlp_ranks), "lists of integers >= 1 (empty = the default rule)")
+        _check(self.weight_lr > 0 and self.arch_lr > 0, "method.weight_lr/arch_lr", (self.weight_lr, self.arch_lr),
+               "floats > 0")
+        _check(all(r >= 1 for r in [*self.attn_ranks, *self.mlp_ranks, *self.head_ranks]),
+               "method.attn_ranks/mlp_ranks/head_ranks", (self.attn_ranks, self.mlp_ranks, self.head_ranks),
+               "lists of integers >= 1 (empty = the released code's tables)")
 
 
 @dataclass
@@ -452,6 +459,27 @@ class MultilevelConfig(MethodConfig):
         _check(bool(levels) and all(0 < s < 1 for s in levels)
                and all(a > b for a, b in zip(levels, levels[1:], strict=False)), "method.levels", levels,
                "a non-empty list of sparsities in (0, 1), strictly decreasing (sparsest first)")
+
+
+# --------------------------------------------------------------------------------------- distill
+@dataclass
+class DistillConfig:
+    teacher: str | None = None          # null = off; a checkpoint, a run dir, or `train` (this run's train stage)
+    kind: str = "soft"                  # soft: KL at temperature; hard: CE on the teacher's argmax (DeiT)
+    alpha: float = 0.5                  # loss = (1 - alpha) CE + alpha KD
+    temperature: float = 1.0
+    stages: list[str] = field(default_factory=lambda: ["finetune"])  # stages whose training loss distils
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.distill import KINDS
+
+        _check(self.kind in KINDS, "distill.kind", self.kind, ", ".join(KINDS))
+        _check(0.0 <= self.alpha <= 1.0, "distill.alpha", self.alpha, "a float in [0, 1]")
+        _check(self.temperature > 0, "distill.temperature", self.temperature, "a float > 0")
+        _check(all(s in ("train", "finetune") for s in self.stages), "distill.stages", list(self.stages),
+               "a subset of [train, finetune]")
+        _check(not (self.teacher == "train" and "train" in self.stages), "distill.stages", list(self.stages),
+               "[finetune] with distill.teacher=train (the train stage cannot distil from its own result)")
 
 
 # -------------------------------------------------------------------------------------- schedule
@@ -587,6 +615,7 @@ class RootConfig:
     trainer: Any = MISSING
     logger: Any = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     debug: Any = None
     experiment: Any = None

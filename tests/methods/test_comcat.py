@@ -4,12 +4,15 @@ expected parameter count to the target, and the pipeline compresses and reloads 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
 
+from compress_run.kernels.factorized import LowRankLinear
 from compress_run.kernels.lowrank_attention import LowRankAttention, attention_products
-from compress_run.methods.comcat import COMCAT, transformer_blocks
+from compress_run.methods.comcat import COMCAT, alignment_weights, transformer_blocks
 from tests.conftest import run_pipeline
 
 
@@ -58,29 +61,91 @@ def test_full_rank_model_equals_dense_and_prefix_gate_equals_cut():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         dense = model(x)
-    method = COMCAT()
+    method = COMCAT(attn_ranks=[96, 192], mlp_ranks=[96, 192])  # largest candidates = full rank (deit tiny)
     choices = method.factorize(model)
     with torch.no_grad():
         assert torch.allclose(model(x), dense, rtol=1e-4, atol=1e-4)
     for c in choices:
-        c.chosen = c.candidates[len(c.candidates) // 2 - 1]
-        setattr(c.module, "gate_qk" if c.part == "qk" else ("gate_vo" if c.part == "vo" else "gate"), c.hard_gate())
+        c.chosen = c.candidates[0]
+        setattr(c.module, "gate_qk" if c.part == "qk" else ("gate_vo" if c.part == "vo" else "gate"),
+                (torch.arange(c.full) < c.chosen).float())
     with torch.no_grad():
         gated = model(x)
     for c in choices:
         setattr(c.module, "gate_qk" if c.part == "qk" else ("gate_vo" if c.part == "vo" else "gate"), None)
-        method.truncate(c)
-    for hook in method.hooks:
-        hook.remove()
+    method.resvd(choices, {id(c): c.chosen for c in choices})
     with torch.no_grad():
         assert torch.allclose(model(x), gated, rtol=1e-4, atol=1e-4)
     block = model.blocks[0]
     assert block.attn.q.out_features == block.attn.num_heads * choices[0].chosen
+    assert all(c.candidates == [c.chosen] for c in choices)   # ranks only go down: larger candidates are gone
+
+
+def test_resvd_between_rank_changes_gives_the_best_truncation_of_trained_factors():
+    from compress_run.kernels.factorized import LowRankLinear
+
+    torch.manual_seed(0)
+    low = LowRankLinear.from_linear(torch.nn.Linear(64, 48), 32)
+    with torch.no_grad():  # training moves the factors off their SVD form
+        low.first.weight.add_(0.3 * torch.randn_like(low.first.weight))
+        low.second.weight.add_(0.3 * torch.randn_like(low.second.weight))
+    product = (low.second.weight @ low.first.weight).double()
+    s = torch.linalg.svdvals(product)
+    prefix = (low.second.weight[:, :8] @ low.first.weight[:8]).double()  # cutting the old factors
+    low.resvd(8)
+    cut = (low.second.weight @ low.first.weight).double()
+    best = (s[8:] ** 2).sum().item()
+    assert torch.linalg.matrix_norm(product - cut).item() ** 2 == pytest.approx(best, rel=1e-4)
+    assert torch.linalg.matrix_norm(product - prefix).item() ** 2 > 1.2 * best
+
+
+def test_alignment_weight_follows_the_released_codes_cumulative_cosine_decay():
+    weights = alignment_weights(0.5, 30)
+    expected, w = [], 0.5
+    for epoch in range(30):
+        w = max(w * math.cos(math.pi * 0.5 * epoch / 30), 0.01)
+        expected.append(w)
+    assert weights == expected and weights[0] == 0.5 and weights[-1] == 0.01
+
+
+def test_head_is_factorized_when_it_has_rank_candidates():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=100)
+    choices = COMCAT().factorize(model)
+    assert any(c.name == "head" for c in choices) and isinstance(model.head, LowRankLinear)
+    small = _vit()  # 10 classes: min(192, 10) < 64, kept dense
+    assert not any(c.name == "head" for c in COMCAT().factorize(small))
+
+
+def test_weight_passes_distil_through_the_shared_path_from_the_dense_model(monkeypatch):
+    import compress_run.methods.comcat as comcat_module
+
+    calls = []
+    original = comcat_module.distillation_loss
+
+    def spy(student, teacher, labels, **settings):
+        calls.append(settings)
+        return original(student, teacher, labels, **settings)
+
+    monkeypatch.setattr(comcat_module, "distillation_loss", spy)
+    model = _vit()
+    method = COMCAT(search_epochs=1, train_fraction=0.01, block_weight=0.0)
+    method.distill_config = {"kind": "hard", "alpha": 0.5, "temperature": 1.0}
+
+    class Data:
+        def train_dataloader(self):
+            return [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))]
+
+        def on_after_batch_transfer(self, batch, _):
+            return batch
+
+    method.compress(model, Data())
+    assert calls and calls[0] == {"kind": "hard", "alpha": 0.5, "temperature": 1.0}
 
 
 SEARCH_ARGS = ["dataset=digits", "model=deit_tiny", "model.patch_size=2", "debug=smoke", "logger=none",
                "method=comcat", "method.params_reduction=0.6", "method.arch_lr=0.3", "method.search_fraction=0.3",
-               "method.train_fraction=0.1", "evaluate.measure_latency=false"]
+               "method.train_fraction=0.1", "evaluate.measure_latency=false", "distill.kind=hard"]
 
 
 def test_search_reaches_the_params_target_on_digits(tmp_path):

@@ -104,3 +104,23 @@ def test_trained_init_keeps_the_trained_weights(tmp_path, captured):
     key = next(k[:-5] for k in pruned if k.endswith("_mask"))
     mask = pruned[key + "_mask"]
     assert torch.equal(pruned[key][mask], trained[key][mask])
+
+
+def test_imp_random_reinit_control_trains_the_tickets_masks_at_every_round(tmp_path, captured):
+    run_pipeline(SMOKE, tmp_path / "ticket")
+    ticket_rounds = captured["spies"][0].round_starts
+    init = captured["init"]
+    results = run_pipeline([*SMOKE, "method.init=random", f"method.ticket={tmp_path / 'ticket'}"], tmp_path / "random")
+    control_rounds = captured["spies"][1].round_starts
+    assert len(ticket_rounds) == len(control_rounds) == 4
+    for r, ((_, ticket_masks), (weights, masks)) in enumerate(zip(ticket_rounds, control_rounds, strict=True), 1):
+        for name, mask in masks.items():
+            assert torch.equal(mask, ticket_masks[name]), (r, name)          # the ticket's masks, bit for bit
+            assert not torch.equal(weights[name][mask], init[f"{name}.weight"][mask])  # from another init
+    assert results["stages"]["train"]["status"] == "skipped"                  # no dense training needed
+
+
+def test_imp_random_control_without_a_ticket_is_refused(cli):
+    proc = cli("dataset=digits", "debug=smoke", "logger=none", "method=lth", "method.init=random")
+    assert proc.returncode == 2
+    assert "method.ticket=<output dir of the finished IMP run" in " ".join(proc.stderr.split())
