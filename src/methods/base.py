@@ -82,7 +82,10 @@ class MaskPruningMethod(Method):
 
     Config keys: ``sparsity`` (fraction of prunable weights removed), ``distribution``
     (uniform | global | erk), ``pattern`` (projection name), ``exclude`` (globs / aliases of layers kept
-    dense), ``mask_grads`` (zero masked gradients before each optimizer step).
+    dense), ``mask_grads`` (zero masked gradients before each optimizer step: the optimizer state of pruned
+    weights stays zero, which changes results when weights regrow — GaP, RigL, MEST, multi-level phases —
+    or when the gradient is clipped by its norm, ``trainer.gradient_clip_val``; with masks that only shrink
+    and no clipping the trained weights are the same either way).
     """
 
     def __init__(self, sparsity: float = 0.0, distribution: str = "uniform", pattern: str = "irregular",

@@ -32,8 +32,7 @@ Config keys (conf/method/gap.yaml):
 * ``partitioner`` (equal_params): by_stage | equal_params | a list of module-name globs, one per
   partition (:mod:`compress_run.methods.partitions`); the partitions are printed at the start.
 * ``rounds`` (1): R; the train stage holds R * kappa steps.
-* ``epochs_per_step`` (null): T; null = schedule.train.epochs / (R * kappa). If set, the run checks
-  that R * kappa * T equals schedule.train.epochs.
+* T, the epochs per step, is schedule.train.epochs / (R * kappa) (the train stage split evenly).
 * ``reset_optimizer_each_step`` (true): clear optimizer state and restart the LR schedule every step
   (always on for ``parallel``: each worker starts with a fresh optimizer).
 * ``worker`` (null): P-GaP as independent jobs — run only worker i of one round: the train stage
@@ -60,7 +59,7 @@ VARIANTS = ("cyclic", "random", "parallel")
 
 class GaP(MaskPruningMethod):
     def __init__(self, variant: str = "cyclic", num_partitions: int = 4, partitioner: str | list[str] = "equal_params",
-                 rounds: int = 1, epochs_per_step: float | None = None, reset_optimizer_each_step: bool = True,
+                 rounds: int = 1, reset_optimizer_each_step: bool = True,
                  worker: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.worker = worker
@@ -68,7 +67,7 @@ class GaP(MaskPruningMethod):
             self.stages, rounds = ("train",), 1
         self.variant, self.num_partitions, self.rounds = variant, num_partitions, rounds
         self.partitioner = partitioner if isinstance(partitioner, str) else list(partitioner)
-        self.epochs_per_step, self.reset_optimizer_each_step = epochs_per_step, reset_optimizer_each_step
+        self.reset_optimizer_each_step = reset_optimizer_each_step
         self.seed = torch.initial_seed()  # the pipeline has seeded torch from cfg.seed before building us
         self.groups: list[list[str]] = []
         self.workers: dict[int, dict[str, torch.Tensor]] = {}  # P-GaP: finished workers of the current round

@@ -11,8 +11,9 @@ ratios by a sensitivity analysis; here the ratio is uniform (documented choice) 
 Config keys (conf/method/l1_filter.yaml):
 * ``sparsity`` (0.5): fraction of each prunable group's channels removed (``target: channels``).
 * ``target`` (channels): ``channels`` or ``flops``; ``flops_reduction`` (0.5): MAC reduction for flops.
-* ``min_channels`` (1), ``channel_multiple`` (1), ``prune_residual`` (true), ``exclude`` ([]), ``mask_grads``
-  (true): as for CHEX.
+* ``min_channels`` (1), ``channel_multiple`` (1), ``prune_residual`` (true), ``exclude`` ([]): as for CHEX.
+  (No ``mask_grads``: the compacted network has no masks left to protect; the finetune stage still
+  re-applies any mask a group left whole might carry.)
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from compress_run.methods.masks import MaskEnforcer
 class L1Filter(Method):
     def __init__(self, sparsity: float = 0.5, target: str = "channels", flops_reduction: float = 0.5,
                  min_channels: int = 1, channel_multiple: int = 1, prune_residual: bool = True,
-                 exclude: list[str] | tuple[str, ...] = (), mask_grads: bool = True) -> None:
+                 exclude: list[str] | tuple[str, ...] = ()) -> None:
         self.sparsity, self.target, self.flops_reduction = float(sparsity), target, float(flops_reduction)
         self.min_channels, self.channel_multiple, self.prune_residual = int(min_channels), int(channel_multiple), \
             prune_residual
-        self.exclude, self.mask_grads = list(exclude), mask_grads
+        self.exclude = list(exclude)
         self.keep = 1.0 - self.sparsity
         self.compacted: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
@@ -86,7 +87,7 @@ class L1Filter(Method):
         return model
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
-        return [MaskEnforcer(self.mask_grads)] if stage == "finetune" else []
+        return [MaskEnforcer()] if stage == "finetune" else []
 
     def summary(self) -> dict[str, Any]:
         return {"target": self.target, "sparsity": self.sparsity, "flops_reduction": self.flops_reduction,

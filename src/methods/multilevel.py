@@ -20,10 +20,19 @@ phase boundaries follow the LR cycles (optimizer steps, not epochs); with ``per_
 weight, bias and running statistics are trainable in every phase and snapshot per level at the end of
 its phase (the statistics alone would leave the shared affine parameters un-nested).
 
+Switching level part-way through the network (the paper's input-independent dynamic rerouting): the
+level layers are split into consecutive ``segments`` (by default the network's stages); a per-segment
+level choice runs segment i at its own level (:func:`~compress_run.methods.nesting.mixed_view`; a BN follows
+the segment of the layer before it). The evaluate stage reports, next to the pure levels, every two-level
+switch (the first k segments at one level, the rest at another), and ``evaluate.level`` takes a list of
+per-segment sparsities as well as one; ``evaluate.latency_budget_ms`` picks the configuration (pure or
+switched) with the best validation accuracy whose simulated batch-1 latency fits the budget.
+
 Config keys (conf/method/multilevel.yaml), besides ``distribution``, ``pattern``, ``exclude``, ``mask_grads``:
 * ``levels`` ([0.95, 0.9, 0.8]): the sparsities, strictly decreasing (level 0 = the first = sparsest).
-  ``sparsity`` is ignored (set to the densest level).
 * ``per_level_bn`` (true): BN parameters and statistics per level.
+* ``segments`` (by_stage): how the level layers are split for per-segment level choices: ``by_stage`` (the
+  top-level stages) or a list of module-name globs, one per segment.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from compress_run.methods.nesting import (
     set_level_mask,
     store_level_bn,
 )
+from compress_run.methods.partitions import PartitionError, by_globs
 from compress_run.methods.projections import fixed_density
 
 
@@ -132,15 +142,33 @@ class LevelPhases(L.Callback):
 
 class Multilevel(MaskPruningMethod):
     def __init__(self, levels: list[float] | tuple[float, ...] = (0.95, 0.9, 0.8), per_level_bn: bool = True,
-                 **mask_keys: Any) -> None:
+                 segments: str | list[str] = "by_stage", **mask_keys: Any) -> None:
         mask_keys["sparsity"] = float(levels[-1]) if levels else 0.0
         super().__init__(**mask_keys)
         self.levels = [float(s) for s in levels]
         self.per_level_bn = bool(per_level_bn)
+        self.segments = segments if isinstance(segments, str) else [str(g) for g in segments]
         self.dense: dict[str, torch.Tensor] = {}
+
+    def segment_groups(self, model: nn.Module) -> list[list[str]]:
+        """The level layers split into consecutive segments (``segments``)."""
+        layers = self.layers(model)
+        if self.segments == "by_stage":
+            groups: list[list[str]] = []
+            for name in layers:
+                if groups and groups[-1][0].split(".", 1)[0] == name.split(".", 1)[0]:
+                    groups[-1].append(name)
+                else:
+                    groups.append([name])
+            return groups
+        return by_globs(layers, list(self.segments))
 
     def check_applicable(self, model: nn.Module) -> None:
         super().check_applicable(model)
+        try:
+            self.segment_groups(model)
+        except PartitionError as exc:
+            raise NotApplicable(f"method.segments: {exc}") from exc
         if len(self.levels) < 1 or any(a <= b for a, b in zip(self.levels, self.levels[1:], strict=False)):
             raise NotApplicable(f"method.levels={self.levels} must be strictly decreasing sparsities")
         if fixed_density(self.pattern) is not None:
@@ -170,7 +198,7 @@ class Multilevel(MaskPruningMethod):
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "levels": self.levels, "per_level_bn": self.per_level_bn,
-                "achieved_level_sparsity": self.achieved}
+                "segments": self.segments, "achieved_level_sparsity": self.achieved}
 
     def state_dict(self) -> dict[str, Any]:
         return {"dense": self.dense, "achieved": self.achieved}

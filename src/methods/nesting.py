@@ -115,6 +115,28 @@ def level_view(model: nn.Module, level: int) -> nn.Module:
     return view
 
 
+def mixed_view(model: nn.Module, segments: Sequence[Sequence[str]], levels: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` running segment i of its level layers at level ``levels[i]`` (a per-segment level
+    choice: switching level part-way through the network). A BatchNorm takes the level of the segment of
+    the last level layer registered before it (the stem's BN that of the first segment)."""
+    count = level_count(model)
+    if len(segments) != len(levels) or not all(0 <= k < count for k in levels):
+        raise ValueError(f"levels {list(levels)} do not give one level of 0..{count - 1} to each of the "
+                         f"{len(segments)} segments")
+    view = copy.deepcopy(model)
+    segment_of = {name: i for i, group in enumerate(segments) for name in group}
+    current = 0
+    with torch.no_grad():
+        for name, module in view.named_modules():
+            if LEVEL_BUFFER in module._buffers:
+                current = segment_of[name]
+                attach_mask(module, module._buffers[LEVEL_BUFFER] <= levels[current])
+            elif BN_BUFFER in module._buffers:
+                for i, field in enumerate(BN_FIELDS):
+                    getattr(module, field).copy_(module._buffers[BN_BUFFER][levels[current], i])
+    return view
+
+
 def level_sparsity(model: nn.Module, level: int) -> float:
     """Measured sparsity of level ``level`` over the level layers."""
     layers = level_layers(model).values()

@@ -71,7 +71,9 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         for key in ("test/acc", "val/acc"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
-    metrics.update({k: v for k, v in evaluate.items() if isinstance(v, int | float | str) and k != "accuracy_from"})
+    scalar = (int, float, str)
+    metrics.update({k: v for k, v in evaluate.items() if k != "accuracy_from" and (
+        isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)))})
     return {
         "status": "ok",
         "output_dir": str(out),
@@ -90,6 +92,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "method": evaluate.get("method", {}),
         "kernels_per_layer": evaluate.get("kernels_per_layer", {}),  # host kernel chosen per masked layer
         "levels": evaluate.get("levels", []),  # multi-level models: one row per level
+        "level_mixes": evaluate.get("level_mixes", []),  # ... and one per switch of level part-way
         "stages": records,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -28,8 +28,6 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
@@ -38,7 +36,7 @@ from compress_run.kernels.factorized import is_factorized, restore_factorized
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.distill import Distillation
 from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
-from compress_run.methods.nesting import check_hierarchy, level_count, level_sparsity, level_view, restore_levels
+from compress_run.methods.nesting import level_count, restore_levels
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
     AtomicCheckpointIO,
@@ -49,6 +47,7 @@ from compress_run.pipeline.checkpoints import (
 )
 from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.export import export_onnx
+from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprint, validate, write_run_config
@@ -104,7 +103,8 @@ class Pipeline:
                             f"model={self.choices.get('model')}: {exc}",
                             "change method.exclude or pick another model/method combination") from exc
         net = self.method.prepare(net)
-        self.check_evaluate_level()
+        check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
+                     self.choices.get("method"))
         self.datamodule.setup("fit")
         if cfg.init_ckpt and not self.finished("train"):
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
@@ -293,7 +293,8 @@ class Pipeline:
         # the previous stage tested exactly this checkpoint: reuse its accuracy instead of a second pass
         source = self.records.get(self.loaded_from or "", {}).get("metrics", {})
         if level_metrics:
-            metrics = {k: level_metrics["levels"][level_metrics["levels/chosen"]][k] for k in ACCURACY_KEYS}
+            chosen = level_metrics.pop("levels/metrics")
+            metrics = {k: chosen[k] for k in ACCURACY_KEYS}
             metrics.update(level_metrics)
         elif all(k in source for k in ACCURACY_KEYS):
             metrics = {k: source[k] for k in ACCURACY_KEYS}
@@ -315,44 +316,10 @@ class Pipeline:
                             "model/params_reduction": 1.0 - report.params_dense / original})
         return metrics, net
 
-    def check_evaluate_level(self) -> None:
-        wanted = self.cfg.evaluate.get("level")
-        if wanted is None:
-            return
-        levels = getattr(self.method, "levels", None)
-        if not levels:
-            raise UserError(f"evaluate.level={wanted} picks a level of a multi-level model, but "
-                            f"method={self.choices.get('method')} trains a single sparsity",
-                            "use method=multilevel or remove evaluate.level")
-        if not any(abs(float(wanted) - s) < 1e-9 for s in levels):
-            raise UserError(f"evaluate.level={wanted} is not one of method.levels={list(levels)}",
-                            f"set evaluate.level to one of {list(levels)} (or null for the densest)")
-
     def evaluate_levels(self, net: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """Accuracy, sparsity, MACs and simulated latency of every level of a multi-level model, the
-        nesting check for every pair, and the level ``evaluate.level`` picks (default: the densest)."""
-        count, data = level_count(net), self.cfg.dataset
-        targets = list(getattr(self.method, "levels", None) or [None] * count)
-        wanted = self.cfg.evaluate.get("level")
-        chosen = count - 1 if wanted is None else \
-            next(k for k, s in enumerate(targets) if s is not None and abs(float(wanted) - s) < 1e-9)
-        primary = load_profile(self.cfg.hardware)
-        views = [level_view(net, k).cpu().eval() for k in range(count)]
-        rows = []
-        for k, view in enumerate(views):
-            self.log(f"stage evaluate: level {k} (target sparsity {targets[k]})")
-            hw, _ = hardware_metrics(view, (data.in_channels, data.image_size, data.image_size), [primary],
-                                     primary, batch=self.cfg.evaluate.batch_size, measure=False)
-            rows.append({"level": k, "target_sparsity": targets[k], "sparsity": round(level_sparsity(net, k), 6),
-                         **self.evaluate_metrics(view), "model/macs_effective": hw["model/macs_effective"],
-                         "model/macs_dense": hw["model/macs_dense"],
-                         f"latency_sim_ms/{primary.name}": hw[f"latency_sim_ms/{primary.name}"]})
-        problems = {f"{i}<{j}": check_hierarchy(views[i], views[j])
-                    for i in range(count) for j in range(i + 1, count)}
-        print_levels(rows, primary.name, problems)
-        return views[chosen], {"levels": rows, "levels/chosen": chosen,
-                               "levels/hierarchy_ok": not any(problems.values()),
-                               "levels/hierarchy_problems": {k: v for k, v in problems.items() if v}}
+        data = self.cfg.dataset
+        return evaluate_levels(net, self.method, self.cfg.evaluate, (data.in_channels, data.image_size,
+                               data.image_size), load_profile(self.cfg.hardware), self.evaluate_metrics, self.log)
 
     def hardware_report(self, net: torch.nn.Module) -> dict[str, Any]:
         """MAC views, simulated latency on every requested profile, measured host latency."""
@@ -461,17 +428,3 @@ class Pipeline:
     @staticmethod
     def log(message: str) -> None:
         print(f"[compress-run] {message}", flush=True)
-
-
-def print_levels(rows: list[dict[str, Any]], hardware: str, problems: dict[str, list[str]]) -> None:
-    table = Table(title="Multi-level model: every level", title_justify="left")
-    for col in ("level", "target sparsity", "sparsity", "test acc", "MACs effective", f"sim ms ({hardware})"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["level"]), f"{r['target_sparsity']}", f"{r['sparsity']:.4f}",
-                      f"{r.get('test/acc', float('nan')):.4f}", f"{r['model/macs_effective'] / 1e6:,.2f} M",
-                      f"{r[f'latency_sim_ms/{hardware}']:.3f}")
-    Console().print(table)
-    bad = {k: v for k, v in problems.items() if v}
-    print(f"[compress-run] check_hierarchy over {len(problems)} level pairs: "
-          + ("nested" if not bad else f"VIOLATED {bad}"), flush=True)

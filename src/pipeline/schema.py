@@ -100,24 +100,39 @@ class SyntheticDatasetConfig(DatasetConfig):
 
 # ---------------------------------------------------------------------------------------- method
 @dataclass
-class MethodConfig:
+class DenseConfig:
     _target_: str = MISSING
-    sparsity: float = 0.0
+
+
+@dataclass
+class MaskMethodConfig:
+    """Keys of every weight-mask method (the prunable layers, how the budget is spread, the pattern)."""
+    _target_: str = MISSING
     distribution: str = "uniform"
     pattern: str = "irregular"
     exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
     mask_grads: bool = True
 
     def __post_init__(self) -> None:
-        from compress_run.methods.projections import fixed_density, parse_pattern
+        from compress_run.methods.projections import parse_pattern
 
-        _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")
         _check(self.distribution in DISTRIBUTIONS, "method.distribution", self.distribution,
                ", ".join(DISTRIBUTIONS))
         try:
             parse_pattern(self.pattern)
         except ValueError as exc:
             _check(False, "method.pattern", self.pattern, str(exc))
+
+
+@dataclass
+class MethodConfig(MaskMethodConfig):
+    sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        from compress_run.methods.projections import fixed_density
+
+        super().__post_init__()
+        _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")
         density = fixed_density(self.pattern)
         _check(density is None or self.sparsity == 0.0 or abs(self.sparsity - (1 - density)) < 1e-9,
                "method.sparsity", self.sparsity, f"{1 - (density or 0):g} with method.pattern={self.pattern} "
@@ -160,7 +175,6 @@ class GaPConfig(MethodConfig):
     num_partitions: int = 4
     partitioner: Any = "equal_params"
     rounds: int = 1
-    epochs_per_step: float | None = None
     reset_optimizer_each_step: bool = True
     worker: int | None = None
 
@@ -181,8 +195,6 @@ class GaPConfig(MethodConfig):
         if self.worker is not None:
             _check(self.variant == "parallel" and 0 <= self.worker < self.num_partitions, "method.worker",
                    self.worker, f"null, or 0..num_partitions-1={self.num_partitions - 1} with method.variant=parallel")
-        if self.epochs_per_step is not None:
-            _check(self.epochs_per_step > 0, "method.epochs_per_step", self.epochs_per_step, "null or a float > 0")
 
 
 @dataclass
@@ -255,7 +267,6 @@ class ChannelMethodConfig:
     channel_multiple: int = 1
     prune_residual: bool = True
     exclude: list[str] = field(default_factory=list)
-    mask_grads: bool = True
 
     def __post_init__(self) -> None:
         from compress_run.methods.chex import TARGETS
@@ -270,6 +281,7 @@ class ChannelMethodConfig:
 
 @dataclass
 class CHEXConfig(ChannelMethodConfig):
+    mask_grads: bool = True
     delta0: float = 0.2
     delta_t_epochs: int = 2
     t_max_fraction: float = 0.75
@@ -449,12 +461,16 @@ class ReweightedConfig(MethodConfig):
 
 
 @dataclass
-class MultilevelConfig(MethodConfig):
+class MultilevelConfig(MaskMethodConfig):
     levels: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8])
     per_level_bn: bool = True
+    segments: Any = "by_stage"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.segments == "by_stage" or (isinstance(self.segments, list) and len(self.segments) >= 2
+                                               and all(isinstance(g, str) for g in self.segments)),
+               "method.segments", self.segments, "by_stage or a list of at least two module-name globs")
         levels = list(self.levels)
         _check(bool(levels) and all(0 < s < 1 for s in levels)
                and all(a > b for a, b in zip(levels, levels[1:], strict=False)), "method.levels", levels,
@@ -574,7 +590,8 @@ class EvaluateConfig:
     breakdown: int = 0                  # print the N slowest layers per profile (0 = off)
     plot: bool = False                  # write latency_breakdown.png
     export: str | None = None           # onnx: write model.onnx (the executed, e.g. compacted, network)
-    level: float | None = None          # multi-level models: the level (its sparsity) reported as the model
+    level: Any = None                   # multi-level models: the level (a sparsity, or one per segment) reported
+    latency_budget_ms: float | None = None  # multi-level models: report the best level/switch within this budget
     kernels: str = "measured"           # measured: fastest kernel per layer by timing; simulated: simulator's pick
 
     def __post_init__(self) -> None:
@@ -588,8 +605,11 @@ class EvaluateConfig:
         _check(self.breakdown >= 0, "evaluate.breakdown", self.breakdown, "an integer >= 0 (0 = off)")
         _check(self.export in (None, "onnx"), "evaluate.export", self.export, "null or onnx")
         _check(self.kernels in ("measured", "simulated"), "evaluate.kernels", self.kernels, "measured or simulated")
-        _check(self.level is None or 0 < self.level < 1, "evaluate.level", self.level,
-               "null (the densest level) or one of method.levels")
+        levels = self.level if isinstance(self.level, list | tuple) else [self.level] if self.level is not None else []
+        _check(all(isinstance(v, int | float) and 0 < v < 1 for v in levels), "evaluate.level", self.level,
+               "null (the densest level), one of method.levels, or a list of them, one per segment")
+        _check(self.latency_budget_ms is None or self.latency_budget_ms > 0, "evaluate.latency_budget_ms",
+               self.latency_budget_ms, "null or a float > 0 (milliseconds, simulated batch 1)")
 
 
 # ------------------------------------------------------------------------------------------ root
@@ -636,6 +656,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("dataset", "base_dataset"): DatasetConfig,
     ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
     ("method", "base_method"): MethodConfig,
+    ("method", "base_method_dense"): DenseConfig,
     ("method", "base_method_gmp"): GMPConfig,
     ("method", "base_method_rigl"): RigLConfig,
     ("method", "base_method_gap"): GaPConfig,

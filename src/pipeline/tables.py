@@ -74,7 +74,7 @@ class TableRow:
     overrides: list[str] = field(default_factory=list)
     paper: dict[str, float] = field(default_factory=dict)   # metric -> published value (empty: no reference)
     note: str = ""
-    level: float | None = None          # multi-level runs: report this level (its sparsity) of the run
+    level: Any = None                   # multi-level runs: report this level (a sparsity, or one per segment)
     run: str = ""                       # read the run of this other row (another level of it); not launched
 
 
@@ -246,10 +246,16 @@ def row_state(row_dir: Path, expected: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ values
-def level_metrics(results: dict[str, Any], level: float) -> dict[str, Any]:
-    """The run's metrics as they are for one level of a multi-level model ({} if it has no such level)."""
-    row = next((r for r in results.get("levels", []) if r.get("target_sparsity") is not None
-                and abs(r["target_sparsity"] - level) < 1e-9), None)
+def level_metrics(results: dict[str, Any], level: Any) -> dict[str, Any]:
+    """The run's metrics as they are for one level (a sparsity) or one switch (a sparsity per segment) of a
+    multi-level model ({} if it has no such level)."""
+    if isinstance(level, list | tuple) or hasattr(level, "__len__"):
+        wanted = [float(v) for v in level]
+        row = next((m for m in results.get("level_mixes", []) if len(m["target_sparsity"]) == len(wanted)
+                    and all(abs(a - b) < 1e-9 for a, b in zip(m["target_sparsity"], wanted, strict=True))), None)
+    else:
+        row = next((r for r in results.get("levels", []) if r.get("target_sparsity") is not None
+                    and abs(r["target_sparsity"] - level) < 1e-9), None)
     if row is None:
         return {}
     return {**results.get("metrics", {}), **{k: v for k, v in row.items() if "/" in k},

@@ -59,14 +59,6 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method.rewind_epoch={method.rewind_epoch} is after the end of the train stage "
                         f"(schedule.train.epochs={train_epochs})",
                         f"set method.rewind_epoch <= {train_epochs} (0 rewinds to the original init)")
-    if method.get("epochs_per_step") is not None:
-        steps = 1 if method.get("worker") is not None else method.rounds * method.num_partitions
-        if abs(steps * method.epochs_per_step - train_epochs) > 1e-6:
-            raise UserError(f"method.epochs_per_step={method.epochs_per_step} x {steps} steps (method.rounds="
-                            f"{method.rounds} x method.num_partitions={method.num_partitions}) = "
-                            f"{steps * method.epochs_per_step:g} epochs, but schedule.train.epochs={train_epochs}",
-                            f"set schedule.train.epochs={steps * method.epochs_per_step:g}, or "
-                            "method.epochs_per_step=null to split the train stage evenly")
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
                         "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")

@@ -20,6 +20,7 @@ from compress_run.methods.nesting import (
     nested_level_maps,
 )
 from compress_run.methods.projections import as_matrix, check_gather_scatter
+from compress_run.models.cifar_resnet import resnet20
 from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.lit_module import ClassifierModule
 from tests.conftest import run_pipeline
@@ -150,6 +151,47 @@ def test_pipeline_reports_every_level_and_picks_one(tmp_path):
     assert picked["test/acc"] == levels[0]["test/acc"]
     with pytest.raises(UserError, match="not one of method.levels"):
         run_pipeline([*base, "evaluate.level=0.8"], tmp_path)
+    # switches part-way: 3 stages x 2 switch points x 6 ordered level pairs = 12 configurations, reported
+    mixes = results["level_mixes"]
+    assert len(mixes) == 12 and metrics["levels/segments"] == [6, 6, 6]
+    by_config = {tuple(m["target_sparsity"]): m for m in mixes}
+    sparse_first = by_config[(0.9, 0.5, 0.5)]  # the first stage at 90%, the other two at 50%
+    assert levels[2]["model/macs_effective"] > sparse_first["model/macs_effective"] > levels[0]["model/macs_effective"]
+    switched = run_pipeline([*base, "evaluate.level=[0.9,0.5,0.5]"], tmp_path)["metrics"]
+    assert switched["levels/chosen"] == [0, 2, 2] and switched["test/acc"] == sparse_first["test/acc"]
+    with pytest.raises(UserError, match="gives 2 levels, but the model has 3 segments"):
+        run_pipeline([*base, "evaluate.level=[0.9,0.5]"], tmp_path)
+    # a latency budget picks the most accurate configuration that fits it (on validation accuracy)
+    key = next(k for k in levels[0] if k.startswith("latency_sim_ms/"))
+    budget = sorted(r[key] for r in [*levels, *mixes])[len(mixes) // 2]
+    chosen = run_pipeline([*base, f"evaluate.latency_budget_ms={budget}"], tmp_path)["metrics"]
+    fitting = [r for r in [*levels, *mixes] if r[key] <= budget]
+    assert chosen["val/acc"] == max(r["val/acc"] for r in fitting)
+    assert "within" in chosen["levels/chosen_reason"]
+
+
+def test_a_switched_view_runs_each_segment_at_its_own_level():
+    from compress_run.methods.nesting import level_view, mixed_view
+
+    torch.manual_seed(0)
+    net = resnet20(10, 1, 8)
+    method = Multilevel(levels=[0.9, 0.5])
+    method.compress(net, None)
+    groups = method.segment_groups(net)
+    assert [g[0].split(".")[0] for g in groups] == ["layer1", "layer2", "layer3"]
+    with torch.no_grad():  # per-level BN snapshots that differ
+        for module in net.modules():
+            if "level_bn" in module._buffers:
+                module._buffers["level_bn"][1].add_(1.0)
+    view, sparse, dense = mixed_view(net, groups, [0, 1, 1]), level_view(net, 0), level_view(net, 1)
+    modules, sparse_m, dense_m = dict(view.named_modules()), dict(sparse.named_modules()), dict(dense.named_modules())
+    for name in groups[0]:
+        assert torch.equal(modules[name].weight_mask, sparse_m[name].weight_mask)
+    for name in groups[1] + groups[2]:
+        assert torch.equal(modules[name].weight_mask, dense_m[name].weight_mask)
+    assert torch.equal(modules["layer1.0.bn1"].weight, sparse_m["layer1.0.bn1"].weight)   # follows its segment
+    assert torch.equal(modules["layer3.2.bn2"].weight, dense_m["layer3.2.bn2"].weight)
+    assert torch.equal(modules["bn1"].weight, sparse_m["bn1"].weight)                    # the stem: first segment
 
 
 def test_evaluate_level_needs_a_multilevel_method(tmp_path):

@@ -24,7 +24,7 @@ CASES = [
     ("exclude_matches_nothing", ["method.exclude=[nope*]"],
      ["cannot be applied to model=resnet20", "'nope*' matches no conv/linear layer", "layer1.0.conv1"]),
     ("nothing_left_to_prune", ["method.exclude=[*]"], ["no prunable conv/linear layer is left"]),
-    ("dense_with_sparsity", ["method=dense", "method.sparsity=0.5"], ["not allowed for method=dense"]),
+    ("dense_with_sparsity", ["method=dense", "method.sparsity=0.5"], ["Key 'sparsity' not in 'DenseConfig'"]),
     ("stage_order", ["stages=[compress,train]"], ["in pipeline order"]),
     ("unknown_stage", ["stages=[train,prune]"], ["unknown: ['prune']"]),
     ("negative_epochs", ["schedule.train.epochs=-1"], ["schedule.train.epochs=-1 is not allowed"]),
