@@ -13,7 +13,7 @@ every Lightning checkpoint, so a resumed run continues the same iteration); the 
 ``global``/``erk`` are computed once, from the weights at ``start_epoch``; the residual ‖W − Z‖/‖W‖ after
 each update is logged (``train/admm_residual``) and the last one is in the summary.
 
-Config keys (conf/method/admm.yaml), besides those of magnitude (sparsity, distribution, pattern, exclude,
+Config keys (conf/method/admm.yaml), besides those of ``magnitude`` (sparsity, distribution, pattern, exclude,
 mask_grads):
 * ``rho`` (1e-3): ρ of the augmented Lagrangian.
 * ``update_epochs`` (1): epochs between Z/U updates.

@@ -102,6 +102,15 @@ def residual_norms(matrix: torch.Tensor, kept: torch.Tensor, candidates: torch.T
     return (vectors - q @ (q.T @ vectors)).norm(dim=0)
 
 
+def sample_regrowth(matrix: torch.Tensor, kept: torch.Tensor, candidates: torch.Tensor, n_grow: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """``n_grow`` of the pruned ``candidates`` (columns of ``matrix``), sampled without replacement with
+    probability softmax(norm of their residual after projection onto the kept columns' span)."""
+    residual = residual_norms(matrix, kept, candidates).cpu()
+    picked = torch.multinomial(F.softmax(residual.double(), 0), n_grow, replacement=False, generator=generator)
+    return candidates[picked]
+
+
 class CHEX(Method):
     def __init__(self, sparsity: float = 0.5, target: str = "channels", flops_reduction: float = 0.5,
                  delta0: float = 0.2, delta_t_epochs: int = 2, t_max_fraction: float = 0.75, min_channels: int = 1,
@@ -231,10 +240,7 @@ class CHEX(Method):
             if n_grow:
                 candidates = torch.nonzero(~new).flatten()
                 snapshot = self._snapshot_matrix(group, modules, matrix)
-                residual = residual_norms(snapshot, kept, candidates).cpu()
-                picked = torch.multinomial(F.softmax(residual.double(), 0), n_grow, replacement=False,
-                                           generator=generator)
-                new[candidates[picked]] = True
+                new[sample_regrowth(snapshot, kept, candidates, n_grow, generator)] = True
             self.apply(group, modules, new)
             record["kept"][group.name], record["regrown"][group.name] = k, n_grow
         self.history.append(record)

@@ -12,7 +12,7 @@ input channels for ``channel``. ``norm: l1`` (the spec leaves the original's for
 P_g = 1/(‖W_g‖ + ε) and the penalty λ·Σ_g P_g·‖W_g‖ (reweighted ℓ1 for single weights, reweighted group
 lasso for groups). The reweighting phase is the whole train stage (its length: ``schedule.train.epochs``).
 
-Config keys (conf/method/reweighted.yaml), besides those of magnitude (sparsity, distribution, pattern,
+Config keys (conf/method/reweighted.yaml), besides those of ``magnitude`` (sparsity, distribution, pattern,
 exclude, mask_grads):
 * ``reg_lambda`` (1e-4): λ.
 * ``eps`` (1e-3): ε.

@@ -15,7 +15,7 @@ from compress_run.kernels.channel_graph import ChannelGroup
 from compress_run.kernels.compaction import is_compacted
 from compress_run.methods import chex as chex_module
 from compress_run.methods.channels import channel_mask
-from compress_run.methods.chex import CHEX, exploration_epochs, leverage_scores, regrowth_ratio
+from compress_run.methods.chex import CHEX, exploration_epochs, leverage_scores, regrowth_ratio, sample_regrowth
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline
 
@@ -123,6 +123,25 @@ def test_leverage_scores_prefer_independent_columns():
     assert set(torch.topk(scores, 2).indices.tolist()) == {2, 3}   # unique directions, whatever their norm
     assert scores[0] == pytest.approx(0.5) and scores[1] == pytest.approx(0.5)
     assert torch.equal(leverage_scores(torch.ones(2, 4) * torch.arange(4), 2), 2 * torch.arange(4.0))  # L1
+
+
+def test_regrowth_prefers_channels_orthogonal_to_the_kept_ones():
+    matrix = torch.zeros(16, 8)
+    for c in range(4):
+        matrix[c, c] = 1.0                                # kept: e0..e3
+    matrix[0, 4] = 1.0                                    # candidate 4: inside the kept span (residual 0)
+    matrix[0, 5], matrix[5, 5] = 0.5, 0.5                 # candidate 5: residual 0.5
+    matrix[6, 6] = 1.5                                    # candidate 6: residual 1.5
+    matrix[7, 7] = 2.5                                    # candidate 7: residual 2.5
+    kept, candidates = torch.arange(4), torch.arange(4, 8)
+    draws = torch.cat([sample_regrowth(matrix, kept, candidates, 1, torch.Generator().manual_seed(s))
+                       for s in range(2000)])
+    freq = torch.bincount(draws - 4, minlength=4).double() / len(draws)
+    expected = torch.softmax(torch.tensor([0.0, 0.5, 1.5, 2.5], dtype=torch.float64), 0)
+    assert freq[3] > freq[2] > freq[1] > freq[0]
+    assert torch.allclose(freq, expected, atol=0.03)     # softmax of the residual norms
+    two = sample_regrowth(matrix, kept, candidates, 2, torch.Generator().manual_seed(0))
+    assert len(set(two.tolist())) == 2                    # without replacement
 
 
 class MaskSpy(L.Callback):

@@ -31,6 +31,7 @@ class Spy(L.Callback):
         self.reset_at_boundary: list[bool] = []
         self.previous_masks: dict[str, torch.Tensor] = {}
         self.numel: dict[str, int] = {}
+        self.cycle_starts: list[dict[str, torch.Tensor]] = []  # the network (no masks) at each step's start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         layers = prunable_layers(pl_module.net)
@@ -40,6 +41,9 @@ class Spy(L.Callback):
                 self.grown_values.append(float(layers[name].weight.detach()[grown].abs().max()))
         total = trainer.estimated_stepping_batches
         step = trainer.global_step
+        if step == 0 or cycle_of(step, total, self.method.steps) != cycle_of(step - 1, total, self.method.steps):
+            state = pl_module.net.state_dict()
+            self.cycle_starts.append({k: v.detach().clone() for k, v in state.items() if not k.endswith("_mask")})
         if step and cycle_of(step, total, self.method.steps) != cycle_of(step - 1, total, self.method.steps):
             self.reset_at_boundary.append(len(trainer.optimizers[0].state) == 0)
 
@@ -143,6 +147,13 @@ def test_parallel_gap_runs_workers_from_the_round_start_and_ends_at_target(tmp_p
     per_layer = results["sparsity_per_layer"]
     assert all(abs(per_layer[f"{n}.weight"] - 0.8) < 0.01 for g in spy.method.groups for n in g)
     assert results["method"]["variant"] == "parallel"
+    # every worker of a round starts from the same merged network (not from the previous worker's result)
+    starts = spy.cycle_starts
+    assert len(starts) == spy.method.steps == 6
+    for first in (0, 3):
+        for worker in (first + 1, first + 2):
+            assert all(torch.equal(starts[worker][k], v) for k, v in starts[first].items()), worker
+    assert not all(torch.equal(starts[3][k], v) for k, v in starts[0].items())  # a new round: merged + pruned
 
 
 def test_lr_schedule_restarts_every_cycle():

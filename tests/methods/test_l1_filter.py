@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from compress_run.kernels.compaction import is_compacted
+from compress_run.methods.channels import MacModel
 from compress_run.methods.l1_filter import L1Filter
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline
@@ -42,7 +43,14 @@ def test_flops_target_meets_the_mac_reduction(tmp_path):
     remaining = metrics["model/macs_effective"] / metrics["model/macs_dense"]
     assert 0.47 <= remaining <= 0.5
     assert metrics["model/params_original"] > metrics["model/params_dense"]
-    assert isinstance(results["method"]["keep_fraction"], float)
+    # the keep fraction is the largest one that meets the target: a little more keeps too many MACs
+    keep = results["method"]["keep_fraction"]
+    model, method = resnet20(10, 1, 8), L1Filter(target="flops", flops_reduction=0.5)
+    method.input_shape = (1, 8, 8)
+    groups = method.groups(model)
+    macs = MacModel(model, (1, 8, 8), groups)
+    assert macs.macs(method.counts(groups, keep)) <= 0.5 * macs.total
+    assert macs.macs(method.counts(groups, keep + 0.02)) > 0.5 * macs.total
 
 
 def test_residual_groups_can_be_left_whole():
@@ -51,4 +59,7 @@ def test_residual_groups_can_be_left_whole():
     groups = method.groups(model)
     assert len(groups) == 9 and not any(g.residual for g in groups)
     assert any("residual" in reason for reason in method.skipped.values())
-    assert isinstance(model, nn.Module)
+    method.compress(model, None)
+    # the residual stream keeps its width; the inner convs (the groups that were pruned) are halved
+    assert model.layer1[0].conv2.out_channels == 16 and model.layer3[2].conv2.out_channels == 64
+    assert model.layer1[0].conv1.out_channels == 8 and model.layer3[2].conv1.out_channels == 32

