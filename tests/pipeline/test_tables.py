@@ -271,3 +271,14 @@ def test_seeded_rows_run_once_per_seed_and_leave_records(tmp_path):
         assert read_json(out / "rows" / "dense" / f"seed{seed}" / "results.json")["seed"] == seed
         assert read_json(out / "records" / "dense" / f"seed{seed}.json")["seed"] == seed
     assert read_json(out / "table.json")["rows"][0]["seeds_done"] == 2
+
+
+def test_committed_results_carry_no_path_of_the_machine_that_made_them():
+    from tests.conftest import REPO
+
+    files = [REPO / "RESULTS.md", *(REPO / "docs").rglob("*.md"), *(REPO / "docs").rglob("*.json"),
+             *(REPO / "docs").rglob("*.csv"), *(REPO / "bench_results").rglob("*.json")]
+    for path in files:
+        text = path.read_text()
+        for marker in ("/work/", "/home/", "/root/", "/tmp/", "/Users/"):
+            assert marker not in text, f"{path.relative_to(REPO)} holds a machine path ({marker}...)"
