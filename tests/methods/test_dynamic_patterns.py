@@ -55,7 +55,7 @@ def test_every_update_of_a_real_run_keeps_the_pattern_and_the_counts(tmp_path, m
     extra = ["method.delta_t=2", "method.end_fraction=1.0", "method.alpha=0.5", "method.distribution=uniform"] \
         if method == "rigl" else ["method.mode=em", "method.update_every=1"]
     run_pipeline(["dataset=digits", "debug=smoke", "logger=none", f"method={method}", f"method.pattern={pattern}",
-                  f"method.sparsity={sparsity}", "schedule.train.epochs=3", "stages=[train]",
+                  f"method.sparsity={sparsity}", "schedule.train.epochs=2", "stages=[train]", "model.width_mult=0.5",
                   "evaluate.measure_latency=false", *extra], tmp_path)
     assert len(spy.counts) >= 6
     assert not spy.problems, spy.problems[:5]

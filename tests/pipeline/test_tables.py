@@ -282,3 +282,18 @@ def test_committed_results_carry_no_path_of_the_machine_that_made_them():
         text = path.read_text()
         for marker in ("/work/", "/home/", "/root/", "/tmp/", "/Users/"):
             assert marker not in text, f"{path.relative_to(REPO)} holds a machine path ({marker}...)"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"orderings": [{"rows": ["a", "nope"]}]}, "unknown rows ['nope']"),
+    ({"orderings": [{"rows": ["a", "b"], "metric": "latency_ms"}]}, "a metric the table does not have"),
+    ({"seeds": [0, 0]}, "repeat a seed"),
+    ({"rows": [{"name": "a", "experiment": "fmnist_gmp", "overrides": ["seed=3"]},
+               {"name": "b", "experiment": "fmnist_magnitude"}, {"name": "c", "experiment": "fmnist_dense"}]},
+     "a seed override in a table with seeds"),
+])
+def test_bad_seeds_and_orderings_are_refused(tmp_path, change, message):
+    path = seeded_table(tmp_path)
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(path), OmegaConf.create(change)), path)
+    proc = compress_table([f"table={path}", f"output_dir={tmp_path / 'out'}", "--collect"], tmp_path, timeout=120)
+    assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr[-2000:]
