@@ -37,7 +37,8 @@ Config keys (conf/method/chex.yaml):
   kernels; 1 = the paper's exact global budget).
 * ``prune_residual`` (true): prune residual-tied groups as one unit (false: leave them whole).
 * ``exclude`` ([]): globs of producer layers whose groups stay whole.
-* ``mask_grads`` (true): zero masked gradients before each optimizer step.
+Masked gradients are always zeroed before each optimizer step (no ``mask_grads`` key: in conv-BN-ReLU
+networks a masked channel's gradients are zero anyway, so the key changed nothing there).
 """
 
 from __future__ import annotations
@@ -114,13 +115,13 @@ def sample_regrowth(matrix: torch.Tensor, kept: torch.Tensor, candidates: torch.
 class CHEX(Method):
     def __init__(self, sparsity: float = 0.5, target: str = "channels", flops_reduction: float = 0.5,
                  delta0: float = 0.2, delta_t_epochs: int = 2, t_max_fraction: float = 0.75, min_channels: int = 1,
-                 channel_multiple: int = 1, prune_residual: bool = True, exclude: list[str] | tuple[str, ...] = (),
-                 mask_grads: bool = True) -> None:
+                 channel_multiple: int = 1, prune_residual: bool = True,
+                 exclude: list[str] | tuple[str, ...] = ()) -> None:
         self.sparsity, self.target, self.flops_reduction = float(sparsity), target, float(flops_reduction)
         self.delta0, self.delta_t_epochs, self.t_max_fraction = float(delta0), int(delta_t_epochs), t_max_fraction
         self.min_channels, self.channel_multiple, self.prune_residual = int(min_channels), int(channel_multiple), \
             prune_residual
-        self.exclude, self.mask_grads = list(exclude), mask_grads
+        self.exclude = list(exclude)
         self.seed = torch.initial_seed()
         self.history: list[dict[str, Any]] = []   # one entry per exploration step
         self.final_done = False
@@ -268,8 +269,8 @@ class CHEX(Method):
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         if stage == "train":
             self.initial_masks(model)
-            return [ChannelExplorer(self), MaskEnforcer(self.mask_grads)]
-        return [MaskEnforcer(self.mask_grads)]
+            return [ChannelExplorer(self), MaskEnforcer()]
+        return [MaskEnforcer()]
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         if not self.final_done:  # T_max was after the last train epoch: the delta = 0 step happens now

@@ -281,7 +281,6 @@ class ChannelMethodConfig:
 
 @dataclass
 class CHEXConfig(ChannelMethodConfig):
-    mask_grads: bool = True
     delta0: float = 0.2
     delta_t_epochs: int = 2
     t_max_fraction: float = 0.75

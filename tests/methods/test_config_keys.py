@@ -23,8 +23,7 @@ COMMON = {"sparsity": "0.7", "distribution": "global", "pattern": "block:4:4", "
 # key -> (flipped value, context overrides applied to the baseline and the flipped run alike)
 FLIPS: dict[str, dict[str, tuple[str, list[str]]]] = {
     "admm": {"rho": ("0.1", []), "update_epochs": ("2", []), "start_epoch": ("1", [])},
-    "chex": {"sparsity": ("0.3", []), "mask_grads": ("false", ["trainer.gradient_clip_val=0.05"]),
-             "target": ("flops", []), "flops_reduction": ("0.3", ["method.target=flops"]),
+    "chex": {"sparsity": ("0.3", []), "target": ("flops", []), "flops_reduction": ("0.3", ["method.target=flops"]),
              "delta0": ("0.1", []), "delta_t_epochs": ("1", ["schedule.train.epochs=4"]),
              "t_max_fraction": ("0.5", ["schedule.train.epochs=4"]), "min_channels": ("3", ["method.sparsity=0.9"]),
              "channel_multiple": ("4", []), "prune_residual": ("false", []), "exclude": ("[layer1.0.conv1]", [])},
