@@ -62,6 +62,7 @@ results: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests hydra_plugins $(wildcard scripts)
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

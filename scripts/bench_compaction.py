@@ -7,7 +7,7 @@ ResNet-50 (224x224) and ResNet-20 (32x32) at 50% and 75% MAC reduction, against 
 
 Each variant is made by L1-norm filter pruning with ``target: flops`` (a uniform keep ratio found by
 bisection for the MAC reduction, residual-tied channel groups included) and then compacted
-(:mod:`compress_run.kernels.compaction`), once with exact channel counts and once with counts rounded
+(:mod:`compress_run.core.compaction`), once with exact channel counts and once with counts rounded
 to multiples of 8 (``channel_multiple=8``: oneDNN blocks channels by 8/16, so odd widths waste
 work); its weights are the random init, which does not change the time. Per variant and batch size
 (1 and 32): efficiency = measured speedup over the dense network

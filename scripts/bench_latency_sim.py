@@ -31,12 +31,12 @@ from rich.table import Table
 from scipy.stats import kendalltau
 from torch import nn
 
+from compress_run.core.masks import magnitude_scores, prunable_layers, prune_by_score
 from compress_run.hardware.measure import machine_description, model_latency_ms
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.simulator import simulate
 from compress_run.hardware.trace import trace_model
 from compress_run.kernels.sparse import to_executed
-from compress_run.methods.masks import magnitude_scores, prunable_layers, prune_by_score
 from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,12 +28,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from compress_run.core.masks import attach_mask
+from compress_run.core.projections import project
 from compress_run.hardware.calibrate import bench_layer
 from compress_run.hardware.measure import machine_description, median_seconds
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear, compiled_kernel
 from compress_run.kernels.sparse import sparse_module
-from compress_run.methods.masks import attach_mask
-from compress_run.methods.projections import project
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (torch.nn layer, its constructor arguments, input shape without batch); the JSON rows carry both, so

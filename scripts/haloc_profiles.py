@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
 
+from compress_run.core.factorized import set_module
 from compress_run.hardware.macs import count_macs
 from compress_run.hardware.measure import machine_description
-from compress_run.kernels.factorized import set_module
 from compress_run.methods.haloc import HALOC
 from compress_run.models.cifar_resnet import resnet20
 

@@ -1,6 +1,6 @@
 """Dependency-aware compaction: the physically smaller network whose outputs equal the masked one's.
 
-A channel of a :class:`~compress_run.kernels.channel_graph.ChannelGroup` is *dead* when it is zero
+A channel of a :class:`~compress_run.core.channel_graph.ChannelGroup` is *dead* when it is zero
 whatever the input: every producer's weight slice is zero and its bias, pushed through the BatchNorm
 that follows (eval statistics), is exactly zero; every depthwise passthrough adds nothing; and every
 scatter source (option-A shortcut) is dead at that channel too. Channel masks (weight rows plus the
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_run.kernels.channel_graph import ChannelGroup, channel_groups
-from compress_run.methods.masks import MASK_SUFFIX
+from compress_run.core.channel_graph import ChannelGroup, channel_groups
+from compress_run.core.masks import MASK_SUFFIX
 from compress_run.models.cifar_resnet import PadShortcut
 
 

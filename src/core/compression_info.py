@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_run.methods.masks import get_mask
+from compress_run.core.masks import get_mask
 
 BLOCK_SIZES = (4, 16, 32, 64)
 
@@ -66,8 +66,8 @@ def mask_formats(mask: torch.Tensor) -> dict[str, float]:
 
 def gs_compliant(matrix: torch.Tensor, banks: int = GS_BANKS) -> bool:
     """A gather-scatter pattern with ``banks`` banks (equal per-row and per-bank counts in every row group, under
-    consecutive grouping or one of the tilings :func:`~compress_run.methods.gs_pattern.gs_tile_of` tries)."""
-    from compress_run.methods.gs_pattern import gs_tile_of
+    consecutive grouping or one of the tilings :func:`~compress_run.core.gs_pattern.gs_tile_of` tries)."""
+    from compress_run.core.gs_pattern import gs_tile_of
 
     return 0 < int(matrix.sum()) < matrix.numel() and gs_tile_of(matrix, banks, 1) is not None
 

@@ -223,8 +223,7 @@ class LowRankConv2d(Factorized):
                                    a["stride"][1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.first(x)
-        return self.second(hidden if self.gate is None else hidden * self.gate.to(hidden.dtype))
+        return self.second(self.first(x))
 
 
 class Tucker2Conv2d(Factorized):
@@ -308,4 +307,4 @@ def is_factorized(model: nn.Module) -> bool:
     return any(isinstance(m, Factorized) for m in model.modules())
 
 
-import compress_run.kernels.lowrank_attention  # noqa: E402,F401  (registers LowRankAttention in FACTORIZED)
+import compress_run.core.lowrank_attention  # noqa: E402,F401  (registers LowRankAttention in FACTORIZED)

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from compress_run.methods.weight_matrix import as_matrix, from_matrix, keep_count
+from compress_run.core.weight_matrix import as_matrix, from_matrix, keep_count
 
 
 def group_shape(rows_in_group: int, banks: int, elems: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_run.kernels.factorized import FACTORIZED, Factorized
+from compress_run.core.factorized import FACTORIZED, Factorized
 
 
 def _head_svds(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

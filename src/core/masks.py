@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate
-from compress_run.methods.projections import project
+from compress_run.core.allocation import allocate
+from compress_run.core.projections import project
 
 MASK_SUFFIX = "_mask"
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate
-from compress_run.methods.masks import attach_mask, get_mask
-from compress_run.methods.projections import project
+from compress_run.core.allocation import allocate
+from compress_run.core.masks import attach_mask, get_mask
+from compress_run.core.projections import project
 
 LEVEL_BUFFER = "weight_level"
 BN_BUFFER = "level_bn"

@@ -11,7 +11,7 @@ Every pruning method takes ``pattern=`` and calls :func:`project`. A pattern is 
 * ``gather_scatter:B[:E[:T]]`` (e.g. ``gather_scatter:16``, tiled ``gather_scatter:16:1:64``) — Sun et al. 2021:
   rows in groups of B/E, every row of a group with the same count and every bank (column mod B) with the
   same count (packs of B entries, E per row and one per bank); T > 0 groups rows inside tiles of T rows by
-  their above-threshold counts (the paper's tiled variant). :mod:`compress_run.methods.gs_pattern`.
+  their above-threshold counts (the paper's tiled variant). :mod:`compress_run.core.gs_pattern`.
 * ``filter`` — whole output rows; ``channel`` — whole input channels (all k×k positions of one C_in).
 
 A conv weight [C_out, C_in, K_h, K_w] is seen as the matrix C_out × (K_h·K_w·C_in), input channel fastest
@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from compress_run.methods.gs_pattern import check_gather_scatter, gather_scatter, gs_shape_problem
-from compress_run.methods.weight_matrix import as_matrix, from_matrix, keep_count
+from compress_run.core.gs_pattern import check_gather_scatter, gather_scatter, gs_shape_problem
+from compress_run.core.weight_matrix import as_matrix, from_matrix, keep_count
 
 __all__ = ["as_matrix", "from_matrix", "keep_count", "check_gather_scatter", "gather_scatter", "project",
            "parse_pattern", "fixed_density", "check_pattern", "pattern_shape_problem"]

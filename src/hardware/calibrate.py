@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from compress_run.core.masks import attach_mask, remove_masks
+from compress_run.core.projections import project
 from compress_run.hardware.measure import median_seconds
 from compress_run.hardware.simulator import COMPUTE_KINDS, operand_bytes
 from compress_run.hardware.trace import OpRecord, trace_model
 from compress_run.kernels.select import executed_layer
-from compress_run.methods.masks import attach_mask, remove_masks
-from compress_run.methods.projections import project
 
 Progress = Callable[[str], None]
 

@@ -6,7 +6,7 @@ including fused ``scaled_dot_product_attention``, which torch's FlopCounterMode 
 Each module's *own* MACs are reported (an attention module holds its QK^T and AV products, each
 conv/linear layer its GEMM); BatchNorm/activations are never mixed in.
 
-Views (see :mod:`compress_run.hardware.compression_info`):
+Views (see :mod:`compress_run.core.compression_info`):
 * ``dense`` — the uncompressed model's MACs, from shapes;
 * ``effective`` — what the compression state still needs (mask density, kept blocks, new shapes, ranks);
 * ``executed`` — what a given hardware profile runs; it depends on the device's sparse support and is
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from compress_run.hardware.compression_info import compression_infos, info_for
+from compress_run.core.compression_info import compression_infos, info_for
 from compress_run.hardware.trace import ModelTrace, trace_model
 
 

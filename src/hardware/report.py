@@ -19,14 +19,15 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from compress_run.hardware.compression_info import compression_infos
+from compress_run.core.compression_info import compression_infos
+from compress_run.hardware.kernel_choice import choose_kernels
 from compress_run.hardware.macs import mac_report
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
 from compress_run.hardware.simulator import Simulation, Simulator
 from compress_run.hardware.trace import trace_model
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
-from compress_run.kernels.select import choose_kernels, to_fastest
+from compress_run.kernels.select import to_fastest
 from compress_run.kernels.sparse import SparseConv2d, SparseLinear
 
 

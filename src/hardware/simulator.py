@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from compress_run.hardware.compression_info import compression_infos, info_for
+from compress_run.core.compression_info import compression_infos, info_for
 from compress_run.hardware.profile import FALLBACK_CLASS, HardwareConfig, SparseFormatConfig
 from compress_run.hardware.trace import ModelTrace, OpRecord
 

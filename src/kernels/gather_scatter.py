@@ -1,6 +1,6 @@
 """Gather-scatter (GS) sparse execution (Sun et al. 2021) of masked linear and conv layers.
 
-A GS mask (:func:`compress_run.methods.projections.gather_scatter`) gives every row of a group of B/E rows
+A GS mask (:func:`compress_run.core.projections.gather_scatter`) gives every row of a group of B/E rows
 the same number of non-zeros, spread evenly over the B banks (column mod B). The compact format
 :class:`GSMatrix` stores, per row, its K_g non-zero values and their column indices (K_g equal within a
 group: no per-row pointers, no load imbalance) plus the per-group pack counts P_g = K_g / E; a row group's
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.gs_pattern import group_shape, gs_tile_of, row_groups
+from compress_run.core.masks import get_mask
+from compress_run.core.projections import as_matrix
 from compress_run.kernels.sparse import Im2colConv
-from compress_run.methods.gs_pattern import group_shape, gs_tile_of, row_groups
-from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix
 
 CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
 TILE = 64                 # columns of x per tile in the compiled kernel (a 64-wide tile of x stays in L2)

@@ -1,5 +1,5 @@
-"""Per-layer kernel choice by measurement: run every kernel that can execute a masked layer on the layer's
-real input shape, keep the fastest, fall back to the dense layer when no sparse kernel beats it.
+"""Which kernels can execute a masked layer, and the network with every layer run by its chosen kernel. The
+choice by measurement is :mod:`compress_run.hardware.kernel_choice`.
 
 Candidates: ``csr`` and ``bsr_<b>`` (torch.sparse, :mod:`compress_run.kernels.sparse`) and ``gather_scatter`` (the
 gather-scatter kernel, :mod:`compress_run.kernels.gather_scatter`, only for masks that are valid GS patterns
@@ -11,16 +11,14 @@ A layer none of them can run (grouped conv, string padding) stays dense.
 from __future__ import annotations
 
 import copy
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress_run.hardware.measure import median_seconds
-from compress_run.methods.gs_pattern import gs_tile_of
-from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix
+from compress_run.core.gs_pattern import gs_tile_of
+from compress_run.core.masks import get_mask
+from compress_run.core.projections import as_matrix
 
 HOST_CANDIDATES = ("csr", "bsr_4", "bsr_16", "bsr_32", "gather_scatter")  # kernels that run on the CPU
 CANDIDATES = (*HOST_CANDIDATES, "nm_2_4")
@@ -65,26 +63,6 @@ def layer_inputs(net: nn.Module, sample_shape: tuple[int, ...], batch: int) -> d
         for hook in hooks:
             hook.remove()
     return inputs
-
-
-@torch.no_grad()
-def choose_kernels(net: nn.Module, sample_shape: tuple[int, ...], batch: int = 1,
-                   candidates: tuple[str, ...] = CANDIDATES, gs_banks: int = 16, warmup: int = 3,
-                   repeats: int = 10, min_time_s: float = 0.02) -> dict[str, dict[str, Any]]:
-    """Per masked layer: ``kernel`` (the fastest, or ``dense``) and ``ms`` (every kernel that could run it)."""
-    choice = {}
-    for name, x in layer_inputs(net, sample_shape, batch).items():
-        layer = net.get_submodule(name)
-        timings = {"dense": median_seconds(partial(layer, x), warmup, repeats, min_time_s) * 1e3}
-        for fmt in candidates:
-            try:
-                kernel = executed_layer(layer, fmt, gs_banks).eval()
-            except ValueError:
-                continue
-            timings[fmt] = median_seconds(partial(kernel, x), warmup, repeats, min_time_s) * 1e3
-        best = min(timings, key=timings.__getitem__)
-        choice[name] = {"kernel": best, "ms": {k: round(v, 5) for k, v in timings.items()}}
-    return choice
 
 
 def to_fastest(net: nn.Module, choice: dict[str, dict[str, Any]], gs_banks: int = 16) -> nn.Module:

@@ -1,7 +1,7 @@
 """2:4 masks on NVIDIA sparse tensor cores through PyTorch's semi-structured sparse tensors (CUDA only).
 
 A layer whose mask keeps at most 2 of every 4 consecutive weights of its GEMM row (the ``nm:2:4``
-projection, :mod:`compress_run.methods.projections`) runs as ``F.linear(X, W_2:4)`` with ``W`` compressed by
+projection, :mod:`compress_run.core.projections`) runs as ``F.linear(X, W_2:4)`` with ``W`` compressed by
 ``torch.sparse.to_sparse_semi_structured`` (CUTLASS or cuSPARSELt, Ampere and newer, fp16/bf16). The
 projection groups a conv weight's reduction dim in (k_h, k_w, c_in) order, input channel fastest
 (``as_matrix``), so a conv runs as a GEMM over im2col patches re-ordered the same way. The weight matrix is
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_run.hardware.compression_info import nm_compliant
+from compress_run.core.compression_info import nm_compliant
+from compress_run.core.masks import get_mask
+from compress_run.core.projections import as_matrix
 from compress_run.kernels.sparse import Im2colConv
-from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix
 
 ROW_MULTIPLE, COL_MULTIPLE = 64, 128
 ToSparse = Callable[[torch.Tensor], torch.Tensor]

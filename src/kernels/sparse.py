@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_run.methods.masks import get_mask
+from compress_run.core.masks import get_mask
 
 
 def _sparse(matrix: torch.Tensor, fmt: str) -> torch.Tensor:

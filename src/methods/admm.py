@@ -28,10 +28,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate
+from compress_run.core.allocation import allocate
+from compress_run.core.masks import magnitude_scores, prune_by_score
+from compress_run.core.projections import project
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import magnitude_scores, prune_by_score
-from compress_run.methods.projections import project
 
 
 class ADMMCallback(L.Callback):

@@ -22,15 +22,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate
-from compress_run.methods.masks import (
+from compress_run.core.allocation import allocate
+from compress_run.core.masks import (
     LayerSelectionError,
     MaskEnforcer,
     magnitude_scores,
     prunable_layers,
     prune_by_score,
 )
-from compress_run.methods.projections import pattern_shape_problem
+from compress_run.core.projections import pattern_shape_problem
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
 

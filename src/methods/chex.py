@@ -12,7 +12,7 @@ columns); (3) pruned channels are sampled for regrowth without replacement with 
 softmax(norm of the residual of their weights after projection onto the kept channels' span), and come
 back with the weights and BN statistics they had when last pruned. Masks are re-applied after every
 optimizer step. After T_max (delta = 0) the sub-network is fixed; the compress stage physically
-compacts it (dependency-aware, :mod:`compress_run.kernels.compaction`) and finetune trains the small
+compacts it (dependency-aware, :mod:`compress_run.core.compaction`) and finetune trains the small
 network.
 
 Choices where the paper leaves details open (documented, configurable where it matters):
@@ -51,22 +51,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_run.kernels.channel_graph import ChannelGroup
-from compress_run.kernels.compaction import compact
+from compress_run.core.channel_graph import ChannelGroup
+from compress_run.core.channel_masks import channel_mask, prunable_groups, set_channel_mask, unit_rows
+from compress_run.core.compaction import compact
+from compress_run.core.masks import MaskEnforcer
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.channels import (
     MacModel,
     allocate_counts,
-    channel_mask,
-    prunable_groups,
     round_count,
     search_keep_fraction,
-    set_channel_mask,
-    unit_rows,
     unreachable_mac_target,
 )
 from compress_run.methods.cycles import seeded_generator
-from compress_run.methods.masks import MaskEnforcer
 
 TARGETS = ("channels", "flops")
 

@@ -2,7 +2,7 @@
 Customization of Attention-Based Vision Models", ICML 2023), following the authors' released training code.
 
 Algorithm: each transformer block's attention is refactored per head through the products W_q·W_kᵀ and
-W_v·W_o (:class:`~compress_run.kernels.lowrank_attention.LowRankAttention`: truncated SVDs of those
+W_v·W_o (:class:`~compress_run.core.lowrank_attention.LowRankAttention`: truncated SVDs of those
 products give narrower heads computed with plain dense GEMMs); the MLP's two linears and the classifier
 head become two-factor SVD layers. Every factorized module starts at its largest candidate rank. Then,
 for ``search_epochs`` epochs: from the second epoch on, (1) every module is re-factored by SVD from the
@@ -62,11 +62,11 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from compress_run.kernels.factorized import LowRankLinear
-from compress_run.kernels.lowrank_attention import LowRankAttention, check_timm_attention
+from compress_run.core.errors import UserError
+from compress_run.core.factorized import LowRankLinear
+from compress_run.core.lowrank_attention import LowRankAttention, check_timm_attention
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.distill import distillation_loss
-from compress_run.pipeline.errors import UserError
 
 ATTN_TOTAL_RANKS = {192: [32, 64, 96, 128, 160], 384: [64, 128, 192, 256, 320],
                     768: [128, 192, 256, 320, 384, 448, 512]}
@@ -187,9 +187,9 @@ class COMCAT(Method):
             per_head = sorted({max(1, min(d, t // heads)) for t in (self.attn_ranks or _scaled(ATTN_TOTAL_RANKS, dim))})
             new = LowRankAttention.from_attention(attn, per_head[-1], per_head[-1])
             block.attn = new
-            choices.append(RankChoice(f"{name}.attn", "qk", new, per_head[-1], per_head,
+            choices.append(RankChoice(f"{name}.attn.qk", "qk", new, per_head[-1], per_head,
                                       lambda r, h=heads, c=dim: 2 * (c * h * r + h * r)))
-            choices.append(RankChoice(f"{name}.attn", "vo", new, per_head[-1], per_head,
+            choices.append(RankChoice(f"{name}.attn.vo", "vo", new, per_head[-1], per_head,
                                       lambda r, h=heads, c=dim: 2 * c * h * r + c))
             for fc in ("fc1", "fc2"):
                 linear = getattr(block.mlp, fc)

@@ -2,7 +2,7 @@
 
 Algorithm: the network is built in Tucker-2 form before training — every conv except the first becomes
 1×1 (C_in → r_in) → k×k core (r_in → r_out, original stride/padding) → 1×1 (r_out → C_out)
-(:class:`~compress_run.kernels.factorized.Tucker2Conv2d`) — and trained from scratch; full-size weights
+(:class:`~compress_run.core.factorized.Tucker2Conv2d`) — and trained from scratch; full-size weights
 never exist. The factor matrices start orthogonal and a soft orthogonality penalty
 λ·Σ_l (‖U_inᵀU_in − I‖²_F + ‖U_outᵀU_out − I‖²_F) joins the task loss (its gradient is added before each
 optimizer step), which keeps the factors well conditioned as weight decay and SGD pull them around.
@@ -34,11 +34,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.errors import UserError
+from compress_run.core.factorized import Tucker2Conv2d, set_module, tucker2_fraction
+from compress_run.core.masks import prunable_layers
 from compress_run.hardware.macs import count_macs
-from compress_run.kernels.factorized import Tucker2Conv2d, set_module, tucker2_fraction
 from compress_run.methods.base import Method, NotApplicable
-from compress_run.methods.masks import prunable_layers
-from compress_run.pipeline.errors import UserError
 
 TARGETS = ("ratio", "flops")
 

@@ -49,9 +49,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.methods.base import MaskPruningMethod, NotApplicable
 from compress_run.methods.cycles import CycleCallback, seeded_generator
-from compress_run.methods.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.methods.partitions import PartitionError, describe, partition
 
 VARIANTS = ("cyclic", "random", "parallel")

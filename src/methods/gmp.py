@@ -22,8 +22,8 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from compress_run.core.masks import MaskEnforcer, attach_mask
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import MaskEnforcer, attach_mask
 
 
 def cubic_sparsity(step: int, t0: int, t_end: int, final: float, initial: float = 0.0) -> float:

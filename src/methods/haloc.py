@@ -48,14 +48,14 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from compress_run.core.errors import UserError
+from compress_run.core.factorized import Tucker2Conv2d, set_module, tucker2_fraction
+from compress_run.core.masks import prunable_layers
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig, load_profile
 from compress_run.hardware.simulator import Simulator
 from compress_run.hardware.trace import trace_model
-from compress_run.kernels.factorized import Tucker2Conv2d, set_module, tucker2_fraction
 from compress_run.methods.base import Method, NotApplicable
-from compress_run.methods.masks import prunable_layers
-from compress_run.pipeline.errors import UserError
 
 SOURCES = ("simulated", "measured", "macs")
 

@@ -4,7 +4,7 @@ Algorithm: train the dense model; at the compress stage score every output chann
 channel group by the L1 norm of its filter (summed over the group's producers when a residual add ties
 several convs), keep the same fraction of channels in every group (the largest L1 norms), mask the
 rest, compact the network physically (the same dependency-aware compaction CHEX uses,
-:mod:`compress_run.kernels.compaction`) and finetune the small network. The paper picks per-layer
+:mod:`compress_run.core.compaction`) and finetune the small network. The paper picks per-layer
 ratios by a sensitivity analysis; here the ratio is uniform (documented choice) and, with
 ``target: flops``, found by bisection so that the compacted network has ``flops_reduction`` fewer MACs.
 
@@ -24,18 +24,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.kernels.channel_graph import ChannelGroup
-from compress_run.kernels.compaction import compact
+from compress_run.core.channel_graph import ChannelGroup
+from compress_run.core.channel_masks import prunable_groups, set_channel_mask
+from compress_run.core.compaction import compact
+from compress_run.core.masks import MaskEnforcer
 from compress_run.methods.base import Method, NotApplicable
-from compress_run.methods.channels import (
-    MacModel,
-    prunable_groups,
-    round_count,
-    search_keep_fraction,
-    set_channel_mask,
-    unreachable_mac_target,
-)
-from compress_run.methods.masks import MaskEnforcer
+from compress_run.methods.channels import MacModel, round_count, search_keep_fraction, unreachable_mac_target
 
 
 class L1Filter(Method):

@@ -53,9 +53,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.masks import MASK_SUFFIX, MaskEnforcer, apply_masks, attach_mask, get_mask
 from compress_run.methods.base import MaskPruningMethod, NotApplicable
 from compress_run.methods.cycles import CycleCallback
-from compress_run.methods.masks import MASK_SUFFIX, MaskEnforcer, apply_masks, attach_mask, get_mask
 
 PROTOCOLS = ("imp", "oneshot")
 INITS = ("original", "random", "trained")

@@ -9,7 +9,7 @@ Config keys (conf/method/magnitude.yaml):
 * ``sparsity`` (0.9): fraction of the prunable weights set to zero.
 * ``distribution`` (uniform): ``uniform`` = same sparsity per layer, ``global`` = one magnitude
   threshold over all prunable weights, ``erk`` = Erdos-Renyi-kernel allocation.
-* ``pattern`` (irregular): mask projection (see ``compress_run.methods.projections``).
+* ``pattern`` (irregular): mask projection (see ``compress_run.core.projections``).
 * ``exclude`` ([first_conv, classifier]): module-name globs kept dense.
 * ``mask_grads`` (true): zero gradients of pruned weights before each optimizer step.
 """

@@ -22,7 +22,7 @@ inactive); per-layer counts follow ``distribution`` (uniform or erk) at each spa
 
 Patterns: with a structured ``pattern`` the prune and the regrowth move whole units of it (blocks,
 filters, input channels, gather-scatter packs), so every mask is a mask of the pattern after every update
-(:func:`~compress_run.methods.projections.drop_and_regrow`). N:M fixes the density, so the phase's
+(:func:`~compress_run.core.projections.drop_and_regrow`). N:M fixes the density, so the phase's
 prune-to/grow-to pair cannot be realised as such: each update instead swaps as many entries as the pair
 would regrow (grow-to count − prune-to count), inside their groups of M (a deviation: the paper is
 unstructured).
@@ -55,12 +55,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate
+from compress_run.core.allocation import allocate
+from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
+from compress_run.core.projections import drop_and_regrow, fixed_density, keep_count
 from compress_run.methods.base import MaskPruningMethod
 from compress_run.methods.cycles import seeded_generator
-from compress_run.methods.masks import MaskEnforcer, attach_mask, get_mask
-from compress_run.methods.projections import drop_and_regrow, fixed_density, keep_count
-from compress_run.pipeline.data import EpochSeededSampler
 
 MODES = ("em", "ems")
 PAPER_PHASES = (90 / 160, 120 / 160)
@@ -200,10 +199,13 @@ class ForgettingTracker(L.Callback):
         self.forgotten = self.last_correct = self.learned = None
         self.epoch_order: tuple[tuple[int, int] | None, torch.Tensor | None] = (None, None)
 
-    def _sampler(self, trainer: L.Trainer) -> EpochSeededSampler:
+    def _sampler(self, trainer: L.Trainer) -> Any:
+        """The train loader's sampler: it must tell the visit order of an epoch and exclude examples (the
+        pipeline's ``EpochSeededSampler`` does)."""
         sampler = trainer.train_dataloader.sampler
-        if not isinstance(sampler, EpochSeededSampler):
-            raise RuntimeError("MEST data removal needs the pipeline's EpochSeededSampler on the train loader")
+        if not all(hasattr(sampler, attr) for attr in ("order", "exclude", "num_samples")):
+            raise RuntimeError("MEST data removal needs a train sampler with order(epoch), exclude(positions) and "
+                               "num_samples (the pipeline's EpochSeededSampler)")
         if self.forgotten is None:
             n = sampler.num_samples
             self.forgotten, self.last_correct = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)

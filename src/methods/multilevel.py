@@ -1,7 +1,7 @@
 """Multi-level nested sparsity (Qin, Zhang, Sun et al. 2021): one model, sub-models at s1 > s2 > ….
 
 Algorithm: the dense model is trained (train stage). The compress stage scores every prunable weight by
-|w| and builds nested masks, sparsest first (:func:`~compress_run.methods.nesting.nested_level_maps`:
+|w| and builds nested masks, sparsest first (:func:`~compress_run.core.nesting.nested_level_maps`:
 level k keeps everything levels < k keep plus the best free entries up to (1 − s_k)·N, with the
 ``pattern`` projection and ``distribution`` allocation), keeps the dense values of the free entries, and
 activates level 0. The finetune stage is split into one phase per level (``lr_cycles`` = number of levels,
@@ -22,7 +22,7 @@ its phase (the statistics alone would leave the shared affine parameters un-nest
 
 Switching level part-way through the network (the paper's input-independent dynamic rerouting): the
 level layers are split into consecutive ``segments`` (by default the network's stages); a per-segment
-level choice runs segment i at its own level (:func:`~compress_run.methods.nesting.mixed_view`; a BN follows
+level choice runs segment i at its own level (:func:`~compress_run.core.nesting.mixed_view`; a BN follows
 the segment of the layer before it). The evaluate stage reports, next to the pure levels, every two-level
 switch (the first k segments at one level, the rest at another), and ``evaluate.level`` takes a list of
 per-segment sparsities as well as one; ``evaluate.latency_budget_ms`` picks the configuration (pure or
@@ -43,9 +43,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.methods.base import MaskPruningMethod, NotApplicable
-from compress_run.methods.masks import MaskEnforcer
-from compress_run.methods.nesting import (
+from compress_run.core.masks import MaskEnforcer
+from compress_run.core.nesting import (
     BN_BUFFER,
     LEVEL_BUFFER,
     attach_levels,
@@ -55,8 +54,9 @@ from compress_run.methods.nesting import (
     set_level_mask,
     store_level_bn,
 )
+from compress_run.core.projections import fixed_density
+from compress_run.methods.base import MaskPruningMethod, NotApplicable
 from compress_run.methods.partitions import PartitionError, by_globs
-from compress_run.methods.projections import fixed_density
 
 
 class LevelPhases(L.Callback):

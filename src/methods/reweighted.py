@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.masks import prune_by_score
+from compress_run.core.projections import as_matrix, from_matrix, parse_pattern
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import prune_by_score
-from compress_run.methods.projections import as_matrix, from_matrix, parse_pattern
 
 NORMS = ("l2sq", "l1")
 

@@ -7,7 +7,7 @@ of its active weights with the smallest magnitude and regrows the same number at
 positions (after the drop) with the largest *dense* gradient magnitude, initialised to zero; so every
 layer keeps its non-zero count. With a structured ``pattern`` the drop and the regrowth move whole units
 of the pattern (blocks, filters, input channels, gather-scatter packs; N:M swaps entries inside their
-groups of M): :func:`~compress_run.methods.projections.drop_and_regrow`, so every mask stays a mask of
+groups of M): :func:`~compress_run.core.projections.drop_and_regrow`, so every mask stays a mask of
 the pattern after every update. Dense gradients are read at update steps only: they are what backward
 produces anyway before the masked entries are zeroed. As in the reference implementation an update
 step applies no weight update (weights and optimizer state are restored after Lightning's step), and
@@ -31,9 +31,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.masks import MaskEnforcer, apply_masks, get_mask, prune_by_score
+from compress_run.core.projections import drop_and_regrow
 from compress_run.methods.base import MaskPruningMethod
-from compress_run.methods.masks import MaskEnforcer, apply_masks, get_mask, prune_by_score
-from compress_run.methods.projections import drop_and_regrow
 
 
 def drop_fraction(step: int, end_step: int, alpha: float) -> float:

@@ -3,7 +3,7 @@ Denton et al. 2014, Jaderberg et al. 2014 for the two conv forms).
 
 Algorithm: train the dense model; at the compress stage replace every factorizable layer (convs except
 the first, optionally linear layers except the classifier) by its truncated-SVD two-factor form
-(:mod:`compress_run.kernels.factorized`: ``channel`` = k×k conv to r channels then 1×1, ``spatial`` =
+(:mod:`compress_run.core.factorized`: ``channel`` = k×k conv to r channels then 1×1, ``spatial`` =
 k×1 then 1×k), then finetune the factorized network. Ranks: ``target: energy`` keeps, per layer, the
 smallest rank whose singular values hold ``energy`` of the squared singular energy; ``target: flops``
 finds the one energy threshold shared by all layers (bisection) at which the whole network has
@@ -26,8 +26,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.hardware.macs import count_macs
-from compress_run.kernels.factorized import (
+from compress_run.core.errors import UserError
+from compress_run.core.factorized import (
     LowRankConv2d,
     LowRankLinear,
     factorizable,
@@ -36,9 +36,9 @@ from compress_run.kernels.factorized import (
     set_module,
     singular_values,
 )
+from compress_run.core.masks import prunable_layers
+from compress_run.hardware.macs import count_macs
 from compress_run.methods.base import Method, NotApplicable
-from compress_run.methods.masks import prunable_layers
-from compress_run.pipeline.errors import UserError
 
 TARGETS = ("energy", "flops")
 FORMS = ("channel", "spatial")

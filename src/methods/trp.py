@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from compress_run.kernels.factorized import nuclear_subgradient, truncated_weight
+from compress_run.core.factorized import nuclear_subgradient, truncated_weight
 from compress_run.methods.svd import SVD
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from compress_run.pipeline.errors import UserError
+from compress_run.core.errors import UserError
 
 
 def _fsync_dir(directory: Path) -> None:

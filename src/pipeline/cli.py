@@ -21,8 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from compress_run.core.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.checkpoints import atomic_write_json
-from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.schema import register_schemas
 
 

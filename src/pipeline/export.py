@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_run.pipeline.errors import UserError
+from compress_run.core.errors import UserError
 
 FIX = 'install the export extra (`pip install "compress-run[export]"`: onnx, onnxscript, onnxruntime) or set ' \
       "evaluate.export=null"

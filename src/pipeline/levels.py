@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from compress_run.core.errors import UserError
+from compress_run.core.nesting import check_hierarchy, level_count, level_sparsity, level_view, mixed_view
 from compress_run.hardware.report import hardware_metrics
-from compress_run.methods.nesting import check_hierarchy, level_count, level_sparsity, level_view, mixed_view
-from compress_run.pipeline.errors import UserError
 
 
 def as_level_list(wanted: Any) -> list[float] | None:
@@ -121,7 +121,7 @@ def choose(rows: list[dict[str, Any]], mixes: list[dict[str, Any]], evaluate: An
 
 
 def _sparsity(view: nn.Module) -> float:
-    from compress_run.methods.masks import masked_parameters
+    from compress_run.core.masks import masked_parameters
 
     kept = total = 0
     for _, param, mask in masked_parameters(view):

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.methods.distill import Distillation
-from compress_run.methods.masks import attach_masks_from_state_dict
 
 
 def lr_lambda(step: int, steps_per_epoch: int, epochs: float, schedule: str, warmup_epochs: float,

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from compress_run.core.restore import restore_compression
 from compress_run.methods.gap import GaP, merge_worker_states
-from compress_run.methods.masks import attach_masks_from_state_dict
 from compress_run.pipeline.checkpoints import atomic_torch_save, load_checkpoint, net_state_from_checkpoint
 
 
@@ -63,7 +63,7 @@ def merge_round(overrides: list[str], round_dir: Path, num_partitions: int) -> P
         ckpt = round_dir / str(i) / "checkpoints" / "train.ckpt"
         workers[i] = net_state_from_checkpoint(load_checkpoint(ckpt, f"P-GaP worker {i}", "rerun the round"))
     merged = merge_worker_states(workers, method.groups)
-    attach_masks_from_state_dict(net, merged)
+    restore_compression(net, merged)
     net.load_state_dict(merged)
     method.prune_subset(net, list(method.layers(net)), method.sparsity)
     out = round_dir / "merged.ckpt"

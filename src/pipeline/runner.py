@@ -29,14 +29,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from compress_run.core.compaction import is_compacted
+from compress_run.core.errors import UserError
+from compress_run.core.factorized import is_factorized
+from compress_run.core.masks import sparsity_report
+from compress_run.core.nesting import level_count
+from compress_run.core.restore import restore_compression
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
-from compress_run.kernels.compaction import is_compacted, restore_compacted
-from compress_run.kernels.factorized import is_factorized, restore_factorized
 from compress_run.methods.base import Method, NotApplicable
 from compress_run.methods.distill import Distillation
-from compress_run.methods.masks import attach_masks_from_state_dict, sparsity_report
-from compress_run.methods.nesting import level_count, restore_levels
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
     AtomicCheckpointIO,
@@ -45,7 +47,6 @@ from compress_run.pipeline.checkpoints import (
     load_checkpoint,
     net_state_from_checkpoint,
 )
-from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
@@ -183,10 +184,7 @@ class Pipeline:
     def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path, what, fix)
         state = net_state_from_checkpoint(ckpt)
-        restore_compacted(net, state)
-        restore_factorized(net, state)
-        restore_levels(net, state)
-        attach_masks_from_state_dict(net, state)
+        restore_compression(net, state)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -114,7 +114,7 @@ class MaskMethodConfig:
     mask_grads: bool = True
 
     def __post_init__(self) -> None:
-        from compress_run.methods.projections import parse_pattern
+        from compress_run.core.projections import parse_pattern
 
         _check(self.distribution in DISTRIBUTIONS, "method.distribution", self.distribution,
                ", ".join(DISTRIBUTIONS))
@@ -129,7 +129,7 @@ class MethodConfig(MaskMethodConfig):
     sparsity: float = 0.0
 
     def __post_init__(self) -> None:
-        from compress_run.methods.projections import fixed_density
+        from compress_run.core.projections import fixed_density
 
         super().__post_init__()
         _check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")

@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from compress_run.core.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.checkpoints import atomic_write_text
-from compress_run.pipeline.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.tables import (
     TableConfig,
     TableRow,

@@ -39,8 +39,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from compress_run.core.errors import UserError
 from compress_run.pipeline.checkpoints import atomic_write_text
-from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.sweeps import simulated_latency
 
 

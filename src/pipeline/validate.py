@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from compress_run.core.errors import UserError
 from compress_run.pipeline.checkpoints import atomic_write_json, atomic_write_text
-from compress_run.pipeline.errors import UserError
 
 # Keys that do not change what a run computes; they may differ when a run is resumed.
 NON_RESULT_KEYS = ("output_dir", "stages", "tags", "logger", "paths", "dataset.num_workers",

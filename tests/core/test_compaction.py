@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.channel_graph import channel_groups
+from compress_run.core.channel_masks import set_channel_mask, unit_rows
+from compress_run.core.compaction import compact, dead_channels, restore_compacted
+from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.hardware.macs import count_macs
-from compress_run.kernels.channel_graph import channel_groups
-from compress_run.kernels.compaction import compact, dead_channels, restore_compacted
-from compress_run.methods.channels import MacModel, set_channel_mask, unit_rows
-from compress_run.methods.masks import attach_masks_from_state_dict
+from compress_run.methods.channels import MacModel
 from compress_run.models.cifar_resnet import resnet20
 from compress_run.models.cifar_vgg import vgg16_bn
 from compress_run.models.timm_models import vit

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.hardware.macs import count_macs
-from compress_run.kernels.factorized import (
+from compress_run.core.factorized import (
     LowRankConv2d,
     LowRankLinear,
     Tucker2Conv2d,
@@ -19,6 +18,7 @@ from compress_run.kernels.factorized import (
     set_module,
     singular_values,
 )
+from compress_run.hardware.macs import count_macs
 
 CONVS = [  # (C_in, C_out, kernel, stride, padding, dilation, H)
     (8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 9),

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.methods.allocation import allocate, erk
-from compress_run.methods.masks import (
+from compress_run.core.allocation import allocate, erk
+from compress_run.core.masks import (
     LayerSelectionError,
     apply_masks,
     attach_mask,
@@ -21,7 +21,7 @@ from compress_run.methods.masks import (
     prune_by_score,
     sparsity_report,
 )
-from compress_run.methods.projections import irregular
+from compress_run.core.projections import irregular
 from compress_run.models.cifar_resnet import resnet20
 
 

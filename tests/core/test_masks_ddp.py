@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.methods.masks import attach_mask, check_masks_agree_across_ranks, mask_checksums
+from compress_run.core.masks import attach_mask, check_masks_agree_across_ranks, mask_checksums
 
 
 def _model(mask: torch.Tensor) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress_run.methods.projections import (
+from compress_run.core.projections import (
     as_matrix,
     check_gather_scatter,
     fixed_density,

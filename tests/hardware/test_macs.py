@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
+from compress_run.core.masks import magnitude_scores, prunable_layers, prune_by_score
 from compress_run.hardware.macs import count_macs
-from compress_run.methods.masks import magnitude_scores, prunable_layers, prune_by_score
 from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
 
 

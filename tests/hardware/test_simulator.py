@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import attach_mask, magnitude_scores, prunable_layers, prune_by_score
 from compress_run.hardware.macs import mac_report
 from compress_run.hardware.profile import SparseFormatConfig, load_profile
 from compress_run.hardware.simulator import Simulator, simulate, systolic_cycles, wave_efficiency
 from compress_run.hardware.trace import trace_model
-from compress_run.methods.masks import attach_mask, magnitude_scores, prunable_layers, prune_by_score
 from compress_run.models import cifar_resnet
 
 
@@ -144,8 +144,8 @@ def test_depthwise_and_attention_never_get_a_sparse_format():
 
 
 def test_gather_scatter_masks_can_run_in_the_gs_format():
-    from compress_run.hardware.compression_info import compression_info
-    from compress_run.methods.projections import project
+    from compress_run.core.compression_info import compression_info
+    from compress_run.core.projections import project
 
     conv = nn.Conv2d(32, 64, 3, padding=1, bias=False)
     attach_mask(conv, project("gather_scatter:16", conv.weight.detach().abs(), 0.1))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import attach_mask, get_mask
+from compress_run.core.projections import project
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear, GSMatrix, gs_matrix
-from compress_run.methods.masks import attach_mask, get_mask
-from compress_run.methods.projections import project
 
 
 def _masked(layer: nn.Module, density: float, banks: int, elems: int) -> nn.Module:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.kernels.select import HOST_CANDIDATES, choose_kernels, executed_layer, to_fastest
-from compress_run.methods.masks import attach_mask, get_mask
-from compress_run.methods.projections import project
+from compress_run.core.masks import attach_mask, get_mask
+from compress_run.core.projections import project
+from compress_run.hardware.kernel_choice import choose_kernels
+from compress_run.kernels.select import HOST_CANDIDATES, executed_layer, to_fastest
 
 
 class _Net(nn.Module):

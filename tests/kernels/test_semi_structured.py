@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import attach_mask
+from compress_run.core.projections import project
 from compress_run.kernels import semi_structured
 from compress_run.kernels.semi_structured import semi_structured_module
-from compress_run.methods.masks import attach_mask
-from compress_run.methods.projections import project
 
 CONVS = [  # (c_in, c_out, kernel, stride, padding, dilation, bias)
     (4, 8, 3, 1, 1, 1, False), (16, 24, 3, 2, 1, 1, True), (8, 70, 1, 1, 0, 1, False),

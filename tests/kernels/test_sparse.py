@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import attach_mask, magnitude_scores, prunable_layers, prune_by_score
 from compress_run.kernels.sparse import SparseConv2d, SparseLinear, to_executed
-from compress_run.methods.masks import attach_mask, magnitude_scores, prunable_layers, prune_by_score
 from compress_run.models import cifar_resnet
 
 

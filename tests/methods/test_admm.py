@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import get_mask
+from compress_run.core.projections import as_matrix, check_gather_scatter, project
 from compress_run.methods.admm import ADMM, ADMMCallback
-from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix, check_gather_scatter, project
 from tests.conftest import run_pipeline
 
 

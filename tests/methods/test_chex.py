@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.kernels.channel_graph import ChannelGroup
-from compress_run.kernels.compaction import is_compacted
+from compress_run.core.channel_graph import ChannelGroup
+from compress_run.core.channel_masks import channel_mask
+from compress_run.core.compaction import is_compacted
 from compress_run.methods import chex as chex_module
-from compress_run.methods.channels import channel_mask
 from compress_run.methods.chex import CHEX, exploration_epochs, leverage_scores, regrowth_ratio, sample_regrowth
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline

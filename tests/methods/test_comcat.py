@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from compress_run.kernels.factorized import LowRankLinear
-from compress_run.kernels.lowrank_attention import LowRankAttention, attention_products
+from compress_run.core.factorized import LowRankLinear
+from compress_run.core.lowrank_attention import LowRankAttention, attention_products
 from compress_run.methods.comcat import COMCAT, alignment_weights, transformer_blocks
 from tests.conftest import run_pipeline
 
@@ -82,7 +82,7 @@ def test_full_rank_model_equals_dense_and_prefix_gate_equals_cut():
 
 
 def test_resvd_between_rank_changes_gives_the_best_truncation_of_trained_factors():
-    from compress_run.kernels.factorized import LowRankLinear
+    from compress_run.core.factorized import LowRankLinear
 
     torch.manual_seed(0)
     low = LowRankLinear.from_linear(torch.nn.Linear(64, 48), 32)
@@ -156,7 +156,8 @@ def test_search_reaches_the_params_target_on_digits(tmp_path):
     assert m["model/params_reduction"] >= 0.5
     state = torch.load(tmp_path / "checkpoints" / "compress.ckpt", weights_only=False)["state_dict"]
     heads = 3  # deit_tiny
-    assert state["net.blocks.0.attn.q.weight"].shape[0] == heads * info["ranks"]["blocks.0.attn"][-1]
+    assert state["net.blocks.0.attn.q.weight"].shape[0] == heads * info["ranks"]["blocks.0.attn.qk"][-1]
+    assert state["net.blocks.0.attn.v.weight"].shape[0] == heads * info["ranks"]["blocks.0.attn.vo"][-1]
     assert state["net.blocks.0.mlp.fc1.first.weight"].shape[0] == info["ranks"]["blocks.0.mlp.fc1"][-1]
     again = run_pipeline([*SEARCH_ARGS, "evaluate.breakdown=3"], tmp_path)
     assert again["metrics"]["test/acc"] == m["test/acc"]

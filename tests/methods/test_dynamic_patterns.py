@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 
+from compress_run.core.masks import get_mask, prunable_layers
+from compress_run.core.projections import PATTERNS, check_pattern, drop_and_regrow, parse_pattern
 from compress_run.methods import mest as mest_module
 from compress_run.methods import rigl as rigl_module
-from compress_run.methods.masks import get_mask, prunable_layers
-from compress_run.methods.projections import PATTERNS, check_pattern, drop_and_regrow, parse_pattern
 from tests.conftest import run_pipeline
 
 PATTERN_SPECS = ["irregular", "nm:2:4", "block:4:4", "filter", "channel", "gather_scatter:16",
@@ -67,7 +67,7 @@ def test_every_update_of_a_real_run_keeps_the_pattern_and_the_counts(tmp_path, m
 def test_drop_and_regrow_moves_whole_units_and_prefers_the_grow_scores(pattern):
     torch.manual_seed(0)
     density = 0.5 if pattern.startswith("nm") else 0.25
-    from compress_run.methods.projections import project
+    from compress_run.core.projections import project
 
     weight = torch.randn(32, 16, 3, 3)
     mask = project(pattern, weight.abs(), density)

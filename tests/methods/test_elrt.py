@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.factorized import Tucker2Conv2d
 from compress_run.hardware.macs import count_macs
-from compress_run.kernels.factorized import Tucker2Conv2d
 from compress_run.methods.elrt import ELRT, SoftOrthogonality, orthogonality_residual
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.masks import get_mask, prunable_layers
 from compress_run.methods import gap as gap_module
 from compress_run.methods.cycles import cycle_of
 from compress_run.methods.gap import GaP
-from compress_run.methods.masks import get_mask, prunable_layers
 from compress_run.pipeline.lit_module import lr_lambda
 from tests.conftest import run_pipeline
 

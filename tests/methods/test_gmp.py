@@ -23,8 +23,8 @@ def test_masks_only_shrink_over_a_real_run_and_reach_the_target(tmp_path, monkey
     import lightning as L
     import torch
 
+    from compress_run.core.masks import get_mask, prunable_layers
     from compress_run.methods import gmp as gmp_module
-    from compress_run.methods.masks import get_mask, prunable_layers
     from tests.conftest import run_pipeline
 
     history: list[dict[str, torch.Tensor]] = []

@@ -9,8 +9,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from compress_run.core.factorized import Tucker2Conv2d, tucker2_fraction
 from compress_run.hardware.profile import load_profile
-from compress_run.kernels.factorized import Tucker2Conv2d, tucker2_fraction
 from compress_run.methods.haloc import HALOC, CandidateConv, candidate_ranks, layer_cost
 from tests.conftest import run_pipeline
 

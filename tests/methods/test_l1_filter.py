@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress_run.kernels.compaction import is_compacted
+from compress_run.core.compaction import is_compacted
 from compress_run.methods.channels import MacModel
 from compress_run.methods.l1_filter import L1Filter
 from compress_run.models.cifar_resnet import resnet20

@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 
+from compress_run.core.masks import get_mask, prunable_layers
 from compress_run.methods import lth as lth_module
 from compress_run.methods.cycles import cycle_of
 from compress_run.methods.lth import LTH, imp_rounds, weights_state
-from compress_run.methods.masks import get_mask, prunable_layers
 from tests.conftest import run_pipeline
 
 SMOKE = ["dataset=digits", "debug=smoke", "logger=none", "method=lth", "method.sparsity=0.5",

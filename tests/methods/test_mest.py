@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 
+from compress_run.core.masks import get_mask, prunable_layers
 from compress_run.methods import mest as mest_module
-from compress_run.methods.masks import get_mask, prunable_layers
 from compress_run.methods.mest import MEST, least_forgotten, phase_targets, prune_and_grow
 from tests.conftest import run_pipeline
 

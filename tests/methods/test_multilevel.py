@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from compress_run.methods.multilevel import LevelPhases, Multilevel
-from compress_run.methods.nesting import (
+from compress_run.core.errors import UserError
+from compress_run.core.nesting import (
     LEVEL_BUFFER,
     check_hierarchy,
     level_count,
@@ -19,9 +19,9 @@ from compress_run.methods.nesting import (
     level_view,
     nested_level_maps,
 )
-from compress_run.methods.projections import as_matrix, check_gather_scatter
+from compress_run.core.projections import as_matrix, check_gather_scatter
+from compress_run.methods.multilevel import LevelPhases, Multilevel
 from compress_run.models.cifar_resnet import resnet20
-from compress_run.pipeline.errors import UserError
 from compress_run.pipeline.lit_module import ClassifierModule
 from tests.conftest import run_pipeline
 
@@ -79,7 +79,7 @@ def _snapshotting_phases(method, snapshots):
             snapshots[self.level] = level_view_now(pl_module.net, self.level)
 
     def level_view_now(net, level):
-        from compress_run.methods.nesting import store_level_bn
+        from compress_run.core.nesting import store_level_bn
 
         store_level_bn(net, level)
         return level_view(net, level)
@@ -171,7 +171,7 @@ def test_pipeline_reports_every_level_and_picks_one(tmp_path):
 
 
 def test_a_switched_view_runs_each_segment_at_its_own_level():
-    from compress_run.methods.nesting import level_view, mixed_view
+    from compress_run.core.nesting import level_view, mixed_view
 
     torch.manual_seed(0)
     net = resnet20(10, 1, 8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compress_run.methods.masks import prunable_layers
+from compress_run.core.masks import prunable_layers
 from compress_run.methods.partitions import PartitionError, describe, partition
 from compress_run.models import cifar_resnet, torchvision_models
 

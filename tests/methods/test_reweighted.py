@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.methods.masks import get_mask
-from compress_run.methods.projections import as_matrix
+from compress_run.core.masks import get_mask
+from compress_run.core.projections import as_matrix
 from compress_run.methods.reweighted import Reweighted, Reweighting, group_sq_norms
 from tests.conftest import run_pipeline
 from tests.methods.test_admm import _module, _Net

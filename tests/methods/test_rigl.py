@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compress_run.methods.masks import get_mask, prunable_layers
+from compress_run.core.masks import get_mask, prunable_layers
 from compress_run.methods.rigl import drop_and_grow, drop_fraction
 from tests.conftest import run_pipeline
 
@@ -62,7 +62,7 @@ def test_rigl_run_keeps_per_layer_counts_and_erk_densities(tmp_path):
         rigl_module.RigL.training_callbacks = original
     assert len(counts) >= 3 and all(c == counts[0] for c in counts)
     # the per-layer counts are ERK's densities (the default distribution) at 90% overall
-    from compress_run.methods.allocation import allocate
+    from compress_run.core.allocation import allocate
     from compress_run.models.cifar_resnet import resnet20
 
     layers = prunable_layers(resnet20(10, 1, 8))

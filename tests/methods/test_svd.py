@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from compress_run.core.factorized import Factorized, layer_fraction, rank_for_energy, singular_values
 from compress_run.hardware.macs import count_macs
-from compress_run.kernels.factorized import Factorized, layer_fraction, rank_for_energy, singular_values
 from compress_run.methods.svd import SVD
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_run.kernels.factorized import _matrix, nuclear_subgradient, truncated_weight
+from compress_run.core.factorized import _matrix, nuclear_subgradient, truncated_weight
 from compress_run.methods.trp import TRP, TrainedRankPruning
 from compress_run.models.cifar_resnet import resnet20
 from tests.conftest import run_pipeline

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress_run.pipeline.errors import EXIT_BAD_INPUT
+from compress_run.core.errors import EXIT_BAD_INPUT
 
 FAST = ["dataset=digits", "debug=smoke", "logger=none"]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from compress_run.core.errors import UserError
 from compress_run.pipeline import data as data_mod
 from compress_run.pipeline.data import (
     CIFARDataModule,
@@ -23,7 +24,6 @@ from compress_run.pipeline.data import (
     read_idx,
     split_indices,
 )
-from compress_run.pipeline.errors import UserError
 
 COMMON = {"val_fraction": 0.25, "split_seed": 0, "num_workers": 0, "augment": True, "download": False,
           "batch_size": 4, "eval_batch_size": 8, "seed": 0}

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from compress_run.pipeline.errors import UserError
+from compress_run.core.errors import UserError
 from tests.conftest import run_pipeline
 
 ARGS = ["dataset=digits", "debug=smoke", "logger=none", "method=l1_filter", "evaluate.export=onnx"]

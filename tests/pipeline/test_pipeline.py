@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from compress_run.methods.masks import MASK_SUFFIX
+from compress_run.core.masks import MASK_SUFFIX
 from compress_run.pipeline.checkpoints import net_state_from_checkpoint
 from tests.conftest import read_json, run_pipeline
 

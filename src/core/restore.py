@@ -1,0 +1,28 @@
+"""One function that gives a freshly built network every compression structure a state dict describes —
+compacted shapes, factorized layers, multi-level buffers and masks — so that ``load_state_dict`` then loads
+the compressed weights into it. Checkpoints carry their own structure (``extra_state`` of compacted and
+factorized layers, level and mask buffers): no method has to be present to reload a compressed model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from compress_run.core.compaction import restore_compacted
+from compress_run.core.factorized import restore_factorized
+from compress_run.core.masks import attach_masks_from_state_dict
+from compress_run.core.nesting import restore_levels
+
+
+def restore_compression(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
+    """Rebuild on ``model`` (freshly built, dense) the compression state of ``state_dict``; call before
+    ``model.load_state_dict``. Returns how many compacted layers, factorized layers, level buffers and masks
+    were restored."""
+    state = dict(state_dict)
+    return {"compacted": restore_compacted(model, state, prefix),
+            "factorized": restore_factorized(model, state, prefix),
+            "levels": restore_levels(model, state, prefix),
+            "masks": attach_masks_from_state_dict(model, state, prefix)}
