@@ -21,19 +21,19 @@ synchronisation to every op, which makes small networks slower, not faster (``--
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from compress_run.hardware.macs import count_macs
-from compress_run.hardware.measure import machine_description, model_latency_ms
 from compress_run.methods.l1_filter import L1Filter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import efficiencies, print_speed_table, speed_rows, time_variants, write_result  # noqa: E402
+
 from compress_run.models import cifar_resnet, torchvision_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,47 +70,17 @@ def main() -> None:
             for multiple in (1, 8):
                 variants[f"{name}/macs-{round(reduction * 100)}%/x{multiple}"] = (
                     compacted(build, shape, reduction, multiple), shape)
-    macs = {key: count_macs(model, (1, *shape)).effective for key, (model, shape) in variants.items()}
-    times: dict[str, dict[int, list[float]]] = {key: {b: [] for b in batches} for key in variants}
-    for _ in range(rounds):
-        for key, (model, shape) in variants.items():
-            for batch in batches:
-                times[key][batch].append(model_latency_ms(model, (batch, *shape), warmup=2, repeats=repeats))
-    rows, efficiencies = [], {1: [], 8: []}
-    for key, (model, _) in variants.items():
-        name = key.split("/")[0]
-        dense = f"{name}/dense"
-        row = {"variant": key, "macs": macs[key], "mac_speedup": macs[dense] / macs[key],
-               "params": sum(p.numel() for p in model.parameters()), "latency_ms": {}, "rounds_ms": {}}
-        for batch in batches:
-            ms, dense_ms = min(times[key][batch]), min(times[dense][batch])
-            row["latency_ms"][f"b{batch}"] = ms
-            row["rounds_ms"][f"b{batch}"] = times[key][batch]
-            row[f"speedup_b{batch}"] = dense_ms / ms
-            row[f"efficiency_b{batch}"] = row[f"speedup_b{batch}"] / row["mac_speedup"]
-            if key != dense:
-                efficiencies[int(key.rpartition("/x")[2])].append(row[f"efficiency_b{batch}"])
-        rows.append(row)
-    result = {"benchmark": "compaction", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_description(), "command": "python scripts/bench_compaction.py" +
-              (" --quick" if args.quick else ""), "batches": list(batches), "rounds": rounds, "repeats": repeats,
-              "variants": rows, "min_efficiency": min(efficiencies[1] + efficiencies[8]),
-              "min_efficiency_exact": min(efficiencies[1]), "min_efficiency_x8": min(efficiencies[8]),
-              "goal_min_efficiency": 0.85,
-              "note": "exact: kept channel counts as the MAC target gives them (channel_multiple=1); x8: rounded "
-                      "to multiples of 8 (channel_multiple=8)"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    table = Table(title=f"compacted vs dense, host latency ({args.threads} threads)")
-    for col in ("variant", "MACs (M)", "MAC speedup", *[f"speedup b{b}" for b in batches],
-                *[f"efficiency b{b}" for b in batches]):
-        table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(row["variant"], f"{row['macs'] / 1e6:.1f}", f"{row['mac_speedup']:.2f}x",
-                      *[f"{row[f'speedup_b{b}']:.2f}x" for b in batches],
-                      *[f"{row[f'efficiency_b{b}']:.2f}" for b in batches])
+    times = time_variants(variants, batches, rounds, repeats)
+    rows = speed_rows(variants, times, batches)
+    exact, x8 = efficiencies(rows, batches, "/x1"), efficiencies(rows, batches, "/x8")
+    command = "python scripts/bench_compaction.py" + (" --quick" if args.quick else "")
+    result = write_result(args.out, "compaction", command, batches, rounds, repeats, rows,
+                          min_efficiency=min(exact + x8), min_efficiency_exact=min(exact),
+                          min_efficiency_x8=min(x8), goal_min_efficiency=0.85,
+                          note="exact: kept channel counts as the MAC target gives them (channel_multiple=1); x8: "
+                               "rounded to multiples of 8 (channel_multiple=8)")
     console = Console()
-    console.print(table)
+    print_speed_table(rows, batches, f"compacted vs dense, host latency ({args.threads} threads)", console)
     console.print(f"min_efficiency = {result['min_efficiency']:.3f} "
                   f"(exact widths {result['min_efficiency_exact']:.3f}, "
                   f"multiples of 8 {result['min_efficiency_x8']:.3f}; goal >= 0.85) -> {args.out}")

@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import timm
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from compress_run.hardware.macs import count_macs
-from compress_run.hardware.measure import machine_description, model_latency_ms
 from compress_run.methods.comcat import COMCAT
 from compress_run.methods.elrt import ELRT
 from compress_run.methods.svd import SVD
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import efficiencies, print_speed_table, speed_rows, time_variants, write_result  # noqa: E402
+
 from compress_run.models import cifar_resnet, torchvision_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,45 +108,14 @@ def main() -> None:
                 model = vit_variant(build, shape, reduction) if form == "comcat" else \
                     cnn_variant(build, shape, form, reduction)
                 variants[f"{name}/{form}/{speedup}x"] = (model, shape)
-    macs = {key: count_macs(model, (1, *shape)).effective for key, (model, shape) in variants.items()}
-    times: dict[str, dict[int, list[float]]] = {key: {b: [] for b in batches} for key in variants}
-    for r in range(rounds):
-        for key, (model, shape) in variants.items():
-            console.log(f"round {r + 1}/{rounds}: timing {key}")
-            for batch in batches:
-                times[key][batch].append(model_latency_ms(model, (batch, *shape), warmup=2, repeats=repeats))
-    rows, efficiencies = [], []
-    for key, (model, _) in variants.items():
-        dense = f"{key.split('/')[0]}/dense"
-        row = {"variant": key, "macs": macs[key], "mac_speedup": macs[dense] / macs[key],
-               "params": sum(p.numel() for p in model.parameters()), "latency_ms": {}, "rounds_ms": {}}
-        for batch in batches:
-            ms, dense_ms = min(times[key][batch]), min(times[dense][batch])
-            row["latency_ms"][f"b{batch}"] = ms
-            row["rounds_ms"][f"b{batch}"] = times[key][batch]
-            row[f"speedup_b{batch}"] = dense_ms / ms
-            row[f"efficiency_b{batch}"] = row[f"speedup_b{batch}"] / row["mac_speedup"]
-            if key != dense:
-                efficiencies.append(row[f"efficiency_b{batch}"])
-        rows.append(row)
-    per_form = {form: min(r[f"efficiency_b{b}"] for r in rows if f"/{form}/" in r["variant"] for b in batches)
-                for form in ("svd", "tucker2", "comcat") if any(f"/{form}/" in r["variant"] for r in rows)}
-    result = {"benchmark": "lowrank", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_description(), "command": "python scripts/bench_lowrank.py" +
-              (" --quick" if args.quick else ""), "batches": list(batches), "rounds": rounds, "repeats": repeats,
-              "variants": rows, "min_efficiency": min(efficiencies), "min_efficiency_per_form": per_form,
-              "goal_min_efficiency": 0.85}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    table = Table(title=f"factorized vs dense, host latency ({args.threads} threads)")
-    for col in ("variant", "MACs (M)", "MAC speedup", *[f"speedup b{b}" for b in batches],
-                *[f"efficiency b{b}" for b in batches]):
-        table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(row["variant"], f"{row['macs'] / 1e6:.1f}", f"{row['mac_speedup']:.2f}x",
-                      *[f"{row[f'speedup_b{b}']:.2f}x" for b in batches],
-                      *[f"{row[f'efficiency_b{b}']:.2f}" for b in batches])
-    console.print(table)
+    times = time_variants(variants, batches, rounds, repeats, console.log)
+    rows = speed_rows(variants, times, batches)
+    per_form = {form: min(efficiencies(rows, batches, f"/{form}/")) for form in ("svd", "tucker2", "comcat")
+                if efficiencies(rows, batches, f"/{form}/")}
+    result = write_result(args.out, "lowrank", "python scripts/bench_lowrank.py" + (" --quick" if args.quick else ""),
+                          batches, rounds, repeats, rows, min_efficiency=min(efficiencies(rows, batches)),
+                          min_efficiency_per_form=per_form, goal_min_efficiency=0.85)
+    print_speed_table(rows, batches, f"factorized vs dense, host latency ({args.threads} threads)", console)
     console.print(f"min_efficiency = {result['min_efficiency']:.3f} per form {per_form} (goal >= 0.85) -> {args.out}")
 
 

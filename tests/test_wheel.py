@@ -8,9 +8,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # an integration test of minutes: in CI's slow set
 def test_wheel_install_runs_outside_the_repository(tmp_path):
     dist, site, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -20,7 +23,8 @@ def test_wheel_install_runs_outside_the_repository(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("compress_run/conf/config.yaml", "compress_run/conf/model/resnet20.yaml",
                      "compress_run/conf/method/gmp.yaml", "compress_run/pipeline/cli.py",
-                     "compress_run/methods/masks.py", "compress_run/conf/experiment/fmnist_gap.yaml",
+                     "compress_run/core/masks.py", "compress_run/conf/experiment/fmnist_gap.yaml",
+                     "compress_run/conf/experiment_base/fmnist_small.yaml",
                      "compress_run/pipeline/pgap_jobs.py", "compress_run/kernels/csrc/gather_scatter.cpp"):
         assert expected in names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

@@ -80,16 +80,17 @@ def _tiled_rows(rows: int, group: int, tile: int) -> tuple[int, int]:
     return (full - full % tile if tile else 0), full
 
 
-def _initial_groups(above: torch.Tensor, group: int, tile: int) -> list[torch.Tensor]:
-    """Row indices of every group before quotas: consecutive, or sorted by above-threshold count in tiles."""
-    rows = above.numel()
+def _group_rows(need: torch.Tensor, group: int, tile: int) -> list[torch.Tensor]:
+    """Row indices of every group: consecutive, or inside each tile of ``tile`` rows sorted by ``need``
+    (descending, ties by row index); the rows past the last whole group form a partial group."""
+    rows = need.numel()
     tiled, full = _tiled_rows(rows, group, tile)
     groups = []
     for start in range(0, tiled, tile or 1):
         if not tile:
             break
         idx = torch.arange(start, start + tile)
-        order = idx[torch.argsort(-above[idx], stable=True)]
+        order = idx[torch.argsort(-need[idx], stable=True)]
         groups += list(order.reshape(-1, group))
     groups += list(torch.arange(tiled, full).reshape(-1, group))
     if full < rows:
@@ -100,20 +101,7 @@ def _initial_groups(above: torch.Tensor, group: int, tile: int) -> list[torch.Te
 def row_groups(mask: torch.Tensor, banks: int = 16, elems: int = 1, tile: int = 0) -> list[torch.Tensor]:
     """The row groups of a GS mask (matrix view): consecutive, or per tile by (count desc, row index)."""
     matrix = as_matrix(mask).bool() if mask.dim() > 2 else mask.bool()
-    rows, group = matrix.shape[0], banks // elems
-    counts = matrix.sum(1)
-    tiled, full = _tiled_rows(rows, group, tile)
-    groups = []
-    for start in range(0, tiled, tile or 1):
-        if not tile:
-            break
-        idx = torch.arange(start, start + tile)
-        order = idx[torch.argsort(-counts[idx], stable=True)]
-        groups += list(order.reshape(-1, group))
-    groups += list(torch.arange(tiled, full).reshape(-1, group))
-    if full < rows:
-        groups.append(torch.arange(full, rows))
-    return groups
+    return _group_rows(matrix.sum(1), banks // elems, tile)
 
 
 def check_gather_scatter(mask: torch.Tensor, banks: int = 16, elems: int = 1, tile: int = 0) -> list[str]:
@@ -180,7 +168,7 @@ def gather_scatter(scores: torch.Tensor, density: float, banks: int = 16, elems:
         return from_matrix(keep_matrix, scores.shape)
     threshold = torch.kthvalue(matrix.flatten(), rows * cols - target).values
     above = (matrix > threshold).sum(1)
-    groups = _initial_groups(above, group, tile)
+    groups = _group_rows(above, group, tile)  # before the quotas: tiles sorted by above-threshold counts
     bank_cols = torch.bincount(torch.arange(cols) % banks, minlength=banks)       # columns per bank
     shapes = [group_shape(len(g), banks, elems) for g in groups]
     caps = torch.tensor([min(cols // per_row, len(g) * int(bank_cols.min()) // per_bank)

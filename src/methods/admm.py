@@ -22,6 +22,7 @@ mask_grads):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -29,9 +30,25 @@ import torch
 from torch import nn
 
 from compress_run.core.allocation import allocate
+from compress_run.core.config import check
 from compress_run.core.masks import magnitude_scores, prune_by_score
 from compress_run.core.projections import project
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
+
+
+@method_config("admm")
+@dataclass
+class ADMMConfig(MaskPruningConfig):
+    sparsity: float = 0.9
+    rho: float = 1e-3
+    update_epochs: int = 1
+    start_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.rho > 0, "method.rho", self.rho, "a float > 0")
+        check(self.update_epochs >= 1, "method.update_epochs", self.update_epochs, "an integer >= 1")
+        check(self.start_epoch >= 0, "method.start_epoch", self.start_epoch, "an integer >= 0")
 
 
 class ADMMCallback(L.Callback):
@@ -85,9 +102,11 @@ class ADMMCallback(L.Callback):
 
 
 class ADMM(MaskPruningMethod):
-    def __init__(self, rho: float = 1e-3, update_epochs: int = 1, start_epoch: int = 0, **mask_keys: Any) -> None:
-        super().__init__(**mask_keys)
-        self.rho, self.update_epochs, self.start_epoch = float(rho), int(update_epochs), int(start_epoch)
+    state_attributes = ('densities', 'residual')
+    Config = ADMMConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.densities: dict[str, float] | None = None
         self.residual: float | None = None
 
@@ -105,9 +124,3 @@ class ADMM(MaskPruningMethod):
         return {**super().summary(), "rho": self.rho, "update_epochs": self.update_epochs,
                 "last_residual": self.residual}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"densities": self.densities, "residual": self.residual}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.densities = state.get("densities", self.densities)
-        self.residual = state.get("residual", self.residual)

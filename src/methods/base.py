@@ -11,18 +11,28 @@
 * ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
 * ``state_dict()/load_state_dict()`` — method state that is not already in the model's state
   (masks are buffers of the model, so they travel with every checkpoint by themselves).
+
+A method owns its config: a dataclass beside it (``Config``, registered with :func:`method_config` as the
+schema ``base_method_<name>`` that the method's YAML lists first), whose fields and defaults are the
+method's keys — defined once — and whose ``__post_init__`` range-checks them. ``Method.__init__(**keys)``
+builds it (so a wrong value fails the same way from the command line and from Python) and copies every
+key onto the method as an attribute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from compress_run.core.allocation import allocate
+from compress_run.core.config import check
 from compress_run.core.masks import (
     LayerSelectionError,
     MaskEnforcer,
@@ -30,9 +40,62 @@ from compress_run.core.masks import (
     prunable_layers,
     prune_by_score,
 )
-from compress_run.core.projections import pattern_shape_problem
+from compress_run.core.projections import fixed_density, parse_pattern, pattern_shape_problem
 
 ALL_STAGES = ("train", "compress", "finetune", "evaluate")
+DISTRIBUTIONS = ("uniform", "global", "erk")
+METHOD_CONFIGS: dict[str, type] = {}  # schema name (base_method_<name>) -> the method's config dataclass
+
+
+def method_config(name: str) -> Callable[[type], type]:
+    """Register a method's config dataclass as the schema ``base_method_<name>`` (the pipeline stores every
+    registered schema in Hydra's ConfigStore)."""
+    def register(cls: type) -> type:
+        METHOD_CONFIGS[f"base_method_{name}"] = cls
+        return cls
+    return register
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has (none but its target)."""
+    _target_: str = MISSING
+
+
+@dataclass
+class MaskConfig(MethodConfig):
+    """Keys of every weight-mask method: which layers, how the budget is spread, the pattern."""
+    distribution: str = "uniform"
+    pattern: str = "irregular"
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    mask_grads: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.distribution in DISTRIBUTIONS, "method.distribution", self.distribution, ", ".join(DISTRIBUTIONS))
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as exc:
+            check(False, "method.pattern", self.pattern, str(exc))
+
+
+@dataclass
+class MaskPruningConfig(MaskConfig):
+    """A weight-mask method with one target sparsity."""
+    sparsity: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1)")
+        density = fixed_density(self.pattern)
+        check(density is None or self.sparsity == 0.0 or abs(self.sparsity - (1 - density)) < 1e-9,
+              "method.sparsity", self.sparsity, f"{1 - (density or 0):g} with method.pattern={self.pattern} "
+              "(N:M fixes the sparsity at 1 - N/M)")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ListConfig | DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return list(value) if isinstance(value, tuple) else value
 
 
 class NotApplicable(ValueError):
@@ -40,12 +103,19 @@ class NotApplicable(ValueError):
 
 
 class Method:
+    Config: type = MethodConfig
     stages: tuple[str, ...] = ALL_STAGES
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
     input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
     hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
     distill: Any = None          # set by the pipeline: a Distillation when distill.teacher is given, else None
     distill_config: dict[str, Any] = {"kind": "soft", "alpha": 0.5, "temperature": 1.0}  # the run's distill.*
+
+    def __init__(self, **keys: Any) -> None:
+        self.config = self.Config(**{k: _plain(v) for k, v in keys.items()})
+        for f in dataclasses.fields(self.config):  # a key named like a method stays in self.config only
+            if f.name != "_target_" and not callable(getattr(type(self), f.name, None)):
+                setattr(self, f.name, getattr(self.config, f.name))
 
     def distill_settings(self) -> dict[str, Any]:
         """kind, alpha and temperature of the run's ``distill`` config (for a method's own distilled passes)."""
@@ -70,32 +140,35 @@ class Method:
         """Method-specific facts for results.json (e.g. achieved sparsity per layer)."""
         return {}
 
+    state_attributes: tuple[str, ...] = ()  # attributes that are the method's state (saved in every checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {name: getattr(self, name) for name in self.state_attributes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        for name in self.state_attributes:
+            if name in state:
+                value = state[name]
+                setattr(self, name, dict(value) if isinstance(value, dict) else
+                        list(value) if isinstance(value, list) else value)
 
 
 class MaskPruningMethod(Method):
     """Base of the weight-mask methods: prunable-layer selection, sparsity target, mask enforcement.
 
-    Config keys: ``sparsity`` (fraction of prunable weights removed), ``distribution``
-    (uniform | global | erk), ``pattern`` (projection name), ``exclude`` (globs / aliases of layers kept
-    dense), ``mask_grads`` (zero masked gradients before each optimizer step: the optimizer state of pruned
-    weights stays zero, which changes results when weights regrow — GaP, RigL, MEST, multi-level phases —
-    or when the gradient is clipped by its norm, ``trainer.gradient_clip_val``; with masks that only shrink
-    and no clipping the trained weights are the same either way).
+    Config keys (:class:`MaskPruningConfig`): ``sparsity`` (fraction of prunable weights removed),
+    ``distribution`` (uniform | global | erk), ``pattern`` (projection name), ``exclude`` (globs / aliases of
+    layers kept dense), ``mask_grads`` (zero masked gradients before each optimizer step: the optimizer state
+    of pruned weights stays zero, which changes results when weights regrow — GaP, RigL, MEST, multi-level
+    phases — or when the gradient is clipped by its norm, ``trainer.gradient_clip_val``; with masks that only
+    shrink and no clipping the trained weights are the same either way).
     """
 
-    def __init__(self, sparsity: float = 0.0, distribution: str = "uniform", pattern: str = "irregular",
-                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier"),
-                 mask_grads: bool = True) -> None:
-        self.sparsity = float(sparsity)
-        self.distribution = distribution
-        self.pattern = pattern
-        self.exclude = list(exclude)
-        self.mask_grads = mask_grads
+    Config = MaskPruningConfig
+    sparsity: float = 0.0
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.achieved: dict[str, float] = {}
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -6,11 +6,36 @@ themselves are :mod:`compress_run.core.channel_masks`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compress_run.core.channel_graph import ChannelGroup
+from compress_run.core.config import check
+from compress_run.methods.base import MethodConfig
+
+TARGETS = ("channels", "flops")
+
+
+@dataclass
+class ChannelConfig(MethodConfig):
+    """Keys of the channel methods (CHEX, L1 filter pruning)."""
+    sparsity: float = 0.5
+    target: str = "channels"
+    flops_reduction: float = 0.5
+    min_channels: int = 1
+    channel_multiple: int = 1
+    prune_residual: bool = True
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.sparsity < 1.0, "method.sparsity", self.sparsity, "a float in [0, 1) (channels removed)")
+        check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+              "a float in (0, 1) (fraction of MACs removed)")
+        check(self.min_channels >= 1, "method.min_channels", self.min_channels, "an integer >= 1")
+        check(self.channel_multiple >= 1, "method.channel_multiple", self.channel_multiple, "an integer >= 1")
 
 
 class MacModel:
@@ -74,6 +99,17 @@ def search_keep_fraction(macs_at: Callable[[float], float], target_macs: float, 
         mid = (low + high) / 2
         low, high = (mid, high) if macs_at(mid) <= target_macs else (low, mid)
     return low
+
+
+def check_mac_target(model: nn.Module, input_shape: tuple[int, ...], groups: list[ChannelGroup],
+                     flops_reduction: float, min_channels: int, skipped: dict[str, str]) -> None:
+    """Raise :class:`~compress_run.methods.base.NotApplicable` when the MAC target cannot be reached."""
+    from compress_run.methods.base import NotApplicable
+
+    problem = unreachable_mac_target(model, input_shape, groups, flops_reduction, min_channels, skipped)
+    if problem:
+        raise NotApplicable(f"{problem}. Lower method.flops_reduction (or method.min_channels), or let more groups "
+                            "be pruned (method.prune_residual, method.exclude)")
 
 
 def unreachable_mac_target(model: nn.Module, input_shape: tuple[int, ...], groups: list[ChannelGroup],

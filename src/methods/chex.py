@@ -44,6 +44,7 @@ networks a masked channel's gradients are zero anyway, so the key changed nothin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -54,18 +55,33 @@ from torch import nn
 from compress_run.core.channel_graph import ChannelGroup
 from compress_run.core.channel_masks import channel_mask, prunable_groups, set_channel_mask, unit_rows
 from compress_run.core.compaction import compact
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, NotApplicable, method_config
 from compress_run.methods.channels import (
+    ChannelConfig,
     MacModel,
     allocate_counts,
+    check_mac_target,
     round_count,
     search_keep_fraction,
-    unreachable_mac_target,
 )
 from compress_run.methods.cycles import seeded_generator
 
-TARGETS = ("channels", "flops")
+
+@method_config("chex")
+@dataclass
+class CHEXConfig(ChannelConfig):
+    delta0: float = 0.2
+    delta_t_epochs: int = 2
+    t_max_fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 <= self.delta0 <= (self.sparsity if self.target == "channels" else 1.0), "method.delta0",
+              self.delta0, f"a float in [0, method.sparsity={self.sparsity}] (S - delta0 is the initial sparsity)")
+        check(self.delta_t_epochs >= 1, "method.delta_t_epochs", self.delta_t_epochs, "an integer >= 1 (epochs)")
+        check(0.0 < self.t_max_fraction <= 1.0, "method.t_max_fraction", self.t_max_fraction, "a float in (0, 1]")
 
 
 def regrowth_ratio(epoch: int, t_max: int, delta0: float) -> float:
@@ -110,15 +126,11 @@ def sample_regrowth(matrix: torch.Tensor, kept: torch.Tensor, candidates: torch.
 
 
 class CHEX(Method):
-    def __init__(self, sparsity: float = 0.5, target: str = "channels", flops_reduction: float = 0.5,
-                 delta0: float = 0.2, delta_t_epochs: int = 2, t_max_fraction: float = 0.75, min_channels: int = 1,
-                 channel_multiple: int = 1, prune_residual: bool = True,
-                 exclude: list[str] | tuple[str, ...] = ()) -> None:
-        self.sparsity, self.target, self.flops_reduction = float(sparsity), target, float(flops_reduction)
-        self.delta0, self.delta_t_epochs, self.t_max_fraction = float(delta0), int(delta_t_epochs), t_max_fraction
-        self.min_channels, self.channel_multiple, self.prune_residual = int(min_channels), int(channel_multiple), \
-            prune_residual
-        self.exclude = list(exclude)
+    state_attributes = ('history', 'final_done', 'snapshots', 'compacted')
+    Config = CHEXConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.seed = torch.initial_seed()
         self.history: list[dict[str, Any]] = []   # one entry per exploration step
         self.final_done = False
@@ -137,11 +149,7 @@ class CHEX(Method):
             reasons = "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:4])
             raise NotApplicable(f"CHEX found no prunable channel group with BatchNorm ({reasons})")
         if self.target == "flops":
-            problem = unreachable_mac_target(model, self.input_shape, groups, self.flops_reduction,
-                                             self.min_channels, self.skipped)
-            if problem:
-                raise NotApplicable(f"{problem}. Lower method.flops_reduction (or method.min_channels), or let more "
-                                    "groups be pruned (method.prune_residual, method.exclude)")
+            check_mac_target(model, self.input_shape, groups, self.flops_reduction, self.min_channels, self.skipped)
 
     def keep_fraction(self, model: nn.Module, groups: list[ChannelGroup],
                       scores: dict[int, torch.Tensor] | None) -> float:
@@ -282,16 +290,6 @@ class CHEX(Method):
                 "exploration_steps": len(self.history), "final_keep_fraction":
                     self.history[-1]["keep_fraction"] if self.history else None,
                 "compacted_groups": self.compacted, "groups_left_whole": self.skipped}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "final_done": self.final_done, "snapshots": self.snapshots,
-                "compacted": self.compacted}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state.get("history", []))
-        self.final_done = state.get("final_done", False)
-        self.snapshots = dict(state.get("snapshots", {}))
-        self.compacted = dict(state.get("compacted", {}))
 
 
 class ChannelExplorer(L.Callback):

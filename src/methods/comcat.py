@@ -53,7 +53,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -62,16 +63,58 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import LowRankLinear
 from compress_run.core.lowrank_attention import LowRankAttention, check_timm_attention
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 from compress_run.methods.distill import distillation_loss
+from compress_run.methods.rank_search import annealed_tau, budget_loss
 
 ATTN_TOTAL_RANKS = {192: [32, 64, 96, 128, 160], 384: [64, 128, 192, 256, 320],
                     768: [128, 192, 256, 320, 384, 448, 512]}
 LINEAR_RANKS = {192: [6, 12, 24, 48, 64, 96, 128, 144], 384: [12, 24, 32, 48, 64, 96, 128, 144, 192, 288],
                 768: [24, 32, 48, 64, 128, 192, 256, 320, 384, 448, 512]}
+
+
+@method_config("comcat")
+@dataclass
+class COMCATConfig(MethodConfig):
+    params_reduction: float = 0.5
+    search_epochs: int = 2
+    search_fraction: float = 1.0
+    train_fraction: float = 1.0
+    tau_start: float = 5.0
+    tau_end: float = 0.1
+    params_exponent: float = 1.5
+    arch_lr: float = 0.01
+    arch_weight_decay: float = 5e-4
+    weight_lr: float = 5e-4
+    weight_decay: float = 0.05
+    block_weight: float = 0.5
+    align_blocks: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
+    factorize_head: bool = True
+    attn_ranks: list[int] = field(default_factory=list)
+    mlp_ranks: list[int] = field(default_factory=list)
+    head_ranks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.params_reduction < 1.0, "method.params_reduction", self.params_reduction,
+              "a float in (0, 1) (fraction of parameters removed)")
+        check(self.search_epochs >= 1, "method.search_epochs", self.search_epochs,
+              "an integer >= 1 (the paper: 30; the first epoch trains at the largest ranks, the search starts at the "
+              "second)")
+        for key in ("search_fraction", "train_fraction"):
+            check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "a float > 0 (of an epoch)")
+        check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
+              "0 < tau_end <= tau_start")
+        for key in ("block_weight", "arch_weight_decay", "weight_decay"):
+            check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), "a float >= 0")
+        check(self.weight_lr > 0 and self.arch_lr > 0, "method.weight_lr/arch_lr", (self.weight_lr, self.arch_lr),
+              "floats > 0")
+        check(all(r >= 1 for r in [*self.attn_ranks, *self.mlp_ranks, *self.head_ranks]),
+              "method.attn_ranks/mlp_ranks/head_ranks", (self.attn_ranks, self.mlp_ranks, self.head_ranks),
+              "lists of integers >= 1 (empty = the released code's tables)")
 
 
 def alignment_weights(start: float, epochs: int) -> list[float]:
@@ -136,21 +179,11 @@ def _set_gate(choice: RankChoice, gate: torch.Tensor | None) -> None:
 
 
 class COMCAT(Method):
-    def __init__(self, params_reduction: float = 0.5, search_epochs: int = 2, search_fraction: float = 1.0,
-                 train_fraction: float = 1.0, tau_start: float = 5.0, tau_end: float = 0.1,
-                 params_exponent: float = 1.5, arch_lr: float = 0.01, arch_weight_decay: float = 5e-4,
-                 weight_lr: float = 5e-4, weight_decay: float = 0.05, block_weight: float = 0.5,
-                 align_blocks: Iterable[int] = (0, 1, -2, -1), factorize_head: bool = True,
-                 attn_ranks: Iterable[int] = (), mlp_ranks: Iterable[int] = (), head_ranks: Iterable[int] = ()) -> None:
-        self.params_reduction, self.search_epochs = float(params_reduction), int(search_epochs)
-        self.search_fraction, self.train_fraction = float(search_fraction), float(train_fraction)
-        self.tau_start, self.tau_end, self.params_exponent = float(tau_start), float(tau_end), float(params_exponent)
-        self.arch_lr, self.arch_weight_decay = float(arch_lr), float(arch_weight_decay)
-        self.weight_lr, self.weight_decay = float(weight_lr), float(weight_decay)
-        self.block_weight, self.align_blocks = float(block_weight), [int(i) for i in align_blocks]
-        self.factorize_head = bool(factorize_head)
-        self.attn_ranks, self.mlp_ranks = [int(r) for r in attn_ranks], [int(r) for r in mlp_ranks]
-        self.head_ranks = [int(r) for r in head_ranks]
+    state_attributes = ('ranks', 'history', 'target_params')
+    Config = COMCATConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.ranks: dict[str, list[int]] = {}
         self.history: list[dict[str, float]] = []
         self.target_params = 0.0
@@ -239,19 +272,18 @@ class COMCAT(Method):
         loader = datamodule.train_dataloader()
         search_steps = max(1, math.ceil(self.search_fraction * len(loader)))
         train_steps = max(1, math.ceil(self.train_fraction * len(loader)))
-        epochs, tau = self.search_epochs, self.tau_start
+        epochs = self.search_epochs
         aligns = alignment_weights(self.block_weight, epochs) if self.block_weight else [0.0] * epochs
-        rate = (self.tau_end / self.tau_start) ** (1.0 / epochs)
         with Progress(transient=True) as progress:
             task = progress.add_task("COMCAT search", total=epochs * (search_steps + train_steps))
             for epoch in range(epochs):
                 if epoch > 0:
                     self.resvd(choices)
+                    tau = annealed_tau(self.tau_start, self.tau_end, (epoch - 1) / epochs)
                     self.search_pass(model, choices, fixed, loader, prepare, search_steps, tau, epoch,
                                      lambda: progress.advance(task))
                     chosen = {id(c): c.candidates[int(c.logits.argmax())] for c in choices}
                     self.resvd(choices, chosen)
-                    tau *= rate
                 lr = self.weight_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
                 self.train_pass(model, teacher, settings, loader, prepare, train_steps, lr, aligns[epoch],
                                 lambda: progress.advance(task))
@@ -278,8 +310,7 @@ class COMCAT(Method):
             x, y = prepare((x.to(device), y.to(device)))
             ce = F.cross_entropy(model(x), y)
             params = fixed + sum(c.expected_params() for c in choices)
-            ratio = params / self.target_params
-            loss = ce * ratio**self.params_exponent if ratio.item() > 1 else ce
+            loss = budget_loss(ce, params, self.target_params, self.params_exponent)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -327,10 +358,3 @@ class COMCAT(Method):
         return {"params_reduction": self.params_reduction, "target_params": round(self.target_params),
                 "search_epochs": self.search_epochs, "ranks": self.ranks, "search_history": self.history}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"ranks": self.ranks, "history": self.history, "target_params": self.target_params}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ranks = dict(state.get("ranks", self.ranks))
-        self.history = list(state.get("history", self.history))
-        self.target_params = float(state.get("target_params", self.target_params))

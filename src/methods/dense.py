@@ -5,8 +5,9 @@ Runs ``train`` and ``evaluate`` only; ``compress`` and ``finetune`` are recorded
 
 from __future__ import annotations
 
-from compress_run.methods.base import Method
+from compress_run.methods.base import Method, MethodConfig, method_config
 
 
 class Dense(Method):
+    Config = method_config("dense")(MethodConfig)
     stages = ("train", "evaluate")

@@ -28,17 +28,19 @@ Config keys (conf/method/elrt.yaml):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import Tucker2Conv2d, set_module, tucker2_fraction
 from compress_run.core.masks import prunable_layers
 from compress_run.hardware.macs import count_macs
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 
 TARGETS = ("ratio", "flops")
 
@@ -50,6 +52,26 @@ def orthogonality_residual(layer: Tucker2Conv2d) -> torch.Tensor:
         gram = u.T @ u
         total = total + ((gram - torch.eye(len(gram), device=gram.device, dtype=gram.dtype)) ** 2).sum()
     return total
+
+
+@method_config("elrt")
+@dataclass
+class ELRTConfig(MethodConfig):
+    target: str = "flops"
+    rank_ratio: float = 0.5
+    flops_reduction: float = 0.7
+    ortho_weight: float = 1e-3
+    orthogonal_init: bool = True
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        check(0.0 < self.rank_ratio <= 1.0, "method.rank_ratio", self.rank_ratio, "a float in (0, 1]")
+        check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+              "a float in (0, 1) (fraction of MACs removed)")
+        check(self.ortho_weight >= 0, "method.ortho_weight", self.ortho_weight, "a float >= 0")
+        check(self.min_rank >= 1, "method.min_rank", self.min_rank, "an integer >= 1")
 
 
 class SoftOrthogonality(L.Callback):
@@ -81,14 +103,13 @@ class SoftOrthogonality(L.Callback):
 
 
 class ELRT(Method):
+    state_attributes = ('rank_ratio', 'ranks', 'residual')
     stages = ("train", "evaluate")
 
-    def __init__(self, target: str = "flops", rank_ratio: float = 0.5, flops_reduction: float = 0.7,
-                 ortho_weight: float = 1e-3, orthogonal_init: bool = True,
-                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier"), min_rank: int = 1) -> None:
-        self.target, self.rank_ratio, self.flops_reduction = target, float(rank_ratio), float(flops_reduction)
-        self.ortho_weight, self.orthogonal_init = float(ortho_weight), orthogonal_init
-        self.exclude, self.min_rank = list(exclude), int(min_rank)
+    Config = ELRTConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.ranks: dict[str, list[int]] = {}
         self.residual: float | None = None
 
@@ -153,10 +174,3 @@ class ELRT(Method):
         return {"target": self.target, "rank_ratio": self.rank_ratio, "flops_reduction": self.flops_reduction,
                 "ortho_weight": self.ortho_weight, "ranks": self.ranks, "orthogonality_residual": self.residual}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rank_ratio": self.rank_ratio, "ranks": self.ranks, "residual": self.residual}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rank_ratio = state.get("rank_ratio", self.rank_ratio)
-        self.ranks = dict(state.get("ranks", self.ranks))
-        self.residual = state.get("residual", self.residual)

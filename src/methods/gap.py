@@ -43,31 +43,57 @@ Config keys (conf/method/gap.yaml):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
-from compress_run.methods.base import MaskPruningMethod, NotApplicable
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, NotApplicable, method_config
 from compress_run.methods.cycles import CycleCallback, seeded_generator
-from compress_run.methods.partitions import PartitionError, describe, partition
+from compress_run.methods.partitions import PARTITIONERS, PartitionError, describe, partition
 
 VARIANTS = ("cyclic", "random", "parallel")
 
 
+@method_config("gap")
+@dataclass
+class GaPConfig(MaskPruningConfig):
+    sparsity: float = 0.9
+    variant: str = "cyclic"
+    num_partitions: int = 4
+    partitioner: Any = "equal_params"
+    rounds: int = 1
+    reset_optimizer_each_step: bool = True
+    worker: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1) (GaP trains sparse)")
+        check(self.variant in VARIANTS, "method.variant", self.variant, ", ".join(VARIANTS))
+        check(self.num_partitions >= 2, "method.num_partitions", self.num_partitions, "an integer >= 2")
+        check(self.rounds >= 1, "method.rounds", self.rounds, "an integer >= 1")
+        ok = self.partitioner in PARTITIONERS if isinstance(self.partitioner, str) else (
+            isinstance(self.partitioner, list) and len(self.partitioner) == self.num_partitions
+            and all(isinstance(g, str) for g in self.partitioner))
+        check(ok, "method.partitioner", self.partitioner,
+              f"{', '.join(PARTITIONERS)} or a list of num_partitions={self.num_partitions} module-name globs")
+        if self.worker is not None:
+            check(self.variant == "parallel" and 0 <= self.worker < self.num_partitions, "method.worker",
+                  self.worker, f"null, or 0..num_partitions-1={self.num_partitions - 1} with method.variant=parallel")
+
+
 class GaP(MaskPruningMethod):
-    def __init__(self, variant: str = "cyclic", num_partitions: int = 4, partitioner: str | list[str] = "equal_params",
-                 rounds: int = 1, reset_optimizer_each_step: bool = True,
-                 worker: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.worker = worker
-        if worker is not None:  # one P-GaP worker of one round as its own job: train only, one step
-            self.stages, rounds = ("train",), 1
-        self.variant, self.num_partitions, self.rounds = variant, num_partitions, rounds
-        self.partitioner = partitioner if isinstance(partitioner, str) else list(partitioner)
-        self.reset_optimizer_each_step = reset_optimizer_each_step
+    state_attributes = ('workers', 'round_start')
+    Config = GaPConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        if self.worker is not None:  # one P-GaP worker of one round as its own job: train only, one step
+            self.stages, self.rounds = ("train",), 1
         self.seed = torch.initial_seed()  # the pipeline has seeded torch from cfg.seed before building us
         self.groups: list[list[str]] = []
         self.workers: dict[int, dict[str, torch.Tensor]] = {}  # P-GaP: finished workers of the current round
@@ -181,12 +207,6 @@ class GaP(MaskPruningMethod):
                 "reset_optimizer_each_step": self.reset_optimizer_each_step, "partitions": self.groups,
                 "worker": self.worker}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "round_start": self.round_start}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.workers = dict(state.get("workers", {}))
-        self.round_start = dict(state.get("round_start", {}))
 
 
 def merge_worker_states(workers: dict[int, dict[str, torch.Tensor]], groups: list[list[str]]

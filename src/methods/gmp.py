@@ -17,13 +17,15 @@ Config keys (conf/method/gmp.yaml):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, attach_mask
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
 
 
 def cubic_sparsity(step: int, t0: int, t_end: int, final: float, initial: float = 0.0) -> float:
@@ -35,11 +37,24 @@ def cubic_sparsity(step: int, t0: int, t_end: int, final: float, initial: float 
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
+@method_config("gmp")
+@dataclass
+class GMPConfig(MaskPruningConfig):
+    start_epoch: float = 0.0
+    end_epoch: float | None = None
+    frequency: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.start_epoch >= 0, "method.start_epoch", self.start_epoch, "a float >= 0")
+        if self.end_epoch is not None:
+            check(self.end_epoch > self.start_epoch, "method.end_epoch", self.end_epoch,
+                  f"null or a float > method.start_epoch={self.start_epoch}")
+        check(self.frequency >= 1, "method.frequency", self.frequency, "an integer >= 1 (optimizer steps)")
+
+
 class GMP(MaskPruningMethod):
-    def __init__(self, start_epoch: float = 0.0, end_epoch: float | None = None, frequency: int = 100,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.start_epoch, self.end_epoch, self.frequency = start_epoch, end_epoch, frequency
+    Config = GMPConfig
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         if stage == "train":

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import Tucker2Conv2d, set_module, tucker2_fraction
 from compress_run.core.masks import prunable_layers
@@ -55,7 +57,8 @@ from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig, load_profile
 from compress_run.hardware.simulator import Simulator
 from compress_run.hardware.trace import trace_model
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
+from compress_run.methods.rank_search import annealed_tau, budget_loss
 
 SOURCES = ("simulated", "measured", "macs")
 
@@ -77,6 +80,43 @@ def layer_cost(module: nn.Module, shape: tuple[int, ...], source: str, profile: 
     if source == "macs":
         return float(sum(op.macs for op in trace.ops))
     return Simulator(profile).run(trace, {}).total_ms
+
+
+@method_config("haloc")
+@dataclass
+class HALOCConfig(MethodConfig):
+    latency_fraction: float = 0.3
+    latency_source: str = "simulated"
+    hardware: str | None = None
+    granularity: int | None = None
+    search_epochs: float = 2.0
+    lut_batch: int = 1
+    tau_start: float = 5.0
+    tau_end: float = 0.1
+    latency_exponent: float = 1.5
+    feature_weight: float = 1.0
+    weight_lr: float = 0.01
+    arch_lr: float = 0.01
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+
+    def __post_init__(self) -> None:
+        from compress_run.hardware.profile import available_profiles
+
+        check(0.0 < self.latency_fraction < 1.0, "method.latency_fraction", self.latency_fraction,
+              "a float in (0, 1) (target latency of the searched layers / their dense latency)")
+        check(self.latency_source in SOURCES, "method.latency_source", self.latency_source, ", ".join(SOURCES))
+        check(self.hardware is None or self.hardware in available_profiles(), "method.hardware", self.hardware,
+              f"null (the run's hardware) or one of {', '.join(available_profiles())}")
+        check(self.granularity is None or self.granularity >= 1, "method.granularity", self.granularity,
+              "null (the profile's rank_granularity) or an integer >= 1")
+        check(self.search_epochs > 0, "method.search_epochs", self.search_epochs, "a float > 0 (epochs)")
+        check(self.lut_batch >= 1, "method.lut_batch", self.lut_batch, "an integer >= 1")
+        check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
+              "0 < tau_end <= tau_start")
+        check(self.latency_exponent > 0, "method.latency_exponent", self.latency_exponent, "a float > 0")
+        check(self.feature_weight >= 0, "method.feature_weight", self.feature_weight, "a float >= 0")
+        check(self.weight_lr > 0 and self.arch_lr > 0, "method.weight_lr/arch_lr", (self.weight_lr, self.arch_lr),
+              "floats > 0")
 
 
 class CandidateConv(nn.Module):
@@ -106,17 +146,13 @@ class CandidateConv(nn.Module):
 
 
 class HALOC(Method):
-    def __init__(self, latency_fraction: float = 0.3, latency_source: str = "simulated", hardware: str | None = None,
-                 granularity: int | None = None, search_epochs: float = 2.0, lut_batch: int = 1,
-                 tau_start: float = 5.0, tau_end: float = 0.1, latency_exponent: float = 1.5,
-                 feature_weight: float = 1.0, weight_lr: float = 0.01, arch_lr: float = 0.01,
-                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier")) -> None:
-        self.latency_fraction, self.latency_source = float(latency_fraction), latency_source
-        self.profile_name, self.granularity = hardware, granularity
-        self.search_epochs, self.lut_batch = float(search_epochs), int(lut_batch)
-        self.tau_start, self.tau_end, self.latency_exponent = float(tau_start), float(tau_end), float(latency_exponent)
-        self.feature_weight, self.weight_lr, self.arch_lr = float(feature_weight), float(weight_lr), float(arch_lr)
-        self.exclude = list(exclude)
+    state_attributes = ('ranks', 'luts', 'history', 'left_dense')
+    Config = HALOCConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        self.profile_name = self.config.hardware  # `hardware` is the run's profile the pipeline sets
+        self.hardware = None
         self.ranks: dict[str, int] = {}
         self.luts: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, float]] = []
@@ -194,7 +230,7 @@ class HALOC(Method):
                 for x, y in batches:
                     if step >= total:
                         break
-                    tau = self.tau_start * (self.tau_end / self.tau_start) ** (step / max(1, total - 1))
+                    tau = annealed_tau(self.tau_start, self.tau_end, step / max(1, total - 1))
                     for w in wrapped.values():
                         w.tau = tau
                     x, y = prepare((x.to(device), y.to(device)))
@@ -206,8 +242,7 @@ class HALOC(Method):
                         loss.backward()
                         weight_opt.step()
                     else:
-                        ratio = latency / self.target_cost
-                        loss = ce * ratio**self.latency_exponent if ratio.item() > 1 else ce
+                        loss = budget_loss(ce, latency, self.target_cost, self.latency_exponent)
                         arch_opt.zero_grad()
                         loss.backward()
                         arch_opt.step()
@@ -240,11 +275,3 @@ class HALOC(Method):
                 "chosen_cost_fraction": round(chosen / dense, 4) if dense else None, "luts": self.luts,
                 "search_history": self.history}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"ranks": self.ranks, "luts": self.luts, "history": self.history, "left_dense": self.left_dense}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ranks = dict(state.get("ranks", self.ranks))
-        self.luts = dict(state.get("luts", self.luts))
-        self.history = list(state.get("history", self.history))
-        self.left_dense = list(state.get("left_dense", self.left_dense))

@@ -28,18 +28,22 @@ from compress_run.core.channel_graph import ChannelGroup
 from compress_run.core.channel_masks import prunable_groups, set_channel_mask
 from compress_run.core.compaction import compact
 from compress_run.core.masks import MaskEnforcer
-from compress_run.methods.base import Method, NotApplicable
-from compress_run.methods.channels import MacModel, round_count, search_keep_fraction, unreachable_mac_target
+from compress_run.methods.base import Method, NotApplicable, method_config
+from compress_run.methods.channels import (
+    ChannelConfig,
+    MacModel,
+    check_mac_target,
+    round_count,
+    search_keep_fraction,
+)
 
 
 class L1Filter(Method):
-    def __init__(self, sparsity: float = 0.5, target: str = "channels", flops_reduction: float = 0.5,
-                 min_channels: int = 1, channel_multiple: int = 1, prune_residual: bool = True,
-                 exclude: list[str] | tuple[str, ...] = ()) -> None:
-        self.sparsity, self.target, self.flops_reduction = float(sparsity), target, float(flops_reduction)
-        self.min_channels, self.channel_multiple, self.prune_residual = int(min_channels), int(channel_multiple), \
-            prune_residual
-        self.exclude = list(exclude)
+    state_attributes = ('keep', 'compacted')
+    Config = method_config("l1_filter")(ChannelConfig)
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.keep = 1.0 - self.sparsity
         self.compacted: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
@@ -54,11 +58,7 @@ class L1Filter(Method):
             reasons = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
             raise NotApplicable(f"no prunable channel group ({reasons})")
         if self.target == "flops":
-            problem = unreachable_mac_target(model, self.input_shape, groups, self.flops_reduction,
-                                             self.min_channels, self.skipped)
-            if problem:
-                raise NotApplicable(f"{problem}. Lower method.flops_reduction (or method.min_channels), or let more "
-                                    "groups be pruned (method.prune_residual, method.exclude)")
+            check_mac_target(model, self.input_shape, groups, self.flops_reduction, self.min_channels, self.skipped)
 
     def counts(self, groups: list[ChannelGroup], keep: float) -> dict[int, int]:
         return {g.id: round_count(max(min(self.min_channels, g.size), round(keep * g.size)), g.size,
@@ -87,9 +87,3 @@ class L1Filter(Method):
         return {"target": self.target, "sparsity": self.sparsity, "flops_reduction": self.flops_reduction,
                 "keep_fraction": self.keep, "compacted_groups": self.compacted, "groups_left_whole": self.skipped}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "compacted": self.compacted}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.keep = state.get("keep", self.keep)
-        self.compacted = dict(state.get("compacted", {}))

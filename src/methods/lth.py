@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import MASK_SUFFIX, MaskEnforcer, apply_masks, attach_mask, get_mask
-from compress_run.methods.base import MaskPruningMethod, NotApplicable
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, NotApplicable, method_config
 from compress_run.methods.cycles import CycleCallback
 
 PROTOCOLS = ("imp", "oneshot")
@@ -88,6 +90,26 @@ def random_reinit_state(model: nn.Module, seed: int, factory: Callable[[], nn.Mo
         return weights_state(fresh)
 
 
+@method_config("lth")
+@dataclass
+class LTHConfig(MaskPruningConfig):
+    sparsity: float = 0.9
+    distribution: str = "global"
+    protocol: str = "imp"
+    prune_rate: float = 0.2
+    rewind_epoch: int = 0
+    init: str = "original"
+    ticket: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1)")
+        check(self.protocol in PROTOCOLS, "method.protocol", self.protocol, ", ".join(PROTOCOLS))
+        check(0 < self.prune_rate < 1, "method.prune_rate", self.prune_rate, "a float in (0, 1)")
+        check(self.rewind_epoch >= 0, "method.rewind_epoch", self.rewind_epoch, "an integer >= 0 (0 = init)")
+        check(self.init in INITS, "method.init", self.init, ", ".join(INITS))
+
+
 def load_ticket(path: str) -> dict[str, Any]:
     """The method state of a finished ticket run: its output dir (the finetune checkpoint) or a checkpoint."""
     where = Path(path)
@@ -104,17 +126,16 @@ def load_ticket(path: str) -> dict[str, Any]:
 
 
 class LTH(MaskPruningMethod):
-    def __init__(self, protocol: str = "imp", prune_rate: float = 0.2, rewind_epoch: int = 0, init: str = "original",
-                 ticket: str | None = None, distribution: str = "global", **kwargs: Any) -> None:
-        super().__init__(distribution=distribution, **kwargs)
-        self.protocol, self.prune_rate, self.rewind_epoch, self.init = protocol, prune_rate, rewind_epoch, init
-        self.ticket = ticket
+    Config = LTHConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.seed = torch.initial_seed()
         self.rewind_state: dict[str, torch.Tensor] = {}
         self.rounds_log: list[dict[str, float]] = []
         self.kept_through: dict[str, torch.Tensor] = {}   # per prunable weight: the last round that keeps it
         self.ticket_masks: dict[str, torch.Tensor] = {}   # the ticket's kept_through, read by the control
-        if ticket:  # the control trains the ticket's masks from a fresh init: no dense training
+        if self.ticket:  # the control trains the ticket's masks from a fresh init: no dense training
             self.stages = ("compress", "finetune", "evaluate")
 
     def check_applicable(self, model: nn.Module) -> None:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import lightning as L
 from torch import nn
 
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
 
 
 class Magnitude(MaskPruningMethod):
+    Config = method_config("magnitude")(MaskPruningConfig)
+
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         self.prune_to(model, self.sparsity)
         return model

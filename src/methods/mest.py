@@ -49,6 +49,7 @@ Config keys (conf/method/mest.yaml):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -56,9 +57,10 @@ import torch
 from torch import nn
 
 from compress_run.core.allocation import allocate
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.core.projections import drop_and_regrow, fixed_density, keep_count
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
 from compress_run.methods.cycles import seeded_generator
 
 MODES = ("em", "ems")
@@ -87,18 +89,54 @@ def prune_and_grow(score: torch.Tensor, mask: torch.Tensor, keep: int, grow_to: 
     return drop_and_regrow(pattern, mask, score, random_scores, min(keep, active), grow_to, regrow_dropped=False)
 
 
+@method_config("mest")
+@dataclass
+class MESTConfig(MaskPruningConfig):
+    sparsity: float = 0.9
+    mode: str = "ems"
+    update_every: int = 5
+    grad_coefficient: float = 0.0
+    phase_epochs: list[float] | None = None
+    prune_to: list[float] | None = None
+    grow_to: list[float] | None = None
+    remove_n: int = 0
+    remove_data_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.sparsity > 0, "method.sparsity", self.sparsity, "a float in (0, 1) (MEST trains sparse)")
+        check(self.distribution in ("uniform", "erk"), "method.distribution", self.distribution,
+              "uniform, erk (MEST allocates per-layer counts)")
+        check(self.mode in MODES, "method.mode", self.mode, ", ".join(MODES))
+        check(self.update_every >= 1, "method.update_every", self.update_every, "an integer >= 1 (epochs)")
+        check(self.grad_coefficient >= 0, "method.grad_coefficient", self.grad_coefficient, "a float >= 0")
+        check(self.remove_n >= 0, "method.remove_n", self.remove_n, "an integer >= 0 (0 = keep all data)")
+        if self.remove_data_epoch is not None:
+            check(self.remove_data_epoch >= 1, "method.remove_data_epoch", self.remove_data_epoch,
+                  "null or an epoch >= 1 (forgetting needs at least one epoch of statistics)")
+        if self.phase_epochs is not None:
+            check(len(self.phase_epochs) == 2 and self.phase_epochs[0] <= self.phase_epochs[1],
+                  "method.phase_epochs", self.phase_epochs, "null or two increasing epochs [start2, start3]")
+        for key in ("prune_to", "grow_to"):
+            value = getattr(self, key)
+            if value is not None:
+                check(len(value) == 3 and all(0 <= v < 1 for v in value), f"method.{key}", value,
+                      "null or three sparsities in [0, 1), one per phase")
+        if self.prune_to is not None and self.grow_to is not None:
+            check(all(g <= p for p, g in zip(self.prune_to, self.grow_to, strict=True)), "method.grow_to",
+                  self.grow_to, f"per phase at most method.prune_to={self.prune_to} (growth adds weights)")
+
+
 class MEST(MaskPruningMethod):
-    def __init__(self, mode: str = "ems", update_every: int = 5, grad_coefficient: float = 0.0,
-                 phase_epochs: list[float] | None = None, prune_to: list[float] | None = None,
-                 grow_to: list[float] | None = None, remove_n: int = 0, remove_data_epoch: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.mode, self.update_every, self.grad_coefficient = mode, update_every, grad_coefficient
-        self.phase_epochs = list(phase_epochs) if phase_epochs is not None else None
-        default_prune, default_grow = phase_targets(mode, self.sparsity)
-        self.prune_sparsity = list(prune_to) if prune_to is not None else default_prune
-        self.grow_sparsity = list(grow_to) if grow_to is not None else default_grow
-        self.remove_n, self.remove_data_epoch = remove_n, remove_data_epoch
+    state_attributes = ('updates', 'removed')
+    Config = MESTConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        default_prune, default_grow = phase_targets(self.mode, self.sparsity)
+        cfg = self.config  # prune_to names the inherited method: the key is read from the config
+        self.prune_sparsity = list(cfg.prune_to) if cfg.prune_to is not None else default_prune
+        self.grow_sparsity = list(cfg.grow_to) if cfg.grow_to is not None else default_grow
         self.seed = torch.initial_seed()
         self.updates: list[dict[str, float]] = []
         self.removed: list[int] = []  # dataset positions (of the train split) removed
@@ -150,13 +188,6 @@ class MEST(MaskPruningMethod):
                 "grad_coefficient": self.grad_coefficient, "phase_epochs": self.phase_epochs,
                 "prune_to": self.prune_sparsity, "grow_to": self.grow_sparsity, "mask_updates": len(self.updates),
                 "remove_n": self.remove_n, "examples_removed": len(self.removed)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "removed": self.removed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = list(state.get("updates", []))
-        self.removed = list(state.get("removed", []))
 
 
 class MESTUpdater(L.Callback):

@@ -37,12 +37,14 @@ Config keys (conf/method/multilevel.yaml), besides ``distribution``, ``pattern``
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer
 from compress_run.core.nesting import (
     BN_BUFFER,
@@ -55,8 +57,26 @@ from compress_run.core.nesting import (
     store_level_bn,
 )
 from compress_run.core.projections import fixed_density
-from compress_run.methods.base import MaskPruningMethod, NotApplicable
+from compress_run.methods.base import MaskConfig, MaskPruningMethod, NotApplicable, method_config
 from compress_run.methods.partitions import PartitionError, by_globs
+
+
+@method_config("multilevel")
+@dataclass
+class MultilevelConfig(MaskConfig):
+    levels: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.8])
+    per_level_bn: bool = True
+    segments: Any = "by_stage"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.segments == "by_stage" or (isinstance(self.segments, list) and len(self.segments) >= 2
+                                              and all(isinstance(g, str) for g in self.segments)),
+              "method.segments", self.segments, "by_stage or a list of at least two module-name globs")
+        levels = list(self.levels)
+        check(bool(levels) and all(0 < s < 1 for s in levels)
+              and all(a > b for a, b in zip(levels, levels[1:], strict=False)), "method.levels", levels,
+              "a non-empty list of sparsities in (0, 1), strictly decreasing (sparsest first)")
 
 
 class LevelPhases(L.Callback):
@@ -141,13 +161,12 @@ class LevelPhases(L.Callback):
 
 
 class Multilevel(MaskPruningMethod):
-    def __init__(self, levels: list[float] | tuple[float, ...] = (0.95, 0.9, 0.8), per_level_bn: bool = True,
-                 segments: str | list[str] = "by_stage", **mask_keys: Any) -> None:
-        mask_keys["sparsity"] = float(levels[-1]) if levels else 0.0
-        super().__init__(**mask_keys)
-        self.levels = [float(s) for s in levels]
-        self.per_level_bn = bool(per_level_bn)
-        self.segments = segments if isinstance(segments, str) else [str(g) for g in segments]
+    state_attributes = ('dense', 'achieved')
+    Config = MultilevelConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        self.sparsity = self.levels[-1]  # the densest level is the method's sparsity
         self.dense: dict[str, torch.Tensor] = {}
 
     def segment_groups(self, model: nn.Module) -> list[list[str]]:
@@ -200,9 +219,3 @@ class Multilevel(MaskPruningMethod):
         return {**super().summary(), "levels": self.levels, "per_level_bn": self.per_level_bn,
                 "segments": self.segments, "achieved_level_sparsity": self.achieved}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense, "achieved": self.achieved}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dense = dict(state.get("dense", self.dense))
-        self.achieved = dict(state.get("achieved", self.achieved))

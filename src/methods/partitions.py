@@ -1,6 +1,6 @@
 """Partitions of the prunable layers into groups of consecutive layers (GaP's grow-and-prune groups).
 
-Partitioners (``../shared/methods/sparse_training.md``, GaP):
+Partitioners (GaP, Ma et al., ICLR 2022):
 * ``by_stage`` — one group per top-level stage (the first component of the module name, e.g.
   ``layer1`` of a ResNet or ``blocks`` ... of a ViT); the model must have exactly ``num_partitions``.
 * ``equal_params`` — cut the ordered layer list into ``num_partitions`` consecutive groups whose

@@ -22,6 +22,7 @@ exclude, mask_grads):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import prune_by_score
 from compress_run.core.projections import as_matrix, from_matrix, parse_pattern
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
 
 NORMS = ("l2sq", "l1")
 
@@ -53,6 +55,23 @@ def group_sq_norms(weight: torch.Tensor, pattern: str) -> torch.Tensor:
         dims = (0, 2, 3) if weight.dim() == 4 else (0,)
         return squared.sum(dim=dims, keepdim=True).expand_as(weight)
     return squared
+
+
+@method_config("reweighted")
+@dataclass
+class ReweightedConfig(MaskPruningConfig):
+    sparsity: float = 0.9
+    reg_lambda: float = 1e-4
+    eps: float = 1e-3
+    reweight_epochs: int = 1
+    norm: str = "l2sq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.reg_lambda >= 0, "method.reg_lambda", self.reg_lambda, "a float >= 0")
+        check(self.eps > 0, "method.eps", self.eps, "a float > 0")
+        check(self.reweight_epochs >= 1, "method.reweight_epochs", self.reweight_epochs, "an integer >= 1")
+        check(self.norm in NORMS, "method.norm", self.norm, ", ".join(NORMS))
 
 
 class Reweighting(L.Callback):
@@ -90,11 +109,7 @@ class Reweighting(L.Callback):
 
 
 class Reweighted(MaskPruningMethod):
-    def __init__(self, reg_lambda: float = 1e-4, eps: float = 1e-3, reweight_epochs: int = 1, norm: str = "l2sq",
-                 **mask_keys: Any) -> None:
-        super().__init__(**mask_keys)
-        self.reg_lambda, self.eps, self.reweight_epochs, self.norm = float(reg_lambda), float(eps), \
-            int(reweight_epochs), norm
+    Config = ReweightedConfig
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return [Reweighting(self)] if stage == "train" else super().training_callbacks(stage, model)

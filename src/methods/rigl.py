@@ -25,15 +25,17 @@ Config keys (conf/method/rigl.yaml):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, apply_masks, get_mask, prune_by_score
 from compress_run.core.projections import drop_and_regrow
-from compress_run.methods.base import MaskPruningMethod
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
 
 
 def drop_fraction(step: int, end_step: int, alpha: float) -> float:
@@ -52,11 +54,27 @@ def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, 
     return drop_and_regrow(pattern, mask, weight.abs(), grad.abs(), active - k, active, regrow_dropped=True)
 
 
+@method_config("rigl")
+@dataclass
+class RigLConfig(MaskPruningConfig):
+    distribution: str = "erk"
+    delta_t: int = 100
+    alpha: float = 0.3
+    end_fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.delta_t >= 1, "method.delta_t", self.delta_t, "an integer >= 1 (optimizer steps)")
+        check(0.0 < self.alpha < 1.0, "method.alpha", self.alpha, "a float in (0, 1)")
+        check(0.0 < self.end_fraction <= 1.0, "method.end_fraction", self.end_fraction, "a float in (0, 1]")
+
+
 class RigL(MaskPruningMethod):
-    def __init__(self, delta_t: int = 100, alpha: float = 0.3, end_fraction: float = 0.75,
-                 distribution: str = "erk", **kwargs: Any) -> None:
-        super().__init__(distribution=distribution, **kwargs)
-        self.delta_t, self.alpha, self.end_fraction = delta_t, alpha, end_fraction
+    state_attributes = ('updates',)
+    Config = RigLConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.updates = 0
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
@@ -73,12 +91,6 @@ class RigL(MaskPruningMethod):
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "delta_t": self.delta_t, "alpha": self.alpha,
                 "end_fraction": self.end_fraction, "mask_updates": self.updates}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = state.get("updates", 0)
 
 
 class RigLUpdater(L.Callback):

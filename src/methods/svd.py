@@ -20,12 +20,14 @@ Config keys (conf/method/svd.yaml):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import (
     LowRankConv2d,
@@ -38,18 +40,38 @@ from compress_run.core.factorized import (
 )
 from compress_run.core.masks import prunable_layers
 from compress_run.hardware.macs import count_macs
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 
 TARGETS = ("energy", "flops")
 FORMS = ("channel", "spatial")
 
 
+@method_config("svd")
+@dataclass
+class SVDConfig(MethodConfig):
+    form: str = "channel"
+    target: str = "flops"
+    energy: float = 0.9
+    flops_reduction: float = 0.5
+    include_linear: bool = False
+    exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
+    min_rank: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.form in FORMS, "method.form", self.form, ", ".join(FORMS))
+        check(self.target in TARGETS, "method.target", self.target, ", ".join(TARGETS))
+        check(0.0 < self.energy <= 1.0, "method.energy", self.energy, "a float in (0, 1] (singular energy kept)")
+        check(0.0 < self.flops_reduction < 1.0, "method.flops_reduction", self.flops_reduction,
+              "a float in (0, 1) (fraction of MACs removed)")
+        check(self.min_rank >= 1, "method.min_rank", self.min_rank, "an integer >= 1")
+
+
 class SVD(Method):
-    def __init__(self, form: str = "channel", target: str = "flops", energy: float = 0.9,
-                 flops_reduction: float = 0.5, include_linear: bool = False,
-                 exclude: list[str] | tuple[str, ...] = ("first_conv", "classifier"), min_rank: int = 1) -> None:
-        self.form, self.target, self.energy, self.flops_reduction = form, target, float(energy), float(flops_reduction)
-        self.include_linear, self.exclude, self.min_rank = include_linear, list(exclude), int(min_rank)
+    state_attributes = ('energy', 'ranks', 'left_dense')
+    Config = SVDConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.ranks: dict[str, int] = {}
         self.left_dense: list[str] = []
         self._macs: tuple[float, dict[str, float]] | None = None  # (network MACs, per-module MACs), by shape
@@ -128,10 +150,3 @@ class SVD(Method):
         return {"form": self.form, "target": self.target, "energy": self.energy,
                 "flops_reduction": self.flops_reduction, "ranks": self.ranks, "left_dense": self.left_dense}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"energy": self.energy, "ranks": self.ranks, "left_dense": self.left_dense}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.energy = state.get("energy", self.energy)
-        self.ranks = dict(state.get("ranks", {}))
-        self.left_dense = list(state.get("left_dense", []))

@@ -24,14 +24,30 @@ include_linear, exclude, min_rank):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from compress_run.core.config import check
 from compress_run.core.factorized import nuclear_subgradient, truncated_weight
-from compress_run.methods.svd import SVD
+from compress_run.methods.base import method_config
+from compress_run.methods.svd import SVD, SVDConfig
+
+
+@method_config("trp")
+@dataclass
+class TRPConfig(SVDConfig):
+    target: str = "energy"
+    period: int = 20
+    nuclear_weight: float = 3e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.period >= 1, "method.period", self.period, "an integer >= 1 (optimizer steps between truncations)")
+        check(self.nuclear_weight >= 0, "method.nuclear_weight", self.nuclear_weight, "a float >= 0")
 
 
 class TrainedRankPruning(L.Callback):
@@ -58,9 +74,10 @@ class TrainedRankPruning(L.Callback):
 
 
 class TRP(SVD):
-    def __init__(self, period: int = 20, nuclear_weight: float = 3e-4, **svd_keys: Any) -> None:
-        super().__init__(**svd_keys)
-        self.period, self.nuclear_weight = int(period), float(nuclear_weight)
+    Config = TRPConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
         self.truncations = 0
         self.truncated_ranks: dict[str, int] = {}  # of the latest truncation
 

@@ -94,6 +94,7 @@ class TableConfig:
     smoke_overrides: list[str] = field(default_factory=list)     # added to SMOKE_OVERRIDES at scale=smoke
     seeds: list[int] = field(default_factory=list)  # every row once per seed (empty: one run, the config's seed)
     orderings: list[Ordering] = field(default_factory=list)
+    discussion: str = ""                # what the table shows, and the investigation of a claim that does not hold
     rows: list[TableRow] = field(default_factory=list)
 
 
@@ -407,6 +408,7 @@ def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool,
     _write_csv(table_dir / "runs.csv", run_columns, runs)
     atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke, orderings))
     meta = {"name": name, "title": table.title, "source": table.source, "metrics": list(table.metrics),
+            "discussion": table.discussion,
             "seeds": list(table.seeds), "smoke": smoke,
             "command": f"compress-table table={name}{' scale=smoke' if smoke else ''}",
             "hosts": sorted({r["host"] for r in runs if r["host"]}),
@@ -494,6 +496,9 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     notes = [f"* {r['row']}: {r['note']}" for r in rows if r["note"]]
     if notes:
         lines += ["", "Notes:", *notes]
+    discussion = table.get("discussion", "") if isinstance(table, dict | DictConfig) else table.discussion
+    if discussion:
+        lines += ["", str(discussion).strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ def test_weighted_fit_recovers_exact_coefficients_and_stays_non_negative():
     assert a >= 0 and b >= 0
 
 
+@pytest.mark.slow  # an integration test of minutes: in CI's slow set
 def test_tiny_calibration_writes_a_valid_profile(tmp_path):
     out = tmp_path / "host.yaml"
     script = REPO / "scripts" / "calibrate_hardware.py"

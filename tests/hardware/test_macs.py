@@ -1,4 +1,4 @@
-"""MAC counter: reference counts (../shared/reference/macs.yaml), fused attention, mask-aware MACs."""
+"""MAC counter: published reference counts (torchvision, timm, papers), fused attention, mask-aware MACs."""
 
 from __future__ import annotations
 

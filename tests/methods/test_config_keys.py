@@ -85,15 +85,32 @@ COVERED_ELSEWHERE = {
 }
 
 
+def method_test_flips(method: str) -> dict[str, tuple[str, list[str]]]:
+    """``CONFIG_FLIPS`` of the method's own test module (tests/methods/test_<method>.py), if it has one."""
+    path = REPO / "tests" / "methods" / f"test_{method}.py"
+    if not path.is_file() or "CONFIG_FLIPS" not in path.read_text():
+        return {}
+    return dict(importlib.import_module(f"tests.methods.test_{method}").CONFIG_FLIPS)
+
+
 def method_keys() -> list[tuple[str, str]]:
+    """(method, key) for every key of every method's config class (the one place its keys are defined)."""
+    import dataclasses
+
+    from compress_run.pipeline.schema import method_schemas
+
+    schemas = method_schemas()
     keys = []
     for path in sorted((REPO / "conf" / "method").glob("*.yaml")):
-        node = OmegaConf.load(path)
-        keys += [(path.stem, key) for key in node if key not in ("defaults", "_target_")]
+        schema = schemas[f"base_method_{path.stem}"]
+        keys += [(path.stem, f.name) for f in dataclasses.fields(schema) if f.name != "_target_"]
     return keys
 
 
 def flip_of(method: str, key: str) -> tuple[str, list[str]]:
+    own = method_test_flips(method)
+    if key in own:
+        return own[key]
     if key in FLIPS.get(method, {}):
         return FLIPS[method][key]
     if key in COMMON and method in MASK_METHODS:

@@ -43,8 +43,13 @@ class MaskSpy(L.Callback):
         self.counts.append(counts)
 
 
+# gather-scatter runs take a minute each: they run in the slow set (CI runs it, Makefile CI_SLOW_TESTS)
+REAL_RUN_SPECS = [pytest.param(p, marks=pytest.mark.slow) if p.startswith("gather_scatter") else p
+                  for p in PATTERN_SPECS]
+
+
 @pytest.mark.parametrize("method", ["rigl", "mest"])
-@pytest.mark.parametrize("pattern", PATTERN_SPECS)
+@pytest.mark.parametrize("pattern", REAL_RUN_SPECS)
 def test_every_update_of_a_real_run_keeps_the_pattern_and_the_counts(tmp_path, monkeypatch, method, pattern):
     spy = MaskSpy(pattern)
     module = rigl_module.RigL if method == "rigl" else mest_module.MEST

@@ -132,6 +132,7 @@ def test_nm_pattern_is_rejected():
         Multilevel(levels=[0.75, 0.5], pattern="nm:2:4").check_applicable(_Net())
 
 
+@pytest.mark.slow  # seven pipeline runs (two minutes): CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_pipeline_reports_every_level_and_picks_one(tmp_path):
     base = ["dataset=digits", "debug=smoke", "logger=none", "method=multilevel", "method.levels=[0.9,0.7,0.5]",
             "evaluate.measure_latency=false", "schedule.finetune.epochs=3"]

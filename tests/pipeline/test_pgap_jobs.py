@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import read_json
@@ -20,6 +21,7 @@ def _net(path):
     return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
 
 
+@pytest.mark.slow  # an integration test of minutes: in CI's slow set
 def test_pgap_jobs_merge_partition_i_from_worker_i(tmp_path):
     exe = Path(sys.executable).with_name("compress-pgap")
     proc = subprocess.run([str(exe) if exe.exists() else shutil.which("compress-pgap"), "--out", str(tmp_path),

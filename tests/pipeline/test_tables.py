@@ -60,6 +60,7 @@ def test_paper_tables_have_all_their_rows():
     assert len(chex.rows) == 8 and chex.rows[3].paper == {"top1": 77.4, "macs_reduction": 50.0}
 
 
+@pytest.mark.slow  # an integration test of minutes: in CI's slow set
 def test_rows_are_reused_and_a_killed_table_completes_only_missing_rows(tmp_path):
     table, out = tiny_table(tmp_path), tmp_path / "out"
     args = [f"table={table}", "scale=smoke", f"output_dir={out}", *FAST]

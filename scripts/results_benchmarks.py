@@ -1,0 +1,108 @@
+"""RESULTS.md sections for the committed benchmark results (``bench_results/*.json``), used by make_results.py.
+
+Every benchmark JSON carries ``benchmark``, ``date``, ``machine`` and ``command``; each renderer turns its rows
+into the table a reader needs (speedups against the dense network measured in the same run, the headline
+goal metric and whether it is met).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _machine(meta: dict[str, Any]) -> str:
+    m = meta.get("machine", {})
+    return (f"{m.get('cpu', '?')}, {m.get('logical_cpus', '?')} logical CPUs, {m.get('torch_threads', '?')} torch "
+            f"thread(s), torch {m.get('torch', '?')}")
+
+
+def _head(meta: dict[str, Any], title: str, path: Path) -> list[str]:
+    return [f"### {title}", "", f"* Command: `{meta.get('command', '?')}`", f"* Machine: {_machine(meta)}",
+            f"* Date: {str(meta.get('date', '?'))[:10]}", f"* File: `{path.as_posix()}`", ""]
+
+
+def _goal(value: float, goal: float, name: str, higher: bool = True) -> str:
+    met = value >= goal if higher else value <= goal
+    return f"`{name}` = **{value:.2f}** (goal {'≥' if higher else '≤'} {goal:g}: {'met' if met else '**not met**'})"
+
+
+def speed(meta: dict[str, Any], path: Path, title: str) -> list[str]:
+    """compaction / lowrank: each variant's MAC speedup against measured host speedups at batch 1 and 32."""
+    lines = _head(meta, title, path)
+    lines += ["| variant | MAC speedup | host speedup b1 / b32 | efficiency b1 / b32 |", "|---|---|---|---|"]
+    for v in meta["variants"]:
+        if v["mac_speedup"] == 1.0:
+            continue
+        lines.append(f"| {v['variant']} | {v['mac_speedup']:.2f} | {v['speedup_b1']:.2f} / {v['speedup_b32']:.2f} | "
+                     f"{v['efficiency_b1']:.2f} / {v['efficiency_b32']:.2f} |")
+    lines += ["", "Efficiency = host speedup / MAC speedup (1.0: the network runs as fast as its MACs say). "
+              + _goal(meta["min_efficiency"], meta["goal_min_efficiency"], "min_efficiency"), ""]
+    return lines
+
+
+def sparse_kernels(meta: dict[str, Any], path: Path) -> list[str]:
+    lines = _head(meta, "Sparse kernels against dense (ResNet-50 and DeiT-S layer shapes)", path)
+    kernels = ["csr", "bsr_4", "bsr_16", "bsr_32", "gs"]
+    lines += ["Median speedup over dense across the layer shapes (dense time / kernel time):", "",
+              "| sparsity | batch | " + " | ".join(kernels) + " |", "|---|---|" + "---|" * len(kernels)]
+    keys = sorted({(r["sparsity"], r["batch"]) for r in meta["rows"]})
+    for sparsity, batch in keys:
+        rows = [r for r in meta["rows"] if r["sparsity"] == sparsity and r["batch"] == batch]
+        cells = [f"{statistics.median(r['speedup'][k] for r in rows if k in r['speedup']):.2f}×" for k in kernels]
+        lines.append(f"| {sparsity:.0%} | {batch} | " + " | ".join(cells) + " |")
+    goal = meta.get("goal", {})
+    lines += ["", _goal(meta["gs_speedup_90"], goal.get("gs_speedup_90", 2.5) if isinstance(goal, dict) else 2.5,
+                        "gs_speedup_90") + "; " + _goal(meta["gs_vs_csr_90"], 0.8, "gs_vs_csr_90"), ""]
+    return lines
+
+
+def latency_sim(meta: dict[str, Any], path: Path) -> list[str]:
+    lines = _head(meta, "Latency simulator against measured host latency", path)
+    lines += [f"Goal: {meta.get('goal', '')}.", "",
+              f"Batch 1: **{meta['share_within_25pct']:.0%} within ±25%, {meta['share_within_15pct']:.0%} within ±15%, "
+              f"Kendall τ {meta['kendall_tau']:.2f}**, median error {meta['median_abs_error']:.1%}.", ""]
+    naive = meta.get("baseline_naive_roofline", {})
+    if naive:
+        lines += [f"Naive single-peak roofline in the same run: {naive.get('share_within_25pct', 0):.0%} within ±25%, "
+                  f"τ {naive.get('kendall_tau', 0):.2f}.", ""]
+    lines += ["| variant | mask | measured ms (b1) | simulated ms (b1) | ratio |", "|---|---|---|---|---|"]
+    for v in meta["variants"]:
+        mask = f"{v['mask_sparsity']:.0%} {v.get('mask_pattern') or 'irregular'}" if v.get("mask_sparsity") else "dense"
+        lines.append(f"| {v['variant']} | {mask} | {v['b1']['measured_ms']:.2f} | {v['b1']['sim_ms']:.2f} | "
+                     f"{v['b1']['ratio']:.2f} |")
+    return [*lines, ""]
+
+
+def haloc_profiles(meta: dict[str, Any], path: Path) -> list[str]:
+    lines = _head(meta, "HALOC rank choice per hardware profile (one trained ResNet-20, one search per profile)", path)
+    lines += ["| profile | LUT spread | mean rank | chosen latency / dense (simulated) | MACs / dense |",
+              "|---|---|---|---|---|"]
+    profiles = meta["profiles"]
+    items = profiles.items() if isinstance(profiles, dict) else profiles
+    for name, p in sorted(items, key=lambda item: item[1]["mean_rank"]):
+        lines.append(f"| {name} | {p['lut_spread']:.2f} | {p['mean_rank']:.1f} | {p['chosen_cost_fraction']:.2f} | "
+                     f"{p['mac_fraction']:.2f} |")
+    return [*lines, ""]
+
+
+RENDERERS = {
+    "compaction": lambda m, p: speed(m, p, "Compacted (channel-pruned) networks against dense"),
+    "lowrank": lambda m, p: speed(m, p, "Factorized (low-rank) networks against dense"),
+    "sparse_kernels": sparse_kernels,
+    "latency_sim": latency_sim,
+    "haloc_profiles": haloc_profiles,
+}
+
+
+def benchmark_sections(root: Path) -> list[str]:
+    import json
+
+    lines: list[str] = []
+    for path in sorted((root / "bench_results").glob("*.json")):
+        meta = json.loads(path.read_text())
+        render = RENDERERS.get(meta.get("benchmark", ""))
+        if render:
+            lines += render(meta, path.relative_to(root))
+    return lines
