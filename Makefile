@@ -42,11 +42,10 @@ demo: install data
 	$(VENV)/bin/compress-run
 
 test: install data
-	$(PYTEST) -m "not slow" -n 2 -q
+	$(PYTEST) -m "not slow" -n 2 -q --durations=15
 
 test-ci-slow: install data
-	$(PYTEST) -m slow -q $(CI_SLOW_TESTS)
-	$(PYTEST) -m slow -q -n 2 $(CI_KNOB_TESTS)
+	$(PYTEST) -m slow -q -n 2 --durations=15 $(CI_SLOW_TESTS) $(CI_KNOB_TESTS)
 
 test-slow: install data
 	$(PYTEST) -m slow -q

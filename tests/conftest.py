@@ -13,6 +13,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # one intra-op thread per xdist worker (and for the runs it starts): N workers x all-cores threads each
+    # oversubscribe the cores and spin-wait; tests that time or compare thread counts set their own.
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def cli_path() -> str:
     exe = Path(sys.executable).with_name("compress-run")

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import cli_path, read_json
 
-COMMON = ["dataset=digits", "method.sparsity=0.8", "schedule=fmnist", "schedule.batch_size=64",
+COMMON = ["dataset=digits", "schedule=fmnist", "schedule.batch_size=64",
           "schedule.train.epochs=8", "schedule.finetune.epochs=2", "logger=csv", "trainer.deterministic=true"]
 GAP = ["method=gap", "method.partitioner=by_stage", "method.num_partitions=3", "method.rounds=2"]
 METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", "method.delta_t=3"],
@@ -45,7 +45,8 @@ def _state(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, method):
-    args = [*METHODS[method], *COMMON]
+    sparsity = [] if method == "multilevel" else ["method.sparsity=0.8"]  # multilevel has method.levels only
+    args = [*METHODS[method], *sparsity, *COMMON]
     reference = _run(args, tmp_path / "reference", tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
