@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -27,54 +28,60 @@ FLIPS: dict[str, dict[str, tuple[str, list[str]]]] = {
              "delta0": ("0.1", []), "delta_t_epochs": ("1", ["schedule.train.epochs=4"]),
              "t_max_fraction": ("0.5", ["schedule.train.epochs=4"]), "min_channels": ("3", ["method.sparsity=0.9"]),
              "channel_multiple": ("4", []), "prune_residual": ("false", []), "exclude": ("[layer1.0.conv1]", [])},
-    "comcat": {"params_reduction": ("0.4", []), "search_epochs": ("3", []), "search_fraction": ("0.5", []),
-               "train_fraction": ("0.5", []), "tau_start": ("1.0", []), "tau_end": ("1.0", []),
-               "params_exponent": ("4.0", []), "arch_lr": ("0.3", []), "arch_weight_decay": ("0.5", []),
+    "comcat": {"params_reduction": ("0.65", []), "search_epochs": ("3", []), "search_fraction": ("0.5", []),
+               "train_fraction": ("0.5", []), "tau_start": ("1.0", []), "tau_end": ("1.0", ["method.search_epochs=3"]),
+               "params_exponent": ("4.0", ["method.params_reduction=0.65"]), "arch_lr": ("0.3", []),
+               "arch_weight_decay": ("0.5", []),
                "weight_lr": ("0.01", []), "weight_decay": ("0.0", []), "block_weight": ("0.0", []),
                "align_blocks": ("[0]", []), "attn_ranks": ("[96,192]", []), "mlp_ranks": ("[48,192]", [])},
     "elrt": {"target": ("ratio", []), "rank_ratio": ("0.25", ["method.target=ratio"]),
              "flops_reduction": ("0.5", []), "ortho_weight": ("1.0", []), "orthogonal_init": ("false", []),
-             "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.9"])},
+             "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.55"])},
     "gap": {"variant": ("random", []), "num_partitions": ("2", []),
             "partitioner": ("by_stage", ["method.num_partitions=3"]), "rounds": ("2", []),
             "reset_optimizer_each_step": ("false", [])},
     "gmp": {"start_epoch": ("0.5", ["method.frequency=1"]), "end_epoch": ("1.0", ["method.frequency=1"]),
             "frequency": ("1", [])},
-    "haloc": {"latency_fraction": ("0.9", []), "latency_source": ("macs", []), "hardware": ("a100", []),
-              "granularity": ("4", []), "search_epochs": ("0.5", []), "lut_batch": ("8", []),
+    "haloc": {"latency_fraction": ("0.9", []), "latency_source": ("simulated", []),
+              "hardware": ("a100", ["method.latency_source=simulated"]), "granularity": ("8", []),
+              "search_epochs": ("0.5", []), "lut_batch": ("8", ["method.latency_source=simulated"]),
               "tau_start": ("1.0", []), "tau_end": ("1.0", []), "latency_exponent": ("4.0", []),
               "feature_weight": ("0.0", []), "weight_lr": ("0.1", []), "arch_lr": ("0.3", []),
-              "exclude": ("[classifier]", [])},
+              "exclude": ("[first_conv,classifier,layer3.0.conv1]", [])},
     "l1_filter": {"sparsity": ("0.3", []), "target": ("flops", []), "flops_reduction": ("0.3", ["method.target=flops"]),
-                  "min_channels": ("3", ["method.sparsity=0.9"]), "channel_multiple": ("4", []),
+                  "min_channels": ("3", ["method.sparsity=0.9"]), "channel_multiple": ("3", []),
                   "prune_residual": ("false", []), "exclude": ("[layer1.0.conv1]", [])},
     "lth": {"protocol": ("oneshot", []), "prune_rate": ("0.3", []), "rewind_epoch": ("1", []),
-            "init": ("trained", [])},
-    "mest": {"mode": ("em", []), "update_every": ("1", []), "grad_coefficient": ("10.0", []),
+            "init": ("trained", []), "distribution": ("uniform", [])},
+    "mest": {"mode": ("em", []), "update_every": ("2", []), "distribution": ("erk", []),
+             "grad_coefficient": ("10.0", []),
              "phase_epochs": ("[1,1]", ["method.update_every=1"]),
              "prune_to": ("[0.95,0.93,0.9]", ["method.update_every=1"]),
              "grow_to": ("[0.8,0.85,0.9]", ["method.update_every=1"]),
              "remove_n": ("200", ["method.remove_data_epoch=1"]),
-             "remove_data_epoch": ("1", ["method.remove_n=200", "schedule.train.epochs=3"])},
+             "remove_data_epoch": ("2", ["method.remove_n=200", "schedule.train.epochs=3"])},
     "multilevel": {"levels": ("[0.9,0.8]", []), "per_level_bn": ("false", []),
-                   "segments": ("[layer1.*,layer[23].*]", [])},
+                   "segments": ("['layer1.*','layer[23].*']", []),
+                   "pattern": ("block:4:4", [])},
     "reweighted": {"reg_lambda": ("0.01", []), "eps": ("0.1", []), "reweight_epochs": ("2", []), "norm": ("l1", [])},
     "rigl": {"delta_t": ("1", []), "alpha": ("0.6", ["method.delta_t=1"]),
              "end_fraction": ("0.3", ["method.delta_t=1"])},
     "svd": {"form": ("spatial", []), "target": ("energy", []), "energy": ("0.5", ["method.target=energy"]),
             "flops_reduction": ("0.3", []), "include_linear": ("true", ["method.exclude=[first_conv]"]),
-            "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.8"])},
+            "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.4"])},
     "trp": {"form": ("spatial", []), "target": ("flops", []), "energy": ("0.5", []),
             "flops_reduction": ("0.3", ["method.target=flops"]),
             "include_linear": ("true", ["method.exclude=[first_conv]"]), "exclude": ("[classifier]", []),
-            "min_rank": ("6", ["method.target=flops", "method.flops_reduction=0.8"]), "period": ("1", []),
+            "min_rank": ("6", ["method.target=flops", "method.flops_reduction=0.4"]), "period": ("1", []),
             "nuclear_weight": ("0.1", [])},
 }
 MASK_METHODS = ("admm", "gap", "gmp", "lth", "magnitude", "mest", "multilevel", "reweighted", "rigl")
 CONTEXT = {"mask_grads": ["trainer.gradient_clip_val=0.05"],  # masked gradients count in the clipped norm
            "pattern": ["method.sparsity=0.75"]}
-METHOD_CONTEXT = {"comcat": VIT, "haloc": [], "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"],
-                  "multilevel": [], "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"]}
+METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_fraction=0.25"],
+                  "haloc": ["method.granularity=4", "method.latency_source=macs"],
+                  "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],
+                  "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"]}
 # keys whose effect needs another run first (a ticket, a worker's round), each covered by the named test
 COVERED_ELSEWHERE = {
     ("lth", "ticket"):
@@ -140,7 +147,21 @@ def outcome(overrides: list[str], out: Path) -> str:
             digest.update(str(tuple(value.shape)).encode())
             digest.update(value.detach().double().cpu().numpy().round(7).tobytes())
     digest.update(repr([m.get("test/acc") for m in results.get("level_mixes", [])]).encode())
+    digest.update(json.dumps(method_report(results), sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def method_report(results: dict) -> dict:
+    """What the method reported about its work (search trajectories, LUTs, chosen ranks), without the echo
+    of its own config and of schedule values (a search's temperature): a knob that changes a search's
+    course is live even when a smoke-scale search ends on the same choice."""
+    config = results.get("config", {}).get("method", {})
+    report = {k: v for k, v in results.get("method", {}).items() if k not in config and not k.startswith("target")}
+    for key, value in report.items():
+        if "history" in key and isinstance(value, list):
+            report[key] = [{k: v for k, v in row.items() if k not in ("tau", "step", "epoch")}
+                           if isinstance(row, dict) else row for row in value]
+    return report
 
 
 _BASELINES: dict[tuple[str, ...], str] = {}
