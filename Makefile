@@ -20,7 +20,11 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/hardware/test_calibrate.py::test_tiny_calibration_writes_a_valid_profile \
                  tests/core/test_projections.py::test_gather_scatter_on_every_layer_of_every_zoo_model \
                  tests/methods/test_multilevel.py::test_pipeline_reports_every_level_and_picks_one \
-                 tests/methods/test_dynamic_patterns.py
+                 tests/methods/test_dynamic_patterns.py \
+                 tests/pipeline/test_sweeps.py::test_methods_by_sparsity_sweep_writes_six_rows \
+                 tests/pipeline/test_tables.py::test_level_rows_read_one_multilevel_run \
+                 tests/pipeline/test_tables.py::test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none \
+                 tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

@@ -7,6 +7,8 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from compress_run.pipeline.plots import pareto_front
 from compress_run.pipeline.sweeps import write_summary
 from tests.conftest import REPO, run_cli
@@ -19,6 +21,7 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_methods_by_sparsity_sweep_writes_six_rows(tmp_path):
     proc = run_cli(["-m", "method=magnitude,gmp,gap", "method.sparsity=0.5,0.9", *FAST, "output_dir=sweep"],
                    tmp_path, timeout=900)

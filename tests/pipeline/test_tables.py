@@ -168,6 +168,7 @@ def test_chex_imagenet_table_at_smoke_scale(tmp_path):
     _smoke_table("chex_imagenet", tmp_path)
 
 
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_level_rows_read_one_multilevel_run(tmp_path):
     path, out = tmp_path / "levels.yaml", tmp_path / "out"
     rows = [{"name": "ml_95", "experiment": "fmnist_multilevel", "level": 0.95},
@@ -240,6 +241,7 @@ def test_seeded_table_reports_mean_std_and_judges_each_ordering(tmp_path):
     assert record["metrics"]["test/acc"] == 0.91 and "latency_per_layer" not in record
 
 
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none(tmp_path):
     out, records = tmp_path / "out", tmp_path / "records"
     table = seeded_table(tmp_path)
@@ -261,6 +263,7 @@ def test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none(t
     assert read_json(out / "table.json")["rows"][2]["status"] == "partial"
 
 
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_seeded_rows_run_once_per_seed_and_leave_records(tmp_path):
     path, out = tmp_path / "one.yaml", tmp_path / "out"
     OmegaConf.save(OmegaConf.create({"title": "one", "metrics": ["top1"], "seeds": [3, 4],
