@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import REPO, run_pipeline
 
+TOY_METHOD = "toy_added"  # other tests that list conf/method skip it: it exists only while this test runs
+
 MODULE = '''"""Toy method for tests/pipeline/test_adding_a_method.py (one-shot pruning of |w| / temperature).
 
 Config keys: ``temperature`` (1.0), and those of ``magnitude``.
