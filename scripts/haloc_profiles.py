@@ -9,7 +9,9 @@ The network is ResNet-20 trained for a few epochs on scikit-learn's digits (real
 8, target 30% of the searched layers' dense latency, ``--epochs`` search epochs. Reported per profile:
 chosen ranks, the chosen network's simulated cost as a fraction of the dense layers', its MAC fraction,
 and the LUT's spread (cost of the largest candidate / the smallest, averaged over layers) — a flat LUT
-leaves the choice to the cross-entropy, a steep one pulls ranks down.
+leaves the choice to the cross-entropy, a steep one pulls ranks down. A profile on which no Tucker-2 rank is
+cheaper than the dense conv (overhead-bound small layers), or the target is out of reach, is reported as
+refused with HALOC's reason.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
 
+from compress_run.core.errors import UserError
 from compress_run.core.factorized import set_module
 from compress_run.hardware.macs import count_macs
 from compress_run.hardware.measure import machine_description
@@ -72,7 +75,12 @@ def main() -> None:
         torch.manual_seed(1)
         method = HALOC(hardware=profile, granularity=8, search_epochs=args.epochs, lut_batch=args.lut_batch)
         method.input_shape = (3, 16, 16)
-        wrapped = method.wrap(model)
+        try:
+            wrapped = method.wrap(model)
+        except UserError as exc:  # no Tucker-2 rank beats the dense convs there, or the target is out of reach
+            results[profile] = {"refused": exc.cause, "left_dense": len(method.left_dense)}
+            console.log(f"{profile}: refused ({exc.cause[:120]})")
+            continue
         method.search(model, wrapped, batches)
         for name, layer in wrapped.items():
             method.ranks[name] = layer.ranks[int(layer.logits.argmax())]
@@ -81,8 +89,8 @@ def main() -> None:
         spread = sum(max(lut["costs"]) / min(lut["costs"]) for lut in method.luts.values()) / len(method.luts)
         results[profile] = {"ranks": summary["ranks"], "chosen_cost_fraction": summary["chosen_cost_fraction"],
                             "mac_fraction": round(count_macs(model, (1, 3, 16, 16)).effective / dense_macs, 4),
-                            "lut_spread": round(spread, 3), "mean_rank": round(sum(method.ranks.values())
-                                                                               / len(method.ranks), 2),
+                            "lut_spread": round(spread, 3), "left_dense": len(method.left_dense),
+                            "mean_rank": round(sum(method.ranks.values()) / len(method.ranks), 2),
                             "expected_cost_first_last": [method.history[0]["expected_cost"],
                                                          method.history[-1]["expected_cost"]]}
         console.log(f"{profile}: mean rank {results[profile]['mean_rank']}")
@@ -95,6 +103,9 @@ def main() -> None:
     for col in ("profile", "mean rank", "LUT spread", "chosen cost / dense", "MACs / dense", "ranks"):
         table.add_column(col)
     for profile, r in results.items():
+        if "refused" in r:
+            table.add_row(profile, "-", "-", "-", "-", f"refused: {r['refused'][:70]}")
+            continue
         table.add_row(profile, str(r["mean_rank"]), f"{r['lut_spread']:.2f}", f"{r['chosen_cost_fraction']:.3f}",
                       f"{r['mac_fraction']:.3f}", " ".join(str(v) for v in r["ranks"].values()))
     console.print(table)

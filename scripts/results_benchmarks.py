@@ -77,13 +77,17 @@ def latency_sim(meta: dict[str, Any], path: Path) -> list[str]:
 
 def haloc_profiles(meta: dict[str, Any], path: Path) -> list[str]:
     lines = _head(meta, "HALOC rank choice per hardware profile (one trained ResNet-20, one search per profile)", path)
-    lines += ["| profile | LUT spread | mean rank | chosen latency / dense (simulated) | MACs / dense |",
-              "|---|---|---|---|---|"]
+    lines += ["| profile | LUT spread | mean rank | layers left dense | chosen latency / dense (simulated) | "
+              "MACs / dense |", "|---|---|---|---|---|---|"]
     profiles = meta["profiles"]
-    items = profiles.items() if isinstance(profiles, dict) else profiles
-    for name, p in sorted(items, key=lambda item: item[1]["mean_rank"]):
-        lines.append(f"| {name} | {p['lut_spread']:.2f} | {p['mean_rank']:.1f} | {p['chosen_cost_fraction']:.2f} | "
-                     f"{p['mac_fraction']:.2f} |")
+    items = list(profiles.items() if isinstance(profiles, dict) else profiles)
+    for name, p in sorted((i for i in items if "refused" not in i[1]), key=lambda item: item[1]["mean_rank"]):
+        lines.append(f"| {name} | {p['lut_spread']:.2f} | {p['mean_rank']:.1f} | {p.get('left_dense', 0)} | "
+                     f"{p['chosen_cost_fraction']:.2f} | {p['mac_fraction']:.2f} |")
+    refused = [(name, p) for name, p in items if "refused" in p]
+    if refused:
+        lines += ["", "Refused (HALOC never trades a conv for a slower Tucker-2 form):", ""]
+        lines += [f"* {name}: {p['refused']}" for name, p in refused]
     return [*lines, ""]
 
 

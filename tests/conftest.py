@@ -37,6 +37,75 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run compress-run's ``main()`` in a forked child of this test process.
+
+    The child is a separate process (own cwd, Hydra and logging state, exit code, stdout/stderr), like the
+    installed script, but it inherits the already imported torch + Lightning instead of paying their ~6 s
+    import again: for the many short bad-input runs. ``test_cli_errors`` checks it matches the script.
+    """
+    import signal
+    import tempfile
+    import time
+
+    import compress_run.pipeline.cli as cli_module
+
+    with tempfile.TemporaryDirectory() as capture:
+        out_path, err_path = Path(capture) / "stdout", Path(capture) / "stderr"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child: never returns into pytest
+            code = 1
+            try:
+                for fd, path in ((1, out_path), (2, err_path)):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                os.chdir(cwd)
+                os.environ.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env or {})})
+                sys.argv = ["compress-run", *args]
+                from hydra.core.global_hydra import GlobalHydra
+
+                GlobalHydra.instance().clear()
+                try:
+                    cli_module.main()
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001  (an uncaught error: a traceback and exit 1, as Python does)
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["compress-run", *args], timeout)
+            time.sleep(0.02)
+        return subprocess.CompletedProcess(["compress-run", *args], os.waitstatus_to_exitcode(status),
+                                           out_path.read_text(), err_path.read_text())
+
+
+@pytest.fixture
+def cli_forked(tmp_path):
+    """Like ``cli`` but in a forked child of the test process (see :func:`run_cli_forked`)."""
+
+    def run(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+        return run_cli_forked(list(args), tmp_path, timeout=timeout, env=env)
+
+    return run
+
+
 @pytest.fixture
 def cli(tmp_path):
     """``cli(*args)`` runs compress-run in a temp dir; returns the CompletedProcess."""

@@ -16,10 +16,15 @@ comparisons).
 Choices where the paper leaves details open (documented here, configurable):
 * Searched layers: groups=1 convs with a kernel larger than 1×1 outside ``exclude`` (Tucker-2 of a 1×1
   conv is a chain of 1×1 convs, which two-factor SVD does better). Candidate ranks whose Tucker-2 form
-  has no fewer MACs than the conv are dropped; a layer left without candidates (e.g. 16 channels at
-  c = 16) stays dense and is listed under ``left_dense``.
-* Latency target: ``latency_fraction`` × Σ_l LUT_l(dense layer); LUTs are per layer in isolation at
-  batch ``lut_batch`` (layers outside the search cost the same for every choice and are left out).
+  has no fewer MACs than the conv are dropped, and so are ranks whose branch is not cheaper than the
+  dense conv in the LUT (small layers are overhead-bound: three kernels can cost more than one, and a
+  hardware-aware search must never pick a slower layer). A layer left without candidates (e.g. 16
+  channels at c = 16, or no rank faster on the target) stays dense and is listed under ``left_dense``
+  with the reason.
+* Latency target: ``latency_fraction`` × Σ_l LUT_l(dense layer) over the layers with candidates; LUTs are
+  per layer in isolation at batch ``lut_batch`` (layers outside the search cost the same for every choice
+  and are left out). A target below Σ_l min_r LUT_l(r) cannot be reached: the run is refused before
+  training (exit 2) with the reachable range, instead of a search that ends above its target.
 * The interference term is the mean over branches of ‖y_r − y_dense‖² / ‖y_dense‖² (scale-free).
 * Weight and architecture steps alternate on consecutive training batches (no held-out split); the
   batches are normalised like training batches but not augmented.
@@ -166,6 +171,8 @@ class HALOC(Method):
     def check_applicable(self, model: nn.Module) -> None:
         if not self.layers(model):
             raise NotApplicable(f"no groups=1 conv2d with a kernel larger than 1x1 outside exclude={self.exclude}")
+        self.lookup_tables(model)
+        self.check_target()
 
     def profile(self) -> HardwareConfig:
         return load_profile(self.profile_name) if self.profile_name else (self.hardware or load_profile("host_cpu"))
@@ -190,25 +197,68 @@ class HALOC(Method):
                 h.remove()
         return shapes
 
-    def wrap(self, model: nn.Module) -> dict[str, CandidateConv]:
-        """Replace every searched layer by its :class:`CandidateConv` with costs from the LUT."""
+    def lookup_tables(self, model: nn.Module) -> None:
+        """LUT_l(r) of every searched layer's candidate ranks (those that save MACs and are cheaper than the
+        dense conv on the target), into ``luts``; layers without candidates into ``left_dense``."""
         layers, profile = self.layers(model), self.profile()
         step = int(self.granularity or profile.rank_granularity)
         shapes = self.input_shapes(model, layers)
-        wrapped, dense_total = {}, 0.0
+        self.luts, self.left_dense = {}, []
         for name, layer in layers.items():
             ranks = candidate_ranks(layer, step)
             if not ranks:
-                self.left_dense.append(name)
+                self.left_dense.append(f"{name}: no rank in multiples of {step} saves MACs")
                 continue
-            costs = [layer_cost(Tucker2Conv2d.like(layer, r, r).cpu(), shapes[name], self.latency_source, profile)
-                     for r in ranks]
-            dense = layer_cost(layer, shapes[name], self.latency_source, profile)
-            dense_total += dense
-            self.luts[name] = {"ranks": ranks, "costs": [round(c, 6) for c in costs], "dense": round(dense, 6)}
-            wrapped[name] = CandidateConv(layer, ranks, costs)
-            set_module(model, name, wrapped[name])
+            conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             layer.dilation, bias=layer.bias is not None)
+            dense = layer_cost(conv, shapes[name], self.latency_source, profile)
+            costs = {r: layer_cost(Tucker2Conv2d.like(conv, r, r), shapes[name], self.latency_source, profile)
+                     for r in ranks}
+            faster = [r for r in ranks if costs[r] < dense]
+            if not faster:
+                self.left_dense.append(f"{name}: no rank is cheaper than the dense conv on {profile.name} "
+                                       f"({self.latency_source}, batch {self.lut_batch})")
+                continue
+            self.luts[name] = {"ranks": faster, "costs": [round(costs[r], 6) for r in faster],
+                               "dense": round(dense, 6)}
+        dense_total = sum(lut["dense"] for lut in self.luts.values())
         self.target_cost = self.latency_fraction * dense_total
+
+    def check_target(self) -> None:
+        """Refuse a latency target that no choice of candidate ranks reaches, naming the reachable range."""
+        profile = self.profile()
+        where = f"hardware {profile.name} ({self.latency_source} costs, batch {self.lut_batch})"
+        if not self.luts:
+            by_reason: dict[str, list[str]] = {}
+            for entry in self.left_dense:
+                name, _, reason = entry.partition(": ")
+                by_reason.setdefault(reason, []).append(name)
+            reasons = "; ".join(f"{len(names)} layer(s) ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''}): "
+                                f"{reason}" for reason, names in by_reason.items())
+            raise UserError(f"HALOC has no layer to search on {where}: {reasons}",
+                            "set a smaller method.granularity (e.g. method.granularity=4), a larger "
+                            "method.lut_batch (small layers are overhead-bound at batch 1), another "
+                            "method.hardware, or method.latency_source=macs")
+        dense_total = sum(lut["dense"] for lut in self.luts.values())
+        floor = sum(min(lut["costs"]) for lut in self.luts.values()) / dense_total
+        if self.latency_fraction < floor:
+            raise UserError(f"method.latency_fraction={self.latency_fraction} cannot be reached on {where}: "
+                            f"the cheapest candidate rank of every searched layer together costs {floor:.3f} of "
+                            f"their dense latency ({len(self.luts)} layers searched, {len(self.left_dense)} "
+                            "left dense)",
+                            f"set method.latency_fraction within the reachable range {math.ceil(floor * 1000) / 1000}"
+                            " <= latency_fraction < 1, a smaller method.granularity, a larger method.lut_batch, "
+                            "or another method.hardware")
+
+    def wrap(self, model: nn.Module) -> dict[str, CandidateConv]:
+        """Replace every searched layer by its :class:`CandidateConv` with costs from the LUT."""
+        self.lookup_tables(model)
+        self.check_target()
+        wrapped = {}
+        for name, lut in self.luts.items():
+            layer = dict(model.named_modules())[name]
+            wrapped[name] = CandidateConv(layer, lut["ranks"], lut["costs"])
+            set_module(model, name, wrapped[name])
         return wrapped
 
     def search(self, model: nn.Module, wrapped: dict[str, CandidateConv], batches,
@@ -254,10 +304,6 @@ class HALOC(Method):
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         wrapped = self.wrap(model)
-        if not wrapped:
-            raise UserError(f"HALOC has no layer to search: no Tucker-2 rank in multiples of granularity "
-                            f"{self.granularity or self.profile().rank_granularity} saves MACs on this model's convs",
-                            "set a smaller method.granularity (e.g. method.granularity=4)")
         self.search(model, wrapped, datamodule.train_dataloader(),
                     prepare=lambda batch: datamodule.on_after_batch_transfer(batch, 0))
         for name, w in wrapped.items():

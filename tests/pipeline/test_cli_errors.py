@@ -55,6 +55,11 @@ CASES = [
     ("latency_budget_on_one_sparsity", ["evaluate.latency_budget_ms=1.0"], ["trains a single sparsity"]),
     ("switch_with_wrong_segment_count", ["method=multilevel", "method.levels=[0.9,0.5]", "evaluate.level=[0.9,0.5]"],
      ["gives 2 levels, but the model has 3 segments"]),
+    ("haloc_unreachable_latency", ["method=haloc", "method.hardware=mobile_a78", "method.lut_batch=64",
+                                   "method.granularity=8", "method.latency_fraction=0.1"],
+     ["method.latency_fraction=0.1 cannot be reached on hardware mobile_a78", "reachable range 0.25"]),
+    ("haloc_no_rank_faster_than_dense", ["method=haloc"],
+     ["no rank is cheaper than the dense conv on host_cpu", "method.lut_batch"]),
     ("gs_tile", ["method.pattern=gather_scatter:16:1:24"], ["tile T >= 0 that is a multiple of B/E"]),
     ("gs_on_a_layer_too_narrow", ["method.pattern=gather_scatter:16", "method.exclude=[classifier]"],
      ["method.pattern=gather_scatter:16 cannot hold on 1 layer(s), e.g. conv1", "9 columns", "method.exclude"]),
@@ -77,12 +82,12 @@ def _digest(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("overrides", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_paragraph(cli, tmp_path, previous_run, overrides, fragments):
+def test_bad_input_exits_2_with_one_paragraph(cli_forked, tmp_path, previous_run, overrides, fragments):
     (tmp_path / "garbage.ckpt").write_bytes(b"this is not a checkpoint")
     torch.save({"state_dict": {"net.conv.weight": torch.zeros(3, 3)}}, tmp_path / "foreign.ckpt")
     overrides = [o.format(garbage=tmp_path / "garbage.ckpt", foreign=tmp_path / "foreign.ckpt") for o in overrides]
     before = _digest(previous_run)
-    proc = cli(*FAST, *overrides, f"output_dir={previous_run}")
+    proc = cli_forked(*FAST, *overrides, f"output_dir={previous_run}")
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     err = " ".join(proc.stderr.split())
     assert err.startswith("compress-run: error:"), err[:500]
@@ -93,7 +98,8 @@ def test_bad_input_exits_2_with_one_paragraph(cli, tmp_path, previous_run, overr
     assert _digest(previous_run) == before
 
 
-def test_resume_with_different_settings_is_refused(cli, tmp_path):
+def test_resume_with_different_settings_is_refused(cli_forked, tmp_path):
+    cli = cli_forked
     out = tmp_path / "run"
     first = cli(*FAST, "method=magnitude", "stages=[train]", f"output_dir={out}")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -105,7 +111,8 @@ def test_resume_with_different_settings_is_refused(cli, tmp_path):
     assert _digest(out) == before
 
 
-def test_corrupt_stage_checkpoint_on_resume(cli, tmp_path):
+def test_corrupt_stage_checkpoint_on_resume(cli_forked, tmp_path):
+    cli = cli_forked
     out = tmp_path / "run"
     assert cli(*FAST, "stages=[train]", f"output_dir={out}").returncode == 0
     ckpt = out / "checkpoints" / "train.ckpt"
@@ -116,3 +123,12 @@ def test_corrupt_stage_checkpoint_on_resume(cli, tmp_path):
     err = " ".join(proc.stderr.split())
     assert "the train checkpoint" in err and "is corrupt" in err and "redo the train stage" in err
     assert _digest(out) == before
+
+
+@pytest.mark.parametrize("case", ["unknown_option", "exclude_matches_nothing"])
+def test_the_installed_script_gives_what_the_forked_runs_check(cli, cli_forked, tmp_path, previous_run, case):
+    """The cases above run ``main()`` in a forked child (to skip the import); the real script must agree."""
+    overrides = next(c[1] for c in CASES if c[0] == case)
+    script = cli(*FAST, *overrides, f"output_dir={previous_run}")
+    forked = cli_forked(*FAST, *overrides, f"output_dir={previous_run}")
+    assert (script.returncode, script.stderr) == (forked.returncode, forked.stderr) == (EXIT_BAD_INPUT, forked.stderr)
