@@ -44,6 +44,8 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
         "macs_per_layer": {name: {"dense": round(m), "effective": round(macs.per_module_effective[name])}
                            for name, m in macs.per_module.items()}}
+    if traces[1].unpriced_ops:  # MAC work no formula covers: the counts above are too low by that much
+        metrics["model/unpriced_ops"] = traces[1].unpriced_ops
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for i, profile in enumerate(profiles):
         sims = {b: Simulator(profile).run(trace, infos) for b, trace in traces.items()}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from compress_run.core.masks import magnitude_scores, prunable_layers, prune_by_score
 from compress_run.hardware.macs import count_macs
+from compress_run.hardware.trace import trace_model
 from compress_run.models import cifar_resnet, cifar_vgg, timm_models, torchvision_models
 
 
@@ -57,3 +59,38 @@ def test_effective_macs_follow_mask_density():
     assert report.per_module_effective["conv1"] == report.per_module["conv1"]  # kept dense
     pruned = sum(report.per_module[n] for n in layers)
     assert report.effective == pytest.approx(dense.dense - 0.75 * pruned, rel=1e-3)
+
+
+def test_multihead_attention_is_counted_in_eval_mode_like_in_training():
+    """nn.MultiheadAttention's fused eval kernel carries no MAC formula: the trace must take the priced path."""
+    tokens, dim, heads = 17, 64, 4
+    block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=128, batch_first=True, dropout=0.0)
+    expected = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * 128
+    block.eval()
+    with torch.no_grad():
+        assert count_macs(block, (1, tokens, dim)).dense == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # the trace restores PyTorch's setting
+
+
+def test_torchvision_vit_b_16_matches_its_published_ops():
+    from torchvision.models import ViT_B_16_Weights, vit_b_16
+
+    published = ViT_B_16_Weights.IMAGENET1K_V1.meta["_ops"] * 1e9  # torchvision's GMACs (no download)
+    assert count_macs(vit_b_16(), (1, 3, 224, 224)).dense == pytest.approx(published, rel=0.01)
+
+
+def test_an_op_doing_mac_work_without_a_formula_is_reported():
+    class FusedAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # the fused kernel, called directly
+            a = self.attn
+            return torch._native_multi_head_attention(x, x, x, 32, 2, a.in_proj_weight, a.in_proj_bias,
+                                                      a.out_proj.weight, a.out_proj.bias, need_weights=False)[0]
+
+    with torch.no_grad():
+        trace = trace_model(FusedAttention().eval(), (1, 9, 32))
+    assert trace.unpriced_ops == ["_native_multi_head_attention"]
+    assert trace_model(nn.Linear(8, 8), (1, 8)).unpriced_ops == []
