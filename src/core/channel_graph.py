@@ -221,13 +221,27 @@ def _trace_groups(model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
+def _timm_head_layout(module: nn.Module) -> bool:
+    """Whether ``module`` lays out its heads as timm's Attention does (what head compaction assumes)."""
+    heads, head_dim = module.num_heads, getattr(module, "head_dim", None)
+    qkv, proj = module.qkv, module.proj
+    return (isinstance(head_dim, int) and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and qkv.out_features == 3 * heads * head_dim and proj.in_features == heads * head_dim)
+
+
 def _vit_groups(model: nn.Module) -> list[ChannelGroup]:
     groups: list[ChannelGroup] = []
     for name, module in model.named_modules():
         if hasattr(module, "qkv") and hasattr(module, "proj") and hasattr(module, "num_heads"):
-            group = ChannelGroup(len(groups), module.num_heads, kind="heads", unit=module.head_dim,
+            heads = module.num_heads
+            unit = getattr(module, "head_dim", None) or module.qkv.out_features // (3 * heads)
+            group = ChannelGroup(len(groups), heads, kind="heads", unit=unit,
                                  producers=[(f"{name}.qkv", None)], consumers=[(f"{name}.proj", 1)])
-            if getattr(module, "gate", None) is not None or not isinstance(module.norm, nn.Identity):
+            if not _timm_head_layout(module):
+                group.frozen = (f"{type(module).__name__} is not a timm-style attention (one qkv Linear of "
+                                "3 x heads x head_dim, proj over heads x head_dim): its heads are left whole")
+            elif getattr(module, "gate", None) is not None or not isinstance(getattr(module, "norm", nn.Identity()),
+                                                                              nn.Identity):
                 group.frozen = "gated or normalised attention"
             groups.append(group)
         elif hasattr(module, "fc1") and hasattr(module, "fc2") and isinstance(module.fc1, nn.Linear):

@@ -195,3 +195,25 @@ def test_a_compacted_network_can_be_pruned_and_compacted_again():
     assert count_macs(model, (1, 3, 32, 32)).dense == count_macs(resnet50(10, 3, 32, width_mult=0.25),
                                                                  (1, 3, 32, 32)).dense
 
+
+
+def test_an_attention_module_not_laid_out_like_timm_is_left_whole():
+    """torchvision's Swin attention has qkv/proj/num_heads but its own head layout (and no head_dim)."""
+    import torchvision
+
+    from compress_run.methods.base import NotApplicable
+    from compress_run.methods.l1_filter import L1Filter
+
+    swin = torchvision.models.swin_t(num_classes=10)
+    groups = channel_groups(swin)
+    heads = [g for g in groups if g.kind == "heads"]
+    assert len(heads) == 12 and all("ShiftedWindowAttention is not a timm-style attention" in g.frozen for g in heads)
+    assert {g.size for g in heads} == {3, 6, 12, 24} and {g.unit for g in heads} == {32}
+    method = L1Filter(sparsity=0.3)
+    method.input_shape = (3, 64, 64)
+    with pytest.raises(NotApplicable, match="not a timm-style attention"):
+        method.check_applicable(swin)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = swin.eval()(x)
+        assert compact(swin) == {} and torch.equal(swin(x), before)  # nothing to compact, nothing changed
