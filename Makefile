@@ -24,7 +24,8 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_sweeps.py::test_methods_by_sparsity_sweep_writes_six_rows \
                  tests/pipeline/test_tables.py::test_level_rows_read_one_multilevel_run \
                  tests/pipeline/test_tables.py::test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none \
-                 tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records
+                 tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records \
+                 tests/models/test_any_model.py
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

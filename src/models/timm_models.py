@@ -32,3 +32,36 @@ def vit(variant: str, num_classes: int, in_channels: int, image_size: int, width
         heads = max(1, round(base.embed_dim * width_mult / head_dim))
         kwargs.update(embed_dim=heads * head_dim, num_heads=heads)
     return timm.create_model(variant, **kwargs)
+
+
+def any_model(name: str, num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
+    """Any timm model by name (``timm.list_models()``), from scratch (no hub), adapted to the data.
+
+    ``num_classes`` and ``in_channels`` go to timm (``in_chans``); ``image_size`` too for models whose
+    constructor takes ``img_size`` (ViT-like). No width multiplier (pick a smaller variant). A model that
+    cannot be built or cannot run on ``image_size`` inputs is refused with the reason (exit 2).
+    """
+    import torch
+
+    if not timm.list_models(name):
+        raise ValueError(f"model.name={name!r} is not a timm model (`timm.list_models('*pattern*')` lists them)")
+    if width_mult != 1.0:
+        raise ValueError(f"model.width_mult={width_mult} is not supported by model=timm (architectures are built "
+                         "as published); pick a smaller variant by model.name")
+    kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+    try:
+        try:
+            model = timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:  # a constructor without img_size: convolutional, any input size
+            model = timm.create_model(name, **kwargs)
+    except (AssertionError, ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"timm {name} cannot be built for image_size={image_size}: {exc or type(exc).__name__}"
+                         ) from exc
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ValueError(f"timm {name} does not run on {image_size}x{image_size} inputs "
+                         f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); use a dataset "
+                         "with larger images or another model") from exc
+    return model.train()

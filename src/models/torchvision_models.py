@@ -82,3 +82,54 @@ def mobilenet_v2(num_classes: int, in_channels: int, image_size: int, width_mult
         nn.init.kaiming_normal_(conv.weight, mode="fan_out")
         model.features[0][0] = conv
     return model
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Give the first 3-channel conv ``in_channels`` inputs (grey-scale data on an RGB architecture)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, bias=module.bias is not None, padding_mode=module.padding_mode)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], conv)
+            return
+    raise ValueError(f"found no 3-channel input conv to adapt to in_channels={in_channels}")
+
+
+def any_model(name: str, num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
+    """Any torchvision classification model by name (``tvm.list_models``), from scratch, adapted to the data.
+
+    ``num_classes`` goes to the constructor (and ``image_size`` for the ViTs, whose position embedding
+    depends on it); ``in_channels`` != 3 replaces the input conv. The architecture is taken as published:
+    no small-input stem, no width multiplier (pick a smaller variant). A model that cannot be built or
+    cannot run on ``image_size`` inputs is refused with the reason (a ValueError: exit 2 in the pipeline).
+    """
+    import torch
+
+    names = tvm.list_models(module=tvm)
+    if name not in names:
+        raise ValueError(f"model.name={name!r} is not a torchvision classification model; choose one of "
+                         f"{', '.join(names)}")
+    if width_mult != 1.0:
+        raise ValueError(f"model.width_mult={width_mult} is not supported by model=torchvision (architectures "
+                         "are built as published); pick a smaller variant by model.name")
+    kwargs: dict = {"weights": None, "num_classes": num_classes}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = image_size
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    try:
+        model = tvm.get_model(name, **kwargs)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise ValueError(f"torchvision {name} cannot be built for image_size={image_size}: {exc or type(exc).__name__}"
+                         ) from exc
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ValueError(f"torchvision {name} does not run on {image_size}x{image_size} inputs "
+                         f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); use a dataset "
+                         "with larger images or another model") from exc
+    return model.train()

@@ -50,6 +50,12 @@ class TorchvisionModelConfig(ModelConfig):
 
 
 @dataclass
+class AnyModelConfig(ModelConfig):
+    """model=torchvision / model=timm: any model of that library by name."""
+    name: str = MISSING
+
+
+@dataclass
 class VitModelConfig(ModelConfig):
     variant: str = MISSING
     patch_size: int = 0
@@ -274,6 +280,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("model", "base_model"): ModelConfig,
     ("model", "base_model_torchvision"): TorchvisionModelConfig,
     ("model", "base_model_vit"): VitModelConfig,
+    ("model", "base_model_any"): AnyModelConfig,
     ("dataset", "base_dataset"): DatasetConfig,
     ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
     ("hardware", "base_hardware"): HardwareConfig,
