@@ -25,7 +25,10 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_tables.py::test_level_rows_read_one_multilevel_run \
                  tests/pipeline/test_tables.py::test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none \
                  tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records \
-                 tests/models/test_any_model.py
+                 tests/models/test_any_model.py \
+                 tests/pipeline/test_sweeps.py::test_a_failing_job_is_recorded_and_the_sweep_goes_on \
+                 tests/hardware/test_calibrate.py::test_sparse_only_refit_rewrites_sparse_formats_and_keeps_the_rest \
+                 tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from compress_run.models.by_name import check_width, checked_run
+
 
 def auto_patch_size(image_size: int) -> int:
     if image_size >= 112 and image_size % 16 == 0:
@@ -41,13 +43,9 @@ def any_model(name: str, num_classes: int, in_channels: int, image_size: int, wi
     constructor takes ``img_size`` (ViT-like). No width multiplier (pick a smaller variant). A model that
     cannot be built or cannot run on ``image_size`` inputs is refused with the reason (exit 2).
     """
-    import torch
-
     if not timm.list_models(name):
         raise ValueError(f"model.name={name!r} is not a timm model (`timm.list_models('*pattern*')` lists them)")
-    if width_mult != 1.0:
-        raise ValueError(f"model.width_mult={width_mult} is not supported by model=timm (architectures are built "
-                         "as published); pick a smaller variant by model.name")
+    check_width("timm", width_mult)
     kwargs = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
     try:
         try:
@@ -57,11 +55,4 @@ def any_model(name: str, num_classes: int, in_channels: int, image_size: int, wi
     except (AssertionError, ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"timm {name} cannot be built for image_size={image_size}: {exc or type(exc).__name__}"
                          ) from exc
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise ValueError(f"timm {name} does not run on {image_size}x{image_size} inputs "
-                         f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); use a dataset "
-                         "with larger images or another model") from exc
-    return model.train()
+    return checked_run(model, f"timm {name}", in_channels, image_size)

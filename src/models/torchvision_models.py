@@ -12,6 +12,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
+from compress_run.models.by_name import check_width, checked_run
+
 
 def _small(stem: str, image_size: int) -> bool:
     return stem == "cifar" or (stem == "auto" and image_size <= 64)
@@ -104,15 +106,11 @@ def any_model(name: str, num_classes: int, in_channels: int, image_size: int, wi
     no small-input stem, no width multiplier (pick a smaller variant). A model that cannot be built or
     cannot run on ``image_size`` inputs is refused with the reason (a ValueError: exit 2 in the pipeline).
     """
-    import torch
-
     names = tvm.list_models(module=tvm)
     if name not in names:
         raise ValueError(f"model.name={name!r} is not a torchvision classification model; choose one of "
                          f"{', '.join(names)}")
-    if width_mult != 1.0:
-        raise ValueError(f"model.width_mult={width_mult} is not supported by model=torchvision (architectures "
-                         "are built as published); pick a smaller variant by model.name")
+    check_width("torchvision", width_mult)
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if name.startswith("vit_"):
         kwargs["image_size"] = image_size
@@ -125,11 +123,4 @@ def any_model(name: str, num_classes: int, in_channels: int, image_size: int, wi
                          ) from exc
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        raise ValueError(f"torchvision {name} does not run on {image_size}x{image_size} inputs "
-                         f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); use a dataset "
-                         "with larger images or another model") from exc
-    return model.train()
+    return checked_run(model, f"torchvision {name}", in_channels, image_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from compress_run.core.masks import MASK_SUFFIX
@@ -128,6 +129,7 @@ def test_help_and_cfg(cli):
     assert "_target_: compress_run.methods.gmp.GMP" in job
 
 
+@pytest.mark.slow  # an integration run (~15 s): in the CI slow set
 def test_wandb_logger_offline_no_network(cli, tmp_path):
     out = tmp_path / "run"
     proc = cli(*SMOKE[:2], "logger=wandb", "method=dense", f"output_dir={out}", timeout=300,

@@ -49,6 +49,7 @@ def test_methods_by_sparsity_sweep_writes_six_rows(tmp_path):
     assert (tmp_path / "fig" / "layers.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # an integration run (~15 s): in the CI slow set
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     proc = run_cli(["-m", "method=magnitude", "method.sparsity=0.1,0.3,1.5,0.5,0.7,0.9", *FAST, "output_dir=sweep"],
                    tmp_path, timeout=900)
