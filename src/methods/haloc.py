@@ -239,8 +239,7 @@ class HALOC(Method):
                             "set a smaller method.granularity (e.g. method.granularity=4), a larger "
                             "method.lut_batch (small layers are overhead-bound at batch 1), another "
                             "method.hardware, or method.latency_source=macs")
-        dense_total = sum(lut["dense"] for lut in self.luts.values())
-        floor = sum(min(lut["costs"]) for lut in self.luts.values()) / dense_total
+        floor = sum(min(lut["costs"]) for lut in self.luts.values()) * self.latency_fraction / self.target_cost
         if self.latency_fraction < floor:
             raise UserError(f"method.latency_fraction={self.latency_fraction} cannot be reached on {where}: "
                             f"the cheapest candidate rank of every searched layer together costs {floor:.3f} of "
@@ -252,12 +251,12 @@ class HALOC(Method):
 
     def wrap(self, model: nn.Module) -> dict[str, CandidateConv]:
         """Replace every searched layer by its :class:`CandidateConv` with costs from the LUT."""
-        self.lookup_tables(model)
-        self.check_target()
+        if not self.luts:  # check_applicable built them already in a pipeline run
+            self.lookup_tables(model)
+            self.check_target()
         wrapped = {}
         for name, lut in self.luts.items():
-            layer = dict(model.named_modules())[name]
-            wrapped[name] = CandidateConv(layer, lut["ranks"], lut["costs"])
+            wrapped[name] = CandidateConv(model.get_submodule(name), lut["ranks"], lut["costs"])
             set_module(model, name, wrapped[name])
         return wrapped
 
