@@ -69,7 +69,8 @@ def latency_sim(meta: dict[str, Any], path: Path) -> list[str]:
                      f"{figures['kendall_tau']:.2f}**, median error {figures['median_abs_error']:.1%}; naive "
                      f"single-peak roofline in the same run: {naive['share_within_25pct']:.0%} within ±25%, "
                      f"τ {naive['kendall_tau']:.2f}.")
-    lines += ["", "| split | variant | mask | measured ms (b1) | simulated ms (b1) | ratio |", "|---|---|---|---|---|---|"]
+    lines += ["", "| split | variant | mask | measured ms (b1) | simulated ms (b1) | ratio |",
+              "|---|---|---|---|---|---|"]
     for v in meta["variants"]:
         mask = f"{v['mask_sparsity']:.0%} {v.get('mask_pattern') or 'irregular'}" if v.get("mask_sparsity") else "dense"
         lines.append(f"| {v.get('split', 'in_sample')} | {v['variant']} | {mask} | {v['b1']['measured_ms']:.2f} | "

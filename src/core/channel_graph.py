@@ -10,12 +10,17 @@ whole: every producer's output channel, every passthrough channel and every cons
 CNNs are analysed by tracing with ``torch.fx``. Only ops known to map a zero channel to a zero channel
 (ReLU-like activations, pooling, dropout, add, flatten) carry a group through; any other op that
 touches a group *freezes* it (its channels are never removed), so an unknown architecture is handled
-conservatively rather than wrongly. The CIFAR ResNets' option-A shortcut (zero padding) is a
-*scatter*: its input group lands on the first channels of the output group.
+conservatively rather than wrongly. A BatchNorm subclass (timm's ``BatchNormAct2d``: BN, drop,
+activation) is one node and carries its group when its own submodules are zero-preserving. A model
+fx cannot trace gets one frozen pseudo-group named ``model`` with the reason: nothing is removed. The
+CIFAR ResNets' option-A shortcut (zero padding) is a *scatter*: its input group lands on the first
+channels of the output group.
 
 Vision transformers (timm ``Attention``/``Mlp``) are analysed structurally: each MLP's hidden units
 form a group (fc1 produces, fc2 consumes), each attention's heads form a ``heads`` group whose unit
 is one head (rows of q, k and v in ``qkv``, columns of ``proj``). The embedding dimension is frozen.
+Attention modules with another layout (torchvision's Swin, LeViT's normalised qkv) have their heads
+left whole, with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from compress_run.models.cifar_resnet import PadShortcut
 
@@ -52,10 +58,11 @@ class ChannelGroup:
     consumers: list[tuple[str, int]] = field(default_factory=list)           # (conv/linear, columns/channel)
     scatters: list[tuple[str, int]] = field(default_factory=list)            # (module, source group id)
     frozen: str | None = None
+    label: str | None = None  # the name of a group without producers (the whole untraceable model)
 
     @property
     def name(self) -> str:
-        return self.producers[0][0] if self.producers else f"group{self.id}"
+        return self.producers[0][0] if self.producers else self.label or f"group{self.id}"
 
     @property
     def residual(self) -> bool:
@@ -64,7 +71,13 @@ class ChannelGroup:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PadShortcut) or getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, PadShortcut | _BatchNorm) or getattr(m, "fx_leaf", False)
+                or super().is_leaf_module(m, qualname))
+
+
+def _zero_preserving_children(module: nn.Module) -> bool:
+    """Whether a norm's own submodules (timm's BatchNormAct2d: drop, then act) map a zero channel to zero."""
+    return all(isinstance(child, PASS_MODULES) for child in module.children())
 
 
 class _Builder:
@@ -115,7 +128,12 @@ Value = tuple[int, bool]  # (group id, flattened)
 
 
 def _trace_groups(model: nn.Module) -> list[ChannelGroup]:
-    graph = _Tracer().trace(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises TraceError, TypeError, AttributeError, ... by model
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return [ChannelGroup(0, 0, label="model", frozen=f"torch.fx cannot trace {type(model).__name__} ({reason}), "
+                             "so its channel dependencies cannot be analysed: every channel is left whole")]
     modules = dict(model.named_modules())
     b = _Builder(modules)
     values: dict[fx.Node, Value] = {}
@@ -156,7 +174,7 @@ def _trace_groups(model: nn.Module) -> list[ChannelGroup]:
                 out = b.new(module.out_features)
                 b.group(out).producers.append((node.target, None))
                 values[node] = (out, False)
-            elif isinstance(module, NORM_TYPES) and src:
+            elif isinstance(module, NORM_TYPES) and src and _zero_preserving_children(module):
                 values[node] = src
                 owner = node.args[0]
                 attachable = (isinstance(owner, fx.Node) and owner.op == "call_module" and len(owner.users) == 1)
@@ -233,11 +251,12 @@ def _vit_groups(model: nn.Module) -> list[ChannelGroup]:
     groups: list[ChannelGroup] = []
     for name, module in model.named_modules():
         if hasattr(module, "qkv") and hasattr(module, "proj") and hasattr(module, "num_heads"):
-            heads = module.num_heads
-            unit = getattr(module, "head_dim", None) or module.qkv.out_features // (3 * heads)
+            heads, timm_layout = module.num_heads, _timm_head_layout(module)
+            qkv_rows = module.qkv.out_features if isinstance(module.qkv, nn.Linear) else 3 * heads
+            unit = module.head_dim if timm_layout else max(1, qkv_rows // (3 * heads))
             group = ChannelGroup(len(groups), heads, kind="heads", unit=unit,
                                  producers=[(f"{name}.qkv", None)], consumers=[(f"{name}.proj", 1)])
-            if not _timm_head_layout(module):
+            if not timm_layout:
                 group.frozen = (f"{type(module).__name__} is not a timm-style attention (one qkv Linear of "
                                 "3 x heads x head_dim, proj over heads x head_dim): its heads are left whole")
             elif getattr(module, "gate", None) is not None or not isinstance(getattr(module, "norm", nn.Identity()),

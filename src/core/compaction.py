@@ -18,10 +18,12 @@ to the MAC counter and the latency simulator.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from compress_run.core.channel_graph import ChannelGroup, channel_groups
 from compress_run.core.masks import MASK_SUFFIX
@@ -99,6 +101,52 @@ class CompactedPadShortcut(Compacted, PadShortcut):
         x = x[:, :, :: self.stride, :: self.stride]
         padded = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])], 1)
         return padded.index_select(1, self.gather)
+
+
+class CompactedInPlaceNorm(Compacted):
+    """Mixin for a BatchNorm subclass with a forward or submodules of its own (timm's ``BatchNormAct2d``:
+    BN, drop, activation), compacted *in place* so that its class's forward and its children stay. The
+    instance's class becomes ``Compacted<its class>``; ``in_place`` in the extra state tells
+    :func:`restore_compacted` to resize the freshly built layer instead of replacing it."""
+
+    def ctor_args(self) -> dict[str, Any]:
+        return {"num_features": self.num_features}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "in_place": True}
+
+    def compression_info(self) -> dict[str, Any]:
+        return {"kind": "compacted", "density": self.dense_fraction, "shape": [self.num_features]}
+
+
+@functools.cache
+def _in_place_class(cls: type) -> type:
+    return type(f"Compacted{cls.__name__}", (CompactedInPlaceNorm, cls), {})
+
+
+def _compacts_in_place(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) and not isinstance(module, CompactedBatchNorm2d) and \
+        type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _resize_in_place(module: _BatchNorm, keep: torch.Tensor | None, size: int) -> None:
+    """Keep the ``keep`` channels of every per-channel tensor (``None``: new uninitialised tensors of ``size``)."""
+    old = module.num_features
+    for store in (module._parameters, module._buffers):
+        for key, value in list(store.items()):
+            if value is None or value.dim() == 0 or value.shape[0] != old:
+                continue
+            new = _slice(value, 0, keep) if keep is not None else value.new_empty((size, *value.shape[1:]))
+            if keep is not None and key.endswith(MASK_SUFFIX) and bool(new.all()):
+                del store[key]  # a full mask says nothing once the layer has its new shape
+            elif store is module._parameters:
+                store[key] = nn.Parameter(new, requires_grad=value.requires_grad)
+            else:
+                store[key] = new
+    if not isinstance(module, Compacted):
+        module.__class__ = _in_place_class(type(module))
+    module.dense_fraction = getattr(module, "dense_fraction", 1.0) * size / max(1, old)
+    module.num_features = size
 
 
 COMPACTED = {cls.__name__: cls for cls in (CompactedConv2d, CompactedLinear, CompactedBatchNorm2d,
@@ -227,7 +275,7 @@ def compact(model: nn.Module) -> dict[str, Any]:
     keeps: dict[int, torch.Tensor] = {}
     for group in groups:
         dead = dead_channels(model, group, groups, modules)
-        if dead.all():
+        if dead.numel() and dead.all():
             dead[0] = False  # an empty layer is not a layer; one zero channel keeps the shapes valid
         if dead.any():
             keeps[group.id] = torch.nonzero(~dead).flatten()
@@ -244,7 +292,10 @@ def compact(model: nn.Module) -> dict[str, Any]:
         for name, factor in group.consumers:
             cols[name] = _expand(_rows(group, keep, "consumer"), factor)
     for name in sorted(set(rows) | set(cols)):
-        _set_module(model, name, _shrunk(modules[name], rows.get(name), cols.get(name)))
+        if _compacts_in_place(modules[name]):
+            _resize_in_place(modules[name], rows[name], len(rows[name]))
+        else:
+            _set_module(model, name, _shrunk(modules[name], rows.get(name), cols.get(name)))
     for group in groups:
         for name, source in group.scatters:
             if group.id in keeps or source in keeps:
@@ -280,10 +331,14 @@ def restore_compacted(model: nn.Module, state_dict: dict[str, Any], prefix: str 
     count = 0
     for key, value in state_dict.items():
         if not (key.startswith(prefix) and key.endswith("._extra_state") and isinstance(value, dict)
-                and value.get("compacted") in COMPACTED):
+                and (value.get("compacted") in COMPACTED or value.get("in_place"))):
             continue
         name = key[len(prefix): -len("._extra_state")]
-        new = COMPACTED[value["compacted"]](**value["args"])
+        if value.get("in_place"):
+            new = model.get_submodule(name)
+            _resize_in_place(new, None, value["args"]["num_features"])
+        else:
+            new = COMPACTED[value["compacted"]](**value["args"])
         new.set_extra_state(value)
         for mask_key in state_dict:  # masks still present on compacted layers
             if mask_key.startswith(f"{prefix}{name}.") and mask_key.endswith(MASK_SUFFIX) \

@@ -14,6 +14,7 @@ from compress_run.core.compaction import compact, dead_channels, restore_compact
 from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.hardware.macs import count_macs
 from compress_run.methods.channels import MacModel
+from compress_run.models import timm_models
 from compress_run.models.cifar_resnet import resnet20
 from compress_run.models.cifar_vgg import vgg16_bn
 from compress_run.models.timm_models import vit
@@ -28,6 +29,9 @@ ARCHS = {
     "mobilenet_v2": lambda: mobilenet_v2(10, 3, 32, width_mult=0.5),
     "deit_tiny": lambda: vit("deit_tiny_patch16_224", 10, 3, 32),
     "deit_small": lambda: vit("deit_small_patch16_224", 10, 3, 32, width_mult=0.5),
+    # timm's BatchNormAct2d (BN + activation in one BatchNorm2d subclass) is compacted in place
+    "timm_regnetx_002": lambda: timm_models.any_model("regnetx_002", 10, 3, 32),
+    "timm_mobilenetv3_small_050": lambda: timm_models.any_model("mobilenetv3_small_050", 10, 3, 32),
 }
 
 
@@ -178,6 +182,47 @@ def test_unknown_ops_freeze_their_groups_and_stay_exact():
         compact(model)
         torch.testing.assert_close(model(x), masked)
     assert model.conv1.out_channels == 8
+
+
+def test_a_norm_with_an_activation_that_is_not_zero_preserving_freezes_its_group():
+    from timm.layers import BatchNormAct2d
+
+    class NormAct(SigmoidGate):
+        def __init__(self, act: type[nn.Module]) -> None:
+            super().__init__()
+            self.bn1 = BatchNormAct2d(8, act_layer=act)
+
+        def forward(self, x):
+            return self.fc(self.conv2(self.bn1(self.conv1(x))).mean((2, 3)))
+
+    assert channel_groups(NormAct(nn.ReLU))[0].frozen is None
+    model = NormAct(nn.Sigmoid).eval()
+    gated = next(g for g in channel_groups(model) if g.producers and g.producers[0][0] == "conv1")
+    assert gated.frozen and "bn1" in gated.frozen
+    _randomise_norms(model)
+    set_channel_mask(gated, dict(model.named_modules()), torch.arange(8) < 4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        masked = model(x)
+        assert compact(model) == {}
+        torch.testing.assert_close(model(x), masked)
+
+
+def test_a_model_fx_cannot_trace_is_left_whole_with_the_reason():
+    class DataDependent(SigmoidGate):
+        def forward(self, x):
+            x = self.bn1(self.conv1(x))
+            if x.sum() > 0:  # control flow on a traced value
+                x = x.relu()
+            return self.fc(self.conv2(x).mean((2, 3)))
+
+    model = DataDependent().eval()
+    (group,) = channel_groups(model)
+    assert group.name == "model" and "torch.fx cannot trace DataDependent" in group.frozen
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        assert compact(model) == {} and torch.equal(model(x), before)
 
 
 def test_a_compacted_network_can_be_pruned_and_compacted_again():

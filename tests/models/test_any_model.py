@@ -1,13 +1,16 @@
 """model=torchvision / model=timm: any classification model by name. The generality test: every torchvision
-classification model (a family-representative subset in the fast suite, all of them in the slow set) builds,
-counts its MACs with no unpriced op, and L1 filter pruning at 30% fewer MACs either compacts to the masked
-network's exact output with fewer MACs or refuses with the reason — never a crash, never a changed output."""
+classification model and a list of timm families (a family-representative subset in the fast suite, all of
+them in the slow set) builds, counts its MACs with no unpriced op and exactly as torch's own FLOP counter
+does, and L1 filter pruning at 30% fewer MACs either compacts to the masked network's exact output with
+fewer MACs or refuses with the reason — never a crash, never a changed output."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models as tvm
 
 import compress_run.methods.l1_filter as l1_module
@@ -27,6 +30,15 @@ FAST = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficient
         "mnasnet0_5", "mobilenet_v3_small", "regnet_y_400mf", "resnext50_32x4d", "shufflenet_v2_x0_5",
         "squeezenet1_1", "swin_t", "vit_b_32"]
 TOO_SMALL_AT_64 = {"inception_v3", "maxvit_t", "vit_h_14"}  # need larger inputs (or a patch that divides 64)
+# timm families (issue 20's list and a few more); in the fast suite: one or two per kind of outcome
+TIMM_FAMILIES = ["convnext_atto", "efficientnet_b0", "efficientnet_lite0", "regnetx_002", "regnety_002", "resnet18d",
+                 "resnet26d", "mobilenetv3_small_050", "mobilevit_xxs", "swin_tiny_patch4_window7_224",
+                 "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s", "efficientvit_b0"]
+TIMM_FAST = ["regnetx_002", "mobilenetv3_small_050", "mobilevit_xxs", "levit_128s",
+             "efficientvit_b0"]
+TIMM_REFUSALS = {  # hybrids whose attention is not laid out as timm's ViT Attention, and one fx cannot trace
+    "mobilevit_xxs": "cannot be reached", "levit_128s": "not a timm-style attention",
+    "efficientvit_b0": "torch.fx cannot trace EfficientVit"}
 
 
 def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -41,15 +53,28 @@ def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def check_generality(name: str, size: int = SIZE) -> str:
+def torch_flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs by torch.utils.flop_counter with attention decomposed into its matmuls (the fused CPU attention
+    kernels are not in torch's FLOP registry)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() // 2
+
+
+def check_generality(name: str, size: int = SIZE, library=torchvision_models) -> str:
     """Build, count, prune and compact one model; returns 'compacted' or 'refused: <reason>'."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size)
-    model = _calibrated(torchvision_models.any_model(name, 10, 3, size), x)
+    model = _calibrated(library.any_model(name, 10, 3, size), x)
     trace = trace_model(model, (1, 3, size, size))
     assert trace.unpriced_ops == [], trace.unpriced_ops
     dense = mac_report(model, trace).dense
-    assert dense > 0
+    assert dense == torch_flop_counter_macs(model, x[:1])
     method = L1Filter(target="flops", flops_reduction=0.3)
     method.input_shape = (3, size, size)
     try:
@@ -97,6 +122,58 @@ def test_every_torchvision_classification_model():
         outcomes[name] = check_generality(name)
     compacted = sum(o == "compacted" for o in outcomes.values())
     assert compacted >= 63, outcomes  # 2026-12-02: 63 of 77 compacted exactly, 14 refused with the reason
+
+
+def _check_timm(name: str) -> None:
+    outcome = check_generality(name, library=timm_models)
+    if name in TIMM_REFUSALS:
+        assert outcome.startswith("refused: ") and TIMM_REFUSALS[name] in outcome, outcome
+    else:
+        assert outcome == "compacted", outcome
+
+
+@pytest.mark.parametrize("name", TIMM_FAST)
+def test_timm_family_builds_counts_and_compacts_exactly_or_refuses(name):
+    _check_timm(name)
+
+
+@pytest.mark.slow
+def test_every_listed_timm_family():
+    for name in TIMM_FAMILIES:
+        _check_timm(name)
+
+
+# timm's published inference GMACs (results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv, column infer_gmacs,
+# 2 decimals) at the listed input size. timm's counter also counts one MAC per element of every normalization
+# layer's output (fvcore's convention), so the comparison adds those; the tolerance is the rounding plus 1%.
+TIMM_PUBLISHED_GMACS = {
+    "convnext_atto": (224, 0.55), "convnext_tiny": (224, 4.47), "efficientnet_b0": (224, 0.40),
+    "regnetx_002": (224, 0.20), "regnety_004": (224, 0.41), "resnet18d": (224, 2.06), "resnet50d": (224, 4.35),
+    "mobilenetv3_small_050": (224, 0.03), "mobilevit_xxs": (256, 0.42), "swin_tiny_patch4_window7_224": (224, 4.51),
+    "vit_tiny_patch16_224": (224, 1.26), "vit_small_patch16_224": (224, 4.61), "deit_tiny_patch16_224": (224, 1.26),
+    "levit_128s": (224, 0.30), "efficientvit_b0": (224, 0.10)}
+
+
+def _norm_output_elements(model: nn.Module, size: int) -> int:
+    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
+             for m in model.modules() if isinstance(m, norms)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return sum(outputs)
+
+
+@pytest.mark.slow
+def test_dense_macs_match_timm_published_gmacs():
+    from compress_run.hardware.macs import count_macs
+
+    for name, (size, published) in TIMM_PUBLISHED_GMACS.items():
+        model = timm_models.any_model(name, 1000, 3, size).eval()
+        ours = (count_macs(model, (1, 3, size, size)).dense + _norm_output_elements(model, size)) / 1e9
+        assert abs(ours - published) <= 0.005 + 0.01 * published, (name, ours, published)
 
 
 def test_grey_scale_input_and_bad_names_and_sizes():
