@@ -118,7 +118,7 @@ def naive_roofline_ms(trace, profile) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "latency_sim.json")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=8, help="second batch size reported (not in the goal stats)")
     parser.add_argument("--quick", action="store_true")

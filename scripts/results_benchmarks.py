@@ -60,7 +60,8 @@ def sparse_kernels(meta: dict[str, Any], path: Path) -> list[str]:
 
 def latency_sim(meta: dict[str, Any], path: Path) -> list[str]:
     lines = _head(meta, "Latency simulator against measured host latency", path)
-    lines += [f"Goal: {meta.get('goal', '')}. Held-out rule: {meta.get('held_out_rule', '')}.", ""]
+    lines += [f"Goal: {meta.get('goal', '')}. Held-out rule: {meta.get('held_out_rule', '')}.",
+              f"Profile `host_cpu` calibrated {meta.get('profile_calibrated', '?')}.", ""]
     splits = meta.get("splits") or {"in_sample": {**meta, "variants": len(meta["variants"])}}  # before the split
     for split, figures in splits.items():
         naive = figures["baseline_naive_roofline"]
