@@ -83,26 +83,19 @@ def _held_out() -> list[tuple[str, Callable[[], nn.Module], tuple[int, int, int]
     any of them with this script): torchvision and timm architectures outside the calibration's composite
     networks and outside :func:`_variants` -- depthwise/large-kernel convs, LayerNorm/GELU MLP blocks, grouped
     convs, dense concatenation, window attention -- dense and with 90% magnitude masks."""
-    tv, tm = torchvision_models.any_model, timm_models.any_model
-    dense = [("convnext_tiny", lambda: tv("convnext_tiny", 1000, 3, 224)),
-             ("efficientnet_b0", lambda: tv("efficientnet_b0", 1000, 3, 224)),
-             ("regnet_y_400mf", lambda: tv("regnet_y_400mf", 1000, 3, 224)),
-             ("shufflenet_v2_x1_0", lambda: tv("shufflenet_v2_x1_0", 1000, 3, 224)),
-             ("mnasnet1_0", lambda: tv("mnasnet1_0", 1000, 3, 224)),
-             ("mobilenet_v3_large", lambda: tv("mobilenet_v3_large", 1000, 3, 224)),
-             ("densenet121", lambda: tv("densenet121", 1000, 3, 224)),
-             ("googlenet", lambda: tv("googlenet", 1000, 3, 224)),
-             ("squeezenet1_1", lambda: tv("squeezenet1_1", 1000, 3, 224)),
-             ("resnext50_32x4d", lambda: tv("resnext50_32x4d", 1000, 3, 224)),
-             ("swin_t", lambda: tv("swin_t", 1000, 3, 224)),
-             ("vit_b_32", lambda: tv("vit_b_32", 1000, 3, 224)),
-             ("timm_convnext_atto", lambda: tm("convnext_atto", 1000, 3, 224)),
-             ("timm_regnetx_002", lambda: tm("regnetx_002", 1000, 3, 224))]
-    masked = [("convnext_tiny_masked90", dense[0][1]), ("regnet_y_400mf_masked90", dense[2][1]),
-              ("mobilenet_v3_large_masked90", dense[5][1]), ("densenet121_masked90", dense[6][1]),
-              ("resnext50_32x4d_masked90", dense[9][1]), ("vit_b_32_masked90", dense[11][1])]
-    return ([(name, build, IMAGENET, 0.0, "") for name, build in dense]
-            + [(name, build, IMAGENET, 0.9, "irregular") for name, build in masked])
+    def build(library, name: str) -> Callable[[], nn.Module]:
+        return lambda: library.any_model(name, 1000, 3, 224)
+
+    torchvision_names = ["convnext_tiny", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0", "mnasnet1_0",
+                         "mobilenet_v3_large", "densenet121", "googlenet", "squeezenet1_1", "resnext50_32x4d",
+                         "swin_t", "vit_b_32"]
+    dense = ([(name, build(torchvision_models, name)) for name in torchvision_names]
+             + [(f"timm_{name}", build(timm_models, name)) for name in ("convnext_atto", "regnetx_002")])
+    masked = [(f"{name}_masked90", builder) for name, builder in dense
+              if name in ("convnext_tiny", "regnet_y_400mf", "mobilenet_v3_large", "densenet121", "resnext50_32x4d",
+                          "vit_b_32")]
+    return ([(name, builder, IMAGENET, 0.0, "") for name, builder in dense]
+            + [(name, builder, IMAGENET, 0.9, "irregular") for name, builder in masked])
 
 
 SPLITS = {"in_sample": _variants, "held_out": _held_out}

@@ -253,7 +253,7 @@ def _vit_groups(model: nn.Module) -> list[ChannelGroup]:
         if hasattr(module, "qkv") and hasattr(module, "proj") and hasattr(module, "num_heads"):
             heads, timm_layout = module.num_heads, _timm_head_layout(module)
             qkv_rows = module.qkv.out_features if isinstance(module.qkv, nn.Linear) else 3 * heads
-            unit = module.head_dim if timm_layout else max(1, qkv_rows // (3 * heads))
+            unit = qkv_rows // (3 * heads) or 1  # head_dim for timm's layout
             group = ChannelGroup(len(groups), heads, kind="heads", unit=unit,
                                  producers=[(f"{name}.qkv", None)], consumers=[(f"{name}.proj", 1)])
             if not timm_layout:

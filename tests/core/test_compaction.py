@@ -169,19 +169,24 @@ class SigmoidGate(nn.Module):
         return self.fc(self.conv2(x).mean((2, 3)))
 
 
+def _mask_half_and_compact_nothing(model: SigmoidGate, frozen_group) -> None:
+    """Masking half of a frozen group's channels: compaction removes nothing and the output is unchanged."""
+    _randomise_norms(model)
+    set_channel_mask(frozen_group, dict(model.named_modules()), torch.arange(8) < 4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        masked = model(x)
+        assert compact(model) == {}
+        torch.testing.assert_close(model(x), masked)
+    assert model.conv1.out_channels == 8
+
+
 def test_unknown_ops_freeze_their_groups_and_stay_exact():
     model = SigmoidGate().eval()
     groups = channel_groups(model)
     gated = next(g for g in groups if g.producers == [("conv1", "bn1")])
     assert gated.frozen and "sigmoid" in gated.frozen
-    _randomise_norms(model)
-    set_channel_mask(gated, dict(model.named_modules()), torch.arange(8) < 4)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        masked = model(x)
-        compact(model)
-        torch.testing.assert_close(model(x), masked)
-    assert model.conv1.out_channels == 8
+    _mask_half_and_compact_nothing(model, gated)
 
 
 def test_a_norm_with_an_activation_that_is_not_zero_preserving_freezes_its_group():
@@ -199,13 +204,7 @@ def test_a_norm_with_an_activation_that_is_not_zero_preserving_freezes_its_group
     model = NormAct(nn.Sigmoid).eval()
     gated = next(g for g in channel_groups(model) if g.producers and g.producers[0][0] == "conv1")
     assert gated.frozen and "bn1" in gated.frozen
-    _randomise_norms(model)
-    set_channel_mask(gated, dict(model.named_modules()), torch.arange(8) < 4)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        masked = model(x)
-        assert compact(model) == {}
-        torch.testing.assert_close(model(x), masked)
+    _mask_half_and_compact_nothing(model, gated)
 
 
 def test_a_model_fx_cannot_trace_is_left_whole_with_the_reason():
