@@ -1,4 +1,5 @@
-"""timm DeiT-Tiny/Small built from scratch (no hub access), adapted to the dataset.
+"""timm DeiT-Tiny/Small/Base and smaller ViTs of the same design built from scratch (no hub access), adapted
+to the dataset.
 
 ``patch_size=0`` (auto) keeps 16 for image_size >= 112 and otherwise takes the largest of 8/4/2/1 that
 divides the image and leaves a grid of at least 7x7 tokens (28x28 -> 4, 32x32 -> 4, 8x8 -> 1).
@@ -23,10 +24,16 @@ def auto_patch_size(image_size: int) -> int:
 
 
 def vit(variant: str, num_classes: int, in_channels: int, image_size: int, width_mult: float = 1.0,
-        patch_size: int = 0, drop_path_rate: float = 0.0) -> nn.Module:
+        patch_size: int = 0, drop_path_rate: float = 0.0, embed_dim: int | None = None, num_heads: int | None = None,
+        depth: int | None = None, mlp_ratio: float | None = None) -> nn.Module:
+    """timm ``variant`` from scratch; ``embed_dim``/``num_heads``/``depth``/``mlp_ratio`` (None: the variant's)
+    shape a smaller transformer of the same design (the Fashion-MNIST ViT: 96 wide, 3 heads, depth 6)."""
     kwargs: dict = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels,
                     "img_size": image_size, "patch_size": patch_size or auto_patch_size(image_size),
                     "drop_path_rate": drop_path_rate}
+    if embed_dim is not None:
+        kwargs.update(embed_dim=embed_dim, num_heads=num_heads)
+    kwargs.update({k: v for k, v in {"depth": depth, "mlp_ratio": mlp_ratio}.items() if v is not None})
     if width_mult != 1.0:
         base = timm.create_model(variant, pretrained=False)
         heads = base.blocks[0].attn.num_heads

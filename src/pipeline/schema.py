@@ -60,10 +60,21 @@ class VitModelConfig(ModelConfig):
     variant: str = MISSING
     patch_size: int = 0
     drop_path_rate: float = 0.0
+    embed_dim: int | None = None   # null: the variant's (scaled by width_mult)
+    num_heads: int | None = None
+    depth: int | None = None
+    mlp_ratio: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.patch_size >= 0, "model.patch_size", self.patch_size, "0 (auto) or a positive integer")
+        for key in ("embed_dim", "num_heads", "depth", "mlp_ratio"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"model.{key}", value, "null (the variant's) or a positive number")
+        if self.embed_dim is not None or self.num_heads is not None:
+            check(self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads == 0
+                  and self.width_mult == 1.0, "model.embed_dim", self.embed_dim,
+                  "set together with model.num_heads (a divisor of it) and model.width_mult=1.0")
         if self.patch_size:
             check(self.image_size % self.patch_size == 0, "model.patch_size", self.patch_size,
                   f"a divisor of model.image_size={self.image_size} (or 0 for auto)")

@@ -85,7 +85,8 @@ METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_
                   "haloc": ["method.granularity=4", "method.latency_source=macs", "method.hardware=mobile_a78",
                             "method.lut_batch=256"],
                   "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],
-                  "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"]}
+                  "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"],
+                  "rd": ["method.calib_size=16", "method.levels=5"]}
 # keys whose effect needs another run first (a ticket, a worker's round), each covered by the named test
 COVERED_ELSEWHERE = {
     ("lth", "ticket"):
@@ -93,6 +94,9 @@ COVERED_ELSEWHERE = {
     ("gap", "worker"): "tests/pipeline/test_pgap_jobs.py::test_pgap_jobs_merge_partition_i_from_worker_i",
     ("comcat", "factorize_head"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
     ("comcat", "head_ranks"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
+    # speed and memory knobs that must *not* change the result: the test checks the curves are the same
+    ("rd", "workers"): "tests/methods/test_rd.py::test_worst_case_curves_are_the_measured_worst_sample_mse",
+    ("rd", "calib_batch_size"): "tests/methods/test_rd.py::test_worst_case_curves_are_the_measured_worst_sample_mse",
 }
 
 

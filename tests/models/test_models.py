@@ -76,3 +76,31 @@ def test_vit_auto_patch_size_and_forward(size, patch):
                             width_mult=0.25).eval()
     assert model.patch_embed.proj.kernel_size == (patch, patch)
     assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_fashion_mnist_vit_shape_and_cost():
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    cfg, _ = compose(["model=vit_fmnist"])
+    model = instantiate(cfg.model).eval()
+    assert model.embed_dim == 96 and len(model.blocks) == 6 and model.blocks[0].attn.num_heads == 3
+    assert model.blocks[0].mlp.fc1.out_features == 384 and model.patch_embed.proj.kernel_size == (4, 4)
+    assert model.patch_embed.num_patches == 49
+    # 50 tokens: patch embedding + per block (qkv, proj, fc1, fc2 and the two attention products) + head
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = 50 * (96 * 288 + 96 * 96 + 2 * 96 * 384) + 2 * 50 * 50 * 96
+    with sdpa_kernel(SDPBackend.MATH):  # the counter sees the attention products only when they are decomposed
+        assert macs(model, (1, 28, 28)) == 49 * 16 * 96 + 6 * block + 96 * 10
+
+
+def test_vit_size_keys_are_checked():
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    cfg, _ = compose(["model=vit_fmnist", "model.num_heads=5"])
+    with pytest.raises(Exception, match="model.embed_dim"):
+        OmegaConf.to_object(cfg.model)
