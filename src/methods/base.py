@@ -102,6 +102,23 @@ class NotApplicable(ValueError):
     """The method cannot act on the chosen model (the message says why)."""
 
 
+def check_mask_layers(model: nn.Module, exclude: list[str], pattern: str, density: float | None) -> None:
+    """Raise :class:`NotApplicable` unless ``exclude`` leaves prunable layers that can all hold ``pattern`` (at
+    ``density`` when every layer has the same one)."""
+    try:
+        layers = prunable_layers(model, exclude)
+    except LayerSelectionError as exc:
+        raise NotApplicable(f"method.exclude: {exc}") from exc
+    if not layers:
+        raise NotApplicable(f"no prunable conv/linear layer is left after method.exclude={exclude}")
+    problems = {n: pattern_shape_problem(pattern, m.weight.shape, density) for n, m in layers.items()}
+    bad = {n: problem for n, problem in problems.items() if problem}
+    if bad:
+        name, problem = next(iter(bad.items()))
+        raise NotApplicable(f"method.pattern={pattern} cannot hold on {len(bad)} layer(s), e.g. {name}: "
+                            f"{problem}; add them to method.exclude (e.g. {list(bad)[:3]}) or choose another pattern")
+
+
 class Method:
     Config: type = MethodConfig
     stages: tuple[str, ...] = ALL_STAGES
@@ -194,20 +211,8 @@ class MaskPruningMethod(Method):
                                             densities=densities))
 
     def check_applicable(self, model: nn.Module) -> None:
-        try:
-            layers = self.layers(model)
-        except LayerSelectionError as exc:
-            raise NotApplicable(f"method.exclude: {exc}") from exc
-        if not layers:
-            raise NotApplicable(f"no prunable conv/linear layer is left after method.exclude={self.exclude}")
         density = 1.0 - self.sparsity if self.distribution == "uniform" and self.sparsity > 0 else None
-        problems = {n: pattern_shape_problem(self.pattern, m.weight.shape, density) for n, m in layers.items()}
-        bad = {n: problem for n, problem in problems.items() if problem}
-        if bad:
-            name, problem = next(iter(bad.items()))
-            raise NotApplicable(f"method.pattern={self.pattern} cannot hold on {len(bad)} layer(s), e.g. {name}: "
-                                f"{problem}; add them to method.exclude (e.g. {list(bad)[:3]}) or choose another "
-                                "pattern")
+        check_mask_layers(model, self.exclude, self.pattern, density)
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return [MaskEnforcer(self.mask_grads)] if stage == "finetune" else []

@@ -14,11 +14,17 @@ boundary exactly once.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
+
+
+def geometric_rounds(sparsity: float, fraction: float) -> int:
+    """Rounds that remove ``fraction`` of the remaining weights each until ``sparsity`` (the last one clamped)."""
+    return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - fraction) - 1e-9))
 
 
 def cycle_length(total_steps: int, cycles: int) -> int:

@@ -44,7 +44,6 @@ Config keys (conf/method/lth.yaml):
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +56,13 @@ from torch import nn
 from compress_run.core.config import check
 from compress_run.core.masks import MASK_SUFFIX, MaskEnforcer, apply_masks, attach_mask, get_mask
 from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, NotApplicable, method_config
-from compress_run.methods.cycles import CycleCallback
+from compress_run.methods.cycles import CycleCallback, geometric_rounds
 
 PROTOCOLS = ("imp", "oneshot")
 INITS = ("original", "random", "trained")
 
 
-def imp_rounds(sparsity: float, prune_rate: float) -> int:
-    return max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - prune_rate) - 1e-9))
+imp_rounds = geometric_rounds  # IMP's rounds at prune_rate per round
 
 
 def weights_state(model: nn.Module) -> dict[str, torch.Tensor]:

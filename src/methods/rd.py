@@ -54,7 +54,6 @@ magnitude); the calibration set is drawn with the run's seed from the train spli
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,16 +70,15 @@ from torch.utils.data import DataLoader, Subset
 from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.masks import (
-    LayerSelectionError,
     MaskEnforcer,
     attach_mask,
     get_mask,
     magnitude_scores,
     prunable_layers,
 )
-from compress_run.core.projections import fixed_density, parse_pattern, pattern_shape_problem, project
-from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
-from compress_run.methods.cycles import CycleCallback
+from compress_run.core.projections import fixed_density, parse_pattern, project
+from compress_run.methods.base import Method, MethodConfig, NotApplicable, check_mask_layers, method_config
+from compress_run.methods.cycles import CycleCallback, geometric_rounds
 
 BUDGETS = ("weights", "macs")
 DISTORTIONS = ("worst_mse", "taylor")
@@ -340,27 +338,14 @@ class RD(Method):
         return prunable_layers(model, self.exclude)
 
     def check_applicable(self, model: nn.Module) -> None:
-        try:
-            layers = self.layers(model)
-        except LayerSelectionError as exc:
-            raise NotApplicable(f"method.exclude: {exc}") from exc
-        if not layers:
-            raise NotApplicable(f"no prunable conv/linear layer is left after method.exclude={self.exclude}")
-        bad = {n: p for n, m in layers.items() if (p := pattern_shape_problem(self.pattern, m.weight.shape))}
-        if bad:
-            name, problem = next(iter(bad.items()))
-            raise NotApplicable(f"method.pattern={self.pattern} cannot hold on {len(bad)} layer(s), e.g. {name}: "
-                                f"{problem}; add them to method.exclude (e.g. {list(bad)[:3]}) or choose another "
-                                "pattern")
+        check_mask_layers(model, self.exclude, self.pattern, None)  # densities vary per layer
         if self.output is not None and self.output not in dict(model.named_modules()):
             raise NotApplicable(f"method.output={self.output!r} is not a module of the model; give a module name "
                                 "(e.g. from `print(model)`) or null for the network's output")
 
     # ---- schedule
     def rounds(self) -> int:
-        if not self.iterative:
-            return 1
-        return max(1, math.ceil(math.log(1.0 - self.sparsity) / math.log(1.0 - self.round_fraction) - 1e-9))
+        return geometric_rounds(self.sparsity, self.round_fraction) if self.iterative else 1
 
     def round_sparsity(self, r: int) -> float:
         """Target after round r (1-based): 1 - (1 - f)^r, the last clamped to ``sparsity``."""
