@@ -65,7 +65,6 @@ import numpy as np
 import torch
 from rich.progress import Progress
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from compress_run.core.config import check
 from compress_run.core.errors import UserError
@@ -78,6 +77,7 @@ from compress_run.core.masks import (
 )
 from compress_run.core.projections import fixed_density, parse_pattern, project
 from compress_run.methods.base import Method, MethodConfig, NotApplicable, check_mask_layers, method_config
+from compress_run.methods.calibration import calibration_batches, macs_per_weight
 from compress_run.methods.cycles import CycleCallback, geometric_rounds
 
 BUDGETS = ("weights", "macs")
@@ -285,44 +285,6 @@ def taylor_curves(model: nn.Module, names: list[str], batches: list[torch.Tensor
 
 
 # ------------------------------------------------------------------------------------- the method
-def calibration_batches(datamodule: L.LightningDataModule, source: str, size: int, batch_size: int,
-                        input_shape: tuple[int, ...], seed: int, device: torch.device) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    if source == "noise":
-        images = torch.randn((size, *input_shape), generator=generator)
-        return [b.to(device) for b in images.split(batch_size)]
-    if datamodule.train_set is None:
-        datamodule.setup("fit")
-    train_set = datamodule.train_set
-    if size > len(train_set):
-        raise UserError(f"method.calib_size={size} is larger than the train split ({len(train_set)} images)",
-                        f"set method.calib_size <= {len(train_set)}")
-    indices = torch.randperm(len(train_set), generator=generator)[:size].tolist()
-    loader = DataLoader(Subset(train_set, indices), batch_size=batch_size, shuffle=False)
-    return [datamodule.on_after_batch_transfer(batch, 0)[0].to(device) for batch in loader]
-
-
-def macs_per_weight(model: nn.Module, names: list[str], sample: torch.Tensor) -> dict[str, float]:
-    """MACs one weight of each layer costs per image: output positions of a conv, tokens of a linear layer."""
-    modules = dict(model.named_modules())
-    found: dict[str, float] = {}
-
-    def hook(name: str) -> Callable:
-        def record(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-            per_image = out[0].numel()  # one sample
-            found[name] = per_image / module.weight.shape[0]
-        return record
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(sample[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: float(found.get(n, 0.0)) for n in names}
-
-
 class RD(Method):
     Config = RDConfig
     state_attributes = ("chosen", "round", "report")

@@ -163,9 +163,8 @@ class ScheduleConfig:
     eval_batch_size: int = 512
     label_smoothing: float = 0.0
     decay_norm_and_bias: bool = True
-    optimizer: dict[str, Any] = field(default_factory=lambda: {
-        "_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9, "nesterov": True,
-        "weight_decay": 5e-4})
+    # no default: a schedule names its whole optimizer (a default dict would merge SGD's keys into an AdamW's)
+    optimizer: dict[str, Any] = field(default_factory=dict)
     train: StageSchedule = field(default_factory=StageSchedule)
     finetune: StageSchedule = field(default_factory=StageSchedule)
 
@@ -173,6 +172,8 @@ class ScheduleConfig:
         check(self.batch_size >= 1, "schedule.batch_size", self.batch_size, "an integer >= 1")
         check(self.eval_batch_size >= 1, "schedule.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         check(0.0 <= self.label_smoothing < 1.0, "schedule.label_smoothing", self.label_smoothing, "[0, 1)")
+        check("_target_" in self.optimizer, "schedule.optimizer", self.optimizer,
+              "an optimizer with its _target_ (e.g. {_target_: torch.optim.SGD, _partial_: true, momentum: 0.9})")
         self.train.check("train")
         self.finetune.check("finetune")
 

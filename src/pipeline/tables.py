@@ -14,7 +14,8 @@ without a record are run again.
 Metrics (all in the units of the published tables): ``top1`` (% test accuracy), ``macs_reduction`` (% of
 the dense MACs removed), ``sparsity`` (% zeros in the prunable layers), ``params_reduction`` (% of the
 original parameters removed), ``latency_ms`` (simulated batch-1 latency on the run's hardware profile),
-``host_ms`` (measured batch-1 latency on the host that ran the evaluate stage). A multi-seed row reports
+``host_ms`` (measured batch-1 latency on the host that ran the evaluate stage), ``latency_ms/<profile>``
+(simulated batch-1 latency on a profile the rows list in ``evaluate.hardware``). A multi-seed row reports
 the mean and the sample standard deviation over its seeds.
 
 ``orderings`` state the papers' claims about rows (``rows: [a, b, c]`` claims a ≥ b ≥ c on ``metric``;
@@ -61,6 +62,17 @@ METRICS: dict[str, tuple[str, Any]] = {
     "latency_ms": ("sim latency (ms)", lambda m: simulated_latency(m)[1]),
     "host_ms": ("host latency (ms, b1)", lambda m: m.get("latency_host_ms/b1")),
 }
+
+
+def metric_spec(name: str) -> tuple[str, Any] | None:
+    """(label, value function) of a table metric: one of METRICS, or ``latency_ms/<profile>`` (the simulated
+    batch-1 latency on that profile, which the run lists in ``evaluate.hardware``); None if unknown."""
+    if name.startswith("latency_ms/") and name.count("/") == 1:
+        profile = name.partition("/")[2]
+        return f"sim latency {profile} (ms)", lambda m: m.get(f"latency_sim_ms/{profile}")
+    return METRICS.get(name)
+
+
 EXTRA = ("macs_effective_M", "macs_dense_M", "latency_sim_ms")  # aggregated beside the compared metrics
 SMOKE_OVERRIDES = ["debug=smoke", "dataset=synthetic", "logger=none", "evaluate.repeats=2", "evaluate.warmup=1"]
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -128,10 +140,10 @@ def load_table(name: str) -> TableConfig:
 
 
 def check_table(table: DictConfig, path: Path) -> None:
-    unknown = [m for m in table.metrics if m not in METRICS]
+    unknown = [m for m in table.metrics if metric_spec(m) is None]
     if unknown or not table.metrics:
         raise UserError(f"table {path}: unknown metric(s) {unknown or '(none given)'}",
-                        f"use metrics from: {', '.join(METRICS)}")
+                        f"use metrics from: {', '.join(METRICS)}, latency_ms/<profile>")
     experiments, seen = experiment_names(), set()
     for row in table.rows:
         if not ROW_NAME.match(row.name) or row.name in seen:
@@ -273,7 +285,7 @@ def run_values(table: TableConfig, row: TableRow, results: dict[str, Any]) -> di
                               "macs_dense_M": _div(metrics.get("model/macs_dense"), 1e6),
                               "latency_sim_ms": latency, "hardware": hardware}
     for metric in table.metrics:
-        values[metric] = METRICS[metric][1](metrics) if metrics else None
+        values[metric] = metric_spec(metric)[1](metrics) if metrics else None
     return values
 
 
@@ -468,7 +480,7 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     compared = [m for m in table.metrics if any(r.get(f"{m}_paper") is not None for r in rows)]
     header = ["row", "experiment"]
     for metric in table.metrics:  # paper and difference columns only where a published value exists
-        label = METRICS[metric][0]
+        label = metric_spec(metric)[0]
         header += [f"{label} paper", f"{label} ours", "Δ"] if metric in compared else [label]
     header += ["MACs (M, effective)", "sim latency (ms, b1)", "status", "run dir"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

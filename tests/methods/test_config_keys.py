@@ -86,7 +86,9 @@ METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_
                             "method.lut_batch=256"],
                   "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],
                   "lth": ["method.sparsity=0.5", "schedule.finetune.epochs=2"],
-                  "rd": ["method.calib_size=16", "method.levels=5"]}
+                  "rd": ["method.calib_size=16", "method.levels=5"],
+                  "lpvit": ["model=vit_fmnist", "model.embed_dim=32", "model.num_heads=2", "model.depth=2",
+                            "model.patch_size=2", "method.calib_size=32", "method.block=[16,16]"]}
 # keys whose effect needs another run first (a ticket, a worker's round), each covered by the named test
 COVERED_ELSEWHERE = {
     ("lth", "ticket"):
@@ -183,7 +185,7 @@ _BASELINES: dict[tuple[str, ...], str] = {}
 def test_flipping_a_key_changes_the_run(tmp_path, method, key):
     value, context = flip_of(method, key)
     common = [*BASE, f"method={method}", *METHOD_CONTEXT.get(method, []), *context]
-    if method == "comcat":
+    if method in ("comcat", "lpvit"):  # ViTs: the context sets their width
         common.remove("model.width_mult=0.5")
     cache_key = tuple(common)
     if cache_key not in _BASELINES:

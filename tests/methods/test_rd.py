@@ -17,12 +17,12 @@ from torch import nn
 
 from compress_run.core.masks import get_mask
 from compress_run.core.projections import check_pattern
+from compress_run.methods.calibration import macs_per_weight
 from compress_run.methods.rd import (
     RD,
     RDConfig,
     WorstCaseMSE,
     allocate_levels,
-    macs_per_weight,
     measured_curves,
     taylor_curves,
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from compress_run.pipeline.tables import METRICS, experiment_names, load_table, table_names
+from compress_run.pipeline.tables import experiment_names, load_table, metric_spec, table_names
 from tests.conftest import read_json
 
 TINY_ROWS = [{"name": "magnitude", "experiment": "fmnist_magnitude"},
@@ -47,10 +47,18 @@ def launches(table_dir: Path) -> list[dict]:
 def test_every_table_config_loads_and_names_real_experiments(name):
     table = load_table(name)
     assert table.rows and table.title and table.source
-    assert set(table.metrics) <= set(METRICS)
+    assert all(metric_spec(m) is not None for m in table.metrics)
     assert {row.experiment for row in table.rows} <= experiment_names()
     if name in ("gap_imagenet", "rigl_imagenet", "chex_imagenet"):  # every published row has its value
         assert all("top1" in row.paper for row in table.rows)
+
+
+def test_latency_on_any_profile_is_a_metric():
+    label, value = metric_spec("latency_ms/a100")
+    assert "a100" in label
+    assert value({"latency_sim_ms/a100": 0.25, "latency_sim_ms/host_cpu": 1.5}) == 0.25
+    assert metric_spec("latency_ms/") is None or metric_spec("latency_ms/")[1]({}) is None
+    assert metric_spec("latency_ms/a100/b8") is None and metric_spec("speed") is None
 
 
 def test_paper_tables_have_all_their_rows():
