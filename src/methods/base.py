@@ -2,6 +2,7 @@
 
 * ``stages`` — the pipeline stages the method needs; the others are recorded as skipped.
 * ``check_applicable(model)`` — raise :class:`NotApplicable` if the method cannot act on this model.
+* ``check_data(train_size)`` — the same for the run's train split (e.g. a calibration set larger than it).
 * ``prepare(model)`` — the network the train stage starts from (default: the model itself); a method
   that trains in another form from scratch (ELRT's Tucker-2 network) builds it here. Deterministic in
   the model's shapes, so a resumed train stage rebuilds the same structure.
@@ -140,6 +141,10 @@ class Method:
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if the method cannot act on ``model``."""
+
+    def check_data(self, train_size: int) -> None:
+        """Raise :class:`NotApplicable` if the method cannot use a train split of ``train_size`` images (a
+        calibration set larger than the split); called before any stage runs."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model

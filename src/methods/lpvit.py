@@ -346,6 +346,11 @@ class LPViT(Method):
                                 f"of its MACs (the reachable range is [{lowest / total:.3f}, 1)); raise "
                                 "method.macs_target, lower method.min_keep or add layers to method.layers")
 
+    def check_data(self, train_size: int) -> None:
+        if self.calib_size > train_size:
+            raise NotApplicable(f"method.calib_size={self.calib_size} is larger than the train split ({train_size} "
+                                f"images); set method.calib_size <= {train_size}")
+
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
         return [MaskEnforcer(self.mask_grads)] if stage == "finetune" else []
 

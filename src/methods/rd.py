@@ -305,6 +305,11 @@ class RD(Method):
             raise NotApplicable(f"method.output={self.output!r} is not a module of the model; give a module name "
                                 "(e.g. from `print(model)`) or null for the network's output")
 
+    def check_data(self, train_size: int) -> None:
+        if self.calib_source == "train" and self.calib_size > train_size:
+            raise NotApplicable(f"method.calib_size={self.calib_size} is larger than the train split ({train_size} "
+                                f"images); set method.calib_size <= {train_size} (or method.calib_source=noise)")
+
     # ---- schedule
     def rounds(self) -> int:
         return geometric_rounds(self.sparsity, self.round_fraction) if self.iterative else 1

@@ -30,6 +30,8 @@ CASES = [
     ("unknown_stage", ["stages=[train,prune]"], ["unknown: ['prune']"]),
     ("negative_epochs", ["schedule.train.epochs=-1"], ["schedule.train.epochs=-1 is not allowed"]),
     ("optimizer_without_target", ["~schedule.optimizer._target_"], ["schedule.optimizer=", "_target_"]),
+    ("calib_larger_than_the_data", ["method=rd", "method.calib_size=5000"],
+     ["method.calib_size=5000 is larger than the train split", "cannot use dataset="]),
     ("lpvit_on_a_cnn", ["method=lpvit"], ["method=lpvit cannot be applied to model=resnet20", "method.layers"]),
     ("lpvit_unreachable_target", ["method=lpvit", "model=vit_fmnist", "method.macs_target=0.01"],
      ["method.macs_target=0.01 cannot be reached", "reachable range"]),

@@ -1,0 +1,140 @@
+"""Uniform integer quantization of weights and activations: the numerics every quantization method shares.
+
+Symmetric, round-to-nearest: q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1), x ≈ s·q. A weight is quantized on
+its matrix view (rows = outputs, columns = the reduction, input channel fastest; :func:`as_matrix`) with one
+scale per tensor, per output channel (row), or per group of ``group_size`` consecutive columns of a row
+(finer: an outlier only widens the step of its own group).
+
+Activations are calibrated per tensor from samples: ``minmax`` (the largest magnitude), ``percentile`` (that
+percentile of the magnitudes: outliers clip) or ``mse`` (the clipping range minimising the mean squared
+quantization error, searched over a grid of fractions of the largest magnitude).
+
+Smoothing (SmoothQuant, Xiao et al., ICML 2023) moves activation outliers into the weights: with
+s_j = max|X_j|^α / max|W_:,j|^(1-α) per input channel j, X' = X·diag(s)^-1 and W' = W·diag(s) give the same
+product X'W'ᵀ = XWᵀ, and both sides are quantized with per-channel/per-tensor scales. :func:`best_alpha` picks
+α per layer by the error on both sides (the weight's and the activation's quantization together: the
+output error of the quantized product), which is the bi-smoothing of the LLaMA3-70B study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from compress_run.core.weight_matrix import as_matrix, from_matrix
+
+GRANULARITIES = ("tensor", "channel", "group")
+CALIBRATIONS = ("minmax", "percentile", "mse")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def qmax(bits: int) -> int:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{bits}-bit integers are not supported (use {MIN_BITS}..{MAX_BITS})")
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``x`` at ``scale`` (broadcast), in [-2^(b-1), 2^(b-1) - 1]."""
+    top = qmax(bits)
+    return torch.clamp(torch.round(x / scale), -top - 1, top)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` rounded to its quantization grid (dequantized codes), same dtype and shape."""
+    return quantize(x, scale, bits) * scale
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row/group keeps scale 1
+
+
+def weight_scales(matrix: torch.Tensor, bits: int, granularity: str, group_size: int = 128) -> torch.Tensor:
+    """Scales broadcastable to ``matrix`` viewed [rows, groups, group_size] (tensor: [1, 1, 1], channel: [rows, 1,
+    1], group: [rows, ceil(cols / group_size), 1]); the last group of a row may be short."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    grouped = _grouped(matrix.abs(), group_size if granularity == "group" else matrix.shape[1])
+    peak = grouped.amax().reshape(1, 1, 1) if granularity == "tensor" else grouped.amax(dim=2, keepdim=True)
+    return _safe(peak / qmax(bits))
+
+
+def _grouped(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+    rows, cols = matrix.shape
+    pad = (-cols) % group_size
+    return torch.nn.functional.pad(matrix, (0, pad)).reshape(rows, -1, group_size)
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, granularity: str, group_size: int = 128) -> torch.Tensor:
+    """``weight`` (any conv/linear shape) rounded to its grid at ``granularity``."""
+    matrix = as_matrix(weight)
+    rows, cols = matrix.shape
+    size = group_size if granularity == "group" else cols
+    grouped = _grouped(matrix, size)
+    scales = weight_scales(matrix, bits, granularity, group_size)
+    out = fake_quantize(grouped, scales, bits).reshape(rows, -1)[:, :cols]
+    return from_matrix(out, weight.shape)
+
+
+def weight_error(weight: torch.Tensor, bits: int, granularity: str, group_size: int = 128) -> float:
+    """Relative squared error ‖W - Q(W)‖² / ‖W‖² of quantizing ``weight``."""
+    q = fake_quantize_weight(weight, bits, granularity, group_size)
+    return float((weight - q).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30))
+
+
+def activation_scale(samples: torch.Tensor, bits: int, method: str = "minmax", percentile: float = 99.99,
+                     grid: int = 100) -> torch.Tensor:
+    """One symmetric per-tensor scale for activations like ``samples`` (a 0-d tensor)."""
+    if method not in CALIBRATIONS:
+        raise ValueError(f"calibration {method!r} is not one of {', '.join(CALIBRATIONS)}")
+    magnitudes = samples.detach().abs().flatten().float()
+    peak = magnitudes.max()
+    if method == "minmax":
+        return _safe(peak / qmax(bits))
+    if method == "percentile":
+        sample = magnitudes if magnitudes.numel() <= 2**24 else magnitudes[torch.randperm(magnitudes.numel())[:2**24]]
+        return _safe(torch.quantile(sample, percentile / 100.0) / qmax(bits))
+    best, best_error = peak / qmax(bits), float("inf")
+    for k in range(1, grid + 1):  # clip at k/grid of the peak: the range with the least squared error
+        scale = _safe(peak * k / grid / qmax(bits))
+        error = float((fake_quantize(magnitudes, scale, bits) - magnitudes).pow(2).mean())
+        if error < best_error:
+            best, best_error = scale, error
+    return _safe(best)
+
+
+def smoothing_scales(activation_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_:,j|^(1-α) per input channel of a linear ``weight`` [out, in]."""
+    w_absmax = weight.detach().abs().amax(dim=0)
+    s = activation_absmax.clamp_min(1e-8).pow(alpha) / w_absmax.clamp_min(1e-8).pow(1.0 - alpha)
+    return s.clamp_min(1e-5)
+
+
+def product_error(x: torch.Tensor, weight: torch.Tensor, bits: int, granularity: str = "channel",
+                  group_size: int = 128, scales: torch.Tensor | None = None) -> float:
+    """Relative squared error of the quantized product Q(X/s)·Q(W·s)ᵀ against X·Wᵀ (``x`` [N, in], per-tensor
+    minmax activations, ``weight`` [out, in] at ``granularity``; s = 1 without ``scales``)."""
+    s = torch.ones(weight.shape[1], dtype=x.dtype) if scales is None else scales
+    xs, ws = x / s, weight * s
+    xq = fake_quantize(xs, activation_scale(xs, bits), bits)
+    wq = fake_quantize_weight(ws, bits, granularity, group_size)
+    reference = x @ weight.T
+    return float((xq @ wq.T - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+def best_alpha(x: torch.Tensor, weight: torch.Tensor, bits: int, alphas: Sequence[float],
+               granularity: str = "channel", group_size: int = 128) -> tuple[float, dict[float, float]]:
+    """Bi-smoothing: the α of ``alphas`` whose smoothing gives the least output error of the quantized product
+    (weight and activation quantization together), and the error of every α."""
+    absmax = x.detach().abs().amax(dim=0)
+    errors = {float(a): product_error(x, weight, bits, granularity, group_size, smoothing_scales(absmax, weight, a))
+              for a in alphas}
+    return min(errors, key=errors.__getitem__), errors
+
+
+def worst_layers(errors: dict[str, float], fraction: float) -> list[str]:
+    """Mixed granularity: the layers with the largest quantization error, at most ``fraction`` of all layers
+    (rounded down; none when the fraction is below one layer)."""
+    count = int(fraction * len(errors) + 1e-9)
+    return sorted(errors, key=errors.__getitem__, reverse=True)[:count]
