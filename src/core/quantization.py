@@ -18,9 +18,12 @@ output error of the quantized product), which is the bi-smoothing of the LLaMA3-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from compress_run.core.weight_matrix import as_matrix, from_matrix
 
@@ -138,3 +141,127 @@ def worst_layers(errors: dict[str, float], fraction: float) -> list[str]:
     (rounded down; none when the fraction is below one layer)."""
     count = int(fraction * len(errors) + 1e-9)
     return sorted(errors, key=errors.__getitem__, reverse=True)[:count]
+
+
+# --------------------------------------------------------------------------- quantized layers (state)
+# A quantized conv/linear layer carries its quantization as buffers (so every checkpoint holds it and
+# :func:`attach_quantization_from_state_dict` rebuilds it): the weight itself already sits on its integer grid
+# (W·diag(s) with smoothing), ``quant_weight_scale`` [rows, groups] and the bit widths say which grid, and a
+# forward pre-hook rounds the input to its static per-tensor grid (after dividing by the smoothing vector).
+QUANT_BUFFERS = ("quant_weight_scale", "quant_weight_bits", "quant_group_size", "quant_input_scale",
+                 "quant_input_bits")
+SMOOTH_BUFFER = "quant_input_smooth"
+
+
+_rounding = threading.local()
+
+
+def in_fake_quantization() -> bool:
+    """True while a quantized layer rounds its input (the MAC/latency trace leaves those ops out)."""
+    return getattr(_rounding, "depth", 0) > 0
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    _rounding.depth = getattr(_rounding, "depth", 0) + 1
+    try:
+        x = args[0]
+        smooth = module._buffers.get(SMOOTH_BUFFER)
+        if smooth is not None:
+            x = x / (smooth.view(1, -1, *([1] * (x.dim() - 2))) if isinstance(module, nn.Conv2d) else smooth)
+        return (fake_quantize(x, module.quant_input_scale, int(module.quant_input_bits)), *args[1:])
+    finally:
+        _rounding.depth -= 1
+
+
+def _register(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    for name, value in buffers.items():
+        if name in module._buffers:
+            module._buffers[name] = value
+        else:
+            module.register_buffer(name, value)
+    if not getattr(module, "_quant_hooked", False):
+        module.register_forward_pre_hook(_quantize_input)
+        module._quant_hooked = True
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return "quant_weight_bits" in module._buffers
+
+
+@torch.no_grad()
+def attach_quantization(module: nn.Module, weight_bits: int, input_bits: int, input_scale: torch.Tensor,
+                        granularity: str, group_size: int = 128, smooth: torch.Tensor | None = None) -> None:
+    """Quantize ``module`` (conv/linear) in place: the weight (times ``smooth`` per input channel, if given) is
+    rounded to its grid at ``granularity``, the input is rounded at every call to ``input_scale`` (after
+    dividing by ``smooth``)."""
+    weight = module.weight
+    if smooth is not None:
+        shape = (1, -1, *([1] * (weight.dim() - 2)))
+        weight.mul_(smooth.to(weight).view(shape))
+    matrix = as_matrix(weight)
+    size = group_size if granularity == "group" else matrix.shape[1]
+    scales = weight_scales(matrix, weight_bits, granularity, group_size)
+    weight.copy_(fake_quantize_weight(weight, weight_bits, granularity, group_size))
+    device = weight.device
+    buffers = {"quant_weight_scale": scales.reshape(scales.shape[0], -1).expand(matrix.shape[0], -1).clone(),
+               "quant_weight_bits": torch.tensor(weight_bits, device=device),
+               "quant_group_size": torch.tensor(size, device=device),
+               "quant_input_scale": input_scale.detach().reshape(()).to(device).clone(),
+               "quant_input_bits": torch.tensor(input_bits, device=device)}
+    if smooth is not None:
+        buffers[SMOOTH_BUFFER] = smooth.detach().to(device).clone()
+    _register(module, buffers)
+
+
+def attach_quantization_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                                        prefix: str = "") -> int:
+    """Give every layer the quantization buffers (and input hook) ``state_dict`` has for it, before
+    ``load_state_dict`` fills them; returns how many layers."""
+    modules = dict(model.named_modules())
+    count = 0
+    for key in state_dict:
+        if not key.startswith(prefix) or not key.endswith(".quant_weight_bits"):
+            continue
+        name = key[len(prefix):].rpartition(".")[0]
+        module = modules.get(name)
+        if module is None:
+            continue
+        names = [*QUANT_BUFFERS, SMOOTH_BUFFER]
+        found = {b: state_dict[f"{prefix}{name}.{b}"].clone() for b in names if f"{prefix}{name}.{b}" in state_dict}
+        _register(module, found)
+        count += 1
+    return count
+
+
+def quantization_report(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per quantized layer: weight and input bits, the weight's group size (its row length when per channel)
+    and whether the input is smoothed."""
+    return {name: {"weight_bits": int(m.quant_weight_bits), "input_bits": int(m.quant_input_bits),
+                   "group_size": int(m.quant_group_size), "smoothed": SMOOTH_BUFFER in m._buffers}
+            for name, m in model.named_modules() if is_quantized(m)}
+
+
+def model_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes of the model's parameters as stored: a quantized weight at its bits plus its fp32 scales; a masked
+    weight in the smaller of dense and CSR form (values + 16-bit column indices + 32-bit row pointers); every
+    other parameter and buffer that holds state at fp32 (masks and quantization bookkeeping excluded)."""
+    from compress_run.core.masks import MASK_SUFFIX
+
+    total = weights = 0.0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            bits = int(module.quant_weight_bits) if name == "weight" and is_quantized(module) else 32
+            dense = param.numel() * bits / 8
+            mask = module._buffers.get(name + MASK_SUFFIX)
+            if mask is not None:
+                rows = param.shape[0]
+                dense = min(dense, float(mask.sum()) * (bits / 8 + 2) + (rows + 1) * 4)
+            if name == "weight" and is_quantized(module):
+                dense += module.quant_weight_scale.numel() * 4
+            total += dense
+            weights += dense if name == "weight" else 0.0
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and not name.endswith(MASK_SUFFIX) and not name.startswith("quant_") \
+                    and buf.is_floating_point():
+                total += buf.numel() * 4
+    return {"model/bytes": total, "model/weight_bytes": weights}

@@ -1,7 +1,8 @@
 """One function that gives a freshly built network every compression structure a state dict describes —
-compacted shapes, factorized layers, multi-level buffers and masks — so that ``load_state_dict`` then loads
-the compressed weights into it. Checkpoints carry their own structure (``extra_state`` of compacted and
-factorized layers, level and mask buffers): no method has to be present to reload a compressed model.
+compacted shapes, factorized layers, multi-level buffers, masks and quantized layers — so that
+``load_state_dict`` then loads the compressed weights into it. Checkpoints carry their own structure
+(``extra_state`` of compacted and factorized layers, level, mask and quantization buffers): no method has to
+be present to reload a compressed model.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from compress_run.core.compaction import restore_compacted
 from compress_run.core.factorized import restore_factorized
 from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.core.nesting import restore_levels
+from compress_run.core.quantization import attach_quantization_from_state_dict
 
 
 def restore_compression(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
     """Rebuild on ``model`` (freshly built, dense) the compression state of ``state_dict``; call before
-    ``model.load_state_dict``. Returns how many compacted layers, factorized layers, level buffers and masks
-    were restored."""
+    ``model.load_state_dict``. Returns how many compacted layers, factorized layers, level buffers, masks and
+    quantized layers were restored."""
     state = dict(state_dict)
     return {"compacted": restore_compacted(model, state, prefix),
             "factorized": restore_factorized(model, state, prefix),
             "levels": restore_levels(model, state, prefix),
-            "masks": attach_masks_from_state_dict(model, state, prefix)}
+            "masks": attach_masks_from_state_dict(model, state, prefix),
+            "quantized": attach_quantization_from_state_dict(model, state, prefix)}

@@ -24,7 +24,7 @@ from compress_run.hardware.kernel_choice import choose_kernels
 from compress_run.hardware.macs import mac_report
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
-from compress_run.hardware.simulator import Simulation, Simulator
+from compress_run.hardware.simulator import Simulation, Simulator, layer_bits
 from compress_run.hardware.trace import trace_model
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
 from compress_run.kernels.select import to_fastest
@@ -38,6 +38,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     """Flat metrics (the first profile is the run's primary hardware) and batch-1 per-layer rows per profile."""
     traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
     infos = compression_infos(net)  # read the masks once for every view and profile
+    bits = layer_bits(net)
     macs = mac_report(net, traces[1], infos)
     metrics: dict[str, Any] = {
         "model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
@@ -48,7 +49,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics["model/unpriced_ops"] = traces[1].unpriced_ops
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for i, profile in enumerate(profiles):
-        sims = {b: Simulator(profile).run(trace, infos) for b, trace in traces.items()}
+        sims = {b: Simulator(profile).run(trace, infos, bits) for b, trace in traces.items()}
         executed = round(sims[1].macs("executed"))
         if i == 0:
             metrics["model/macs_executed"] = executed
@@ -64,7 +65,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
             deployed = to_fastest(net, choice)
             metrics["kernels_per_layer"] = choice
         else:
-            host_sim = Simulator(host).run(traces[1], infos)
+            host_sim = Simulator(host).run(traces[1], infos, bits)
             deployed = to_fastest(net, {name: {"kernel": fmt} for name, fmt in host_sim.formats().items()})
         metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
         metrics[f"latency_host_ms/b{batch}"] = round(
@@ -73,6 +74,8 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics["latency_host/sparse_layers"] = sum(isinstance(m, SparseLinear | SparseConv2d | GSLinear | GSConv2d)
                                                     for m in deployed.modules())
         metrics["latency_host/kernel_choice"] = kernels
+        if bits:  # the host runs the integer grids in float: its time is not an int8 kernel's
+            metrics["latency_host/quantized_layers_run_as"] = "fake-quant float kernels"
     return metrics, per_layer
 
 

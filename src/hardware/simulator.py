@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from compress_run.core.compression_info import compression_infos, info_for
+from compress_run.core.quantization import quantization_report
 from compress_run.hardware.profile import FALLBACK_CLASS, HardwareConfig, SparseFormatConfig
 from compress_run.hardware.trace import ModelTrace, OpRecord
 
@@ -116,42 +117,47 @@ class Simulator:
         self.bpe = profile.bytes_per_element()
 
     # ------------------------------------------------------------------ pieces of one layer's time
-    def mac_seconds(self, op: OpRecord) -> float:
+    def mac_seconds(self, op: OpRecord, dtype: str | None = None) -> float:
         """Time of the multiply-accumulates alone at the op class's peak (GPU: after wave quantization)."""
         hw = self.hw
-        seconds = 2 * op.macs / hw.peak(op.kind)
+        seconds = 2 * op.macs / hw.peak(op.kind, dtype)
         if hw.kind == "gpu" and hw.sms and op.gemms and op.macs:
             work = sum(g[0] * g[1] * g[2] * g[3] for g in op.gemms)
             eff = sum(g[0] * g[1] * g[2] * g[3] * wave_efficiency(g, hw.sms, hw.tile) for g in op.gemms) / work
             seconds /= eff
         return seconds
 
-    def compute_seconds(self, op: OpRecord) -> float:
-        """Dense execution time of one op, memory traffic aside."""
+    def compute_seconds(self, op: OpRecord, dtype: str | None = None) -> float:
+        """Dense execution time of one op in ``dtype`` (default the profile's), memory traffic aside."""
         hw = self.hw
+        bpe = hw.bytes_per_element(dtype)
         if op.kind not in COMPUTE_KINDS:
-            return op.work / hw.peak(op.kind)
+            return op.work / hw.peak(op.kind, dtype)
         if hw.kind == "systolic":
             cycles = sum(systolic_cycles(g, hw.systolic.rows, hw.systolic.cols) for g in op.gemms)
             return cycles / (hw.systolic.clock_ghz * 1e9)
-        seconds = self.mac_seconds(op)
+        seconds = self.mac_seconds(op, dtype)
         prep = _per_class(hw.weight_prep_gbps, op.kind)
         if prep:  # eager CPU kernels re-lay out a dense weight on every call
-            seconds += op.weight_bytes / 4 * self.bpe / (prep * 1e9)
+            seconds += op.weight_bytes / 4 * bpe / (prep * 1e9)
         packing = _per_class(hw.operand_gbps, op.kind)
         if packing:
-            seconds += operand_bytes(op) / 4 * self.bpe / (packing * 1e9)
+            seconds += operand_bytes(op) / 4 * bpe / (packing * 1e9)
         return seconds
 
-    def sparse_seconds(self, op: OpRecord, dense_seconds: float, spec: SparseFormatConfig, density: float) -> float:
+    def sparse_seconds(self, op: OpRecord, dense_seconds: float, spec: SparseFormatConfig, density: float,
+                       dtype: str | None = None) -> float:
         """``fixed * dense + density * MAC time / efficiency + operand bytes / operand_gbps``."""
-        seconds = spec.fixed * dense_seconds + density * self.mac_seconds(op) / spec.efficiency
+        seconds = spec.fixed * dense_seconds + density * self.mac_seconds(op, dtype) / spec.efficiency
         if spec.operand_gbps:
-            seconds += operand_bytes(op) / 4 * self.bpe / (spec.operand_gbps * 1e9)
+            seconds += operand_bytes(op) / 4 * self.hw.bytes_per_element(dtype) / (spec.operand_gbps * 1e9)
         return seconds
 
-    def weight_bytes(self, op: OpRecord, fmt: str, density: float, info: dict[str, Any] | None) -> float:
-        dense = op.weight_bytes / 4 * self.bpe
+    def weight_bytes(self, op: OpRecord, fmt: str, density: float, info: dict[str, Any] | None,
+                     bpe: float | None = None) -> float:
+        """Bytes of the op's weights in ``fmt`` at ``bpe`` bytes per value (default the profile's dtype)."""
+        bpe = self.bpe if bpe is None else bpe
+        dense = op.weight_bytes / 4 * bpe
         if fmt == "dense" or info is None:
             return dense
         spec = self.hw.sparse_formats[fmt]
@@ -159,8 +165,13 @@ class Simulator:
         stored = density * numel
         if fmt.startswith("bsr_"):
             block = int(fmt.split("_")[1])
-            return stored * self.bpe + stored / block**2 * spec.index_bits / 8 + dense - numel * self.bpe
-        return stored * (self.bpe + spec.index_bits / 8) + dense - numel * self.bpe
+            return stored * bpe + stored / block**2 * spec.index_bits / 8 + dense - numel * bpe
+        return stored * (bpe + spec.index_bits / 8) + dense - numel * bpe
+
+    def quantized_dtype(self, bits: int | None) -> str | None:
+        """The dtype an integer layer of ``bits`` runs in here: int8 where the profile has int8 peaks (a
+        narrower weight is unpacked to int8), else None (the profile's own dtype: it runs dequantized)."""
+        return "int8" if bits is not None and bits <= 8 and "int8" in self.hw.peak_tflops else None
 
     def bandwidth(self, nbytes: float) -> float:
         hw = self.hw
@@ -177,24 +188,29 @@ class Simulator:
         return self.hw.kernel_overhead_us + _per_class(self.hw.class_overhead_us, kind)
 
     # ---------------------------------------------------------------------------- whole layers
-    def layer(self, op: OpRecord, info: dict[str, Any] | None, weights_on_chip: bool) -> LayerTime:
+    def layer(self, op: OpRecord, info: dict[str, Any] | None, weights_on_chip: bool,
+              bits: tuple[int, int] | None = None) -> LayerTime:
+        """One op's row; ``bits`` = (weight bits, input bits) of a quantized layer."""
         row = LayerTime(module=op.module, kind=self.op_class(op.kind), context=self.hw.context_factor)
+        dtype = self.quantized_dtype(bits[0] if bits else None) if op.kind in COMPUTE_KINDS else None
+        weight_bpe = bits[0] / 8 if dtype else self.bpe
+        act_bpe = bits[1] / 8 if dtype else self.bpe
         masked = info is not None and info.get("kind") == "mask"
         row.macs_dense = op.macs if (masked or info is None) else op.macs / max(info["density"], 1e-12)
         row.macs_effective = op.macs * info["density"] if masked else op.macs
-        activations = (op.in_bytes + op.out_bytes) / 4 * self.bpe
+        activations = (op.in_bytes * act_bpe + op.out_bytes * self.bpe) / 4
         act_seconds = activations / self.bandwidth(activations)
         weight_bw = self.hw.onchip_gbps * 1e9 if weights_on_chip else self.hw.memory_gbps * 1e9
-        dense_compute = self.compute_seconds(op)
+        dense_compute = self.compute_seconds(op, dtype)
         candidates = [("dense", 1.0, dense_compute)]
         if masked and op.kind in SPARSE_KINDS and self.hw.kind != "systolic":
             for fmt, density in (info.get("formats") or {}).items():
                 if fmt in self.hw.sparse_formats and density is not None:
                     spec = self.hw.sparse_formats[fmt]
-                    candidates.append((fmt, density, self.sparse_seconds(op, dense_compute, spec, density)))
+                    candidates.append((fmt, density, self.sparse_seconds(op, dense_compute, spec, density, dtype)))
         best = None
         for fmt, density, compute in candidates:
-            wbytes = self.weight_bytes(op, fmt, density, info)
+            wbytes = self.weight_bytes(op, fmt, density, info, weight_bpe)
             memory = act_seconds + wbytes / weight_bw
             if best is None or max(compute, memory) < max(best[3], best[4]):
                 best = (fmt, density, wbytes, compute, memory)
@@ -213,8 +229,11 @@ class Simulator:
         row.compute_ms += self.compute_seconds(op) * 1e3
         row.fused.append(op.op)
 
-    def run(self, trace: ModelTrace, infos: dict[str, dict[str, Any]]) -> Simulation:
+    def run(self, trace: ModelTrace, infos: dict[str, dict[str, Any]],
+            bits: dict[str, tuple[int, int]] | None = None) -> Simulation:
+        """Simulate ``trace``; ``infos`` from compression_infos, ``bits`` (weight, input) per quantized layer."""
         hw = self.hw
+        bits = bits or {}
         total_weights = sum(op.weight_bytes for op in trace.ops) / 4 * self.bpe
         weights_on_chip = bool(hw.onchip_gbps) and total_weights <= hw.onchip_mb * 2**20 / 2
         layers: list[LayerTime] = []
@@ -230,7 +249,7 @@ class Simulator:
                 self.fuse(open_row, op, open_out_bytes)
                 open_output, open_out_bytes = op.output, op.out_bytes
                 continue
-            row = self.layer(op, info_for(infos, op.module), weights_on_chip)
+            row = self.layer(op, info_for(infos, op.module), weights_on_chip, bits.get(op.module))
             layers.append(row)
             open_row = row
             open_output, open_out_bytes = op.output, op.out_bytes
@@ -241,5 +260,10 @@ class Simulator:
         return Simulation(profile=hw.name, batch=trace.input_shape[0], layers=layers)
 
 
+def layer_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(weight bits, input bits) of every quantized layer (:mod:`compress_run.core.quantization`)."""
+    return {name: (row["weight_bits"], row["input_bits"]) for name, row in quantization_report(model).items()}
+
+
 def simulate(model: nn.Module, trace: ModelTrace, profile: HardwareConfig) -> Simulation:
-    return Simulator(profile).run(trace, compression_infos(model))
+    return Simulator(profile).run(trace, compression_infos(model), layer_bits(model))

@@ -17,7 +17,8 @@ pass dispatches becomes an :class:`OpRecord` holding
 
 The trace disables PyTorch's fused multi-head-attention fast path (eval mode would otherwise run one
 unpriced kernel per attention block); an op that does MAC work with no formula is listed in
-``ModelTrace.unpriced_ops`` rather than silently counted as free.
+``ModelTrace.unpriced_ops`` rather than silently counted as free. The rounding arithmetic of fake-quantized
+layers (:mod:`compress_run.core.quantization`) is not recorded: an integer kernel takes its input on the grid.
 
 Ops are attributed to the innermost module whose ``forward`` is running (module forward hooks), so
 conv/linear layers own their GEMMs and attention modules their QK^T / AV products.
@@ -34,6 +35,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+from compress_run.core.quantization import in_fake_quantization
 
 aten = torch.ops.aten
 CONV_OPS = {aten.convolution, aten._convolution, aten.convolution_backward}
@@ -167,7 +170,7 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet in IGNORED_OPS:
+        if packet in IGNORED_OPS or in_fake_quantization():  # an int8 kernel does not run the rounding
             return out
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

@@ -175,6 +175,44 @@ class Method:
                         list(value) if isinstance(value, list) else value)
 
 
+QUANT_CONFIGS: dict[str, type] = {}  # schema name (base_quant_<name>) -> a quantizer's config dataclass
+
+
+def quant_config(name: str) -> Callable[[type], type]:
+    """Register a quantizer's config dataclass as the schema ``base_quant_<name>`` (group ``quant``)."""
+    def register(cls: type) -> type:
+        QUANT_CONFIGS[f"base_quant_{name}"] = cls
+        return cls
+    return register
+
+
+class Quantizer:
+    """The quantize stage's contract (``quant=<option>``): ``quantize(model, datamodule)`` turns the finished
+    (possibly pruned, compacted or factorized) network into its quantized form in place; ``summary()`` goes
+    to results.json. Like a method, it is built from its config dataclass (``Config``)."""
+
+    Config: type = MethodConfig
+    input_shape: tuple[int, ...] = (3, 32, 32)  # set by the pipeline: one sample's (C, H, W)
+
+    def __init__(self, **keys: Any) -> None:
+        self.config = self.Config(**{k: _plain(v) for k, v in keys.items()})
+        for f in dataclasses.fields(self.config):
+            if f.name != "_target_":
+                setattr(self, f.name, getattr(self.config, f.name))
+
+    def check_applicable(self, model: nn.Module) -> None:
+        """Raise :class:`NotApplicable` with the reason if nothing of ``model`` can be quantized."""
+
+    def check_data(self, train_size: int) -> None:
+        """Raise :class:`NotApplicable` if the calibration cannot be drawn from a train split of this size."""
+
+    def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
 class MaskPruningMethod(Method):
     """Base of the weight-mask methods: prunable-layer selection, sparsity target, mask enforcement.
 

@@ -91,6 +91,10 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "latency_per_layer": evaluate.get("latency_per_layer", {}),
         "method": evaluate.get("method", {}),
         "kernels_per_layer": evaluate.get("kernels_per_layer", {}),  # host kernel chosen per masked layer
+        # the quantize stage's summary and the bit widths of every quantized layer ({} without quant=)
+        "quant": {**records.get("quantize", {}).get("metrics", {}).get("quant", {}),
+                  "bits_per_layer": evaluate.get("quant_bits_per_layer", {})}
+        if evaluate.get("quant_bits_per_layer") else {},
         "levels": evaluate.get("levels", []),  # multi-level models: one row per level
         "level_mixes": evaluate.get("level_mixes", []),  # ... and one per switch of level part-way
         "stages": records,

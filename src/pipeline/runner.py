@@ -34,10 +34,11 @@ from compress_run.core.errors import UserError
 from compress_run.core.factorized import is_factorized
 from compress_run.core.masks import sparsity_report
 from compress_run.core.nesting import level_count
+from compress_run.core.quantization import model_bytes, quantization_report
 from compress_run.core.restore import restore_compression
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
-from compress_run.methods.base import Method, NotApplicable
+from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.distill import Distillation
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
@@ -51,9 +52,9 @@ from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
+from compress_run.pipeline.schema import STAGES
 from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprint, validate, write_run_config
 
-STAGES = ("train", "compress", "finetune", "evaluate")
 CHECKPOINT_FORMAT = 1
 ACCURACY_KEYS = ("test/acc", "test/loss", "val/acc", "val/loss")
 
@@ -95,6 +96,9 @@ class Pipeline:
         self.method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
         self.method.hardware = load_profile(cfg.hardware)
         self.method.distill_config = OmegaConf.to_container(cfg.distill, resolve=True)
+        self.quantizer: Quantizer | None = build(cfg.quant, "quant") if cfg.quant is not None else None
+        if self.quantizer is not None:
+            self.quantizer.input_shape = self.method.input_shape
         self.check_teacher()
         net = self.new_net()
         try:
@@ -103,12 +107,20 @@ class Pipeline:
             raise UserError(f"method={self.choices.get('method')} cannot be applied to "
                             f"model={self.choices.get('model')}: {exc}",
                             "change method.exclude or pick another model/method combination") from exc
+        if self.quantizer is not None:
+            try:
+                self.quantizer.check_applicable(net)
+            except NotApplicable as exc:
+                raise UserError(f"quant={self.choices.get('quant')} cannot quantize model={self.choices.get('model')}: "
+                                f"{exc}", "change quant.exclude or choose another quant option") from exc
         net = self.method.prepare(net)
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
                      self.choices.get("method"))
         self.datamodule.setup("fit")
         try:
             self.method.check_data(len(self.datamodule.train_set))
+            if self.quantizer is not None:
+                self.quantizer.check_data(len(self.datamodule.train_set))
         except NotApplicable as exc:
             raise UserError(f"method={self.choices.get('method')} cannot use dataset={self.choices.get('dataset')}: "
                             f"{exc}", "lower the method's calibration size or use a larger train split") from exc
@@ -246,6 +258,8 @@ class Pipeline:
     def skip_reason(self, stage: str) -> str | None:
         if stage not in self.cfg.stages:
             return f"not in stages={list(self.cfg.stages)}"
+        if stage == "quantize":  # not a method's stage: it runs for any method when quant= is chosen
+            return None if self.quantizer is not None else "no quant= chosen (e.g. quant=w8a8)"
         if stage not in self.method.stages:
             return f"method={self.choices.get('method')} does not use the {stage} stage"
         return None
@@ -288,6 +302,13 @@ class Pipeline:
                           self.ckpt_dir / "compress.ckpt")
         return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
 
+    def run_quantize(self, net):
+        net = self.quantizer.quantize(net, self.datamodule)
+        state = {f"net.{k}": v for k, v in net.state_dict().items()}
+        atomic_torch_save({"state_dict": state, "compress_run": self.meta("quantize")},
+                          self.ckpt_dir / "quantize.ckpt")
+        return {**self.sparsity_metrics(net), **self.evaluate_metrics(net), "quant": self.quantizer.summary()}, net
+
     def run_evaluate(self, net):
         level_metrics: dict[str, Any] = {}
         if level_count(net):
@@ -308,7 +329,15 @@ class Pipeline:
         metrics.update({"model/params_dense": report.params_dense, "model/params_nonzero": report.params_nonzero,
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,
-                        "sparsity_per_layer": report.per_layer, "method": self.method.summary()})
+                        "sparsity_per_layer": report.per_layer, "method": self.method.summary(),
+                        **model_bytes(net)})
+        bits = quantization_report(net)
+        if bits:
+            metrics["quant_bits_per_layer"] = bits
+            for key in ("weight_bits", "input_bits"):  # one width, or "mixed"
+                widths = {row[key] for row in bits.values()}
+                metrics[f"quant/{key}"] = widths.pop() if len(widths) == 1 else "mixed"
+            metrics["quant/layers"] = len(bits)
         if self.cfg.evaluate.get("export") == "onnx":
             data = self.cfg.dataset
             metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),

@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from compress_run.core.config import check
 from compress_run.hardware.profile import HardwareConfig, available_profiles
 
-STAGES = ("train", "compress", "finetune", "evaluate")
+STAGES = ("train", "compress", "finetune", "quantize", "evaluate")
 
 
 
@@ -270,6 +270,7 @@ class RootConfig:
     dataset: Any = MISSING
     method: Any = MISSING
     hardware: Any = MISSING
+    quant: Any = None
     schedule: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
@@ -313,9 +314,19 @@ def method_schemas() -> dict[str, type]:
     return dict(METHOD_CONFIGS)
 
 
+def quant_schemas() -> dict[str, type]:
+    """Every quantizer's config dataclass (``methods.base.quant_config``; registered when the methods load)."""
+    from compress_run.methods.base import QUANT_CONFIGS
+
+    method_schemas()
+    return dict(QUANT_CONFIGS)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
     for name, node in method_schemas().items():
         cs.store(group="method", name=name, node=node)
+    for name, node in quant_schemas().items():
+        cs.store(group="quant", name=name, node=node)

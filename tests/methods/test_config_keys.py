@@ -150,7 +150,7 @@ def outcome(overrides: list[str], out: Path) -> str:
     """A digest of what a run produced: the last stage's network (weights, masks, shapes) and the levels."""
     results = run_pipeline(overrides, out)
     digest = hashlib.sha256()
-    stages = [s for s in ("finetune", "compress", "train") if (out / "checkpoints" / f"{s}.ckpt").is_file()]
+    stages = [s for s in ("quantize", "finetune", "compress", "train") if (out / "checkpoints" / f"{s}.ckpt").is_file()]
     state = torch.load(out / "checkpoints" / f"{stages[0]}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     for name in sorted(state):
         value = state[name]
@@ -160,6 +160,9 @@ def outcome(overrides: list[str], out: Path) -> str:
             digest.update(value.detach().double().cpu().numpy().round(7).tobytes())
     digest.update(repr([m.get("test/acc") for m in results.get("level_mixes", [])]).encode())
     digest.update(json.dumps(method_report(results), sort_keys=True, default=str).encode())
+    quant_config = results.get("config", {}).get("quant") or {}
+    quant = {k: v for k, v in results.get("quant", {}).items() if k not in quant_config}
+    digest.update(json.dumps(quant, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -207,3 +210,35 @@ def test_method_modules_document_every_key():
         # keys a docstring inherits: "as for ``magnitude``", "besides those of ``svd``"
         docs = [doc] + [_doc(other) for other in re.findall(r"(?:as for|besides those of) ``(\w+)``", doc)]
         assert any(f"``{key}``" in d for d in docs), f"method {method}: key ``{key}`` is not in its module docstring"
+
+
+def quant_keys() -> list[tuple[str, str]]:
+    """(quantizer, key) for every key of every quantizer's config class (schemas base_quant_<name>)."""
+    import dataclasses
+
+    from compress_run.pipeline.schema import quant_schemas
+
+    return [(name.removeprefix("base_quant_"), f.name) for name, schema in sorted(quant_schemas().items())
+            for f in dataclasses.fields(schema) if f.name != "_target_"]
+
+
+QUANT_OPTION = {"ptq": "w8a8"}  # a conf/quant option of each quantizer
+
+
+def test_every_quant_key_has_a_flip_and_a_docstring_entry():
+    for quantizer, key in quant_keys():
+        assert key in method_test_flips(quantizer), f"no flip for quant.{key} in tests/methods/test_{quantizer}.py"
+        target = OmegaConf.load(REPO / "conf" / "quant" / f"{QUANT_OPTION[quantizer]}.yaml")["_target_"]
+        assert f"``{key}``" in importlib.import_module(target.rsplit(".", 1)[0]).__doc__, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("quantizer", "key"), quant_keys(), ids=[f"quant.{k}" for _, k in quant_keys()])
+def test_flipping_a_quant_key_changes_the_run(tmp_path, quantizer, key):
+    value, context = method_test_flips(quantizer)[key]
+    common = [*BASE, "method=dense", f"quant={QUANT_OPTION[quantizer]}", *context]
+    cache_key = tuple(common)
+    if cache_key not in _BASELINES:
+        _BASELINES[cache_key] = outcome(common, tmp_path / "base")
+    flipped = outcome([*common, f"quant.{key}={value}"], tmp_path / "flipped")
+    assert flipped != _BASELINES[cache_key], f"quant.{key}={value} changed nothing (with {context}): a dead knob"

@@ -1,0 +1,254 @@
+"""Post-training quantization (W8A8 and lower): per-channel or per-group weights, static per-tensor activations
+calibrated on the train split, SmoothQuant smoothing (Xiao et al., "SmoothQuant", ICML 2023) and the two fixes
+of the LLaMA3-70B W8A8 study (Qin, "The Uniqueness of LLaMA3-70B Series with Per-Channel Quantization", 2024):
+mixed granularity (per-group for the few layers whose quantization error is worst) and bi-smoothing (the
+smoothing strength chosen per layer by the error on both sides).
+
+Algorithm: one pass over ``calib_size`` train images records, for every conv/linear layer, the per-channel
+maximum of its input, a random sample of input rows (one row = one token / pixel across the input channels)
+and the inputs of the first ``error_images`` images. Per layer: (1) smoothing of linear layers (none /
+``smoothquant`` with one α / ``bi``: the α of ``alphas`` with the least output error of the quantized product
+on the sampled rows), s_j = max|X_j|^α / max|W_:,j|^(1-α), the input divided by s and the weight's columns
+multiplied by s (the float product is unchanged); (2) the input's per-tensor scale from ``calibration``
+(minmax: exact over the whole calibration set; percentile / mse on the sampled rows); (3) the layer's output
+error ‖y_q − y‖² / ‖y‖² on the first images' inputs with weights at ``granularity``. The ``mixed_fraction`` of
+layers with the largest error take per-group weights (``group_size``) instead; then every layer's weight is
+rounded to its grid and its input is rounded at every call (fake quantization: the arithmetic of an int8
+kernel with symmetric scales, run in float). Masks, compacted shapes and factorized layers stay as they are:
+each of their conv/linear layers is quantized like any other (a pruned weight stays exactly zero).
+
+Config keys (conf/quant/*.yaml; schema base_quant_ptq):
+* ``weight_bits`` (8), ``input_bits`` (8): integer widths, 2..8.
+* ``granularity`` (channel): channel | group | tensor — the weights' scales.
+* ``group_size`` (128): columns of the matrix view (input channel fastest) per group.
+* ``calibration`` (minmax): minmax | percentile | mse — the input scale; ``percentile`` (99.99).
+* ``calib_size`` (512), ``calib_batch_size`` (128): calibration images (seeded, no augmentation).
+* ``smoothing`` (none): none | smoothquant | bi; ``alpha`` (0.5, smoothquant); ``alphas`` (0, 0.1, ..., 1; bi).
+* ``mixed_fraction`` (0.0): fraction of the quantized layers moved to per-group weights by measured error (the
+  study: fewer than 3%); rounded down to whole layers.
+* ``exclude`` ([]): layers kept in float (globs or the aliases first_conv / classifier).
+* ``max_rows`` (4096), ``error_images`` (8): sampled input rows per layer; images whose layer inputs measure
+  the error.
+
+Deviations: smoothing applies to linear layers only (SmoothQuant's setting; a conv's input channels would need
+the scale folded into the preceding layer); the study's bi-smoothing is read as the per-layer α search on the
+joint error; the quantized model runs in float with values on the integer grids (the int8 kernels that would
+execute it are priced by the simulator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_run.core.config import check
+from compress_run.core.masks import LayerSelectionError, prunable_layers
+from compress_run.core.quantization import (
+    CALIBRATIONS,
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    activation_scale,
+    attach_quantization,
+    best_alpha,
+    fake_quantize,
+    fake_quantize_weight,
+    qmax,
+    smoothing_scales,
+    worst_layers,
+)
+from compress_run.methods.base import MethodConfig, NotApplicable, Quantizer, quant_config
+from compress_run.methods.calibration import calibration_batches
+
+SMOOTHINGS = ("none", "smoothquant", "bi")
+
+
+@quant_config("ptq")
+@dataclass
+class PTQConfig(MethodConfig):
+    weight_bits: int = 8
+    input_bits: int = 8
+    granularity: str = "channel"
+    group_size: int = 128
+    calibration: str = "minmax"
+    percentile: float = 99.99
+    calib_size: int = 512
+    calib_batch_size: int = 128
+    smoothing: str = "none"
+    alpha: float = 0.5
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)])
+    mixed_fraction: float = 0.0
+    exclude: list[str] = field(default_factory=list)
+    max_rows: int = 4096
+    error_images: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("weight_bits", "input_bits"):
+            value = getattr(self, key)
+            check(MIN_BITS <= value <= MAX_BITS, f"quant.{key}", value, f"an integer in {MIN_BITS}..{MAX_BITS}")
+        check(self.granularity in GRANULARITIES, "quant.granularity", self.granularity, " | ".join(GRANULARITIES))
+        check(self.group_size >= 1, "quant.group_size", self.group_size, "an integer >= 1")
+        check(self.calibration in CALIBRATIONS, "quant.calibration", self.calibration, " | ".join(CALIBRATIONS))
+        check(0.0 < self.percentile <= 100.0, "quant.percentile", self.percentile, "a float in (0, 100]")
+        check(self.calib_size >= 1, "quant.calib_size", self.calib_size, "an integer >= 1")
+        check(self.calib_batch_size >= 1, "quant.calib_batch_size", self.calib_batch_size, "an integer >= 1")
+        check(self.smoothing in SMOOTHINGS, "quant.smoothing", self.smoothing, " | ".join(SMOOTHINGS))
+        check(0.0 <= self.alpha <= 1.0, "quant.alpha", self.alpha, "a float in [0, 1]")
+        check(len(self.alphas) >= 1 and all(0.0 <= a <= 1.0 for a in self.alphas), "quant.alphas", self.alphas,
+              "a non-empty list of floats in [0, 1]")
+        check(0.0 <= self.mixed_fraction <= 1.0, "quant.mixed_fraction", self.mixed_fraction, "a float in [0, 1]")
+        check(self.max_rows >= 16, "quant.max_rows", self.max_rows, "an integer >= 16")
+        check(self.error_images >= 1, "quant.error_images", self.error_images, "an integer >= 1")
+
+
+def input_rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A layer input as rows over its input channels: [tokens, in] for linear, [pixels, C_in] for conv."""
+    if isinstance(module, nn.Conv2d):
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.reshape(-1, x.shape[-1])
+
+
+class LayerInputs:
+    """What one calibration pass records about a layer's input."""
+
+    def __init__(self, max_rows: int, error_images: int, generator: torch.Generator) -> None:
+        self.absmax: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+        self.first: list[torch.Tensor] = []
+        self.seen_images = 0
+        self.max_rows, self.error_images, self.generator = max_rows, error_images, generator
+
+    def add(self, x: torch.Tensor, module: nn.Module) -> None:
+        x = x.detach().float()
+        rows = input_rows(x, module)
+        peak = rows.abs().amax(0)
+        self.absmax = peak if self.absmax is None else torch.maximum(self.absmax, peak)
+        take = min(len(rows), self.max_rows)
+        self.rows.append(rows[torch.randperm(len(rows), generator=self.generator)[:take]].cpu())
+        if self.seen_images < self.error_images:
+            self.first.append(x[: self.error_images - self.seen_images].clone())
+            self.seen_images += len(self.first[-1])
+
+    def sample(self) -> torch.Tensor:
+        rows = torch.cat(self.rows)
+        keep = torch.randperm(len(rows), generator=self.generator)[: self.max_rows]
+        return rows[keep]
+
+
+def record_inputs(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], max_rows: int,
+                  error_images: int, seed: int) -> dict[str, LayerInputs]:
+    generator = torch.Generator().manual_seed(seed)
+    records = {n: LayerInputs(max_rows, error_images, generator) for n in layers}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: records[n].add(args[0], mod))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return records
+
+
+def output_error(module: nn.Module, inputs: torch.Tensor, smooth: torch.Tensor | None, input_scale: torch.Tensor,
+                 weight_bits: int, input_bits: int, granularity: str, group_size: int) -> float:
+    """‖y_q − y‖² / ‖y‖² of ``module`` on ``inputs`` quantized as given (``module`` itself is not changed)."""
+    weight = module.weight.detach()
+    shape = (1, -1, *([1] * (weight.dim() - 2)))
+    x = inputs if smooth is None else inputs / (smooth.view(shape) if isinstance(module, nn.Conv2d) else smooth)
+    w = weight if smooth is None else weight * smooth.view(shape)
+    xq = fake_quantize(x, input_scale, input_bits)
+    wq = fake_quantize_weight(w, weight_bits, granularity, group_size)
+    if isinstance(module, nn.Conv2d):
+        def run(a, b):
+            return F.conv2d(a, b, module.bias, module.stride, module.padding, module.dilation, module.groups)
+    else:
+        def run(a, b):
+            return F.linear(a, b, module.bias)
+    with torch.no_grad():
+        reference, quantized = run(inputs, weight), run(xq, wq)
+    return float((quantized - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+class PTQ(Quantizer):
+    Config = PTQConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        self.report: dict[str, Any] = {}
+        self.seed = torch.initial_seed()
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        try:
+            layers = prunable_layers(model, self.exclude)
+        except LayerSelectionError as exc:
+            raise NotApplicable(f"quant.exclude: {exc}") from exc
+        return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+    def check_applicable(self, model: nn.Module) -> None:
+        if not self.layers(model):
+            raise NotApplicable(f"no conv/linear layer is left to quantize after quant.exclude={self.exclude}")
+
+    def check_data(self, train_size: int) -> None:
+        if self.calib_size > train_size:
+            raise NotApplicable(f"quant.calib_size={self.calib_size} is larger than the train split ({train_size} "
+                                f"images); set quant.calib_size <= {train_size}")
+
+    def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        model.eval()
+        layers = self.layers(model)
+        device = next(model.parameters()).device
+        batches = calibration_batches(datamodule, "train", self.calib_size, self.calib_batch_size,
+                                      tuple(self.input_shape), self.seed + 104729, device)
+        records = record_inputs(model, layers, batches, self.max_rows, self.error_images, self.seed)
+        plans: dict[str, dict[str, Any]] = {}
+        for name, module in layers.items():
+            rec = records[name]
+            smooth, alpha = None, None
+            if self.smoothing != "none" and isinstance(module, nn.Linear):
+                weight = module.weight.detach().float().cpu()
+                if self.smoothing == "bi":
+                    alpha, _ = best_alpha(rec.sample(), weight, self.input_bits, self.alphas, self.granularity,
+                                          self.group_size)
+                else:
+                    alpha = self.alpha
+                smooth = smoothing_scales(rec.absmax.cpu(), weight, alpha).to(device)
+            if self.calibration == "minmax":
+                peak = (rec.absmax if smooth is None else rec.absmax / smooth).max()
+                scale = torch.clamp(peak / qmax(self.input_bits), min=1e-12)
+            else:
+                rows = rec.sample().to(device)
+                scale = activation_scale(rows if smooth is None else rows / smooth, self.input_bits,
+                                         self.calibration, self.percentile)
+            inputs = torch.cat(rec.first)
+            error = output_error(module, inputs, smooth, scale, self.weight_bits, self.input_bits,
+                                 self.granularity, self.group_size)
+            plans[name] = {"smooth": smooth, "alpha": alpha, "scale": scale, "error": error, "inputs": inputs}
+        finer = worst_layers({n: p["error"] for n, p in plans.items()}, self.mixed_fraction)
+        for name in finer:
+            p = plans[name]
+            p["error_before"] = p["error"]
+            p["error"] = output_error(layers[name], p["inputs"], p["smooth"], p["scale"], self.weight_bits,
+                                      self.input_bits, "group", self.group_size)
+        for name, p in plans.items():
+            attach_quantization(layers[name], self.weight_bits, self.input_bits, p["scale"],
+                                "group" if name in finer else self.granularity, self.group_size, p["smooth"])
+        self.report = {
+            "layers": len(plans), "per_group_layers": finer,
+            "layer_error": {n: p["error"] for n, p in plans.items()},
+            "per_group_error_before": {n: plans[n]["error_before"] for n in finer},
+            "alpha": {n: p["alpha"] for n, p in plans.items() if p["alpha"] is not None},
+            "calib_images": sum(len(b) for b in batches),
+        }
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": "ptq", "weight_bits": self.weight_bits, "input_bits": self.input_bits,
+                "granularity": self.granularity, "group_size": self.group_size, "calibration": self.calibration,
+                "smoothing": self.smoothing, "mixed_fraction": self.mixed_fraction, **self.report}
