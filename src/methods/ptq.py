@@ -25,7 +25,8 @@ Config keys (conf/quant/*.yaml; schema base_quant_ptq):
 * ``calib_size`` (512), ``calib_batch_size`` (128): calibration images (seeded, no augmentation).
 * ``smoothing`` (none): none | smoothquant | bi; ``alpha`` (0.5, smoothquant); ``alphas`` (0, 0.1, ..., 1; bi).
 * ``mixed_fraction`` (0.0): fraction of the quantized layers moved to per-group weights by measured error (the
-  study: fewer than 3%); rounded down to whole layers.
+  study: fewer than 3%); rounded down to whole layers (a fraction that selects no layer warns and says so in the
+  summary, ``mixed_fraction_selects_none``).
 * ``exclude`` ([]): layers kept in float (globs or the aliases first_conv / classifier).
 * ``max_rows`` (4096), ``error_images`` (8): sampled input rows per layer; images whose layer inputs measure
   the error.
@@ -38,6 +39,7 @@ execute it are priced by the simulator).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,6 +233,10 @@ class PTQ(Quantizer):
                                  self.granularity, self.group_size)
             plans[name] = {"smooth": smooth, "alpha": alpha, "scale": scale, "error": error, "inputs": inputs}
         finer = worst_layers({n: p["error"] for n, p in plans.items()}, self.mixed_fraction)
+        if self.mixed_fraction > 0 and not finer:
+            warnings.warn(f"quant.mixed_fraction={self.mixed_fraction} of {len(plans)} layers rounds down to no layer: "
+                          f"every layer keeps granularity={self.granularity}; quant.mixed_fraction >= "
+                          f"{1 / len(plans):.3f} moves the worst layer to per-group weights", stacklevel=1)
         for name in finer:
             p = plans[name]
             p["error_before"] = p["error"]
@@ -241,6 +247,7 @@ class PTQ(Quantizer):
                                 "group" if name in finer else self.granularity, self.group_size, p["smooth"])
         self.report = {
             "layers": len(plans), "per_group_layers": finer,
+            "mixed_fraction_selects_none": self.mixed_fraction > 0 and not finer,
             "layer_error": {n: p["error"] for n, p in plans.items()},
             "per_group_error_before": {n: plans[n]["error_before"] for n in finer},
             "alpha": {n: p["alpha"] for n, p in plans.items() if p["alpha"] is not None},

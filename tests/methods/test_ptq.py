@@ -96,6 +96,11 @@ def test_smoothing_and_mixed_granularity_cut_the_error_where_it_is():
     assert mixed.report["per_group_layers"] == ["5"]
     assert mixed.report["layer_error"]["5"] < mixed.report["per_group_error_before"]["5"] * 0.6
 
+    with pytest.warns(UserWarning, match="rounds down to no layer"):  # 3% of 3 layers: none, said out loud
+        small = ptq(mixed_fraction=0.03)
+        small.quantize(net_and_data()[0], Calibration(x))
+    assert small.report["per_group_layers"] == [] and small.report["mixed_fraction_selects_none"]
+
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(16, 16)).eval()
     inputs = torch.randn(256, 16)
