@@ -23,6 +23,7 @@ key onto the method as an attribute.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,7 +187,7 @@ def quant_config(name: str) -> Callable[[type], type]:
     return register
 
 
-class Quantizer:
+class Quantizer(ABC):
     """The quantize stage's contract (``quant=<option>``): ``quantize(model, datamodule)`` turns the finished
     (possibly pruned, compacted or factorized) network into its quantized form in place; ``summary()`` goes
     to results.json. Like a method, it is built from its config dataclass (``Config``)."""
@@ -202,12 +203,15 @@ class Quantizer:
 
     def check_applicable(self, model: nn.Module) -> None:
         """Raise :class:`NotApplicable` with the reason if nothing of ``model`` can be quantized."""
+        return  # default: any model
 
     def check_data(self, train_size: int) -> None:
         """Raise :class:`NotApplicable` if the calibration cannot be drawn from a train split of this size."""
+        return  # default: no calibration set
 
+    @abstractmethod
     def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
-        raise NotImplementedError
+        """The quantized network (``model`` changed in place)."""
 
     def summary(self) -> dict[str, Any]:
         return {}
