@@ -49,6 +49,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return quantize(x, scale, bits) * scale
 
 
+def stochastic_fake_quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` on a ``bits``-integer grid with one scale per tensor (its largest magnitude / (2^(b-1) - 1)) and
+    stochastic rounding: a value goes to the grid point above with probability equal to its distance from the
+    one below (in steps), so the expectation of the result is ``x`` itself (unbiased, unlike round-to-nearest)."""
+    scale = _safe(x.detach().abs().amax() / qmax(bits))
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    top = qmax(bits)
+    return torch.clamp(torch.floor(x / scale + noise), -top - 1, top) * scale
+
+
 def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row/group keeps scale 1
 

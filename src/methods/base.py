@@ -190,7 +190,13 @@ def quant_config(name: str) -> Callable[[type], type]:
 class Quantizer(ABC):
     """The quantize stage's contract (``quant=<option>``): ``quantize(model, datamodule)`` turns the finished
     (possibly pruned, compacted or factorized) network into its quantized form in place; ``summary()`` goes
-    to results.json. Like a method, it is built from its config dataclass (``Config``)."""
+    to results.json. Like a method, it is built from its config dataclass (``Config``).
+
+    A quantizer that trains (quantization-aware training) says so in ``training()``: the stage then calls
+    ``prepare_training(model, datamodule)``, fits the returned network for that many epochs (the finetune
+    schedule otherwise, resumable from ``quantize-last.ckpt``; ``prepare_training`` must rebuild the same
+    structure on a resume, before the checkpoint is loaded) with ``training_callbacks(model)``, and then calls
+    ``quantize``, which freezes the trained network into its quantized form."""
 
     Config: type = MethodConfig
     input_shape: tuple[int, ...] = (3, 32, 32)  # set by the pipeline: one sample's (C, H, W)
@@ -208,6 +214,17 @@ class Quantizer(ABC):
     def check_data(self, train_size: int) -> None:
         """Raise :class:`NotApplicable` if the calibration cannot be drawn from a train split of this size."""
         return  # default: no calibration set
+
+    def training(self) -> tuple[int, float] | None:
+        """(epochs, multiplier of ``schedule.finetune.lr``) of the fit before ``quantize``; None: no training."""
+        return None
+
+    def prepare_training(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        """The network to train before ``quantize`` (only called when ``training()`` is not None)."""
+        return model
+
+    def training_callbacks(self, model: nn.Module) -> list[L.Callback]:
+        return []
 
     @abstractmethod
     def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:

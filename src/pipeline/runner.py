@@ -1,4 +1,4 @@
-"""The stage runner: train -> compress -> finetune -> evaluate, resumable in its output directory.
+"""The stage runner: train -> compress -> finetune -> (quantize) -> evaluate, resumable in its output directory.
 
 Layout of an output directory::
 
@@ -303,6 +303,12 @@ class Pipeline:
         return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
 
     def run_quantize(self, net):
+        training = self.quantizer.training()
+        if training is not None:  # quantization-aware training, then quantize() freezes the result
+            epochs, lr_scale = training
+            net = self.quantizer.prepare_training(net, self.datamodule)
+            self.fit("quantize", net, epochs=epochs, lr=lr_scale * float(self.cfg.schedule.finetune.lr),
+                     callbacks=self.quantizer.training_callbacks(net))
         net = self.quantizer.quantize(net, self.datamodule)
         state = {f"net.{k}": v for k, v in net.state_dict().items()}
         atomic_torch_save({"state_dict": state, "compress_run": self.meta("quantize")},
@@ -392,10 +398,14 @@ class Pipeline:
                          default_root_dir=str(self.out), enable_progress_bar=interactive,
                          enable_model_summary=False, plugins=[AtomicCheckpointIO()])
 
-    def module(self, net: torch.nn.Module, stage: str) -> ClassifierModule:
+    def module(self, net: torch.nn.Module, stage: str, epochs: int | None = None,
+               lr: float | None = None) -> ClassifierModule:
+        """The LightningModule of a stage: the schedule of ``stage`` (of finetune for the other stages), with
+        ``epochs`` and ``lr`` in place of the schedule's when given."""
         sched = self.cfg.schedule
         s = sched[stage] if stage in ("train", "finetune") else sched.finetune
-        return ClassifierModule(net, build(sched.optimizer, "schedule.optimizer"), lr=s.lr, epochs=s.epochs,
+        return ClassifierModule(net, build(sched.optimizer, "schedule.optimizer"), lr=s.lr if lr is None else lr,
+                                epochs=s.epochs if epochs is None else epochs,
                                 lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs,
                                 milestones=list(s.milestones), gamma=s.gamma,
                                 label_smoothing=sched.label_smoothing,
@@ -404,18 +414,23 @@ class Pipeline:
                                 example_input_shape=(1, self.cfg.dataset.in_channels, self.cfg.dataset.image_size,
                                                      self.cfg.dataset.image_size))
 
-    def fit(self, stage: str, net: torch.nn.Module):
-        epochs = int(self.cfg.schedule[stage].epochs)
-        module = self.module(net, stage)
+    def fit(self, stage: str, net: torch.nn.Module, epochs: int | None = None, lr: float | None = None,
+            callbacks: list[L.Callback] | None = None):
+        """Train ``net`` for ``stage`` (train/finetune: the method's callbacks and the stage's schedule; another
+        stage passes its ``epochs``, ``lr`` and ``callbacks`` and follows the finetune schedule otherwise)."""
+        schedule = self.cfg.schedule[stage if stage in ("train", "finetune") else "finetune"]
+        epochs = int(schedule.epochs if epochs is None else epochs)
+        module = self.module(net, stage, epochs=epochs, lr=lr)
         module.run_meta = self.meta(stage)
         if stage in self.cfg.distill.stages:
             module.distillation = self.distillation()
         last = self.ckpt_dir / f"{stage}-last.ckpt"
-        callbacks = [*self.method.training_callbacks(stage, net), EpochSeed(self.cfg.seed, stage),
+        own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
+        callbacks = [*own, EpochSeed(self.cfg.seed, stage),
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
                                      every_n_epochs=1, save_on_train_epoch_end=True,
                                      enable_version_counter=False)]
-        trainer = self.trainer(stage, epochs, callbacks, fraction=float(self.cfg.schedule[stage].epoch_fraction))
+        trainer = self.trainer(stage, epochs, callbacks, fraction=float(schedule.epoch_fraction))
         ckpt_path = None
         if last.is_file():
             load_checkpoint(last, f"the unfinished {stage} stage's checkpoint",

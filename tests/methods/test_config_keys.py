@@ -222,7 +222,7 @@ def quant_keys() -> list[tuple[str, str]]:
             for f in dataclasses.fields(schema) if f.name != "_target_"]
 
 
-QUANT_OPTION = {"ptq": "w8a8"}  # a conf/quant option of each quantizer
+QUANT_OPTION = {"ptq": "w8a8", "qat": "qat_w8a8"}  # a conf/quant option of each quantizer
 
 
 def test_every_quant_key_has_a_flip_and_a_docstring_entry():
@@ -233,7 +233,7 @@ def test_every_quant_key_has_a_flip_and_a_docstring_entry():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("quantizer", "key"), quant_keys(), ids=[f"quant.{k}" for _, k in quant_keys()])
+@pytest.mark.parametrize(("quantizer", "key"), quant_keys(), ids=[f"{q}.{k}" for q, k in quant_keys()])
 def test_flipping_a_quant_key_changes_the_run(tmp_path, quantizer, key):
     value, context = method_test_flips(quantizer)[key]
     common = [*BASE, "method=dense", f"quant={QUANT_OPTION[quantizer]}", *context]

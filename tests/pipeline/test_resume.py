@@ -4,7 +4,7 @@ evolve mid-stage (RigL: drop/regrow every 3 steps; GaP: 6 grow-and-prune steps o
 lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint; MEST: epoch-wise
 prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune stage; CHEX: killed mid-
 exploration, the compacted architecture must come out the same; multi-level: killed inside the per-level
-finetune phases)."""
+finetune phases; QAT: killed inside the quantize stage's training, int8 gradients with stochastic rounding)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
                             "method.remove_data_epoch=3"],
            "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"],
            "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"],
-           "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"]}
-# IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases
-KILL_IN = {"lth": "finetune", "multilevel": "finetune"}
+           "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"],
+           "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.epochs=4"]}
+# IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
+# inside the quantize stage's training (fake-quant layers and their input ranges rebuilt before the resume)
+KILL_IN = {"lth": "finetune", "multilevel": "finetune", "qat": "quantize"}
 
 
 def _run(args, out, cwd):
@@ -71,8 +73,9 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, met
     ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
     for key in ("test/acc", "test/loss", "val/acc", "val/loss", "train/test/acc", "model/sparsity"):
         assert res["metrics"][key] == ref["metrics"][key], key
-    a = _state(tmp_path / "reference" / "checkpoints" / "finetune.ckpt")
-    b = _state(out / "checkpoints" / "finetune.ckpt")
+    final = "quantize" if stage == "quantize" else "finetune"
+    a = _state(tmp_path / "reference" / "checkpoints" / f"{final}.ckpt")
+    b = _state(out / "checkpoints" / f"{final}.ckpt")
     assert a.keys() == b.keys()
     for key in a:  # tensors, and the compacted layers' shapes (extra state) for CHEX
         assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key

@@ -1,0 +1,241 @@
+"""Quantization-aware training (QAT): the network trains for a few epochs with its weights and inputs rounded to
+their integer grids in the forward pass and gradients passed straight through the rounding (Jacob et al.,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018; the
+straight-through estimator of Bengio et al., 2013), optionally with the backward pass quantized as well (INT8/INT4
+gradients with stochastic rounding: Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015;
+Zhu et al., "Towards Unified INT8 Training for Convolutional Neural Network", CVPR 2020).
+
+Algorithm: every conv/linear layer that PTQ would quantize becomes fake-quantized. Its weight is rounded at every
+forward to its symmetric grid (per output channel, per group or per tensor; the scale is the current weight's
+largest magnitude over qmax) and the gradient of the rounded weight is applied to the float weight unchanged (STE).
+Its input passes a ``torch.ao`` ``FakeQuantize`` (symmetric per-tensor, ``MovingAverageMinMaxObserver``: the range
+is an exponential moving average of the batches' min/max with constant ``ema`` while training and held in eval;
+the gradient passes where the input lies inside the range and is zero where it was clipped). The ranges start from
+the exact min/max over ``calib_size`` train images, then the network trains ``epochs`` epochs at ``lr_scale`` times
+the finetune LR (the finetune schedule otherwise: optimizer, LR shape, batch size; masks stay enforced; resumable
+like any stage). With ``grad_bits`` the gradient arriving at each quantized layer's output (the error signal both
+the weight gradient and the input gradient are computed from) is rounded to ``grad_bits`` integers, one scale per
+tensor (its largest magnitude), with stochastic rounding (unbiased). At the end each layer is frozen into the
+quantized state PTQ writes: the weight on its grid, the input's static scale = the trained range, so evaluation,
+the simulator and the model bytes treat both alike.
+
+Config keys (conf/quant/qat_*.yaml; schema base_quant_qat):
+* ``weight_bits`` (8), ``input_bits`` (8): integer widths, 2..8.
+* ``grad_bits`` (0): 0 keeps float gradients; 2..8 rounds the output gradient of every quantized layer.
+* ``granularity`` (channel): channel | group | tensor — the weights' scales; ``group_size`` (128).
+* ``epochs`` (2): QAT epochs; ``lr_scale`` (0.1): their LR as a multiple of ``schedule.finetune.lr``.
+* ``ema`` (0.01): averaging constant of the input ranges while training.
+* ``calib_size`` (512): train images (seeded, no augmentation; in batches of 128) the ranges start from.
+* ``exclude`` ([]): layers kept in float (globs or the aliases first_conv / classifier).
+
+Deviations: torch.ao's symmetric scale for the inputs is range / (qmax + 1/2) where PTQ uses range / qmax (both
+round to the same integer codes -2^(b-1)..2^(b-1)-1); the gradient's scale is per tensor; batch norm is trained
+as it is (not folded into the weights before rounding, as Jacob et al. do for integer-only inference) — the
+simulator prices conv+BN as the fused kernel either way. The hypernetwork variant of the quantized backward pass
+is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+from compress_run.core.config import check
+from compress_run.core.masks import LayerSelectionError, MaskEnforcer, masked_parameters, prunable_layers
+from compress_run.core.quantization import (
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    attach_quantization,
+    fake_quantize_weight,
+    qmax,
+    stochastic_fake_quantize,
+)
+from compress_run.methods.base import MethodConfig, NotApplicable, Quantizer, quant_config
+from compress_run.methods.calibration import calibration_batches
+
+CALIB_BATCH = 128  # images per calibration forward: memory only, the ranges are exact min/max either way
+
+
+@quant_config("qat")
+@dataclass
+class QATConfig(MethodConfig):
+    weight_bits: int = 8
+    input_bits: int = 8
+    grad_bits: int = 0
+    granularity: str = "channel"
+    group_size: int = 128
+    epochs: int = 2
+    lr_scale: float = 0.1
+    ema: float = 0.01
+    calib_size: int = 512
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key in ("weight_bits", "input_bits"):
+            value = getattr(self, key)
+            check(MIN_BITS <= value <= MAX_BITS, f"quant.{key}", value, f"an integer in {MIN_BITS}..{MAX_BITS}")
+        check(self.grad_bits == 0 or MIN_BITS <= self.grad_bits <= MAX_BITS, "quant.grad_bits", self.grad_bits,
+              f"0 (float gradients) or an integer in {MIN_BITS}..{MAX_BITS}")
+        check(self.granularity in GRANULARITIES, "quant.granularity", self.granularity, " | ".join(GRANULARITIES))
+        check(self.group_size >= 1, "quant.group_size", self.group_size, "an integer >= 1")
+        check(self.epochs >= 1, "quant.epochs", self.epochs, "an integer >= 1 (no training: use quant=w8a8)")
+        check(self.lr_scale > 0, "quant.lr_scale", self.lr_scale, "a float > 0")
+        check(0.0 < self.ema <= 1.0, "quant.ema", self.ema, "a float in (0, 1]")
+        check(self.calib_size >= 1, "quant.calib_size", self.calib_size, "an integer >= 1")
+
+
+# ------------------------------------------------------------------------------ fake-quantized layers
+# A layer trains fake-quantized by a class swap (nn.Conv2d -> FakeQuantConv2d, nn.Linear -> FakeQuantLinear): the
+# parameters, masks and state-dict keys stay those of the layer, plus its input's FakeQuantize as a submodule.
+class RoundGradient(torch.autograd.Function):
+    """Identity forward; the backward rounds the incoming gradient to ``bits`` integers stochastically."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
+        ctx.bits = bits
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return stochastic_fake_quantize(grad, ctx.bits), None
+
+
+def straight_through_weight(module: nn.Module) -> torch.Tensor:
+    """The weight on its grid in the forward; its gradient reaches the float weight unchanged."""
+    bits, granularity, group_size, _ = module.qat_settings
+    weight = module.weight
+    rounded = fake_quantize_weight(weight.detach(), bits, granularity, group_size)
+    return weight + (rounded - weight.detach())
+
+
+def _fake_quantized(module: nn.Module, x: torch.Tensor, run) -> torch.Tensor:
+    observer = module.input_fake_quant
+    observer.observer_enabled.fill_(int(module.training))  # ranges move while training, are held in eval
+    out = run(observer(x), straight_through_weight(module))
+    grad_bits = module.qat_settings[3]
+    return RoundGradient.apply(out, grad_bits) if grad_bits and torch.is_grad_enabled() else out
+
+
+class FakeQuantConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fake_quantized(self, x, lambda a, w: self._conv_forward(a, w, self.bias))
+
+
+class FakeQuantLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fake_quantized(self, x, lambda a, w: F.linear(a, w, self.bias))
+
+
+FAKE_QUANT = {nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}
+ORIGINAL = {fake: plain for plain, fake in FAKE_QUANT.items()}
+
+
+def input_fake_quant(bits: int, ema: float, absmax: torch.Tensor) -> FakeQuantize:
+    """A symmetric per-tensor FakeQuantize for ``bits``-bit inputs whose range starts at ±``absmax``."""
+    fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-qmax(bits) - 1, quant_max=qmax(bits),
+                      dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, averaging_constant=ema)
+    fq.to(absmax.device)
+    fq.activation_post_process.min_val.copy_(-absmax)
+    fq.activation_post_process.max_val.copy_(absmax)
+    scale, zero_point = fq.calculate_qparams()
+    fq.scale.copy_(scale)
+    fq.zero_point.copy_(zero_point)
+    return fq
+
+
+class QAT(Quantizer):
+    Config = QATConfig
+
+    def __init__(self, **keys: Any) -> None:
+        super().__init__(**keys)
+        self.seed = torch.initial_seed()
+        self.calibrated: dict[str, float] = {}
+        self.report: dict[str, Any] = {}
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        try:
+            layers = prunable_layers(model, self.exclude)
+        except LayerSelectionError as exc:
+            raise NotApplicable(f"quant.exclude: {exc}") from exc
+        return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+    def check_applicable(self, model: nn.Module) -> None:
+        layers = self.layers(model)
+        if not layers:
+            raise NotApplicable(f"no conv/linear layer is left to quantize after quant.exclude={self.exclude}")
+        custom = [f"{n} ({type(m).__name__})" for n, m in layers.items() if type(m) not in FAKE_QUANT | ORIGINAL]
+        if custom:
+            raise NotApplicable(f"layers {', '.join(custom)} subclass nn.Conv2d/nn.Linear with their own forward, "
+                                "which fake-quantized training would replace; add them to quant.exclude")
+
+    def check_data(self, train_size: int) -> None:
+        if self.calib_size > train_size:
+            raise NotApplicable(f"quant.calib_size={self.calib_size} is larger than the train split ({train_size} "
+                                f"images); set quant.calib_size <= {train_size}")
+
+    def training(self) -> tuple[int, float]:
+        return self.epochs, self.lr_scale
+
+    def prepare_training(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        layers = self.layers(model)
+        self.check_applicable(model)
+        device = next(model.parameters()).device
+        batches = calibration_batches(datamodule, "train", self.calib_size, CALIB_BATCH,
+                                      tuple(self.input_shape), self.seed + 104729, device)
+        absmax: dict[str, torch.Tensor] = {}
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                peak = args[0].detach().abs().amax()
+                absmax[name] = peak if name not in absmax else torch.maximum(absmax[name], peak)
+            return hook
+
+        handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        for name, module in layers.items():
+            module.add_module("input_fake_quant", input_fake_quant(self.input_bits, self.ema, absmax[name]))
+            module.qat_settings = (self.weight_bits, self.granularity, self.group_size, self.grad_bits)
+            module.__class__ = FAKE_QUANT[type(module)]
+            self.calibrated[name] = float(module.input_fake_quant.scale)
+        return model
+
+    def training_callbacks(self, model: nn.Module) -> list[L.Callback]:
+        return [MaskEnforcer()] if any(True for _ in masked_parameters(model)) else []
+
+    def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
+        """Freeze every fake-quantized layer into the static quantized state (PTQ's)."""
+        frozen: dict[str, dict[str, float]] = {}
+        for name, module in model.named_modules():
+            if type(module) not in ORIGINAL:
+                continue
+            scale = module.input_fake_quant.scale.detach().reshape(())
+            del module.input_fake_quant
+            del module.qat_settings
+            module.__class__ = ORIGINAL[type(module)]
+            attach_quantization(module, self.weight_bits, self.input_bits, scale, self.granularity, self.group_size)
+            frozen[name] = {"calibrated_input_scale": self.calibrated.get(name), "trained_input_scale": float(scale)}
+        if not frozen:
+            raise RuntimeError("QAT.quantize() found no fake-quantized layer: prepare_training() did not run")
+        self.report = {"layers": len(frozen), "input_scales": frozen}
+        return model
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": "qat", "weight_bits": self.weight_bits, "input_bits": self.input_bits,
+                "grad_bits": self.grad_bits, "granularity": self.granularity, "group_size": self.group_size,
+                "epochs": self.epochs, "lr_scale": self.lr_scale, **self.report}
