@@ -59,6 +59,11 @@ def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600,
         if pid == 0:  # child: never returns into pytest
             code = 1
             try:
+                # the parent's OpenMP pool did not survive the fork: a parallel region over more than one thread
+                # would wait for it forever (after any test that ran multi-threaded ops in this process)
+                import torch
+
+                torch.set_num_threads(1)
                 for fd, path in ((1, out_path), (2, err_path)):
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115

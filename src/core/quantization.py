@@ -171,6 +171,17 @@ def in_fake_quantization() -> bool:
     return getattr(_rounding, "depth", 0) > 0
 
 
+class inputs_unrounded:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within this context quantized layers only divide their input by its smoothing vector and skip the
+    rounding: the float graph an integer runtime re-quantizes with the layers' own scales (int8 export)."""
+
+    def __enter__(self) -> None:
+        _rounding.unrounded = getattr(_rounding, "unrounded", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _rounding.unrounded -= 1
+
+
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     _rounding.depth = getattr(_rounding, "depth", 0) + 1
     try:
@@ -178,6 +189,8 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
         smooth = module._buffers.get(SMOOTH_BUFFER)
         if smooth is not None:
             x = x / (smooth.view(1, -1, *([1] * (x.dim() - 2))) if isinstance(module, nn.Conv2d) else smooth)
+        if getattr(_rounding, "unrounded", 0):
+            return (x, *args[1:])
         return (fake_quantize(x, module.quant_input_scale, int(module.quant_input_bits)), *args[1:])
     finally:
         _rounding.depth -= 1

@@ -144,4 +144,13 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "
                       f"({dense / max(effective, 1):.2f}x fewer; FLOPs = 2 x MACs)")
         print_hardware_table(m, console)
+    if "int8_host/test/acc" in m:
+        line = (f"int8 on the host ({m['int8_host/runtime']}): test acc {100 * m['int8_host/test/acc']:.2f}%, "
+                f"same class as the evaluated network on {100 * m['int8_host/agreement']:.2f}% of "
+                f"{m['int8_host/test_images']:,} test images")
+        if "int8_host/latency_ms/b1" in m:
+            line += (f"; batch 1 {m['int8_host/latency_ms/b1']:.3f} ms against "
+                     f"{m['int8_host/float_latency_ms/b1']:.3f} ms for the float graph "
+                     f"({m['int8_host/speedup/b1']:.2f}x)")
+        console.print(line)
     console.print(f"results: {Path(results['output_dir']) / 'results.json'}")

@@ -16,6 +16,9 @@ the same command skips finished stages and resumes an unfinished fit from its ``
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import math
 import os
 import sys
 import time
@@ -36,9 +39,11 @@ from compress_run.core.masks import sparsity_report
 from compress_run.core.nesting import level_count
 from compress_run.core.quantization import model_bytes, quantization_report
 from compress_run.core.restore import restore_compression
+from compress_run.hardware.int8_host import int8_host_metrics
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
 from compress_run.methods.base import Method, NotApplicable, Quantizer
+from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
@@ -57,6 +62,7 @@ from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprin
 
 CHECKPOINT_FORMAT = 1
 ACCURACY_KEYS = ("test/acc", "test/loss", "val/acc", "val/loss")
+INT8_CALIB_IMAGES = 256  # train images ONNX Runtime calibrates the int8 graph's other tensors (layer outputs) on
 
 
 def build(cfg_node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -344,6 +350,8 @@ class Pipeline:
                 widths = {row[key] for row in bits.values()}
                 metrics[f"quant/{key}"] = widths.pop() if len(widths) == 1 else "mixed"
             metrics["quant/layers"] = len(bits)
+            if self.cfg.evaluate.int8_host:
+                metrics.update(self.int8_host_report(net))
         if self.cfg.evaluate.get("export") == "onnx":
             data = self.cfg.dataset
             metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),
@@ -353,6 +361,24 @@ class Pipeline:
             metrics.update({"model/params_original": original,
                             "model/params_reduction": 1.0 - report.params_dense / original})
         return metrics, net
+
+    def int8_host_report(self, net: torch.nn.Module) -> dict[str, Any]:
+        """The quantized network as ONNX Runtime's int8 graph: its test accuracy and host latency."""
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            self.log(f"int8 host run skipped: {', '.join(missing)} not installed "
+                     '(pip install "compress-run[export]")')
+            return {"int8_host/skipped": f"{', '.join(missing)} not installed"}
+        cfg, data = self.cfg.evaluate, self.cfg.dataset
+        shape = (data.in_channels, data.image_size, data.image_size)
+        calib = calibration_batches(self.datamodule, "train", INT8_CALIB_IMAGES, 128, shape, self.cfg.seed, "cpu")
+        self.datamodule.setup("test")
+        loader = self.datamodule.test_dataloader()
+        limit = self.cfg.trainer.get("limit_test_batches")  # the batches test/acc was measured on
+        count = len(loader) if limit is None else limit if isinstance(limit, int) else math.ceil(limit * len(loader))
+        tests = (self.datamodule.on_after_batch_transfer(batch, 0) for batch in itertools.islice(loader, count))
+        return int8_host_metrics(net, shape, calib, tests, batch=cfg.batch_size, warmup=cfg.warmup,
+                                 repeats=cfg.repeats, measure=cfg.measure_latency)
 
     def evaluate_levels(self, net: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
         data = self.cfg.dataset

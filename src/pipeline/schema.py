@@ -232,6 +232,7 @@ class EvaluateConfig:
     level: Any = None                   # multi-level models: the level (a sparsity, or one per segment) reported
     latency_budget_ms: float | None = None  # multi-level models: report the best level/switch within this budget
     kernels: str = "measured"           # measured: fastest kernel per layer by timing; simulated: simulator's pick
+    int8_host: bool = True              # quantized models: run the int8 graph through ONNX Runtime (acc + latency)
 
     def __post_init__(self) -> None:
         known = available_profiles()

@@ -159,6 +159,9 @@ def test_quantize_stage_runs_after_any_method_and_resumes(tmp_path):
     metrics = results["metrics"]
     assert metrics["quant/weight_bits"] == 8 and metrics["quant/layers"] == len(results["quant"]["bits_per_layer"])
     assert abs(metrics["model/prunable_sparsity"] - 0.9) < 0.01  # the masks survive quantization
+    # the int8 graph through ONNX Runtime, on the test batches test/acc used (smoke: 2 batches of 64)
+    assert metrics["int8_host/test_images"] == 128 and metrics["int8_host/input_scale_mismatch"] == []
+    assert metrics["int8_host/agreement"] >= 0.8
     plain = run_pipeline([*common[:-2], "evaluate.hardware=[a100]", "method=magnitude"], tmp_path / "plain")
     assert plain["stages"]["quantize"]["status"] == "skipped" and plain["quant"] == {}
     # CSR at 90% sparsity: 1 + 2 index bytes per int8 weight against 4 + 2 per float one
