@@ -123,13 +123,13 @@ class Pipeline:
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
                      self.choices.get("method"))
         self.datamodule.setup("fit")
-        try:
-            self.method.check_data(len(self.datamodule.train_set))
-            if self.quantizer is not None:
-                self.quantizer.check_data(len(self.datamodule.train_set))
-        except NotApplicable as exc:
-            raise UserError(f"method={self.choices.get('method')} cannot use dataset={self.choices.get('dataset')}: "
-                            f"{exc}", "lower the method's calibration size or use a larger train split") from exc
+        for what, part in (("method", self.method), ("quant", self.quantizer)):
+            try:
+                if part is not None:
+                    part.check_data(len(self.datamodule.train_set))
+            except NotApplicable as exc:
+                raise UserError(f"{what}={self.choices.get(what)} cannot use dataset={self.choices.get('dataset')}: "
+                                f"{exc}", f"lower {what}.calib_size or use a larger train split") from exc
         if cfg.init_ckpt and not self.finished("train"):
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
                            "point init_ckpt at a checkpoint of this model (e.g. checkpoints/train.ckpt of an "
