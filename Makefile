@@ -31,7 +31,8 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network \
                  tests/methods/test_lpvit.py::test_pipeline_prunes_the_small_vit_to_its_mac_target \
                  tests/methods/test_ptq.py::test_quantize_stage_runs_after_any_method_and_resumes \
-                 tests/methods/test_qat.py::test_quantize_stage_trains_keeps_masks_and_prices_int4
+                 tests/methods/test_qat.py::test_quantize_stage_trains_keeps_masks_and_prices_int4 \
+                 tests/pipeline/test_tables.py::test_quantized_rows_take_over_their_base_rows_trained_network
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

@@ -20,6 +20,7 @@ import importlib.util
 import itertools
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -58,7 +59,13 @@ from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
-from compress_run.pipeline.validate import check_output_dir, evaluate_fingerprint, validate, write_run_config
+from compress_run.pipeline.validate import (
+    check_output_dir,
+    evaluate_fingerprint,
+    start_from_differences,
+    validate,
+    write_run_config,
+)
 
 CHECKPOINT_FORMAT = 1
 ACCURACY_KEYS = ("test/acc", "test/loss", "val/acc", "val/loss")
@@ -134,6 +141,8 @@ class Pipeline:
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
                            "point init_ckpt at a checkpoint of this model (e.g. checkpoints/train.ckpt of an "
                            "earlier run with the same model and dataset) or set init_ckpt=null")
+        if cfg.start_from:
+            self.take_over_stages(Path(cfg.start_from))
         for stage in STAGES:
             if self.finished(stage):
                 self.records[stage] = read_json(self.stage_dir / f"{stage}.json")
@@ -144,6 +153,40 @@ class Pipeline:
         pending = [s for s in STAGES if not self.finished(s) and not self.skip_reason(s)]
         # load the first pending stage's input now: a bad checkpoint is rejected before anything is written
         self.start_net = self.net_for(pending[0], net) if pending else net
+
+    def take_over_stages(self, base: Path) -> None:
+        """Copy (hard-link) the finished train, compress and finetune stages of the run in ``base``, whose settings
+        may differ from this run's only in ``quant`` (and the task name): this run goes on with quantize and
+        evaluate. Stages this run already finished are kept."""
+        fix = "point start_from at a finished run of the same experiment, seed and settings, or set start_from=null"
+        if not (base / "run.json").is_file():
+            raise UserError(f"start_from={base} is not a compress-run output dir (it has no run.json)", fix)
+        diffs = start_from_differences(self.cfg, base)
+        if diffs:
+            raise UserError(f"start_from={base} was made with other settings than this run ({'; '.join(diffs[:5])});"
+                            " only quant (and evaluate, hardware, task_name) may differ", fix)
+        taken = []
+        for stage in STAGES[: STAGES.index("quantize")]:
+            if self.finished(stage):
+                continue
+            record_file = base / "stages" / f"{stage}.json"
+            if not record_file.is_file():
+                raise UserError(f"start_from={base} has not finished its {stage} stage", fix)
+            record = read_json(record_file)
+            if record["status"] == "done":
+                target = self.ckpt_dir / f"{stage}.ckpt"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(base / "checkpoints" / f"{stage}.ckpt", target)
+                except OSError:
+                    shutil.copy2(base / "checkpoints" / f"{stage}.ckpt", target)
+                record = {**record, "checkpoint": str(target), "taken_from": str(base)}
+            atomic_write_json(self.stage_dir / f"{stage}.json", record)
+            taken.append(stage)
+        if taken:  # the dir now holds this run's stages: bind it to this run's settings
+            write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
+            self.log(f"stages {', '.join(taken)}: taken over from {base}")
 
     def new_net(self) -> torch.nn.Module:
         return build(self.cfg.model, "model")

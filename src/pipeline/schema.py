@@ -267,6 +267,7 @@ class RootConfig:
     tags: list[str] = field(default_factory=list)
     output_dir: str | None = None
     init_ckpt: str | None = None
+    start_from: str | None = None  # a run dir whose finished train/compress/finetune stages this run takes over
     model: Any = MISSING
     dataset: Any = MISSING
     method: Any = MISSING

@@ -46,6 +46,7 @@ from compress_run.pipeline.tables import (
     run_dir_of,
     run_key,
     run_state,
+    start_from,
     write_table,
 )
 
@@ -82,8 +83,8 @@ def launch(table: TableConfig, todo: list[tuple[TableRow, int | None]], table_di
            smoke: bool, passthrough: list[str]) -> int:
     """Run the (row, seed) runs as one multirun of compress-run; returns its exit code."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    jobs = [[*row_overrides(table, row, smoke, seed), f"hydra.sweep.subdir={run_key(row.name, seed)}"]
-            for row, seed in todo]
+    jobs = [[*row_overrides(table, row, smoke, seed), *start_from(table, table_dir, row, seed),
+             f"hydra.sweep.subdir={run_key(row.name, seed)}"] for row, seed in todo]
     names = [run_key(row.name, seed) for row, seed in todo]
     jobs_file = table_dir / "jobs" / f"{stamp}.yaml"
     jobs_file.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +138,12 @@ def run(argv: list[str], console: Console) -> int:
                         shutil.move(str(source), str(target))
                         console.print(f"run {key}: earlier {source.name} moved to {target}")
         console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo_names)}")
-        code = launch(table, todo, table_dir, records_dir, smoke, passthrough)
-        if code == EXIT_BAD_INPUT:
-            bad_input = True
+        # rows with a base run after it, so they take over its finished stages instead of training again
+        first = [(row, seed) for row, seed in todo if (row.base, seed) not in {(r.name, s) for r, s in todo}]
+        second = [run for run in todo if run not in first]
+        for batch in (first, second):
+            if batch and launch(table, batch, table_dir, records_dir, smoke, passthrough) == EXIT_BAD_INPUT:
+                bad_input = True
     elif collect and todo:
         console.print(f"--collect: {len(todo)} runs not done ({', '.join(todo_names)}); not running them")
     table_dir.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,7 @@ class TableRow:
     note: str = ""
     level: Any = None                   # multi-level runs: report this level (a sparsity, or one per segment)
     run: str = ""                       # read the run of this other row (another level of it); not launched
+    base: str = ""                      # a row whose finished train/compress/finetune this row's run takes over
 
 
 @dataclass
@@ -163,6 +164,13 @@ def check_table(table: DictConfig, path: Path) -> None:
                     list(owner.overrides) != list(row.overrides):
                 raise UserError(f"table {path}, row '{row.name}': run '{row.run}' is not another row with the "
                                 "same experiment and overrides", "point run at the row that runs the experiment")
+        if row.base:
+            base = next((r for r in table.rows if r.name == row.base), None)
+            if base is None or base.base or base.run or base.experiment != row.experiment or \
+                    before_quantize(base.overrides) != before_quantize(row.overrides):
+                raise UserError(f"table {path}, row '{row.name}': base '{row.base}' is not another row of the same "
+                                "experiment whose overrides differ from this row's only in quant.* / evaluate.*",
+                                "point base at the row that runs the same experiment without quantization")
         bad = [k for k in row.paper if k not in table.metrics]
         if bad:
             raise UserError(f"table {path}, row '{row.name}': paper values for {bad}, which the table does not "
@@ -182,6 +190,12 @@ def check_table(table: DictConfig, path: Path) -> None:
                             "the table does not have", "list at least two of the table's rows and one of its metrics")
 
 
+def before_quantize(overrides: list[str]) -> list[str]:
+    """The overrides that act before the quantize stage (a base row and its quantized rows share these)."""
+    after = ("quant", "evaluate", "hardware")
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in after)
+
+
 # -------------------------------------------------------------------------------------- runs
 def seeds_of(table: TableConfig) -> list[int | None]:
     return list(table.seeds) or [None]
@@ -198,6 +212,15 @@ def run_dir_of(table_dir: Path, row: TableRow, seed: int | None = None) -> Path:
 
 def record_path(records_dir: Path, row: TableRow, seed: int | None = None) -> Path:
     return records_dir / f"{run_key(row.run or row.name, seed)}.json"
+
+
+def start_from(table: TableConfig, table_dir: Path, row: TableRow, seed: int | None) -> list[str]:
+    """``start_from=<the base row's run>`` when that run has finished its finetune stage (else: a full run)."""
+    base = next((r for r in table.rows if r.name == row.base), None) if row.base else None
+    if base is None:
+        return []
+    base_dir = run_dir_of(table_dir, base, seed)
+    return [f"start_from={base_dir}"] if (base_dir / "stages" / "finetune.json").is_file() else []
 
 
 def launched_runs(table: TableConfig) -> list[tuple[TableRow, int | None]]:

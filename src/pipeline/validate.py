@@ -16,7 +16,9 @@ from compress_run.pipeline.checkpoints import atomic_write_json, atomic_write_te
 
 # Keys that do not change what a run computes; they may differ when a run is resumed.
 NON_RESULT_KEYS = ("output_dir", "stages", "tags", "logger", "paths", "dataset.num_workers",
-                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "hardware", "evaluate")
+                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "hardware", "evaluate", "start_from")
+# Keys a run may differ in from the run whose stages it takes over (start_from): they act after finetune
+AFTER_FINETUNE_KEYS = ("quant", "task_name")
 # Keys that only change what the evaluate stage reports: a change re-runs that stage alone.
 EVALUATE_KEYS = ("hardware", "evaluate")
 
@@ -123,3 +125,15 @@ def write_run_config(cfg: DictConfig, out: Path, overrides: list[str], fp: str) 
     atomic_write_text(out / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     if not (out / "run.json").is_file():
         atomic_write_json(out / "run.json", {"fingerprint": fp, "config": result_config(cfg)})
+
+
+def start_from_differences(cfg: DictConfig, base: Path) -> list[str]:
+    """Result-relevant settings in which ``cfg`` differs from the run in ``base`` (quant and the task name aside)."""
+    previous = json.loads((base / "run.json").read_text())
+    ours = result_config(cfg)
+    theirs = dict(previous.get("config", {}))
+    for key in AFTER_FINETUNE_KEYS:
+        ours.pop(key, None)
+        theirs.pop(key, None)
+    old, new = _flatten(theirs), _flatten(ours)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -145,3 +145,25 @@ def test_the_installed_script_gives_what_the_forked_runs_check(cli, cli_forked, 
     script = cli(*FAST, *overrides, f"output_dir={previous_run}")
     forked = cli_forked(*FAST, *overrides, f"output_dir={previous_run}")
     assert (script.returncode, script.stderr) == (forked.returncode, forked.stderr) == (EXIT_BAD_INPUT, forked.stderr)
+
+
+def test_start_from_a_run_of_other_settings_is_refused(cli_forked, tmp_path):
+    import json
+
+    from compress_run.pipeline.validate import fingerprint, result_config
+    from tests.conftest import compose
+
+    base = tmp_path / "base"
+    cfg, _ = compose([*FAST, "method=magnitude", "method.sparsity=0.5"])
+    (base / "stages").mkdir(parents=True)
+    (base / "run.json").write_text(json.dumps({"fingerprint": fingerprint(cfg), "config": result_config(cfg)}))
+    out = tmp_path / "out"
+    proc = cli_forked(*FAST, "method=magnitude", "method.sparsity=0.9", "quant=w8a8", f"start_from={base}",
+                      f"output_dir={out}")
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == EXIT_BAD_INPUT, err[-2000:]
+    assert "was made with other settings than this run (method.sparsity: 0.5 -> 0.9)" in err
+    assert not out.exists() or not any(out.rglob("*.ckpt"))
+    same = cli_forked(*FAST, "method=magnitude", "method.sparsity=0.5", "quant=w8a8", f"start_from={base}",
+                      f"output_dir={out}")  # same settings, but the base never finished its train stage
+    assert same.returncode == EXIT_BAD_INPUT and "has not finished its train stage" in " ".join(same.stderr.split())

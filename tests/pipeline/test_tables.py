@@ -309,3 +309,31 @@ def test_bad_seeds_and_orderings_are_refused(tmp_path, change, message):
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(path), OmegaConf.create(change)), path)
     proc = compress_table([f"table={path}", f"output_dir={tmp_path / 'out'}", "--collect"], tmp_path, timeout=120)
     assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr[-2000:]
+
+
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
+def test_quantized_rows_take_over_their_base_rows_trained_network(tmp_path):
+    path, out = tmp_path / "quant.yaml", tmp_path / "out"
+    rows = [{"name": "fp32", "experiment": "fmnist_magnitude"},
+            {"name": "w8a8", "experiment": "fmnist_magnitude", "base": "fp32",
+             "overrides": ["quant=w8a8", "quant.calib_size=64"]},
+            {"name": "qat", "experiment": "fmnist_magnitude", "base": "fp32",
+             "overrides": ["quant=qat_w4a8", "quant.calib_size=64", "quant.epochs=1"]}]
+    OmegaConf.save(OmegaConf.create({"title": "quant", "metrics": ["top1", "weight_kb", "int8_top1"],
+                                     "rows": rows}), path)
+    proc = compress_table([f"table={path}", "scale=smoke", f"output_dir={out}", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [launch["rows"] for launch in launches(out)] == [["fp32"], ["w8a8", "qat"]]  # the base first
+    base_train = json.loads((out / "rows" / "fp32" / "stages" / "train.json").read_text())
+    for name in ("w8a8", "qat"):
+        train = json.loads((out / "rows" / name / "stages" / "train.json").read_text())
+        assert train["taken_from"] == str(out / "rows" / "fp32")  # trained once, not again
+        assert train["metrics"] == base_train["metrics"]
+        assert (out / "rows" / name / "stages" / "quantize.json").is_file()
+    table = {r["row"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
+    # CSR: 1 + 2 index bytes per int8 weight against 4 + 2 per float one, plus row pointers and scales
+    assert table["w8a8"]["weight_kb_ours"] < 0.7 * table["fp32"]["weight_kb_ours"]
+    rows[1]["overrides"] = ["quant=w8a8", "method.sparsity=0.5"]  # not a quantization of the base row any more
+    OmegaConf.save(OmegaConf.create({"title": "quant", "metrics": ["top1"], "rows": rows}), path)
+    bad = compress_table([f"table={path}", f"output_dir={out}", "--collect"], tmp_path)
+    assert bad.returncode == 2 and "differ from this row's only in quant" in " ".join(bad.stderr.split())
