@@ -234,6 +234,30 @@ class Quantizer(ABC):
         return {}
 
 
+class LayerQuantizer(Quantizer):
+    """A quantizer of the conv/linear layers its ``exclude`` leaves, calibrated on ``calib_size`` train images
+    (its config has both keys)."""
+
+    exclude: list[str]
+    calib_size: int
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        try:
+            layers = prunable_layers(model, self.exclude)
+        except LayerSelectionError as exc:
+            raise NotApplicable(f"quant.exclude: {exc}") from exc
+        return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+    def check_applicable(self, model: nn.Module) -> None:
+        if not self.layers(model):
+            raise NotApplicable(f"no conv/linear layer is left to quantize after quant.exclude={self.exclude}")
+
+    def check_data(self, train_size: int) -> None:
+        if self.calib_size > train_size:
+            raise NotApplicable(f"quant.calib_size={self.calib_size} is larger than the train split ({train_size} "
+                                f"images); set quant.calib_size <= {train_size}")
+
+
 class MaskPruningMethod(Method):
     """Base of the weight-mask methods: prunable-layer selection, sparsity target, mask enforcement.
 

@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress_run.core.config import check
-from compress_run.core.masks import LayerSelectionError, prunable_layers
 from compress_run.core.quantization import (
     CALIBRATIONS,
     GRANULARITIES,
@@ -64,7 +63,7 @@ from compress_run.core.quantization import (
     smoothing_scales,
     worst_layers,
 )
-from compress_run.methods.base import MethodConfig, NotApplicable, Quantizer, quant_config
+from compress_run.methods.base import LayerQuantizer, MethodConfig, quant_config
 from compress_run.methods.calibration import calibration_batches
 
 SMOOTHINGS = ("none", "smoothquant", "bi")
@@ -178,29 +177,13 @@ def output_error(module: nn.Module, inputs: torch.Tensor, smooth: torch.Tensor |
     return float((quantized - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
-class PTQ(Quantizer):
+class PTQ(LayerQuantizer):
     Config = PTQConfig
 
     def __init__(self, **keys: Any) -> None:
         super().__init__(**keys)
         self.report: dict[str, Any] = {}
         self.seed = torch.initial_seed()
-
-    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        try:
-            layers = prunable_layers(model, self.exclude)
-        except LayerSelectionError as exc:
-            raise NotApplicable(f"quant.exclude: {exc}") from exc
-        return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}
-
-    def check_applicable(self, model: nn.Module) -> None:
-        if not self.layers(model):
-            raise NotApplicable(f"no conv/linear layer is left to quantize after quant.exclude={self.exclude}")
-
-    def check_data(self, train_size: int) -> None:
-        if self.calib_size > train_size:
-            raise NotApplicable(f"quant.calib_size={self.calib_size} is larger than the train split ({train_size} "
-                                f"images); set quant.calib_size <= {train_size}")
 
     def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         model.eval()

@@ -47,7 +47,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 
 from compress_run.core.config import check
-from compress_run.core.masks import LayerSelectionError, MaskEnforcer, masked_parameters, prunable_layers
+from compress_run.core.masks import MaskEnforcer, masked_parameters
 from compress_run.core.quantization import (
     GRANULARITIES,
     MAX_BITS,
@@ -57,7 +57,7 @@ from compress_run.core.quantization import (
     qmax,
     stochastic_fake_quantize,
 )
-from compress_run.methods.base import MethodConfig, NotApplicable, Quantizer, quant_config
+from compress_run.methods.base import LayerQuantizer, MethodConfig, NotApplicable, quant_config
 from compress_run.methods.calibration import calibration_batches
 
 CALIB_BATCH = 128  # images per calibration forward: memory only, the ranges are exact min/max either way
@@ -150,7 +150,7 @@ def input_fake_quant(bits: int, ema: float, absmax: torch.Tensor) -> FakeQuantiz
     return fq
 
 
-class QAT(Quantizer):
+class QAT(LayerQuantizer):
     Config = QATConfig
 
     def __init__(self, **keys: Any) -> None:
@@ -159,26 +159,13 @@ class QAT(Quantizer):
         self.calibrated: dict[str, float] = {}
         self.report: dict[str, Any] = {}
 
-    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        try:
-            layers = prunable_layers(model, self.exclude)
-        except LayerSelectionError as exc:
-            raise NotApplicable(f"quant.exclude: {exc}") from exc
-        return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}
-
     def check_applicable(self, model: nn.Module) -> None:
-        layers = self.layers(model)
-        if not layers:
-            raise NotApplicable(f"no conv/linear layer is left to quantize after quant.exclude={self.exclude}")
-        custom = [f"{n} ({type(m).__name__})" for n, m in layers.items() if type(m) not in FAKE_QUANT | ORIGINAL]
+        super().check_applicable(model)
+        custom = [f"{n} ({type(m).__name__})" for n, m in self.layers(model).items()
+                  if type(m) not in FAKE_QUANT | ORIGINAL]
         if custom:
             raise NotApplicable(f"layers {', '.join(custom)} subclass nn.Conv2d/nn.Linear with their own forward, "
                                 "which fake-quantized training would replace; add them to quant.exclude")
-
-    def check_data(self, train_size: int) -> None:
-        if self.calib_size > train_size:
-            raise NotApplicable(f"quant.calib_size={self.calib_size} is larger than the train split ({train_size} "
-                                f"images); set quant.calib_size <= {train_size}")
 
     def training(self) -> tuple[int, float]:
         return self.epochs, self.lr_scale
