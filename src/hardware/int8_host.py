@@ -10,14 +10,14 @@ follows it). ONNX Runtime then runs the layers as integer kernels (QLinearConv, 
 What is not the evaluated network's arithmetic, and is therefore measured rather than assumed: the integer kernels
 produce int8 outputs, so every tensor ORT quantizes besides the layers' inputs (the layers' outputs, residual sums)
 gets ORT's min-max range over the calibration images; a per-group weight has no per-group form in these operators
-and is re-quantized per channel at 8 bits (``int8_host/requantized_layers``); a quantized layer whose weight the
-exporter does not pass as its own initializer (a transposed MatMul operand) stays float
-(``int8_host/float_layers``); a layer input the runtime would quantize at another tensor's scale (ORT gives
-reshapes and pools their input's scale) keeps its own scale by leaving that op float, and any input whose written
-scale still differs from the layer's is named (``int8_host/input_scale_mismatch``). Linear layers return float
-outputs (QGemm / MatMulIntegerToFloat), as the evaluated network computes them. The int8 graph's test accuracy is
-reported beside the evaluated network's (``int8_host/test/acc``), and its latency beside the float graph's through
-the same runtime, in the same run.
+and is re-quantized per channel at 8 bits (``int8_host/requantized_layers``); a quantized layer whose weight is
+found neither by name nor by value (a linear layer's weight the exporter stored transposed under a generated name
+is matched by value) stays float (``int8_host/float_layers``); a layer input the runtime would quantize at another
+tensor's scale (ORT gives reshapes and pools their input's scale) keeps its own scale by leaving that op float, and
+any input whose written scale still differs from the layer's is named (``int8_host/input_scale_mismatch``). Linear
+layers return float outputs (QGemm / MatMulIntegerToFloat), as the evaluated network computes them. The int8
+graph's test accuracy is reported beside the evaluated network's (``int8_host/test/acc``), and its latency beside
+the float graph's through the same runtime, in the same run.
 """
 
 from __future__ import annotations
@@ -80,6 +80,23 @@ def channel_scales(onnx_weight: np.ndarray, axis: int, module: nn.Module) -> lis
     return scales
 
 
+def owner_of(weight: str, node: Any, initializers: dict[str, Any], quantized: dict[str, nn.Module]) -> str | None:
+    """The quantized layer whose weight ``node`` multiplies: by the initializer's name (``<layer>.weight``), or, for
+    a weight the exporter stored transposed under a generated name (a linear layer on token sequences), by value."""
+    import onnx
+
+    if weight.removesuffix(".weight") in quantized:
+        return weight.removesuffix(".weight")
+    if node.op_type not in ("MatMul", "Gemm"):
+        return None
+    rows = np.moveaxis(onnx.numpy_helper.to_array(initializers[weight]), weight_axis(node), 0)
+    for name, module in quantized.items():
+        if isinstance(module, nn.Linear) and tuple(module.weight.shape) == rows.shape \
+                and np.array_equal(module.weight.detach().cpu().numpy(), rows):
+            return name
+    return None
+
+
 def quantize_graph(float_path: Path, int8_path: Path, net: nn.Module, calib: list[torch.Tensor]) -> dict[str, Any]:
     """Write the QDQ graph with the network's scales; returns what was matched, re-quantized or left float."""
     import onnx
@@ -96,11 +113,12 @@ def quantize_graph(float_path: Path, int8_path: Path, net: nn.Module, calib: lis
         if node.op_type not in LAYER_OPS or len(node.input) < 2:
             continue
         weight = node.input[1]
-        module = quantized.get(weight.removesuffix(".weight")) if weight in initializers else None
-        if module is None:
+        owner = owner_of(weight, node, initializers, quantized) if weight in initializers else None
+        if owner is None:
             excluded.append(node.name)  # a float layer of ours (or a weight we cannot find) runs in float
             continue
-        matched.add(weight.removesuffix(".weight"))
+        module = quantized[owner]
+        matched.add(owner)
         scale = float(module.quant_input_scale)
         previous = overrides.get(node.input[0])
         if previous is not None and float(previous[0]["scale"]) != scale:
@@ -115,7 +133,7 @@ def quantize_graph(float_path: Path, int8_path: Path, net: nn.Module, calib: lis
         axis = weight_axis(node)
         scales = channel_scales(onnx.numpy_helper.to_array(initializers[weight]), axis, module)
         if scales is None:
-            requantized.append(weight.removesuffix(".weight"))
+            requantized.append(owner)
         else:
             overrides[weight] = [{"quant_type": QuantType.QInt8, "axis": axis, "scale": np.array(s, dtype=np.float32),
                                   "zero_point": np.array(0, dtype=np.int8)} for s in scales]

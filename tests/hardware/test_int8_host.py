@@ -116,3 +116,28 @@ def test_what_int8_kernels_cannot_hold_is_named_not_changed():
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert producers.get(gemm.input[1]) != "DequantizeLinear"  # the float classifier stays float
+
+
+class TokenMLP(nn.Module):
+    """Linear layers on token sequences: the exporter stores their weights transposed under generated names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(len(x), 8, 8)
+        return self.head(self.fc2(torch.relu(self.fc1(tokens))).mean(1))
+
+
+def test_linear_layers_on_token_sequences_are_found_by_their_weights():
+    torch.manual_seed(0)
+    net, x = TokenMLP().eval(), torch.randn(256, 1, 8, 8)
+    quantized(net, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        export_float(net, (1, 8, 8), float_path)
+        names = {i.name for i in onnx.load(str(float_path)).graph.initializer}
+        assert "fc1.weight" not in names  # stored transposed under a generated name
+        report = quantize_graph(float_path, int8_path, net, [x[:128]])
+    assert report["float"] == [] and report["input_scale_mismatch"] == []
