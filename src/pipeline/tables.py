@@ -237,6 +237,8 @@ def row_overrides(table: TableConfig, row: TableRow, smoke: bool, seed: int | No
 def small_record(results: dict[str, Any]) -> dict[str, Any]:
     """What a table needs of a run's results.json: scalar metrics, levels, overrides, host, commit."""
     record = {k: results[k] for k in RECORD_KEYS if k in results}
+    if "overrides" in record:  # start_from names a run dir of this machine and changes no result
+        record["overrides"] = [o for o in record["overrides"] if not o.startswith("start_from=")]
     record["metrics"] = {k: v for k, v in results.get("metrics", {}).items()
                          if isinstance(v, int | float | str | bool) or v is None}
     if results.get("levels"):

@@ -330,6 +330,8 @@ def test_quantized_rows_take_over_their_base_rows_trained_network(tmp_path):
         assert train["taken_from"] == str(out / "rows" / "fp32")  # trained once, not again
         assert train["metrics"] == base_train["metrics"]
         assert (out / "rows" / name / "stages" / "quantize.json").is_file()
+    record = json.loads((out / "records" / "w8a8.json").read_text())
+    assert not any(o.startswith("start_from=") for o in record["overrides"])  # no path of this machine
     table = {r["row"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
     # CSR: 1 + 2 index bytes per int8 weight against 4 + 2 per float one, plus row pointers and scales
     assert table["w8a8"]["weight_kb_ours"] < 0.7 * table["fp32"]["weight_kb_ours"]
