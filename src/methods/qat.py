@@ -32,7 +32,8 @@ Deviations: torch.ao's symmetric scale for the inputs is range / (qmax + 1/2) wh
 round to the same integer codes -2^(b-1)..2^(b-1)-1); the gradient's scale is per tensor; batch norm is trained
 as it is (not folded into the weights before rounding, as Jacob et al. do for integer-only inference) — the
 simulator prices conv+BN as the fused kernel either way. The hypernetwork variant of the quantized backward pass
-is not implemented.
+is not implemented. A multi-level model is refused (its levels share weights; training one would change the
+others): quantize it with PTQ.
 """
 
 from __future__ import annotations

@@ -126,6 +126,11 @@ class Pipeline:
             except NotApplicable as exc:
                 raise UserError(f"quant={self.choices.get('quant')} cannot quantize model={self.choices.get('model')}: "
                                 f"{exc}", "change quant.exclude or choose another quant option") from exc
+            if self.quantizer.training() is not None and getattr(self.method, "levels", None):
+                raise UserError(f"quant={self.choices.get('quant')} trains the network, but method="
+                                f"{self.choices.get('method')} makes a multi-level model whose levels share their "
+                                "weights: training one level would change the others unseen",
+                                "quantize a multi-level model after training (quant=w8a8), or train a single sparsity")
         net = self.method.prepare(net)
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
                      self.choices.get("method"))

@@ -32,6 +32,8 @@ CASES = [
     ("optimizer_without_target", ["~schedule.optimizer._target_"], ["schedule.optimizer=", "_target_"]),
     ("calib_larger_than_the_data", ["method=rd", "method.calib_size=5000"],
      ["method.calib_size=5000 is larger than the train split", "cannot use dataset="]),
+    ("qat_on_a_multilevel_model", ["method=multilevel", "quant=qat_w8a8"],
+     ["quant=qat_w8a8 trains the network", "multi-level model", "quant=w8a8"]),
     ("quant_calib_larger_than_the_data", ["quant=qat_w8a8", "quant.calib_size=5000"],
      ["quant=qat_w8a8 cannot use dataset=", "quant.calib_size=5000 is larger than the train split",
       "lower quant.calib_size"]),
