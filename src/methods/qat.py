@@ -31,14 +31,36 @@ Config keys (conf/quant/qat_*.yaml; schema base_quant_qat):
 Deviations: torch.ao's symmetric scale for the inputs is range / (qmax + 1/2) where PTQ uses range / qmax (both
 round to the same integer codes -2^(b-1)..2^(b-1)-1); the gradient's scale is per tensor; batch norm is trained
 as it is (not folded into the weights before rounding, as Jacob et al. do for integer-only inference) — the
-simulator prices conv+BN as the fused kernel either way. The hypernetwork variant of the quantized backward pass
-is not implemented. A multi-level model is refused (its levels share weights; training one would change the
-others): quantize it with PTQ.
+simulator prices conv+BN as the fused kernel either way. A multi-level model is refused (its levels share weights;
+training one would change the others): quantize it with PTQ.
+
+Hypernetwork variant (``hypernet``; Xu et al., "MetaGrad: Adaptive Gradient Quantization with Hypernetworks",
+ICIP 2023, arXiv 2303.02347): the quantized gradient of each layer's weight is fed into the computation graph of
+the *next* iteration through a hypernetwork, so that the training loss itself teaches the hypernetwork to undo
+the damage of the low-precision backward pass. Per step t and quantized layer: the forward runs on the
+look-ahead weight ``W_t = SGD(W_{t-1}, H(g_{t-1}, W_{t-1}))`` (rounded to its grid as above): the stage's SGD
+update (its current LR, weight decay, momentum, dampening, Nesterov) with the hypernetwork's output as the
+gradient, where ``g_{t-1}`` is the previous step's gradient of the layer's weight on the ``grad_bits`` grid
+(stochastic rounding; float when grad_bits = 0); the loss's gradient
+reaches the hypernetwork's parameters through ``W_t`` (trained by Adam at ``hypernet_lr``) and the new
+gradient ``g_t`` is kept for the next step; after the backward pass the layer's weight becomes ``W_t`` exactly,
+so the network trains at the weights its loss was computed at. ``H`` is one coordinate-wise MLP shared by all
+layers (inputs: the gradient and the weight, each divided by its tensor's largest magnitude; ``hypernet_hidden``
+tanh units; output a correction in the gradient's scale added to the gradient) whose output layer starts at
+zero, so training starts as plain quantized-gradient SGD and departs from it only as far as the loss asks.
+Keys: ``hypernet`` (false), ``hypernet_hidden`` (16), ``hypernet_lr`` (0.001).
+Deviations and choices: only the paper's abstract and introduction were available; the update rule above is
+the look-ahead of the meta-quantization line the paper builds on (Chen et al., "MetaQuant", NeurIPS 2019),
+applied to gradients. The quantized layers' weights are stepped by that rule in place of the stage's optimizer
+(same arithmetic as torch.optim.SGD; the rest of the network uses the optimizer as usual). Refused with an
+optimizer other than SGD, several processes or gradient accumulation (one gradient per step and process is what
+the next step's graph holds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -77,6 +99,9 @@ class QATConfig(MethodConfig):
     ema: float = 0.01
     calib_size: int = 512
     exclude: list[str] = field(default_factory=list)
+    hypernet: bool = False
+    hypernet_hidden: int = 16
+    hypernet_lr: float = 0.001
 
     def __post_init__(self) -> None:
         for key in ("weight_bits", "input_bits"):
@@ -90,6 +115,8 @@ class QATConfig(MethodConfig):
         check(self.lr_scale > 0, "quant.lr_scale", self.lr_scale, "a float > 0")
         check(0.0 < self.ema <= 1.0, "quant.ema", self.ema, "a float in (0, 1]")
         check(self.calib_size >= 1, "quant.calib_size", self.calib_size, "an integer >= 1")
+        check(self.hypernet_hidden >= 1, "quant.hypernet_hidden", self.hypernet_hidden, "an integer >= 1")
+        check(self.hypernet_lr > 0, "quant.hypernet_lr", self.hypernet_lr, "a float > 0")
 
 
 # ------------------------------------------------------------------------------ fake-quantized layers
@@ -108,18 +135,130 @@ class RoundGradient(torch.autograd.Function):
         return stochastic_fake_quantize(grad, ctx.bits), None
 
 
-def straight_through_weight(module: nn.Module) -> torch.Tensor:
-    """The weight on its grid in the forward; its gradient reaches the float weight unchanged."""
+def straight_through_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` on the layer's grid in the forward; its gradient reaches ``weight`` unchanged."""
     bits, granularity, group_size, _ = module.qat_settings
-    weight = module.weight
     rounded = fake_quantize_weight(weight.detach(), bits, granularity, group_size)
     return weight + (rounded - weight.detach())
+
+
+# ------------------------------------------------------------------------------ the hypernetwork variant
+class GradientHypernetwork(nn.Module):
+    """Coordinate-wise MLP (gradient, weight) -> gradient + correction; the correction starts at zero."""
+
+    def __init__(self, hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(2, hidden)
+        self.out = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            bound = 1 / 2 ** 0.5
+            self.hidden.weight.uniform_(-bound, bound, generator=generator)
+            self.hidden.bias.uniform_(-bound, bound, generator=generator)
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+
+    def forward(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        grad_peak = grad.abs().amax()
+        features = torch.stack([grad / _nonzero(grad_peak), weight / _nonzero(weight.abs().amax())], dim=-1)
+        correction = self.out(torch.tanh(self.hidden(features))).squeeze(-1)
+        return grad + grad_peak * correction
+
+
+def _nonzero(peak: torch.Tensor) -> torch.Tensor:
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+class HypernetworkRun:
+    """The hypernetwork, its optimizer and the stage optimizer's SGD settings the look-ahead follows (set from the
+    stage's optimizer at every step)."""
+
+    def __init__(self, hypernet: GradientHypernetwork, lr: float) -> None:
+        self.hypernet = hypernet
+        self.optimizer = torch.optim.Adam(hypernet.parameters(), lr=lr)
+        self.sgd = {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": False}
+
+    def lookahead(self, module: nn.Module) -> torch.Tensor:
+        """SGD's update of the layer's weight (torch.optim.SGD's rule: weight decay, momentum, dampening,
+        Nesterov) with the hypernetwork's output as the gradient, differentiable in the hypernetwork."""
+        sgd, weight = self.sgd, module.weight.detach()
+        if not module.hyper_started:  # no gradient kept yet: the first step runs on the weight as it is
+            return weight.requires_grad_()
+        direction = self.hypernet(module.hyper_grad, weight) + sgd["weight_decay"] * weight
+        if sgd["momentum"]:
+            buffer = sgd["momentum"] * module.hyper_momentum + (1 - sgd["dampening"]) * direction
+            direction = direction + sgd["momentum"] * buffer if sgd["nesterov"] else buffer
+            module.__dict__["hyper_pending_momentum"] = buffer.detach()
+        return weight - sgd["lr"] * direction
+
+    def step(self, model: nn.Module) -> int:
+        """After the backward pass: each layer's weight (and momentum) becomes the look-ahead its loss was computed
+        at, and the hypernetwork takes its step. Returns the number of layers stepped."""
+        stepped = 0
+        with torch.no_grad():
+            for module in model.modules():
+                pending = module.__dict__.pop("hyper_pending", None)
+                if pending is not None:
+                    module.weight.copy_(pending)
+                    stepped += 1
+                momentum = module.__dict__.pop("hyper_pending_momentum", None)
+                if momentum is not None:
+                    module.hyper_momentum.copy_(momentum)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+
+class HypernetworkStep(L.Callback):
+    """Drives ``HypernetworkRun`` in the stage's training loop; its state resumes with the stage."""
+
+    def __init__(self, run: HypernetworkRun) -> None:
+        self.run = run
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        optimizer = trainer.optimizers[0]
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise TypeError(f"quant.hypernet=true follows SGD's update rule; the stage's optimizer is "
+                            f"{type(optimizer).__name__}")
+        group = optimizer.param_groups[0]
+        self.run.sgd = {key: group.get(key, default) for key, default in self.run.sgd.items()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.run.step(pl_module.net)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hypernet": self.run.hypernet.state_dict(), "optimizer": self.run.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run.hypernet.load_state_dict(state_dict["hypernet"])
+        self.run.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+def _keep_gradient(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    grad_bits = module.qat_settings[3]
+    kept = stochastic_fake_quantize(grad, grad_bits) if grad_bits else grad
+    module.hyper_grad.copy_(kept)
+    module.hyper_started.fill_(True)
+    return kept
+
+
+def _training_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the forward uses: the layer's own, or (hypernetwork variant, training) the look-ahead weight."""
+    run: HypernetworkRun | None = getattr(module, "qat_hypernet", None)
+    if run is None or not (module.training and torch.is_grad_enabled()):
+        return module.weight
+    lookahead = run.lookahead(module)
+    mask = getattr(module, "weight_mask", None)
+    if mask is not None:
+        lookahead = lookahead * mask
+    module.__dict__["hyper_pending"] = lookahead.detach()
+    lookahead.register_hook(partial(_keep_gradient, module))
+    return lookahead
 
 
 def _fake_quantized(module: nn.Module, x: torch.Tensor, run) -> torch.Tensor:
     observer = module.input_fake_quant
     observer.observer_enabled.fill_(int(module.training))  # ranges move while training, are held in eval
-    out = run(observer(x), straight_through_weight(module))
+    out = run(observer(x), straight_through_weight(module, _training_weight(module)))
     grad_bits = module.qat_settings[3]
     return RoundGradient.apply(out, grad_bits) if grad_bits and torch.is_grad_enabled() else out
 
@@ -159,6 +298,7 @@ class QAT(LayerQuantizer):
         self.seed = torch.initial_seed()
         self.calibrated: dict[str, float] = {}
         self.report: dict[str, Any] = {}
+        self.hypernet_run: HypernetworkRun | None = None
 
     def check_applicable(self, model: nn.Module) -> None:
         super().check_applicable(model)
@@ -201,10 +341,21 @@ class QAT(LayerQuantizer):
             module.qat_settings = (self.weight_bits, self.granularity, self.group_size, self.grad_bits)
             module.__class__ = FAKE_QUANT[type(module)]
             self.calibrated[name] = float(module.input_fake_quant.scale)
+        if self.hypernet:
+            generator = torch.Generator().manual_seed(self.seed + 7919)
+            self.hypernet_run = HypernetworkRun(GradientHypernetwork(self.hypernet_hidden, generator).to(device),
+                                                self.hypernet_lr)
+            for module in layers.values():
+                module.register_buffer("hyper_grad", torch.zeros_like(module.weight))
+                module.register_buffer("hyper_momentum", torch.zeros_like(module.weight))
+                module.register_buffer("hyper_started", torch.zeros((), dtype=torch.bool, device=device))
+                module.weight.requires_grad_(False)  # stepped by the look-ahead rule, not by the optimizer
+                module.qat_hypernet = self.hypernet_run
         return model
 
     def training_callbacks(self, model: nn.Module) -> list[L.Callback]:
-        return [MaskEnforcer()] if any(True for _ in masked_parameters(model)) else []
+        callbacks: list[L.Callback] = [HypernetworkStep(self.hypernet_run)] if self.hypernet_run else []
+        return callbacks + ([MaskEnforcer()] if any(True for _ in masked_parameters(model)) else [])
 
     def quantize(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         """Freeze every fake-quantized layer into the static quantized state (PTQ's)."""
@@ -215,6 +366,11 @@ class QAT(LayerQuantizer):
             scale = module.input_fake_quant.scale.detach().reshape(())
             del module.input_fake_quant
             del module.qat_settings
+            if getattr(module, "qat_hypernet", None) is not None:
+                del module.qat_hypernet, module.hyper_grad, module.hyper_momentum, module.hyper_started
+                module.__dict__.pop("hyper_pending", None)
+                module.__dict__.pop("hyper_pending_momentum", None)
+                module.weight.requires_grad_(True)
             module.__class__ = ORIGINAL[type(module)]
             attach_quantization(module, self.weight_bits, self.input_bits, scale, self.granularity, self.group_size)
             frozen[name] = {"calibrated_input_scale": self.calibrated.get(name), "trained_input_scale": float(scale)}
@@ -226,4 +382,6 @@ class QAT(LayerQuantizer):
     def summary(self) -> dict[str, Any]:
         return {"kind": "qat", "weight_bits": self.weight_bits, "input_bits": self.input_bits,
                 "grad_bits": self.grad_bits, "granularity": self.granularity, "group_size": self.group_size,
-                "epochs": self.epochs, "lr_scale": self.lr_scale, **self.report}
+                "epochs": self.epochs, "lr_scale": self.lr_scale, "hypernet": self.hypernet,
+                **({"hypernet_hidden": self.hypernet_hidden, "hypernet_lr": self.hypernet_lr} if self.hypernet else {}),
+                **self.report}

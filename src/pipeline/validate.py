@@ -61,6 +61,21 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method.rewind_epoch={method.rewind_epoch} is after the end of the train stage "
                         f"(schedule.train.epochs={train_epochs})",
                         f"set method.rewind_epoch <= {train_epochs} (0 rewinds to the original init)")
+    quant, trainer = cfg.get("quant"), cfg.trainer
+    if quant is not None and quant.get("hypernet"):
+        several = str(trainer.devices) not in ("1", "[0]") or trainer.num_nodes != 1
+        if several or trainer.accumulate_grad_batches != 1:
+            setting = (f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}" if several
+                       else f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}")
+            raise UserError(f"quant.hypernet=true needs one process and one backward pass per step ({setting}): "
+                            "the hypernetwork feeds each step's gradient into the next step's graph",
+                            "train the quantize stage with trainer=cpu and accumulate_grad_batches=1, "
+                            "or set quant.hypernet=false")
+        optimizer = str(cfg.schedule.optimizer.get("_target_"))
+        if optimizer != "torch.optim.SGD":
+            raise UserError(f"quant.hypernet=true steps the quantized layers by SGD's update rule with the "
+                            f"hypernetwork's output as the gradient, but schedule.optimizer is {optimizer}",
+                            "use a schedule with torch.optim.SGD (e.g. schedule=fmnist), or set quant.hypernet=false")
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
                         "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")

@@ -29,9 +29,10 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"],
            "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"],
            "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"],
-           "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.epochs=4"]}
+           "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"]}
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
-# inside the quantize stage's training (fake-quant layers and their input ranges rebuilt before the resume)
+# inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
+# optimizer and the kept gradients restored before the resume)
 KILL_IN = {"lth": "finetune", "multilevel": "finetune", "qat": "quantize"}
 
 
