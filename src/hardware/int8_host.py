@@ -23,9 +23,7 @@ the float graph's through the same runtime, in the same run.
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,23 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress_run.core.quantization import inputs_unrounded, is_quantized
-from compress_run.hardware.measure import median_seconds
+from compress_run.core.quantization import is_quantized
+from compress_run.hardware.deploy import export_float, latency_ms, session
 
 LAYER_OPS = {"Conv": 0, "Gemm": None, "MatMul": 1}  # op -> output-channel axis of its weight (Gemm: by transB)
 # ops whose output ORT quantizes with their input's scale: one feeding a layer is left float, so the layer's input
 # is quantized at the layer's own scale rather than inheriting the one before the op
 SHARED_SCALE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "AveragePool", "GlobalAveragePool",
                     "MaxPool", "Resize", "Gather", "Slice", "Split", "Concat", "Pad", "Identity"}
-
-
-def export_float(net: nn.Module, sample_shape: tuple[int, ...], path: Path) -> None:
-    with warnings.catch_warnings(), inputs_unrounded():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(net, (torch.randn(2, *sample_shape),), dynamo=True, verbose=False,
-                                    dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
-    program.save(str(path))
 
 
 def weight_axis(node: Any) -> int:
@@ -169,21 +158,6 @@ def input_scale_mismatches(int8_path: Path, overrides: dict[str, list[dict[str, 
                 or int(consts[q.input[2]]) != int(rows[0]["zero_point"]):
             wrong.append(tensor)
     return sorted(wrong)
-
-
-def session(path: Path, threads: int):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def latency_ms(sess: Any, shape: tuple[int, ...], warmup: int, repeats: int) -> float:
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
-    name = sess.get_inputs()[0].name
-    return median_seconds(lambda: sess.run(None, {name: x}), warmup=warmup, repeats=repeats) * 1e3
 
 
 def int8_host_metrics(net: nn.Module, sample_shape: tuple[int, ...], calib: list[torch.Tensor],

@@ -153,4 +153,11 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
                      f"{m['int8_host/float_latency_ms/b1']:.3f} ms for the float graph "
                      f"({m['int8_host/speedup/b1']:.2f}x)")
         console.print(line)
+    if "latency_deploy_ms/b1" in m:
+        line = f"deployed ({m['latency_deploy/runtime']}): batch 1 {m['latency_deploy_ms/b1']:.3f} ms"
+        if "latency_deploy/speedup_over_eager/b1" in m:
+            line += f", {m['latency_deploy/speedup_over_eager/b1']:.2f}x the eager PyTorch speed"
+        console.print(line)
+    elif "latency_deploy/skipped" in m:
+        console.print(f"deployed latency not measured: {m['latency_deploy/skipped']}")
     console.print(f"results: {Path(results['output_dir']) / 'results.json'}")

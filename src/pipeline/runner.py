@@ -40,6 +40,7 @@ from compress_run.core.masks import sparsity_report
 from compress_run.core.nesting import level_count
 from compress_run.core.quantization import model_bytes, quantization_report
 from compress_run.core.restore import restore_compression
+from compress_run.hardware.deploy import deployed_latency_metrics
 from compress_run.hardware.int8_host import int8_host_metrics
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
@@ -400,6 +401,8 @@ class Pipeline:
             metrics["quant/layers"] = len(bits)
             if self.cfg.evaluate.int8_host:
                 metrics.update(self.int8_host_report(net))
+        elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency:
+            metrics.update(self.deploy_report(net, metrics))
         if self.cfg.evaluate.get("export") == "onnx":
             data = self.cfg.dataset
             metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),
@@ -427,6 +430,20 @@ class Pipeline:
         tests = (self.datamodule.on_after_batch_transfer(batch, 0) for batch in itertools.islice(loader, count))
         return int8_host_metrics(net, shape, calib, tests, batch=cfg.batch_size, warmup=cfg.warmup,
                                  repeats=cfg.repeats, measure=cfg.measure_latency)
+
+    def deploy_report(self, net: torch.nn.Module, eager: dict[str, Any]) -> dict[str, Any]:
+        """The network run by ONNX Runtime at batch 1 and N, and its speed-up over the eager measurement."""
+        cfg, data = self.cfg.evaluate, self.cfg.dataset
+        metrics = deployed_latency_metrics(net, (data.in_channels, data.image_size, data.image_size),
+                                           batch=cfg.batch_size, warmup=cfg.warmup, repeats=cfg.repeats)
+        if "latency_deploy/skipped" in metrics:
+            self.log(f"deployed latency not measured: {metrics['latency_deploy/skipped']}")
+        for key in [k for k in metrics if k.startswith("latency_deploy_ms/")]:
+            batch = key.rsplit("/", 1)[1]
+            if f"latency_host_ms/{batch}" in eager:
+                metrics[f"latency_deploy/speedup_over_eager/{batch}"] = round(
+                    eager[f"latency_host_ms/{batch}"] / metrics[key], 3)
+        return metrics
 
     def evaluate_levels(self, net: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
         data = self.cfg.dataset

@@ -233,6 +233,7 @@ class EvaluateConfig:
     latency_budget_ms: float | None = None  # multi-level models: report the best level/switch within this budget
     kernels: str = "measured"           # measured: fastest kernel per layer by timing; simulated: simulator's pick
     int8_host: bool = True              # quantized models: run the int8 graph through ONNX Runtime (acc + latency)
+    deploy_latency: bool = True         # with measure_latency: also time the network run by ONNX Runtime
 
     def __post_init__(self) -> None:
         known = available_profiles()

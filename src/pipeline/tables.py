@@ -61,6 +61,7 @@ METRICS: dict[str, tuple[str, Any]] = {
     "params_reduction": ("param reduction (%)", lambda m: _pct(m.get("model/params_reduction"))),
     "latency_ms": ("sim latency (ms)", lambda m: simulated_latency(m)[1]),
     "host_ms": ("host latency (ms, b1)", lambda m: m.get("latency_host_ms/b1")),
+    "deploy_ms": ("ONNX Runtime latency (ms, b1)", lambda m: m.get("latency_deploy_ms/b1")),
     "weight_kb": ("weights (KiB)", lambda m: _div(m.get("model/weight_bytes"), 1024.0)),
     "int8_top1": ("int8 graph top-1 (%)", lambda m: _pct(m.get("int8_host/test/acc"))),
     "int8_host_ms": ("int8 graph host latency (ms, b1)", lambda m: m.get("int8_host/latency_ms/b1")),

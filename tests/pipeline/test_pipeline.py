@@ -50,6 +50,9 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
     assert m["model/macs_effective"] <= m["model/macs_executed"] <= m["model/macs_dense"]
     assert m["latency_host_ms/b1"] > 0 and m["latency_host_ms/b8"] > 0 and m["latency_host/threads"] >= 1
     assert results["latency_per_layer"]["host_cpu"]
+    # the deployed form beside it: the same network run by ONNX Runtime, checked against it, timed in this run
+    assert m["latency_deploy_ms/b1"] > 0 and m["latency_deploy_ms/b8"] > 0 and m["latency_deploy/max_abs_diff"] < 1e-3
+    assert m["latency_deploy/speedup_over_eager/b1"] == round(m["latency_host_ms/b1"] / m["latency_deploy_ms/b1"], 3)
     # every masked layer ran its fastest measured kernel (dense included as a candidate)
     kernels = results["kernels_per_layer"]
     assert set(kernels) == {name.rsplit(".", 1)[0] for name in masked}
