@@ -22,6 +22,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,11 @@ def main() -> None:
             ratios = [p / q for p, q in zip(rounds_ms["pipeline"], rounds_ms["plain"], strict=True)]
             rows[variant] = {"pipeline_step_ms": rounds_ms["pipeline"], "plain_step_ms": rounds_ms["plain"],
                              "ratio_per_round": ratios, "ratio": statistics.median(ratios)}
-    result = {"benchmark": "training-step overhead of the pipeline over a plain loop",
-              "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
+    command = "python scripts/bench_overhead.py" + "".join(
+        f" --{k} {getattr(args, k)}" for k in ("steps", "rounds", "threads", "batch")
+        if getattr(args, k) != parser.get_default(k))
+    result = {"benchmark": "overhead", "command": command,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
               "settings": {"model": "resnet20", "dataset": "fashion_mnist", "batch": args.batch, "steps": steps,
                            "warmup_steps": warmup, "rounds": rounds, "threads": args.threads},
               "goal": {"dense": 1.05, "masked": 1.10}, "variants": rows,
