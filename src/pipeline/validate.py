@@ -61,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method.rewind_epoch={method.rewind_epoch} is after the end of the train stage "
                         f"(schedule.train.epochs={train_epochs})",
                         f"set method.rewind_epoch <= {train_epochs} (0 rewinds to the original init)")
+    check_trainer(cfg.trainer)
     quant, trainer = cfg.get("quant"), cfg.trainer
     if quant is not None and quant.get("hypernet"):
         several = str(trainer.devices) not in ("1", "[0]") or trainer.num_nodes != 1
@@ -79,6 +80,44 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
                         "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")
+
+
+def _device_spec_ok(devices: Any) -> bool:
+    """Lightning's forms: auto, a count >= 1 (-1: all), a list of indices, or those as a string ("2", "0,1")."""
+    if OmegaConf.is_list(devices):
+        return len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices)
+    if isinstance(devices, str) and devices != "auto":
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+            return False
+        return "," in devices or _device_spec_ok(int(parts[0]))
+    return devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """The trainer keys Lightning would otherwise reject with a traceback mid-run: devices, precision, strategy."""
+    import typing
+
+    from lightning.fabric import connector
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    fix = "`compress-run --cfg job` shows the composed trainer group; trainer=cpu is one CPU process"
+    devices = trainer.devices
+    if not _device_spec_ok(devices):
+        raise UserError(f"trainer.devices={devices} is not a device count or list",
+                        f"set trainer.devices to a count >= 1 (-1: all), auto, or a list of device indices; {fix}")
+    precisions = [*typing.get_args(connector._PRECISION_INPUT_STR),
+                  *typing.get_args(connector._PRECISION_INPUT_STR_ALIAS)]
+    if str(trainer.precision) not in precisions:
+        raise UserError(f"trainer.precision={trainer.precision} is not a precision Lightning knows",
+                        f"use one of {', '.join(precisions)} (32-true on the CPU); {fix}")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if str(trainer.strategy) not in strategies:
+        raise UserError(f"trainer.strategy={trainer.strategy} is not a strategy Lightning knows",
+                        f"use auto (one process), ddp or ddp_spawn (several; trainer=ddp_cpu on the CPU), or one of "
+                        f"{', '.join(strategies[3:8])}, ...; {fix}")
+    if trainer.num_nodes < 1:
+        raise UserError(f"trainer.num_nodes={trainer.num_nodes} is below 1", f"set trainer.num_nodes >= 1; {fix}")
 
 
 def _drop(container: dict[str, Any], dotted: str) -> None:
