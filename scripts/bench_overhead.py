@@ -60,10 +60,11 @@ def step_ms(starts: list[float], warmup: int) -> float:
     return statistics.median(gaps) * 1e3
 
 
-def pipeline_for(variant: str, steps: int, batch: int, out: Path) -> Pipeline:
+def pipeline_for(variant: str, steps: int, batch: int, out: Path, extra: list[str]) -> Pipeline:
     with initialize_config_module("compress_run.conf", version_base="1.3"):
-        overrides = [*VARIANTS[variant], "dataset=fashion_mnist", "schedule=fmnist", f"schedule.batch_size={batch}",
-                     f"trainer.limit_train_batches={steps + 1}", "trainer.limit_val_batches=0",
+        overrides = [*VARIANTS[variant], *extra, "dataset=fashion_mnist", "schedule=fmnist",
+                     f"schedule.batch_size={batch}", f"trainer.limit_train_batches={steps + 1}",
+                     "trainer.limit_val_batches=0",
                      "trainer.enable_model_summary=false", "logger=none", f"output_dir={out}"]
         cfg = compose("config", overrides=overrides)
     pipeline = Pipeline(cfg, out, overrides, {"method": VARIANTS[variant][0].split("=")[1]})
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--override", action="append", default=[],
+                        help="a compress-run override for the pipeline path, e.g. trainer.deterministic=false "
+                             "(repeatable; to find where time goes)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "overhead.json")
     args = parser.parse_args()
     steps, rounds = (12, 1) if args.quick else (args.steps, args.rounds)
@@ -125,7 +129,7 @@ def main() -> None:
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
-            pipeline = pipeline_for(variant, steps, args.batch, Path(tmp) / variant)
+            pipeline = pipeline_for(variant, steps, args.batch, Path(tmp) / variant, args.override)
             rounds_ms: dict[str, list[float]] = {"pipeline": [], "plain": []}
             for r in range(rounds):
                 console.log(f"{variant}: round {r + 1}/{rounds}")
@@ -136,11 +140,12 @@ def main() -> None:
                              "ratio_per_round": ratios, "ratio": statistics.median(ratios)}
     command = "python scripts/bench_overhead.py" + "".join(
         f" --{k} {getattr(args, k)}" for k in ("steps", "rounds", "threads", "batch")
-        if getattr(args, k) != parser.get_default(k))
+        if getattr(args, k) != parser.get_default(k)) + "".join(f" --override {o}" for o in args.override)
     result = {"benchmark": "overhead", "command": command,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
               "settings": {"model": "resnet20", "dataset": "fashion_mnist", "batch": args.batch, "steps": steps,
-                           "warmup_steps": warmup, "rounds": rounds, "threads": args.threads},
+                           "warmup_steps": warmup, "rounds": rounds, "threads": args.threads,
+                           "pipeline_overrides": args.override},
               "goal": {"dense": 1.05, "masked": 1.10}, "variants": rows,
               "ratio_dense": rows["dense"]["ratio"], "ratio_masked": rows["masked"]["ratio"]}
     table = Table(title="training step: pipeline vs plain loop (median over rounds)")
