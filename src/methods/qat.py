@@ -41,10 +41,11 @@ the damage of the low-precision backward pass. Per step t and quantized layer: t
 look-ahead weight ``W_t = SGD(W_{t-1}, H(g_{t-1}, W_{t-1}))`` (rounded to its grid as above): the stage's SGD
 update (its current LR, weight decay, momentum, dampening, Nesterov) with the hypernetwork's output as the
 gradient, where ``g_{t-1}`` is the previous step's gradient of the layer's weight on the ``grad_bits`` grid
-(stochastic rounding; float when grad_bits = 0); the loss's gradient
-reaches the hypernetwork's parameters through ``W_t`` (trained by Adam at ``hypernet_lr``) and the new
-gradient ``g_t`` is kept for the next step; after the backward pass the layer's weight becomes ``W_t`` exactly,
-so the network trains at the weights its loss was computed at. ``H`` is one coordinate-wise MLP shared by all
+(stochastic rounding; float when grad_bits = 0); the loss's gradient reaches the hypernetwork's parameters
+through ``W_t`` (trained by Adam at ``hypernet_lr``) and the new gradient ``g_t`` is kept for the next step;
+after the backward pass the layer's weight (and momentum buffer) becomes the look-ahead exactly, so the network
+trains at the weights its loss was computed at. The first step has no gradient to feed forward and runs on the
+weights as they are. ``H`` is one coordinate-wise MLP shared by all
 layers (inputs: the gradient and the weight, each divided by its tensor's largest magnitude; ``hypernet_hidden``
 tanh units; output a correction in the gradient's scale added to the gradient) whose output layer starts at
 zero, so training starts as plain quantized-gradient SGD and departs from it only as far as the loss asks.
