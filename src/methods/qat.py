@@ -71,7 +71,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 
 from compress_run.core.config import check
-from compress_run.core.masks import MaskEnforcer, masked_parameters
+from compress_run.core.masks import MaskEnforcer, get_mask, masked_parameters
 from compress_run.core.quantization import (
     GRANULARITIES,
     MAX_BITS,
@@ -248,7 +248,7 @@ def _training_weight(module: nn.Module) -> torch.Tensor:
     if run is None or not (module.training and torch.is_grad_enabled()):
         return module.weight
     lookahead = run.lookahead(module)
-    mask = getattr(module, "weight_mask", None)
+    mask = get_mask(module)
     if mask is not None:
         lookahead = lookahead * mask
     module.__dict__["hyper_pending"] = lookahead.detach()
