@@ -156,6 +156,13 @@ class Method:
     def lr_cycles(self, stage: str) -> int:
         return 1
 
+    def trains_plainly(self, model: nn.Module) -> bool:
+        """True when the method leaves its train stage to ordinary training of the unchanged model (no
+        ``prepare``, no train-stage callbacks, one LR cycle): that stage's result then does not depend on the
+        method or its keys, and a run may take it over from a run of another such method (``start_from``)."""
+        return ("train" in self.stages and type(self).prepare is Method.prepare
+                and not self.training_callbacks("train", model) and self.lr_cycles("train") == 1)
+
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         return model
 

@@ -64,6 +64,8 @@ from compress_run.pipeline.validate import (
     check_output_dir,
     evaluate_fingerprint,
     start_from_differences,
+    train_differences,
+    train_inputs,
     validate,
     write_run_config,
 )
@@ -132,6 +134,8 @@ class Pipeline:
                                 f"{self.choices.get('method')} makes a multi-level model whose levels share their "
                                 "weights: training one level would change the others unseen",
                                 "quantize a multi-level model after training (quant=w8a8), or train a single sparsity")
+        self.plain_train = self.method.trains_plainly(net)
+        self.train_inputs = train_inputs(cfg, self.plain_train)
         net = self.method.prepare(net)
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
                      self.choices.get("method"))
@@ -161,18 +165,31 @@ class Pipeline:
         self.start_net = self.net_for(pending[0], net) if pending else net
 
     def take_over_stages(self, base: Path) -> None:
-        """Copy (hard-link) the finished train, compress and finetune stages of the run in ``base``, whose settings
-        may differ from this run's only in ``quant`` (and the task name): this run goes on with quantize and
-        evaluate. Stages this run already finished are kept."""
-        fix = "point start_from at a finished run of the same experiment, seed and settings, or set start_from=null"
+        """Copy (hard-link) the finished stages of the run in ``base`` that this run would repeat: its train,
+        compress and finetune stages when the settings differ only in ``quant`` (and the task name), so this run
+        goes on with quantize and evaluate; else its train stage alone when both runs' train inputs are equal
+        (e.g. two methods that train plainly, with the same model, data, seed and train schedule), so this run
+        goes on with compress. Stages this run already finished are kept."""
+        fix = ("point start_from at a finished run of the same model, dataset, seed and train settings, or set "
+               "start_from=null")
         if not (base / "run.json").is_file():
             raise UserError(f"start_from={base} is not a compress-run output dir (it has no run.json)", fix)
         diffs = start_from_differences(self.cfg, base)
+        stages = STAGES[: STAGES.index("quantize")]
         if diffs:
-            raise UserError(f"start_from={base} was made with other settings than this run ({'; '.join(diffs[:5])});"
-                            " only quant (and evaluate, hardware, task_name) may differ", fix)
+            train_record = base / "stages" / "train.json"
+            theirs = read_json(train_record).get("train_inputs") if train_record.is_file() else None
+            train_diffs = ["its train stage records no train inputs"] if theirs is None else \
+                train_differences(theirs, self.train_inputs)
+            if train_diffs:
+                raise UserError(f"start_from={base} was made with other settings than this run "
+                                f"({'; '.join(diffs[:5])}), and its train stage cannot be taken over either "
+                                f"({'; '.join(train_diffs[:5])}); only quant (and evaluate, hardware, task_name) may "
+                                "differ, or anything but the train inputs when only the train stage is taken over",
+                                fix)
+            stages = ("train",)
         taken = []
-        for stage in STAGES[: STAGES.index("quantize")]:
+        for stage in stages:
             if self.finished(stage):
                 continue
             record_file = base / "stages" / f"{stage}.json"
@@ -302,6 +319,8 @@ class Pipeline:
                       "metrics": metrics}
             if stage == "evaluate":
                 record["evaluate_fingerprint"] = evaluate_fingerprint(self.cfg)
+            if stage == "train":
+                record["train_inputs"] = self.train_inputs
             atomic_write_json(self.stage_dir / f"{stage}.json", record)
             (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)
             self.records[stage] = record
@@ -331,7 +350,9 @@ class Pipeline:
         ckpt = self.load_into(fresh, self.ckpt_dir / f"{source}.ckpt", f"the {source} checkpoint",
                               f"delete {self.stage_dir / (source + '.json')} and {self.ckpt_dir / (source + '.ckpt')} "
                               f"and rerun to redo the {source} stage, or use a new output_dir")
-        self.method.load_state_dict(ckpt.get("compress_run", {}).get("method_state", {}))
+        if not (source == "train" and self.plain_train):  # a plainly trained method's state is its initial one,
+            # and a train checkpoint taken over from another method holds that method's state
+            self.method.load_state_dict(ckpt.get("compress_run", {}).get("method_state", {}))
         return fresh
 
     def meta(self, stage: str) -> dict[str, Any]:

@@ -138,8 +138,9 @@ def run(argv: list[str], console: Console) -> int:
                         shutil.move(str(source), str(target))
                         console.print(f"run {key}: earlier {source.name} moved to {target}")
         console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo_names)}")
-        # rows with a base run after it, so they take over its finished stages instead of training again
-        first = [(row, seed) for row, seed in todo if (row.base, seed) not in {(r.name, s) for r, s in todo}]
+        # rows with a base or train_from row run after it, so they take over its finished stages
+        first = [(row, seed) for row, seed in todo
+                 if (row.base or row.train_from, seed) not in {(r.name, s) for r, s in todo}]
         second = [run for run in todo if run not in first]
         for batch in (first, second):
             if batch and launch(table, batch, table_dir, records_dir, smoke, passthrough) == EXIT_BAD_INPUT:

@@ -94,6 +94,8 @@ class TableRow:
     level: Any = None                   # multi-level runs: report this level (a sparsity, or one per segment)
     run: str = ""                       # read the run of this other row (another level of it); not launched
     base: str = ""                      # a row whose finished train/compress/finetune this row's run takes over
+    train_from: str = ""                # a row whose finished train stage this row's run takes over (equal train
+    #                                     inputs, e.g. another method that trains plainly), so a seed trains once
 
 
 @dataclass
@@ -140,7 +142,8 @@ def load_table(name: str) -> TableConfig:
     except OmegaConfBaseException as exc:
         raise UserError(f"invalid table config {path}: {str(exc).splitlines()[0]}",
                         "use the keys title, source, metrics, smoke_overrides, seeds, orderings and rows (name, "
-                        "experiment, overrides, paper, note, level, run) as in conf/table/fmnist_sparse.yaml") from exc
+                        "experiment, overrides, paper, note, level, run, base, train_from) as in "
+                        "conf/table/fmnist_sparse.yaml") from exc
     check_table(table, path)
     return table  # type: ignore[return-value]
 
@@ -172,6 +175,14 @@ def check_table(table: DictConfig, path: Path) -> None:
                 raise UserError(f"table {path}, row '{row.name}': base '{row.base}' is not another row of the same "
                                 "experiment whose overrides differ from this row's only in quant.* / evaluate.*",
                                 "point base at the row that runs the same experiment without quantization")
+        if row.train_from:
+            source = next((r for r in table.rows if r.name == row.train_from), None)
+            if source is None or source is row or source.run or source.base or source.train_from or row.base:
+                raise UserError(f"table {path}, row '{row.name}': train_from '{row.train_from}' is not another row "
+                                "that runs its own training (no run, base or train_from of its own), or the row "
+                                "also names a base", "point train_from at the row whose train stage this row "
+                                "shares (same model, data and train schedule), and give a row base or train_from, "
+                                "not both")
         bad = [k for k in row.paper if k not in table.metrics]
         if bad:
             raise UserError(f"table {path}, row '{row.name}': paper values for {bad}, which the table does not "
@@ -215,13 +226,21 @@ def record_path(records_dir: Path, row: TableRow, seed: int | None = None) -> Pa
     return records_dir / f"{run_key(row.run or row.name, seed)}.json"
 
 
+def source_row(table: TableConfig, row: TableRow) -> TableRow | None:
+    """The row whose run this row's run takes stages over from (``base`` or ``train_from``), if any."""
+    name = row.base or row.train_from
+    return next((r for r in table.rows if r.name == name), None) if name else None
+
+
 def start_from(table: TableConfig, table_dir: Path, row: TableRow, seed: int | None) -> list[str]:
-    """``start_from=<the base row's run>`` when that run has finished its finetune stage (else: a full run)."""
-    base = next((r for r in table.rows if r.name == row.base), None) if row.base else None
-    if base is None:
+    """``start_from=<the source row's run>`` when that run has finished the last stage this row takes over (the
+    base's finetune, the train_from row's train); else the row runs in full."""
+    source = source_row(table, row)
+    if source is None:
         return []
-    base_dir = run_dir_of(table_dir, base, seed)
-    return [f"start_from={base_dir}"] if (base_dir / "stages" / "finetune.json").is_file() else []
+    source_dir = run_dir_of(table_dir, source, seed)
+    needed = source_dir / "stages" / f"{'finetune' if row.base else 'train'}.json"
+    return [f"start_from={source_dir}"] if needed.is_file() else []
 
 
 def launched_runs(table: TableConfig) -> list[tuple[TableRow, int | None]]:

@@ -181,6 +181,43 @@ def write_run_config(cfg: DictConfig, out: Path, overrides: list[str], fp: str) 
         atomic_write_json(out / "run.json", {"fingerprint": fp, "config": result_config(cfg)})
 
 
+def train_inputs(cfg: DictConfig, method_trains_plainly: bool) -> dict[str, Any]:
+    """The settings the train stage's result depends on: all result-relevant ones but the task name, quant,
+    the finetune schedule, distillation outside the train stage, and the method when it trains plainly
+    (``Method.trains_plainly``). Two runs with equal train inputs train the same network."""
+    part = result_config(cfg)
+    for key in ("task_name", "quant", "experiment"):
+        part.pop(key, None)
+    part.get("schedule", {}).pop("finetune", None)
+    if method_trains_plainly:
+        part["method"] = "plain training (no method hook in the train stage)"
+    distill = part.pop("distill", None) or {}
+    if distill.get("teacher") and "train" in (distill.get("stages") or []):
+        part["distill"] = distill
+    return part
+
+
+def differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    old, new = _flatten(theirs), _flatten(ours)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def train_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """:func:`differences` of two runs' :func:`train_inputs`, a plainly training method against one that acts
+    in the train stage said in one line instead of key by key."""
+    theirs, ours = dict(theirs), dict(ours)
+    old, new = theirs.pop("method", None), ours.pop("method", None)
+    if old != new and (isinstance(old, str) or isinstance(new, str)):
+        return [f"method: {_train_role(old)} -> {_train_role(new)}", *differences(theirs, ours)]
+    return differences({**theirs, "method": old}, {**ours, "method": new})
+
+
+def _train_role(method: Any) -> str:
+    if not isinstance(method, dict):
+        return str(method)
+    return f"{str(method.get('_target_', '?')).rsplit('.', 1)[-1]}, which acts in the train stage"
+
+
 def start_from_differences(cfg: DictConfig, base: Path) -> list[str]:
     """Result-relevant settings in which ``cfg`` differs from the run in ``base`` (quant and the task name aside)."""
     previous = json.loads((base / "run.json").read_text())
@@ -189,5 +226,4 @@ def start_from_differences(cfg: DictConfig, base: Path) -> list[str]:
     for key in AFTER_FINETUNE_KEYS:
         ours.pop(key, None)
         theirs.pop(key, None)
-    old, new = _flatten(theirs), _flatten(ours)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return differences(theirs, ours)

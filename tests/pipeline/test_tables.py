@@ -285,6 +285,25 @@ def test_seeded_rows_run_once_per_seed_and_leave_records(tmp_path):
     assert read_json(out / "table.json")["rows"][0]["seeds_done"] == 2
 
 
+@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
+def test_rows_share_a_train_stage_through_train_from(tmp_path):
+    path, out = tmp_path / "shared.yaml", tmp_path / "out"
+    rows = [{"name": "svd", "experiment": "fmnist_svd", "train_from": "magnitude"},
+            {"name": "magnitude", "experiment": "fmnist_magnitude"}]
+    OmegaConf.save(OmegaConf.create({"title": "shared", "metrics": ["top1"], "seeds": [0, 1], "rows": rows}), path)
+    proc = compress_table([f"table={path}", "scale=smoke", f"output_dir={out}", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [launch["rows"] for launch in launches(out)] == [["magnitude/seed0", "magnitude/seed1"],
+                                                             ["svd/seed0", "svd/seed1"]]  # the source first
+    for seed in (0, 1):
+        source = json.loads((out / "rows" / "magnitude" / f"seed{seed}" / "stages" / "train.json").read_text())
+        train = json.loads((out / "rows" / "svd" / f"seed{seed}" / "stages" / "train.json").read_text())
+        assert train["taken_from"] == str(out / "rows" / "magnitude" / f"seed{seed}")  # its own seed's network
+        assert train["metrics"] == source["metrics"]
+        assert json.loads((out / "rows" / "svd" / f"seed{seed}" / "stages" / "compress.json").read_text())["status"] \
+            == "done"
+
+
 def test_committed_results_carry_no_path_of_the_machine_that_made_them():
     from tests.conftest import REPO
 
@@ -300,6 +319,11 @@ def test_committed_results_carry_no_path_of_the_machine_that_made_them():
     ({"orderings": [{"rows": ["a", "nope"]}]}, "unknown rows ['nope']"),
     ({"orderings": [{"rows": ["a", "b"], "metric": "latency_ms"}]}, "a metric the table does not have"),
     ({"seeds": [0, 0]}, "repeat a seed"),
+    ({"rows": [{"name": "a", "experiment": "fmnist_svd", "train_from": "nope"},
+               {"name": "b", "experiment": "fmnist_magnitude"}]}, "train_from 'nope' is not another row"),
+    ({"rows": [{"name": "a", "experiment": "fmnist_svd", "train_from": "b"},
+               {"name": "b", "experiment": "fmnist_magnitude", "train_from": "a"}]},
+     "train_from 'b' is not another row that runs its own training"),
     ({"rows": [{"name": "a", "experiment": "fmnist_gmp", "overrides": ["seed=3"]},
                {"name": "b", "experiment": "fmnist_magnitude"}, {"name": "c", "experiment": "fmnist_dense"}]},
      "a seed override in a table with seeds"),
