@@ -6,14 +6,17 @@ the same number of non-zeros, spread evenly over the B banks (column mod B). The
 group: no per-row pointers, no load imbalance) plus the per-group pack counts P_g = K_g / E; a row group's
 non-zeros are the union of its P_g packs of B entries, one per bank. The kernel gathers the input rows
 named by the indices and accumulates per output row: Y[r] = Σ_k V[r, k] · X[C[r, k]]. Two kernels: a
-compiled one (``csrc/gather_scatter.cpp``, built on first use with torch's JIT extension loader; rows in
-parallel, the other dimension in cache-sized tiles, a vectorised multiply-add inside) and a vectorised
-PyTorch one (gathers in chunks, one batched matmul per group) used when no compiler is available or
-``COMPRESS_RUN_GS_KERNEL=torch``.
+compiled one (``csrc/gather_scatter.cpp``, built on first use with torch's JIT extension loader) and a
+vectorised PyTorch one (gathers in chunks, one batched matmul per group) used when no compiler is available or
+``COMPRESS_RUN_GS_KERNEL=torch``. The compiled kernel is register-blocked: up to 8 vectors of one output row
+stay in registers while every non-zero of the row adds its weight times the gathered input segment, then are
+stored once; the matmul packs each tile of X (sized to ~256 KB) contiguously per thread, rows in parallel.
 
 Conv layers run directly on the padded input with the compiled kernel (no im2col: each output plane
-accumulates shifted input rows, one per non-zero; a strided conv runs as the stride-1 conv over the input's
-stride phases, :func:`space_to_depth`, so its inner loop stays contiguous), else as ``W @ im2col(x)``.
+accumulates shifted input rows, one per non-zero, the planes cut into tiles of 8 vectors and the work ordered
+(image, tile, output-channel chunk) so one tile's inputs stay in cache for every output channel; a strided
+conv runs as the stride-1 conv over the input's stride phases, :func:`space_to_depth`, so its inner loop stays
+contiguous), else as ``W @ im2col(x)``.
 The GS matrix view orders a conv's columns (k_h, k_w, C_in) with the input channel fastest (so banks
 interleave channels), and the indices are mapped to ``F.unfold``'s (C_in, k_h, k_w) order when the format is built.
 """
@@ -37,7 +40,7 @@ from compress_run.core.projections import as_matrix
 from compress_run.kernels.sparse import Im2colConv
 
 CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
-TILE = 64                 # columns of x per tile in the compiled kernel (a 64-wide tile of x stays in L2)
+TILE = 0  # columns of x per tile in the compiled matmul (0: the kernel sizes its tile buffer to ~256 KB)
 
 
 @functools.lru_cache(maxsize=1)
