@@ -1,17 +1,45 @@
-"""Atomic files and checkpoint loading with clear errors."""
+"""Atomic files, the output-dir lock, and checkpoint loading with clear errors."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from compress_run.core.errors import UserError
+
+LOCK_FILE = ".lock"
+
+
+def lock_output_dir(out: Path) -> IO[str]:
+    """Hold an exclusive lock on the output dir ``out`` for as long as the returned file stays open: a second
+    compress-run on the same dir is refused (exit 2) and told the owner's pid, never two writers. The OS releases
+    the lock when the process ends, however it ends (SIGKILL included), so a killed run never leaves it held."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "owner unknown"
+        handle.close()
+        raise UserError(f"output dir {out} is in use by another compress-run ({owner})",
+                        "wait for that run to end (a finished or killed run releases the dir), or choose another "
+                        "output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+    handle.flush()
+    return handle
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.errors import TrainingDiverged
 from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.methods.distill import Distillation
 
@@ -64,6 +65,7 @@ class ClassifierModule(L.LightningModule):
         self.lr_segments: list[tuple[int, int, int]] = []   # see lr_lambda; saved in checkpoints
         self.last_train_logits: torch.Tensor | None = None  # for callbacks tracking per-example outcomes
         self.distillation: Distillation | None = None        # set by the pipeline: the training loss distils
+        self.stage = "train"                                  # set by the pipeline: the stage this module trains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -91,7 +93,13 @@ class ClassifierModule(L.LightningModule):
             self.distillation.teacher.to(self.device).eval().requires_grad_(False)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        diverged = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:  # every rank stops at the same step, none waits in an all-reduce
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            raise TrainingDiverged(self.stage, self.current_epoch, self.global_step, float(loss.detach()))
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

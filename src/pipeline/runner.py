@@ -53,6 +53,7 @@ from compress_run.pipeline.checkpoints import (
     atomic_torch_save,
     atomic_write_json,
     load_checkpoint,
+    lock_output_dir,
     net_state_from_checkpoint,
 )
 from compress_run.pipeline.export import export_onnx
@@ -103,6 +104,7 @@ class Pipeline:
         """Everything that can reject the command, before anything is written."""
         cfg = self.cfg
         validate(cfg)
+        self.lock = lock_output_dir(self.out)
         self.fingerprint = check_output_dir(cfg, self.out)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.datamodule = build(cfg.dataset, "dataset", batch_size=cfg.schedule.batch_size,
@@ -290,6 +292,14 @@ class Pipeline:
         return stage not in self.redo and (self.stage_dir / f"{stage}.json").is_file()
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self.run_stages()
+        finally:  # release the output dir now, not when the last reference to this pipeline goes
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.close()
+
+    def run_stages(self) -> dict[str, Any]:
         self.setup()
         write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -533,6 +543,7 @@ class Pipeline:
         schedule = self.cfg.schedule[stage if stage in ("train", "finetune") else "finetune"]
         epochs = int(schedule.epochs if epochs is None else epochs)
         module = self.module(net, stage, epochs=epochs, lr=lr)
+        module.stage = stage
         module.run_meta = self.meta(stage)
         if stage in self.cfg.distill.stages:
             module.distillation = self.distillation()

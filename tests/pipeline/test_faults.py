@@ -1,0 +1,55 @@
+"""Faults during a run: a second process on the same output dir, a training loss that turns NaN."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from compress_run.core.errors import EXIT_BAD_INPUT, TrainingDiverged
+from compress_run.pipeline.checkpoints import lock_output_dir
+from tests.conftest import cli_path, run_pipeline
+
+FAST = ["dataset=digits", "debug=smoke", "logger=none"]
+
+
+def _start_long_run(out: Path, tmp_path: Path) -> subprocess.Popen:
+    """A run that holds ``out`` for a while (200 short epochs); returns once it holds the dir's lock."""
+    proc = subprocess.Popen([cli_path(), *FAST, "schedule.train.epochs=200", f"output_dir={out}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while f"pid {proc.pid} " not in ((out / ".lock").read_text() if (out / ".lock").is_file() else ""):
+        assert proc.poll() is None and time.time() < deadline, "the first run never took the output dir"
+        time.sleep(0.2)
+    return proc
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused(cli_forked, tmp_path):
+    out = tmp_path / "run"
+    first = _start_long_run(out, tmp_path)
+    try:
+        second = cli_forked(*FAST, f"output_dir={out}")
+        err = " ".join(second.stderr.split())
+        assert second.returncode == EXIT_BAD_INPUT, err[-2000:]
+        assert f"is in use by another compress-run (pid {first.pid} on" in err and "Fix:" in err
+        assert first.poll() is None  # the first run goes on untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    lock_output_dir(out).close()  # a killed run holds nothing: the dir is free again
+
+def test_a_loss_that_turns_nan_stops_the_run_naming_stage_and_step(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as caught:
+        run_pipeline([*FAST, "evaluate.measure_latency=false", "schedule.train.lr=1e30",
+                      "schedule.train.epochs=3"], out)
+    text = " ".join(caught.value.paragraph().split())
+    assert "training diverged: the train stage's loss is" in text and "step" in text, text
+    assert caught.value.stage == "train" and caught.value.step >= 1
+    assert "lower schedule.train.lr" in text
+    assert not (out / "stages" / "train.json").is_file()  # the stage is not recorded as finished
+    assert not (out / "results.json").is_file() or json.loads((out / "results.json").read_text())["status"] != "ok"
