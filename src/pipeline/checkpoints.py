@@ -17,12 +17,16 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from compress_run.core.errors import UserError
 
 LOCK_FILE = ".lock"
+_HELD: dict[Path, IO[str]] = {}  # output dir -> its open lock file (kept here: a pipeline must stay picklable)
 
 
-def lock_output_dir(out: Path) -> IO[str]:
-    """Hold an exclusive lock on the output dir ``out`` for as long as the returned file stays open: a second
-    compress-run on the same dir is refused (exit 2) and told the owner's pid, never two writers. The OS releases
-    the lock when the process ends, however it ends (SIGKILL included), so a killed run never leaves it held."""
+def lock_output_dir(out: Path) -> None:
+    """Hold an exclusive lock on the output dir ``out`` until :func:`unlock_output_dir`: a second compress-run on
+    the same dir is refused (exit 2) and told the owner's pid, never two writers. The OS releases the lock when
+    the process ends, however it ends (SIGKILL included), so a killed run never leaves it held."""
+    out = out.absolute()
+    if out in _HELD:
+        return
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the run)
     try:
@@ -39,7 +43,13 @@ def lock_output_dir(out: Path) -> IO[str]:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
                  f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
     handle.flush()
-    return handle
+    _HELD[out] = handle
+
+
+def unlock_output_dir(out: Path) -> None:
+    handle = _HELD.pop(out.absolute(), None)
+    if handle is not None:
+        handle.close()
 
 
 def _fsync_dir(directory: Path) -> None:

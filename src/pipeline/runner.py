@@ -55,6 +55,7 @@ from compress_run.pipeline.checkpoints import (
     load_checkpoint,
     lock_output_dir,
     net_state_from_checkpoint,
+    unlock_output_dir,
 )
 from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.levels import check_choice, evaluate_levels
@@ -104,7 +105,7 @@ class Pipeline:
         """Everything that can reject the command, before anything is written."""
         cfg = self.cfg
         validate(cfg)
-        self.lock = lock_output_dir(self.out)
+        lock_output_dir(self.out)
         self.fingerprint = check_output_dir(cfg, self.out)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.datamodule = build(cfg.dataset, "dataset", batch_size=cfg.schedule.batch_size,
@@ -294,10 +295,8 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         try:
             return self.run_stages()
-        finally:  # release the output dir now, not when the last reference to this pipeline goes
-            lock = getattr(self, "lock", None)
-            if lock is not None:
-                lock.close()
+        finally:
+            unlock_output_dir(self.out)
 
     def run_stages(self) -> dict[str, Any]:
         self.setup()

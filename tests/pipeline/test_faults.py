@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from compress_run.core.errors import EXIT_BAD_INPUT, TrainingDiverged
-from compress_run.pipeline.checkpoints import lock_output_dir
+from compress_run.pipeline.checkpoints import lock_output_dir, unlock_output_dir
 from tests.conftest import cli_path, run_pipeline
 
 FAST = ["dataset=digits", "debug=smoke", "logger=none"]
@@ -40,7 +40,8 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(cli_forked, tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    lock_output_dir(out).close()  # a killed run holds nothing: the dir is free again
+    lock_output_dir(out)  # a killed run holds nothing: the dir is free again
+    unlock_output_dir(out)
 
 def test_a_loss_that_turns_nan_stops_the_run_naming_stage_and_step(tmp_path):
     out = tmp_path / "run"
