@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Fault matrix: SIGKILL a run at a random moment, run the same command again, and compare with an uninterrupted run.
+
+    python scripts/fault_matrix.py            # 5 method families x 2 trials: bench_results/fault_matrix.json
+    python scripts/fault_matrix.py --quick    # 2 families x 1 trial, nothing written (the CI slow test)
+
+For each method family (sparse training: GMP; channel pruning: L1 filter pruning with compaction; low rank: SVD;
+patterns: 2:4 magnitude; multi-level) one uninterrupted reference run is timed; each trial starts the same
+command, kills its whole process group with SIGKILL after a random fraction (seeded) of the reference's wall
+time — so kills land in every stage, in training steps, checkpoint writes, compression and evaluation — notes
+the stage the run was in, and reruns the same command until it exits (a rerun may itself be killed when
+``--kills`` > 1). A trial survives when the rerun exits 0 and its test/val metrics and every tensor of its final
+checkpoint are bit-identical to the reference (deterministic CPU trainer, digits data, 8 + 2 epochs). Anything
+else is counted as lost, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compress_run.hardware.measure import machine_description
+from compress_run.pipeline.checkpoints import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["dataset=digits", "schedule=fmnist", "schedule.batch_size=64", "schedule.train.epochs=8",
+          "schedule.finetune.epochs=2", "logger=csv", "trainer.deterministic=true",
+          "evaluate.measure_latency=false"]
+FAMILIES = {
+    "sparse training (GMP)": ["method=gmp", "method.frequency=3", "method.sparsity=0.8"],
+    "channel (L1 filter, compacted)": ["method=l1_filter", "method.sparsity=0.5"],
+    "low rank (SVD)": ["method=svd"],
+    "pattern (2:4 magnitude)": ["method=magnitude", "method.pattern=nm:2:4", "method.sparsity=0.5"],
+    "multi-level": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=3"],
+}
+QUICK = ("sparse training (GMP)", "channel (L1 filter, compacted)")
+METRICS = ("test/acc", "test/loss", "val/acc", "val/loss")
+STAGES = ("train", "compress", "finetune", "quantize", "evaluate")
+
+
+def command(args: list[str], out: Path) -> list[str]:
+    exe = Path(sys.executable).with_name("compress-run")
+    return [str(exe) if exe.exists() else "compress-run", *args, f"output_dir={out}"]
+
+
+def run_to_end(args: list[str], out: Path, cwd: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    proc = subprocess.run(command(args, out), cwd=cwd, capture_output=True, text=True, timeout=1800)
+    return proc.returncode, time.perf_counter() - started
+
+
+def killed_after(args: list[str], out: Path, cwd: Path, seconds: float) -> str | None:
+    """Start the run, SIGKILL its process group after ``seconds``; the stage it was in (None: it had finished)."""
+    proc = subprocess.Popen(command(args, out), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=seconds)
+        return None
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if not (out / "run.json").is_file():
+        return "start-up"
+    finished = {s for s in STAGES if (out / "stages" / f"{s}.json").is_file()}
+    return next((s for s in STAGES if s not in finished), "results")
+
+
+def final_state(out: Path) -> dict[str, Any]:
+    for stage in ("quantize", "finetune", "compress", "train"):
+        path = out / "checkpoints" / f"{stage}.ckpt"
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return {}
+
+
+def compare(reference: Path, out: Path) -> str | None:
+    """None when the rerun's metrics and final weights equal the reference's, else what differs."""
+    results = out / "results.json"
+    if not results.is_file():
+        return "no results.json"
+    ref, ours = json.loads((reference / "results.json").read_text()), json.loads(results.read_text())
+    for key in METRICS:
+        if ref["metrics"].get(key) != ours["metrics"].get(key):
+            return f"{key}: {ref['metrics'].get(key)} -> {ours['metrics'].get(key)}"
+    a, b = final_state(reference), final_state(out)
+    if a.keys() != b.keys():
+        return "final checkpoint holds other tensors"
+    for key in a:
+        same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+        if not same:
+            return f"final weights differ ({key})"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--trials", type=int, default=2, help="trials per family")
+    parser.add_argument("--kills", type=int, default=1, help="kills per trial (each rerun but the last is killed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "fault_matrix.json")
+    args = parser.parse_args()
+    families = QUICK if args.quick else tuple(FAMILIES)
+    trials = 1 if args.quick else args.trials
+    rng, console, rows = random.Random(args.seed), Console(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for family in families:
+            run_args = [*COMMON, *FAMILIES[family]]
+            reference = work / f"{len(rows)}-reference"
+            code, wall = run_to_end(run_args, reference, work)
+            if code != 0:
+                raise SystemExit(f"{family}: the uninterrupted reference run failed (exit {code})")
+            for trial in range(trials):
+                out, kills = work / f"{len(rows)}-{trial}", []
+                for _ in range(args.kills):
+                    moment = rng.uniform(0.05, 0.95) * wall
+                    kills.append({"after_s": round(moment, 2), "stage": killed_after(run_args, out, work, moment)})
+                code, _ = run_to_end(run_args, out, work)
+                lost = f"rerun exited {code}" if code != 0 else compare(reference, out)
+                rows.append({"family": family, "trial": trial, "reference_s": round(wall, 1), "kills": kills,
+                             "survived": lost is None, "lost": lost})
+                console.log(f"{family} trial {trial}: killed in {', '.join(str(k['stage']) for k in kills)} -> "
+                            f"{'identical to the uninterrupted run' if lost is None else 'LOST: ' + lost}")
+                shutil.rmtree(out, ignore_errors=True)
+    table = Table(title="fault matrix: SIGKILL at a random moment, then the same command again")
+    for col in ("family", "trials", "stages hit", "survived", "lost"):
+        table.add_column(col, justify="left" if col in ("family", "stages hit") else "right")
+    for family in families:
+        mine = [r for r in rows if r["family"] == family]
+        hit = sorted({str(k["stage"]) for r in mine for k in r["kills"]}, key=lambda s: (s not in STAGES, s))
+        table.add_row(family, str(len(mine)), ", ".join(hit), str(sum(r["survived"] for r in mine)),
+                      str(sum(not r["survived"] for r in mine)))
+    console.print(table)
+    lost = sum(not r["survived"] for r in rows)
+    console.print(f"{len(rows)} trials, {len(rows) - lost} survived, {lost} lost")
+    if not args.quick:
+        result = {"benchmark": "fault_matrix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine_description(),
+                  "command": "python scripts/fault_matrix.py" + "".join(
+                      f" --{k} {getattr(args, k)}" for k in ("trials", "kills", "seed")
+                      if getattr(args, k) != parser.get_default(k)),
+                  "settings": {"common": COMMON, "families": {f: FAMILIES[f] for f in families}},
+                  "trials": len(rows), "survived": len(rows) - lost, "lost": lost, "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, result)
+        console.print(f"written: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    sys.exit(1 if lost else 0)
+
+
+if __name__ == "__main__":
+    main()
