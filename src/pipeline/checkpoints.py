@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -63,16 +64,48 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _WriteErrors:
+    """A file object that remembers the OSError of a failed write (torch.save reports it as a RuntimeError)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, rename."""
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, rename. A full disk (or quota or
+    file-size limit) becomes a :class:`UserError`; the file ``path`` held before is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as raw:
+        file = _WriteErrors(raw)
+        try:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            cause = file.error if file.error is not None else exc
+            if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+                raise UserError(f"no room to write {path} ({cause.strerror}); the file it would replace, and every "
+                                "finished stage, are left as they were",
+                                "free space on that disk (or raise the quota or file-size limit) and run the same "
+                                "command again: it resumes from the last finished checkpoint") from exc
+            raise
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

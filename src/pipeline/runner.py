@@ -49,6 +49,7 @@ from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
 from compress_run.pipeline.callbacks import EpochLine, EpochSeed
 from compress_run.pipeline.checkpoints import (
+    DISK_FULL,
     AtomicCheckpointIO,
     atomic_torch_save,
     atomic_write_json,
@@ -295,6 +296,13 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         try:
             return self.run_stages()
+        except OSError as exc:  # a write outside the atomic helpers (a logger, an export) on a full disk
+            if exc.errno not in DISK_FULL:
+                raise
+            raise UserError(f"no room to write in {self.out} ({exc.strerror}: {exc.filename}); every finished "
+                            "stage is left as it was", "free space on that disk (or raise the quota or file-size "
+                            "limit) and run the same command again: it resumes from the last finished checkpoint"
+                            ) from exc
         finally:
             unlock_output_dir(self.out)
 

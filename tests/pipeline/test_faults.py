@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import resource
 import signal
 import subprocess
 import time
@@ -54,3 +56,34 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_stage_and_step(tmp_path):
     assert "lower schedule.train.lr" in text
     assert not (out / "stages" / "train.json").is_file()  # the stage is not recorded as finished
     assert not (out / "results.json").is_file() or json.loads((out / "results.json").read_text())["status"] != "ok"
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in ("compress-run.log", ".lock")}
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.run([cli_path(), *FAST, "stages=[train]", f"output_dir={out}"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(out)
+
+    def small_disk() -> None:  # files may not grow past 200 kB (a checkpoint is ~1 MB): writes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    full = subprocess.run([cli_path(), *FAST, f"output_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, preexec_fn=small_disk)
+    err = " ".join(full.stderr.split())
+    assert full.returncode == EXIT_BAD_INPUT, err[-3000:]
+    assert "compress-run: error: no room to write" in err and "run the same command again" in err, err[-2000:]
+    assert "Traceback" not in full.stderr
+    after = _digest(out)
+    assert {k: after.get(k) for k in before if not k.startswith(".hydra")} == \
+        {k: v for k, v in before.items() if not k.startswith(".hydra")}  # the train stage, its record, run.json
+    assert not list(out.rglob("*.tmp"))  # no half-written file left
+    resumed = subprocess.run([cli_path(), *FAST, f"output_dir={out}"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0 and "stage train: already finished" in resumed.stdout, resumed.stderr[-3000:]
