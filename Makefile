@@ -27,6 +27,7 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records \
                  tests/pipeline/test_tables.py::test_rows_share_a_train_stage_through_train_from \
                  tests/pipeline/test_fault_matrix.py \
+                 tests/pipeline/test_sweeps.py::test_fifty_job_parallel_sweep_completes_and_leaves_no_process \
                  tests/models/test_any_model.py \
                  tests/pipeline/test_sweeps.py::test_a_failing_job_is_recorded_and_the_sweep_goes_on \
                  tests/hardware/test_calibrate.py::test_sparse_only_refit_rewrites_sparse_formats_and_keeps_the_rest \

@@ -4,14 +4,16 @@ recorded with their reason while the rest of the sweep goes on."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from compress_run.pipeline.plots import pareto_front
 from compress_run.pipeline.sweeps import write_summary
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_path, run_cli
 
 FAST = ["debug=smoke", "dataset=digits", "logger=none", "evaluate.measure_latency=false"]
 
@@ -59,6 +61,35 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "method.sparsity" in rows[2]["error"] and "1.5" in rows[2]["error"]
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "5 ok, 1 failed or missing, of 6 jobs" in summary
+
+
+@pytest.mark.slow  # 50 smoke jobs, 2 at a time (~3 min on 2 cores): in the CI slow set
+def test_fifty_job_parallel_sweep_completes_and_leaves_no_process(tmp_path):
+    sparsities = ",".join(f"{0.3 + 0.01 * i:.2f}" for i in range(50))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPRESS_RUN_JOBS": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([cli_path(), "-m", "hydra/launcher=joblib_local", "method=magnitude",
+                             f"method.sparsity={sparsities}", *FAST, "output_dir=sweep"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = _rows(tmp_path / "sweep" / "summary.csv")
+    assert [r["job"] for r in rows] == [str(i) for i in range(50)] and all(r["status"] == "ok" for r in rows)
+    assert sorted(round(float(r["model/prunable_sparsity"]), 2) for r in rows) == \
+        [round(0.3 + 0.01 * i, 2) for i in range(50)]
+    assert "50 ok, 0 failed" in (tmp_path / "sweep" / "summary.md").read_text()
+    deadline = time.time() + 60  # the pool's workers notice the sweep's end and exit; none may stay behind
+    while _session_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _session_alive(proc.pid), "worker processes of the sweep are still running"
+
+
+def _session_alive(session: int) -> bool:
+    """Whether any process is left in the session (process group) that the sweep was started in."""
+    try:
+        os.killpg(session, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_summary_lists_jobs_without_results_as_missing(tmp_path):
