@@ -124,6 +124,7 @@ def check_mask_layers(model: nn.Module, exclude: list[str], pattern: str, densit
 class Method:
     Config: type = MethodConfig
     stages: tuple[str, ...] = ALL_STAGES
+    plain_train: bool = False  # True: no callback of the method acts in the train stage, whatever its keys
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
     input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
     hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
@@ -156,12 +157,13 @@ class Method:
     def lr_cycles(self, stage: str) -> int:
         return 1
 
-    def trains_plainly(self, model: nn.Module) -> bool:
-        """True when the method leaves its train stage to ordinary training of the unchanged model (no
-        ``prepare``, no train-stage callbacks, one LR cycle): that stage's result then does not depend on the
-        method or its keys, and a run may take it over from a run of another such method (``start_from``)."""
-        return ("train" in self.stages and type(self).prepare is Method.prepare
-                and not self.training_callbacks("train", model) and self.lr_cycles("train") == 1)
+    def trains_plainly(self) -> bool:
+        """True when the method leaves its train stage to ordinary training of the unchanged model (it declares
+        ``plain_train``: no train-stage callbacks; and it has no ``prepare`` and one LR cycle there): that stage's
+        result then does not depend on the method or its keys, and a run may take it over from a run of another
+        such method (``start_from``). tests/methods/test_base.py checks every declaration."""
+        return (self.plain_train and "train" in self.stages and type(self).prepare is Method.prepare
+                and self.lr_cycles("train") == 1)
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         return model

@@ -179,6 +179,7 @@ def _set_gate(choice: RankChoice, gate: torch.Tensor | None) -> None:
 
 
 class COMCAT(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     state_attributes = ('ranks', 'history', 'target_params')
     Config = COMCATConfig
 

@@ -9,5 +9,6 @@ from compress_run.methods.base import Method, MethodConfig, method_config
 
 
 class Dense(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = method_config("dense")(MethodConfig)
     stages = ("train", "evaluate")

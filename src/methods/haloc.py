@@ -151,6 +151,7 @@ class CandidateConv(nn.Module):
 
 
 class HALOC(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     state_attributes = ('ranks', 'luts', 'history', 'left_dense')
     Config = HALOCConfig
 

@@ -39,6 +39,7 @@ from compress_run.methods.channels import (
 
 
 class L1Filter(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     state_attributes = ('keep', 'compacted')
     Config = method_config("l1_filter")(ChannelConfig)
 

@@ -291,6 +291,7 @@ def match_slopes(objective: dict[str, np.ndarray], macs: dict[str, np.ndarray], 
 
 # ------------------------------------------------------------------------------------------ method
 class LPViT(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = LPViTConfig
     state_attributes = ("report",)
 

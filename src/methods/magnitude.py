@@ -23,6 +23,7 @@ from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, meth
 
 
 class Magnitude(MaskPruningMethod):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = method_config("magnitude")(MaskPruningConfig)
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:

@@ -161,6 +161,7 @@ class LevelPhases(L.Callback):
 
 
 class Multilevel(MaskPruningMethod):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     state_attributes = ('dense', 'achieved')
     Config = MultilevelConfig
 

@@ -286,6 +286,7 @@ def taylor_curves(model: nn.Module, names: list[str], batches: list[torch.Tensor
 
 # ------------------------------------------------------------------------------------- the method
 class RD(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = RDConfig
     state_attributes = ("chosen", "round", "report")
 

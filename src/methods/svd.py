@@ -67,6 +67,7 @@ class SVDConfig(MethodConfig):
 
 
 class SVD(Method):
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     state_attributes = ('energy', 'ranks', 'left_dense')
     Config = SVDConfig
 

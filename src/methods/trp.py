@@ -74,6 +74,7 @@ class TrainedRankPruning(L.Callback):
 
 
 class TRP(SVD):
+    plain_train = False  # it regularises the ranks during training, unlike SVD
     Config = TRPConfig
 
     def __init__(self, **keys: Any) -> None:

@@ -138,7 +138,7 @@ class Pipeline:
                                 f"{self.choices.get('method')} makes a multi-level model whose levels share their "
                                 "weights: training one level would change the others unseen",
                                 "quantize a multi-level model after training (quant=w8a8), or train a single sparsity")
-        self.plain_train = self.method.trains_plainly(net)
+        self.plain_train = self.method.trains_plainly()
         self.train_inputs = train_inputs(cfg, self.plain_train)
         net = self.method.prepare(net)
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
