@@ -67,6 +67,12 @@ def _fsync_dir(directory: Path) -> None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def disk_full(what: str) -> UserError:
+    """The error for a write that found no room (disk, quota or file-size limit): ``what`` could not be written."""
+    return UserError(f"no room to write {what}", "free space on that disk (or raise the quota or file-size limit) "
+                     "and run the same command again: it resumes from the last finished checkpoint")
+
+
 class _WriteErrors:
     """A file object that remembers the OSError of a failed write (torch.save reports it as a RuntimeError)."""
 
@@ -100,10 +106,8 @@ def atomic_write_bytes(path: Path, write) -> None:
             Path(tmp).unlink(missing_ok=True)
             cause = file.error if file.error is not None else exc
             if isinstance(cause, OSError) and cause.errno in DISK_FULL:
-                raise UserError(f"no room to write {path} ({cause.strerror}); the file it would replace, and every "
-                                "finished stage, are left as they were",
-                                "free space on that disk (or raise the quota or file-size limit) and run the same "
-                                "command again: it resumes from the last finished checkpoint") from exc
+                raise disk_full(f"{path} ({cause.strerror}); the file it would replace, and every finished stage, "
+                                "are left as they were") from exc
             raise
     try:
         os.replace(tmp, path)

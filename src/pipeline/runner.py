@@ -53,6 +53,7 @@ from compress_run.pipeline.checkpoints import (
     AtomicCheckpointIO,
     atomic_torch_save,
     atomic_write_json,
+    disk_full,
     load_checkpoint,
     lock_output_dir,
     net_state_from_checkpoint,
@@ -299,10 +300,8 @@ class Pipeline:
         except OSError as exc:  # a write outside the atomic helpers (a logger, an export) on a full disk
             if exc.errno not in DISK_FULL:
                 raise
-            raise UserError(f"no room to write in {self.out} ({exc.strerror}: {exc.filename}); every finished "
-                            "stage is left as it was", "free space on that disk (or raise the quota or file-size "
-                            "limit) and run the same command again: it resumes from the last finished checkpoint"
-                            ) from exc
+            raise disk_full(f"in {self.out} ({exc.strerror}: {exc.filename}); every finished stage is left as it "
+                            "was") from exc
         finally:
             unlock_output_dir(self.out)
 

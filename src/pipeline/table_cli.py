@@ -46,6 +46,7 @@ from compress_run.pipeline.tables import (
     run_dir_of,
     run_key,
     run_state,
+    source_row,
     start_from,
     write_table,
 )
@@ -139,8 +140,9 @@ def run(argv: list[str], console: Console) -> int:
                         console.print(f"run {key}: earlier {source.name} moved to {target}")
         console.print(f"running {len(todo)} of {len(states)} runs: {', '.join(todo_names)}")
         # rows with a base or train_from row run after it, so they take over its finished stages
+        pending = {(r.name, s) for r, s in todo}
         first = [(row, seed) for row, seed in todo
-                 if (row.base or row.train_from, seed) not in {(r.name, s) for r, s in todo}]
+                 if (source := source_row(table, row)) is None or (source.name, seed) not in pending]
         second = [run for run in todo if run not in first]
         for batch in (first, second):
             if batch and launch(table, batch, table_dir, records_dir, smoke, passthrough) == EXIT_BAD_INPUT:

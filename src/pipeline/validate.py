@@ -165,9 +165,7 @@ def check_output_dir(cfg: DictConfig, out: Path) -> str:
             raise UserError(f"{run_file} is unreadable ({exc})",
                             "delete the output directory or choose a new output_dir") from exc
         if previous.get("fingerprint") != fp:
-            old, new = _flatten(previous.get("config", {})), _flatten(result_config(cfg))
-            diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                     if old.get(k) != new.get(k)]
+            diffs = differences(previous.get("config", {}), result_config(cfg))
             raise UserError(f"output dir {out} holds a run made with different settings "
                             f"({'; '.join(diffs[:5]) or 'fingerprint differs'})",
                             "rerun with the original settings to resume it, or choose a new output_dir")

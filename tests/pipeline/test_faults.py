@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import signal
@@ -15,6 +14,7 @@ import pytest
 from compress_run.core.errors import EXIT_BAD_INPUT, TrainingDiverged
 from compress_run.pipeline.checkpoints import lock_output_dir, unlock_output_dir
 from tests.conftest import cli_path, run_pipeline
+from tests.pipeline.test_cli_errors import _digest
 
 FAST = ["dataset=digits", "debug=smoke", "logger=none"]
 
@@ -56,11 +56,6 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_stage_and_step(tmp_path):
     assert "lower schedule.train.lr" in text
     assert not (out / "stages" / "train.json").is_file()  # the stage is not recorded as finished
     assert not (out / "results.json").is_file() or json.loads((out / "results.json").read_text())["status"] != "ok"
-
-
-def _digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in ("compress-run.log", ".lock")}
 
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_finished_stages(tmp_path):
