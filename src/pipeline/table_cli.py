@@ -24,9 +24,11 @@ Exit status: 0 when every row is done, 1 when a row failed or is still missing, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,8 +89,11 @@ def launch(table: TableConfig, todo: list[tuple[TableRow, int | None]], table_di
     jobs = [[*row_overrides(table, row, smoke, seed), *start_from(table, table_dir, row, seed),
              f"hydra.sweep.subdir={run_key(row.name, seed)}"] for row, seed in todo]
     names = [run_key(row.name, seed) for row, seed in todo]
-    jobs_file = table_dir / "jobs" / f"{stamp}.yaml"
-    jobs_file.parent.mkdir(parents=True, exist_ok=True)
+    (table_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    # a name of its own even when another compress-table launches into this table dir in the same second
+    handle, name = tempfile.mkstemp(prefix=f"{stamp}-", suffix=".yaml", dir=table_dir / "jobs")
+    os.close(handle)
+    jobs_file = Path(name)
     atomic_write_text(jobs_file, OmegaConf.to_yaml(OmegaConf.create(jobs)))
     command = [sys.executable, "-m", "compress_run.pipeline.cli", "-m", "hydra/sweeper=rows",
                f"hydra.sweeper.jobs_file={jobs_file}", f"hydra.sweep.dir={table_dir / 'rows'}",

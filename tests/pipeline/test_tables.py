@@ -363,3 +363,21 @@ def test_quantized_rows_take_over_their_base_rows_trained_network(tmp_path):
     OmegaConf.save(OmegaConf.create({"title": "quant", "metrics": ["top1"], "rows": rows}), path)
     bad = compress_table([f"table={path}", f"output_dir={out}", "--collect"], tmp_path)
     assert bad.returncode == 2 and "differ from this row's only in quant" in " ".join(bad.stderr.split())
+
+
+def test_two_tables_launched_in_the_same_second_keep_their_own_jobs(tmp_path, monkeypatch):
+    """Two compress-table processes sharing a table dir (e.g. two tables into one output_dir) once read each
+    other's jobs file when they launched in the same second; each launch must run the rows it asked for."""
+    from compress_run.pipeline import table_cli
+    commands: list[list[str]] = []
+    monkeypatch.setattr(table_cli.time, "strftime", lambda *a: "20261203-021532")
+    monkeypatch.setattr(table_cli.subprocess, "run",
+                        lambda command, check: commands.append(command) or subprocess.CompletedProcess(command, 0))
+    table = load_table(str(tiny_table(tmp_path)))
+    for row in table.rows[:2]:
+        assert table_cli.launch(table, [(row, None)], tmp_path / "out", tmp_path / "records", True, []) == 0
+    files = [Path(arg.split("=", 1)[1]) for command in commands for arg in command
+             if arg.startswith("hydra.sweeper.jobs_file=")]
+    assert len(set(files)) == 2
+    subdirs = [[arg for arg in OmegaConf.load(path)[0] if arg.startswith("hydra.sweep.subdir=")] for path in files]
+    assert subdirs == [["hydra.sweep.subdir=magnitude"], ["hydra.sweep.subdir=gmp"]]
