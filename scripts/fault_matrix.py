@@ -3,6 +3,7 @@
 
     python scripts/fault_matrix.py            # 5 method families x 2 trials: bench_results/fault_matrix.json
     python scripts/fault_matrix.py --quick    # 2 families x 1 trial, nothing written (the CI slow test)
+    python scripts/fault_matrix.py --trainer ddp_cpu --family "sparse training (GMP)"  # two gloo processes
 
 For each method family (sparse training: GMP; channel pruning: L1 filter pruning with compaction; low rank: SVD;
 patterns: 2:4 magnitude; multi-level) one uninterrupted reference run is timed; each trial starts the same
@@ -11,7 +12,8 @@ time — so kills land in every stage, in training steps, checkpoint writes, com
 the stage the run was in, and reruns the same command until it exits (a rerun may itself be killed when
 ``--kills`` > 1). A trial survives when the rerun exits 0 and its test/val metrics and every tensor of its final
 checkpoint are bit-identical to the reference (deterministic CPU trainer, digits data, 8 + 2 epochs). Anything
-else is counted as lost, with the reason.
+else is counted as lost, with the reason. ``--trainer ddp_cpu`` runs every run as two gloo processes (the kill
+takes the spawned ranks with it): bit-exact resume of distributed runs.
 """
 
 from __future__ import annotations
@@ -113,15 +115,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2, help="trials per family")
     parser.add_argument("--kills", type=int, default=1, help="kills per trial (each rerun but the last is killed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainer", default="cpu", help="trainer config of every run (ddp_cpu: two processes)")
+    parser.add_argument("--family", action="append", choices=list(FAMILIES), help="only these families")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "fault_matrix.json")
     args = parser.parse_args()
-    families = QUICK if args.quick else tuple(FAMILIES)
+    families = tuple(args.family) if args.family else QUICK if args.quick else tuple(FAMILIES)
     trials = 1 if args.quick else args.trials
     rng, console, rows = random.Random(args.seed), Console(), []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for family in families:
-            run_args = [*COMMON, *FAMILIES[family]]
+            run_args = [*COMMON, f"trainer={args.trainer}", *FAMILIES[family]]
             reference = work / f"{len(rows)}-reference"
             code, wall = run_to_end(run_args, reference, work)
             if code != 0:
@@ -153,9 +157,11 @@ def main() -> None:
         result = {"benchmark": "fault_matrix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": machine_description(),
                   "command": "python scripts/fault_matrix.py" + "".join(
-                      f" --{k} {getattr(args, k)}" for k in ("trials", "kills", "seed")
-                      if getattr(args, k) != parser.get_default(k)),
-                  "settings": {"common": COMMON, "families": {f: FAMILIES[f] for f in families}},
+                      f" --{k} {getattr(args, k)}" for k in ("trials", "kills", "seed", "trainer")
+                      if getattr(args, k) != parser.get_default(k)) + "".join(
+                      f' --family "{f}"' for f in args.family or ()),
+                  "settings": {"common": [*COMMON, f"trainer={args.trainer}"],
+                               "families": {f: FAMILIES[f] for f in families}},
                   "trials": len(rows), "survived": len(rows) - lost, "lost": lost, "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)

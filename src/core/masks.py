@@ -192,24 +192,3 @@ class MaskEnforcer(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         apply_masks(pl_module.net)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.world_size > 1:
-            check_masks_agree_across_ranks(trainer, pl_module.net)
-
-
-def mask_checksums(model: nn.Module) -> torch.Tensor:
-    """One number per mask (index-weighted count of kept entries): equal masks give equal checksums."""
-    sums = [(mask.flatten().double() * torch.arange(1, mask.numel() + 1, dtype=torch.float64,
-                                                     device=mask.device)).sum()
-            for _, _, mask in masked_parameters(model)]
-    return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
-
-
-def check_masks_agree_across_ranks(trainer: L.Trainer, model: nn.Module) -> None:
-    """Distributed runs: every rank must hold the same masks; raise if they diverged."""
-    local = mask_checksums(model)
-    gathered = trainer.strategy.all_gather(local)
-    if not torch.all(gathered == gathered[0]):
-        raise RuntimeError(f"masks differ between ranks after training (checksums {gathered.tolist()}); "
-                           "a method computed its masks from rank-local state")

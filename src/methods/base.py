@@ -148,6 +148,10 @@ class Method:
         """Raise :class:`NotApplicable` if the method cannot use a train split of ``train_size`` images (a
         calibration set larger than the split); called before any stage runs."""
 
+    def check_distributed(self) -> None:
+        """Raise :class:`NotApplicable` with the reason if the method (with its keys) cannot train in several
+        data-parallel processes; called before any stage runs when the trainer has more than one."""
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -161,7 +165,7 @@ class Method:
         """True when the method leaves its train stage to ordinary training of the unchanged model (it declares
         ``plain_train``: no train-stage callbacks; and it has no ``prepare`` and one LR cycle there): that stage's
         result then does not depend on the method or its keys, and a run may take it over from a run of another
-        such method (``start_from``). tests/methods/test_base.py checks every declaration."""
+        such method (``start_from``). tests/methods/test_plain_train.py checks every declaration."""
         return (self.plain_train and "train" in self.stages and type(self).prepare is Method.prepare
                 and self.lr_cycles("train") == 1)
 

@@ -227,10 +227,12 @@ def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class GaPScheduler(CycleCallback):
     def __init__(self, method: GaP) -> None:
-        resets = method.reset_optimizer_each_step or method.variant == "parallel"
-        super().__init__(method.steps, reset_optimizer=resets, name="gap",
-                         on_boundary=lambda k, trainer, pl_module: method.step_boundary(pl_module.net, k))
         self.method = method
+        resets = method.reset_optimizer_each_step or method.variant == "parallel"
+        super().__init__(method.steps, reset_optimizer=resets, name="gap", on_boundary=self.boundary)
+
+    def boundary(self, k: int, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.method.step_boundary(pl_module.net, k)  # a method, not a closure: ddp_spawn pickles the callback
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), **self.method.state_dict()}

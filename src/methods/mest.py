@@ -32,7 +32,9 @@ forgetting event: classified correctly at its previous visit, wrongly now; Tonev
 start of ``remove_data_epoch`` the ``remove_n`` least-forgotten examples leave the train split for the
 rest of the train stage (never-learned examples count as the most forgotten; ties are broken by a
 seeded shuffle). The epochs get shorter and the LR schedule follows epochs, so it still ends on time.
-The finetune stage uses the full split.
+The finetune stage uses the full split. Data removal runs in one process: with several data-parallel
+processes (``trainer.devices`` > 1) each sees only its shard, and the run is refused (exit 2) rather than
+counting forgetting on a shard.
 
 Config keys (conf/method/mest.yaml):
 * ``sparsity`` (0.9), ``distribution`` (uniform; erk also allowed), ``pattern`` (irregular), ``exclude``
@@ -60,7 +62,7 @@ from compress_run.core.allocation import allocate
 from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.core.projections import drop_and_regrow, fixed_density, keep_count
-from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, method_config
+from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, NotApplicable, method_config
 from compress_run.methods.cycles import seeded_generator
 
 MODES = ("em", "ems")
@@ -140,6 +142,13 @@ class MEST(MaskPruningMethod):
         self.seed = torch.initial_seed()
         self.updates: list[dict[str, float]] = []
         self.removed: list[int] = []  # dataset positions (of the train split) removed
+
+    def check_distributed(self) -> None:
+        if self.remove_n > 0:
+            raise NotApplicable(
+                f"method.remove_n={self.remove_n} removes the least-forgotten examples of the whole train split, "
+                "counted on every example's visits; several processes each see only their shard of an epoch, and "
+                "that counting is not shared between processes yet (method.remove_n=0 trains MEST distributed)")
 
     def phase(self, epoch: int, train_epochs: int) -> int:
         starts = self.phase_epochs if self.phase_epochs is not None else [f * train_epochs for f in PAPER_PHASES]

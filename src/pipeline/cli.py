@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import traceback
 import warnings
@@ -105,6 +106,23 @@ def translate(exc: BaseException) -> UserError | None:
             fix = "give a value of the right type and range (`compress-run --cfg job` shows the defaults)"
         text = head if detail in head else f"{head} {detail}"
         return UserError(f"invalid configuration: {text}", fix)
+    return _launcher_error(exc)
+
+
+def _launcher_error(exc: BaseException) -> UserError | None:
+    """The SLURM launcher's two set-up failures (submitit's own exceptions) as a :class:`UserError`."""
+    if isinstance(exc, RuntimeError) and 'Could not detect "srun"' in str(exc):
+        return UserError("hydra/launcher=slurm submits the sweep to a SLURM cluster, but this machine has no srun "
+                         "(nor sbatch) on its PATH",
+                         "run the sweep from a login node of the cluster, or use hydra/launcher=joblib (parallel jobs "
+                         "on this machine) or no hydra/launcher (one job after another)")
+    cause = exc.__cause__
+    if (type(exc).__name__ == "FailedJobError" and isinstance(cause, subprocess.CalledProcessError)
+            and Path(str(cause.cmd[0])).name == "sbatch"):
+        refusal = (str(cause.stderr or "").strip().splitlines() or [f"exit {cause.returncode}"])[0]
+        return UserError(f"sbatch refused the sweep's job script: {refusal}",
+                         "check hydra.launcher.partition, account, gpus_per_node, cpus_per_task, mem_gb and "
+                         "timeout_min (or the COMPRESS_RUN_SLURM_* variables) against the cluster's limits (sinfo)")
     return None
 
 

@@ -47,7 +47,7 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
-from compress_run.pipeline.callbacks import EpochLine, EpochSeed
+from compress_run.pipeline.callbacks import EpochLine, EpochSeed, RankAgreement
 from compress_run.pipeline.checkpoints import (
     DISK_FULL,
     AtomicCheckpointIO,
@@ -67,6 +67,7 @@ from compress_run.pipeline.schema import STAGES
 from compress_run.pipeline.validate import (
     check_output_dir,
     evaluate_fingerprint,
+    several_processes,
     start_from_differences,
     train_differences,
     train_inputs,
@@ -128,6 +129,13 @@ class Pipeline:
             raise UserError(f"method={self.choices.get('method')} cannot be applied to "
                             f"model={self.choices.get('model')}: {exc}",
                             "change method.exclude or pick another model/method combination") from exc
+        if several_processes(cfg.trainer):
+            try:
+                self.method.check_distributed()
+            except NotApplicable as exc:
+                raise UserError(f"method={self.choices.get('method')} cannot train in several processes "
+                                f"(trainer.devices={cfg.trainer.devices}, trainer.num_nodes={cfg.trainer.num_nodes}): "
+                                f"{exc}", "use a one-process trainer (trainer=cpu or trainer=gpu)") from exc
         if self.quantizer is not None:
             try:
                 self.quantizer.check_applicable(net)
@@ -555,7 +563,7 @@ class Pipeline:
             module.distillation = self.distillation()
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
-        callbacks = [*own, EpochSeed(self.cfg.seed, stage),
+        callbacks = [*own, RankAgreement(stage, self.method, own), EpochSeed(self.cfg.seed, stage),
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
                                      every_n_epochs=1, save_on_train_epoch_end=True,
                                      enable_version_counter=False)]

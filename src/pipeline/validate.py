@@ -64,7 +64,7 @@ def validate(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     quant, trainer = cfg.get("quant"), cfg.trainer
     if quant is not None and quant.get("hypernet"):
-        several = str(trainer.devices) not in ("1", "[0]") or trainer.num_nodes != 1
+        several = several_processes(trainer)
         if several or trainer.accumulate_grad_batches != 1:
             setting = (f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes}" if several
                        else f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}")
@@ -80,6 +80,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
                         "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")
+
+
+def several_processes(trainer: DictConfig) -> bool:
+    """Whether the trainer config may start more than one data-parallel process."""
+    return str(trainer.devices) not in ("1", "[0]") or trainer.num_nodes != 1
 
 
 def _device_spec_ok(devices: Any) -> bool:

@@ -39,6 +39,8 @@ CASES = [
       "lower quant.calib_size"]),
     ("gradient_hypernetwork_under_ddp", ["quant=qat_w8a8_grad4_hypernet", "trainer=ddp_cpu"],
      ["quant.hypernet=true needs one process", "trainer.devices=2", "set quant.hypernet=false"]),
+    ("mest_data_removal_under_ddp", ["method=mest", "method.remove_n=100", "trainer=ddp_cpu"],
+     ["method=mest cannot train in several processes", "method.remove_n=100", "trainer=cpu"]),
     ("gradient_hypernetwork_with_accumulation", ["quant=qat_w8a8_grad4_hypernet", "trainer.accumulate_grad_batches=2"],
      ["quant.hypernet=true needs one process", "trainer.accumulate_grad_batches=2"]),
     ("gradient_hypernetwork_with_adamw", ["quant=qat_w8a8_grad4_hypernet", "model=vit_fmnist", "schedule=fmnist_vit"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,3 +20,17 @@ def test_quick_fault_matrix_loses_nothing(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 trials, 2 survived, 0 lost" in text, text[-2000:]
     assert "identical to the uninterrupted run" in text
+
+
+@pytest.mark.slow  # 1 distributed reference run + 1 killed-and-rerun trial, two gloo processes each
+def test_a_killed_distributed_run_resumes_bit_exactly(tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_matrix.py"), "--trainer", "ddp_cpu",
+                           "--family", "sparse training (GMP)", "--trials", "1", "--seed", "1", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "COLUMNS": "160"})
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 trials, 1 survived, 0 lost" in text, text[-2000:]
+    result = json.loads(out.read_text())
+    assert "trainer=ddp_cpu" in result["settings"]["common"] and result["rows"][0]["kills"][0]["stage"] is not None

@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from compress_run.pipeline.plots import pareto_front
 from compress_run.pipeline.sweeps import write_summary
-from tests.conftest import REPO, cli_path, run_cli
+from tests.conftest import REPO, cli_path, run_cli, run_cli_forked
 
 FAST = ["debug=smoke", "dataset=digits", "logger=none", "evaluate.measure_latency=false"]
 
@@ -107,3 +108,43 @@ def test_pareto_front_keeps_only_undominated_points():
            {"top1": 89.0, "macs_M": 5.0}, {"top1": 92.0, "macs_M": 30.0}]
     assert [(p["macs_M"], p["top1"]) for p in pareto_front(pts, "macs_M")] == [(5.0, 89.0), (10.0, 90.0),
                                                                                (20.0, 92.0)]
+
+
+def _slurm_sweep(tmp_path, tools: dict[str, str]) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), *(p for p in os.environ["PATH"].split(os.pathsep)
+                                            if not (Path(p) / "srun").exists())])
+    env = {**os.environ, "PATH": path, "COMPRESS_RUN_SLURM_PARTITION": "gpu-a100", "COMPRESS_RUN_SLURM_GPUS": "4",
+           "COMPRESS_RUN_SLURM_TIMEOUT_MIN": "90"}
+    return run_cli_forked(["-m", "hydra/launcher=slurm", "hydra.launcher.mem_gb=128", "method=magnitude,gmp", *FAST,
+                           "output_dir=sweep"], tmp_path, timeout=300, env=env)
+
+
+def test_slurm_launcher_generates_the_job_script_a_cluster_would_run(tmp_path):
+    """hydra/launcher=slurm with stand-in ``srun`` and ``sbatch`` (which keeps the script it is given, then refuses
+    it): the array job script carries the partition, GPUs, CPUs, memory, time limit and job name from the config
+    and the environment, one array task per sweep job, and runs submitit's job runner; the refusal is exit 2."""
+    kept = tmp_path / "kept.sh"
+    proc = _slurm_sweep(tmp_path, {"srun": "exit 0", "sbatch": f"cp \"$1\" {kept}\n"
+                                   "echo 'sbatch: error: invalid partition specified: gpu-a100' >&2\nexit 1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert "sbatch refused the sweep's job script: sbatch: error: invalid partition" in err and "Traceback" not in err
+    script = kept.read_text()
+    for line in ("#SBATCH --partition=gpu-a100", "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=128GB", "#SBATCH --time=90", "#SBATCH --array=0-1", "#SBATCH --nodes=1",
+                 "#SBATCH --ntasks-per-node=1"):
+        assert line in script, f"{line!r} not in the job script:\n{script}"
+    assert "#SBATCH --job-name=" in script and "submitit.core._submit" in script
+    assert str(tmp_path / "sweep" / ".submitit") in script  # logs and results under the sweep dir
+
+
+def test_slurm_launcher_off_a_cluster_is_one_paragraph_and_exit_2(tmp_path):
+    proc = _slurm_sweep(tmp_path, {})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = " ".join(proc.stderr.split())
+    assert "this machine has no srun" in err and "hydra/launcher=joblib" in err and "Traceback" not in err
