@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import tempfile
 from datetime import datetime, timezone
@@ -18,6 +19,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from compress_run.core.errors import UserError
 
 LOCK_FILE = ".lock"
+TEMP_SUFFIX = ".partial.tmp"  # atomic_write_bytes writes .<name>.<random>.partial.tmp, then renames it to <name>
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.partial\.tmp")
 _HELD: dict[Path, IO[str]] = {}  # output dir -> its open lock file (kept here: a pipeline must stay picklable)
 
 
@@ -45,6 +48,9 @@ def lock_output_dir(out: Path) -> None:
                  f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
     handle.flush()
     _HELD[out] = handle
+    for stale in out.rglob(".*.tmp"):  # a write a killed run left unfinished: never renamed, so never read
+        if stale.is_file() and TEMP_NAME.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
 
 
 def unlock_output_dir(out: Path) -> None:
@@ -95,7 +101,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     file-size limit) becomes a :class:`UserError`; the file ``path`` held before is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     with os.fdopen(fd, "wb") as raw:
         file = _WriteErrors(raw)
         try:
