@@ -26,6 +26,7 @@ CI_SLOW_TESTS := tests/pipeline/test_resume.py tests/pipeline/test_ddp.py \
                  tests/pipeline/test_tables.py::test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none \
                  tests/pipeline/test_tables.py::test_seeded_rows_run_once_per_seed_and_leave_records \
                  tests/pipeline/test_tables.py::test_rows_share_a_train_stage_through_train_from \
+                 tests/pipeline/test_tables.py::test_rows_run_in_parallel_and_a_rerun_reuses_the_finished_ones \
                  tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.py \
                  tests/pipeline/test_sweeps.py::test_fifty_job_parallel_sweep_completes_and_leaves_no_process \
                  tests/models/test_any_model.py \

@@ -111,6 +111,25 @@ def test_rows_are_reused_and_a_killed_table_completes_only_missing_rows(tmp_path
     assert meta["smoke"] and len(meta["rows"]) == 3 and meta["hosts"]
 
 
+@pytest.mark.slow  # three smoke rows in parallel, then one again
+def test_rows_run_in_parallel_and_a_rerun_reuses_the_finished_ones(tmp_path):
+    table, out = tiny_table(tmp_path), tmp_path / "out"
+    args = [f"table={table}", "scale=smoke", f"output_dir={out}", *FAST, "hydra/launcher=joblib_local",
+            "hydra.launcher.n_jobs=2"]
+    first = compress_table(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert launches(out)[-1]["rows"] == ["magnitude", "gmp", "dense"]
+    stamps = {row["name"]: (out / "rows" / row["name"] / "results.json").stat().st_mtime_ns for row in TINY_ROWS}
+    shutil.rmtree(out / "rows" / "gmp")
+    (out / "records" / "gmp.json").unlink()
+    again = compress_table(args, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert launches(out)[-1]["rows"] == ["gmp"]  # the finished rows are not run again, the missing one is
+    for name in ("magnitude", "dense"):
+        assert (out / "rows" / name / "results.json").stat().st_mtime_ns == stamps[name]
+    assert "3 of 3 rows done" in (out / "TABLE.md").read_text()
+
+
 def test_changed_table_marks_row_stale_and_collect_only_gathers(tmp_path):
     table, out = tiny_table(tmp_path), tmp_path / "out"
     row_dir = out / "rows" / "gmp"
