@@ -128,14 +128,14 @@ def test_two_gloo_ranks_catch_a_method_that_prunes_from_rank_local_data():
 
 
 # ------------------------------------------------------------------ every method family through the CLI
-FAMILIES = {
-    "sparse training, partitions (GaP)": ["method=gap"],
-    "sparse training, regrowth (RigL)": ["method=rigl"],
-    "sparse training, drop and grow (MEST)": ["method=mest"],
-    "channel (CHEX)": ["method=chex"],
-    "low rank (ELRT)": ["method=elrt"],
-    "pattern (ADMM, 2:4)": ["method=admm", "method.pattern=nm:2:4", "method.sparsity=0.5"],
-    "multi-level": ["method=multilevel", "method.levels=[0.9,0.7,0.5]"],
+FAMILIES = {  # id: the family and what its state holds
+    "gap": ["method=gap"],                    # sparse training: partitions and their schedule
+    "rigl": ["method=rigl"],                  # sparse training: drop and regrow from dense gradients
+    "mest": ["method=mest"],                  # sparse training: drop and grow, phases
+    "chex": ["method=chex"],                  # channels: shrink and regrow, compaction
+    "elrt": ["method=elrt"],                  # low rank: ranks
+    "admm_2of4": ["method=admm", "method.pattern=nm:2:4", "method.sparsity=0.5"],  # patterns: Z, U, 2:4 masks
+    "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]"],            # nested masks
 }
 
 
