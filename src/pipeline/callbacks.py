@@ -56,7 +56,6 @@ class EpochLine(L.Callback):
         Console(file=sys.stdout, highlight=False, soft_wrap=True).print(line)
 
 
-
 def _fingerprint(value: Any, digest: Any, tensor_bytes: Callable[[torch.Tensor], bytes]) -> None:
     """Feed a canonical encoding of ``value`` (tensors, containers, scalars) into ``digest``."""
     if isinstance(value, torch.Tensor):
