@@ -9,7 +9,8 @@ Each variant is made by L1-norm filter pruning with ``target: flops`` (a uniform
 bisection for the MAC reduction, residual-tied channel groups included) and then compacted
 (:mod:`compress_run.core.compaction`), once with exact channel counts and once with counts rounded
 to multiples of 8 (``channel_multiple=8``: oneDNN blocks channels by 8/16, so odd widths waste
-work); its weights are the random init, which does not change the time. Per variant and batch size
+work); its weights are the random init, which does not change the time. The eager form is the one evaluate
+times: batch norms folded into the conv before them (``eager_batchnorm`` in the JSON says what was folded). Per variant and batch size
 (1 and 32): efficiency = measured speedup over the dense network
 (median latency, fastest of several interleaved rounds: contention from other tenants only adds time)
 divided by the MAC-ratio speedup (dense MACs / compacted MACs). ``min_efficiency`` is the minimum over
@@ -71,7 +72,8 @@ def main() -> None:
             for multiple in (1, 8):
                 variants[f"{name}/macs-{round(reduction * 100)}%/x{multiple}"] = (
                     compacted(build, shape, reduction, multiple), shape)
-    times = time_variants(variants, batches, rounds, repeats, deployed=not args.eager_only)
+    folding: dict[str, str] = {}
+    times = time_variants(variants, batches, rounds, repeats, deployed=not args.eager_only, folding=folding)
     rows = speed_rows(variants, times, batches)
     exact, x8 = efficiencies(rows, batches, "/x1"), efficiencies(rows, batches, "/x8")
     deployed = {} if args.eager_only else {
@@ -80,7 +82,7 @@ def main() -> None:
     command = "python scripts/bench_compaction.py" + (" --quick" if args.quick else "")
     result = write_result(args.out, "compaction", command, batches, rounds, repeats, rows,
                           min_efficiency=min(exact + x8), min_efficiency_exact=min(exact),
-                          min_efficiency_x8=min(x8), goal_min_efficiency=0.85, **deployed,
+                          min_efficiency_x8=min(x8), goal_min_efficiency=0.85, eager_batchnorm=folding, **deployed,
                           note="exact: kept channel counts as the MAC target gives them (channel_multiple=1); x8: "
                                "rounded to multiples of 8 (channel_multiple=8)")
     console = Console()

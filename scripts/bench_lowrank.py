@@ -109,13 +109,15 @@ def main() -> None:
                 model = vit_variant(build, shape, reduction) if form == "comcat" else \
                     cnn_variant(build, shape, form, reduction)
                 variants[f"{name}/{form}/{speedup}x"] = (model, shape)
-    times = time_variants(variants, batches, rounds, repeats, console.log, deployed=not args.eager_only)
+    folding: dict[str, str] = {}
+    times = time_variants(variants, batches, rounds, repeats, console.log, deployed=not args.eager_only,
+                          folding=folding)
     rows = speed_rows(variants, times, batches)
     per_form = {form: min(efficiencies(rows, batches, f"/{form}/")) for form in ("svd", "tucker2", "comcat")
                 if efficiencies(rows, batches, f"/{form}/")}
     result = write_result(args.out, "lowrank", "python scripts/bench_lowrank.py" + (" --quick" if args.quick else ""),
                           batches, rounds, repeats, rows, min_efficiency=min(efficiencies(rows, batches)),
-                          min_efficiency_per_form=per_form, goal_min_efficiency=0.85,
+                          min_efficiency_per_form=per_form, goal_min_efficiency=0.85, eager_batchnorm=folding,
                           **({} if args.eager_only else
                              {"min_deployed_efficiency": min(efficiencies(rows, batches, form="deployed"))}))
     print_speed_table(rows, batches, f"factorized vs dense, host latency ({args.threads} threads)", console)

@@ -22,17 +22,25 @@ from torch import nn
 from compress_run.hardware.deploy import export_float, latency_ms, session
 from compress_run.hardware.macs import count_macs
 from compress_run.hardware.measure import machine_description, model_latency_ms
+from compress_run.kernels.fold import fold_batchnorm
 
 Variants = dict[str, tuple[nn.Module, tuple[int, ...]]]  # "<model>/<variant>" -> (network, one sample's shape)
 
 
 def time_variants(variants: Variants, batches: tuple[int, ...], rounds: int, repeats: int,
                   log: Callable[[str], None] | None = None,
-                  deployed: bool = False) -> dict[str, dict[str, dict[int, list[float]]]]:
+                  deployed: bool = False, folding: dict[str, str] | None = None,
+                  ) -> dict[str, dict[str, dict[int, list[float]]]]:
     """Milliseconds per form ("eager", and "deployed" with ``deployed``), variant, batch and round; rounds
-    interleave the variants and forms so drift hits them alike."""
+    interleave the variants and forms so drift hits them alike. The eager form has its batch norms folded
+    (kernels/fold.py; ONNX Runtime folds them itself); ``folding`` receives what was folded per variant."""
     forms = ("eager", "deployed") if deployed else ("eager",)
     times = {form: {key: {b: [] for b in batches} for key in variants} for form in forms}
+    eager = {}  # the executed form evaluate times: batch norms folded into the conv before them
+    for key, (model, shape) in variants.items():
+        eager[key], note = fold_batchnorm(model.eval(), torch.randn(2, *shape))
+        if folding is not None:
+            folding[key] = note
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         if deployed:
@@ -43,11 +51,11 @@ def time_variants(variants: Variants, batches: tuple[int, ...], rounds: int, rep
                 export_float(model.eval(), shape, path)
                 sessions[key] = session(path, torch.get_num_threads())
         for r in range(rounds):
-            for key, (model, shape) in variants.items():
+            for key, (_, shape) in variants.items():
                 if log:
                     log(f"round {r + 1}/{rounds}: timing {key}")
                 for batch in batches:
-                    times["eager"][key][batch].append(model_latency_ms(model, (batch, *shape), warmup=2,
+                    times["eager"][key][batch].append(model_latency_ms(eager[key], (batch, *shape), warmup=2,
                                                                        repeats=repeats))
                     if deployed:
                         times["deployed"][key][batch].append(latency_ms(sessions[key], (batch, *shape), warmup=2,

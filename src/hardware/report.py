@@ -6,7 +6,9 @@ profile prefers run through the CSR/BSR kernels) and returns flat metrics plus p
 
 The executed form: with ``kernels="measured"`` every masked layer runs the kernel that was fastest on its
 real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.kernels.select`); with
-``kernels="simulated"`` the host profile's simulator picks the formats.
+``kernels="simulated"`` the host profile's simulator picks the formats. Before that, every batch norm that
+follows a conv or linear layer is folded into it (:mod:`compress_run.kernels.fold`, as ONNX Runtime and other
+inference runtimes do; ``latency_host/batchnorm`` says what was folded, or why nothing was).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
 from compress_run.hardware.simulator import Simulation, Simulator, layer_bits
 from compress_run.hardware.trace import trace_model
+from compress_run.kernels.fold import fold_batchnorm
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
 from compress_run.kernels.select import to_fastest
 from compress_run.kernels.sparse import SparseConv2d, SparseLinear
@@ -60,13 +63,16 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics[f"latency_sim_ms/{profile.name}/b{batch}"] = round(sims[batch].total_ms, 4)
         per_layer[profile.name] = layer_rows(sims[1])
     if measure:
+        sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
+        executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute
+        metrics["latency_host/batchnorm"] = folding
         if kernels == "measured":
-            choice = choose_kernels(net, sample_shape)
-            deployed = to_fastest(net, choice)
+            choice = choose_kernels(executed, sample_shape)
+            deployed = to_fastest(executed, choice)
             metrics["kernels_per_layer"] = choice
         else:
             host_sim = Simulator(host).run(traces[1], infos, bits)
-            deployed = to_fastest(net, {name: {"kernel": fmt} for name, fmt in host_sim.formats().items()})
+            deployed = to_fastest(executed, {name: {"kernel": fmt} for name, fmt in host_sim.formats().items()})
         metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
         metrics[f"latency_host_ms/b{batch}"] = round(
             model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
