@@ -10,8 +10,8 @@ bisection for the MAC reduction, residual-tied channel groups included) and then
 (:mod:`compress_run.core.compaction`), once with exact channel counts and once with counts rounded
 to multiples of 8 (``channel_multiple=8``: oneDNN blocks channels by 8/16, so odd widths waste
 work); its weights are the random init, which does not change the time. The eager form is the one evaluate
-times: batch norms folded into the conv before them (``eager_batchnorm`` in the JSON says what was folded). Per variant and batch size
-(1 and 32): efficiency = measured speedup over the dense network
+times: batch norms folded into the conv before them (``eager_batchnorm`` in the JSON says what was folded).
+Per variant and batch size (1 and 32): efficiency = measured speedup over the dense network
 (median latency, fastest of several interleaved rounds: contention from other tenants only adds time)
 divided by the MAC-ratio speedup (dense MACs / compacted MACs). ``min_efficiency`` is the minimum over
 all compacted variants and both batch sizes (``min_efficiency_exact`` / ``_x8`` per width rule); the

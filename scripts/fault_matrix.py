@@ -1,19 +1,21 @@
 #!/usr/bin/env python
 """Fault matrix: SIGKILL a run at a random moment, run the same command again, and compare with an uninterrupted run.
 
-    python scripts/fault_matrix.py            # 5 method families x 2 trials: bench_results/fault_matrix.json
+    python scripts/fault_matrix.py            # 5 method families x 4 trials: bench_results/fault_matrix.json
     python scripts/fault_matrix.py --quick    # 2 families x 1 trial, nothing written (the CI slow test)
     python scripts/fault_matrix.py --trainer ddp_cpu --family "sparse training (GMP)"  # two gloo processes
 
 For each method family (sparse training: GMP; channel pruning: L1 filter pruning with compaction; low rank: SVD;
-patterns: 2:4 magnitude; multi-level) one uninterrupted reference run is timed; each trial starts the same
-command, kills its whole process group with SIGKILL after a random fraction (seeded) of the reference's wall
-time — so kills land in every stage, in training steps, checkpoint writes, compression and evaluation — notes
-the stage the run was in, and reruns the same command until it exits (a rerun may itself be killed when
-``--kills`` > 1). A trial survives when the rerun exits 0 and its test/val metrics and every tensor of its final
-checkpoint are bit-identical to the reference (deterministic CPU trainer, digits data, 8 + 2 epochs). Anything
-else is counted as lost, with the reason. ``--trainer ddp_cpu`` runs every run as two gloo processes (the kill
-takes the spawned ranks with it): bit-exact resume of distributed runs.
+patterns: 2:4 magnitude; multi-level) one uninterrupted reference run is timed stage by stage (when each stage's
+record appears); the trials aim at the stages it ran in turn (train, finetune, compress, evaluate, ...): each
+starts the same command and kills its whole process group with SIGKILL at a random moment (seeded) of the aimed
+stage's window in the reference — in training steps, checkpoint writes, compression, evaluation — notes the
+stage the run was really in (a run is never exactly as fast as its reference), and reruns the same command until
+it exits (a rerun may itself be killed when ``--kills`` > 1). A trial survives when the rerun exits 0 and its
+test/val metrics and every tensor of its final checkpoint are bit-identical to the reference (deterministic CPU
+trainer, digits data, 8 + 2 epochs). Anything else is counted as lost, with the reason. A run that ended before
+its kill is reported as such ("finished"): that trial tested nothing. ``--trainer ddp_cpu`` runs every run as
+two gloo processes (the kill takes the spawned ranks with it): bit-exact resume of distributed runs.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ FAMILIES = {
 QUICK = ("sparse training (GMP)", "channel (L1 filter, compacted)")
 METRICS = ("test/acc", "test/loss", "val/acc", "val/loss")
 STAGES = ("train", "compress", "finetune", "quantize", "evaluate")
+TARGET_ORDER = ("train", "finetune", "compress", "evaluate", "quantize")  # trials aim at these in turn
 
 
 def command(args: list[str], out: Path) -> list[str]:
@@ -66,13 +69,39 @@ def run_to_end(args: list[str], out: Path, cwd: Path) -> tuple[int, float]:
     return proc.returncode, time.perf_counter() - started
 
 
+def timed_reference(args: list[str], out: Path, cwd: Path) -> tuple[int, dict[str, tuple[float, float]]]:
+    """Run to the end, watching when each stage's record appears: (exit code, {stage: (start s, end s)}) for the
+    stages that ran (a stage starts when the one before it ended; train when run.json appeared)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command(args, out), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[str, float] = {}
+    while proc.poll() is None or len(seen) < len(STAGES) + 1:
+        now = time.perf_counter() - started
+        for name in ("run", *STAGES):
+            path = out / "run.json" if name == "run" else out / "stages" / f"{name}.json"
+            if name not in seen and path.is_file():
+                seen[name] = now
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    windows, start = {}, seen.get("run", 0.0)
+    for stage in STAGES:
+        if stage not in seen:
+            continue
+        record = json.loads((out / "stages" / f"{stage}.json").read_text())
+        if record.get("status") == "done":
+            windows[stage] = (start, seen[stage])
+        start = seen[stage]
+    return proc.returncode, windows
+
+
 def killed_after(args: list[str], out: Path, cwd: Path, seconds: float) -> str | None:
-    """Start the run, SIGKILL its process group after ``seconds``; the stage it was in (None: it had finished)."""
+    """Start the run, SIGKILL its process group after ``seconds``; the stage it was in ("finished": none)."""
     proc = subprocess.Popen(command(args, out), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         proc.wait(timeout=seconds)
-        return None
+        return "finished"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -112,7 +141,7 @@ def compare(reference: Path, out: Path) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--trials", type=int, default=2, help="trials per family")
+    parser.add_argument("--trials", type=int, default=4, help="trials per family")
     parser.add_argument("--kills", type=int, default=1, help="kills per trial (each rerun but the last is killed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainer", default="cpu", help="trainer config of every run (ddp_cpu: two processes)")
@@ -127,17 +156,23 @@ def main() -> None:
         for family in families:
             run_args = [*COMMON, f"trainer={args.trainer}", *FAMILIES[family]]
             reference = work / f"{len(rows)}-reference"
-            code, wall = run_to_end(run_args, reference, work)
+            code, windows = timed_reference(run_args, reference, work)
             if code != 0:
                 raise SystemExit(f"{family}: the uninterrupted reference run failed (exit {code})")
+            targets = [stage for stage in TARGET_ORDER if stage in windows]
+            wall = max(end for _, end in windows.values())
             for trial in range(trials):
                 out, kills = work / f"{len(rows)}-{trial}", []
-                for _ in range(args.kills):
-                    moment = rng.uniform(0.05, 0.95) * wall
-                    kills.append({"after_s": round(moment, 2), "stage": killed_after(run_args, out, work, moment)})
+                for kill in range(args.kills):
+                    aimed = targets[(trial * args.kills + kill) % len(targets)]
+                    moment = rng.uniform(*windows[aimed])
+                    kills.append({"aimed_at": aimed, "after_s": round(moment, 2),
+                                  "stage": killed_after(run_args, out, work, moment)})
                 code, _ = run_to_end(run_args, out, work)
                 lost = f"rerun exited {code}" if code != 0 else compare(reference, out)
-                rows.append({"family": family, "trial": trial, "reference_s": round(wall, 1), "kills": kills,
+                rows.append({"family": family, "trial": trial, "reference_s": round(wall, 1),
+                             "reference_stages_s": {k: [round(a, 2), round(b, 2)] for k, (a, b) in windows.items()},
+                             "kills": kills,
                              "survived": lost is None, "lost": lost})
                 console.log(f"{family} trial {trial}: killed in {', '.join(str(k['stage']) for k in kills)} -> "
                             f"{'identical to the uninterrupted run' if lost is None else 'LOST: ' + lost}")

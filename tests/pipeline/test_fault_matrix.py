@@ -33,4 +33,4 @@ def test_a_killed_distributed_run_resumes_bit_exactly(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 trials, 1 survived, 0 lost" in text, text[-2000:]
     result = json.loads(out.read_text())
-    assert "trainer=ddp_cpu" in result["settings"]["common"] and result["rows"][0]["kills"][0]["stage"] is not None
+    assert "trainer=ddp_cpu" in result["settings"]["common"] and result["rows"][0]["kills"][0]["stage"] != "finished"
