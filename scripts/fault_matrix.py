@@ -9,9 +9,11 @@ For each method family (sparse training: GMP; channel pruning: L1 filter pruning
 patterns: 2:4 magnitude; multi-level) one uninterrupted reference run is timed stage by stage (when each stage's
 record appears); the trials aim at the stages it ran in turn (train, finetune, compress, evaluate, ...): each
 starts the same command and kills its whole process group with SIGKILL at a random moment (seeded) of the aimed
-stage's window in the reference — in training steps, checkpoint writes, compression, evaluation — notes the
-stage the run was really in (a run is never exactly as fast as its reference), and reruns the same command until
-it exits (a rerun may itself be killed when ``--kills`` > 1). A trial survives when the rerun exits 0 and its
+stage, drawn from the first 90% of that stage's duration in the reference and counted from the moment the trial
+itself began the stage (it watches its run's records) — in training steps, checkpoint writes, compression,
+evaluation — notes the stage the run was really in (a stage may be faster than in the reference), and reruns the
+same command until it exits (a rerun may itself be killed when ``--kills`` > 1; its records already exist, so
+its kill counts from its start). A trial survives when the rerun exits 0 and its
 test/val metrics and every tensor of its final checkpoint are bit-identical to the reference (deterministic CPU
 trainer, digits data, 8 + 2 epochs). Anything else is counted as lost, with the reason. A run that ended before
 its kill is reported as such ("finished"): that trial tested nothing. ``--trainer ddp_cpu`` runs every run as
@@ -95,12 +97,23 @@ def timed_reference(args: list[str], out: Path, cwd: Path) -> tuple[int, dict[st
     return proc.returncode, windows
 
 
-def killed_after(args: list[str], out: Path, cwd: Path, seconds: float) -> str | None:
-    """Start the run, SIGKILL its process group after ``seconds``; the stage it was in ("finished": none)."""
+def started(out: Path, stage: str) -> bool:
+    """Whether a run in ``out`` has begun ``stage`` (train: once run.json exists; a later stage: once the stage
+    before it left its record, done or skipped)."""
+    index = STAGES.index(stage)
+    return (out / "run.json").is_file() if index == 0 else (out / "stages" / f"{STAGES[index - 1]}.json").is_file()
+
+
+def killed_in(args: list[str], out: Path, cwd: Path, stage: str, delay: float) -> str:
+    """Start the run, SIGKILL its process group ``delay`` seconds after it began ``stage``; the stage it was really
+    in ("start-up", a stage, "results": writing results.json, "finished": it ended first)."""
     proc = subprocess.Popen(command(args, out), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    deadline = time.perf_counter() + 1800
+    while not started(out, stage) and proc.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.005)
     try:
-        proc.wait(timeout=seconds)
+        proc.wait(timeout=delay)
         return "finished"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -165,9 +178,10 @@ def main() -> None:
                 out, kills = work / f"{len(rows)}-{trial}", []
                 for kill in range(args.kills):
                     aimed = targets[(trial * args.kills + kill) % len(targets)]
-                    moment = rng.uniform(*windows[aimed])
-                    kills.append({"aimed_at": aimed, "after_s": round(moment, 2),
-                                  "stage": killed_after(run_args, out, work, moment)})
+                    begin, end = windows[aimed]
+                    delay = rng.uniform(0.0, 0.9) * (end - begin)
+                    kills.append({"aimed_at": aimed, "after_stage_began_s": round(delay, 3),
+                                  "stage": killed_in(run_args, out, work, aimed, delay)})
                 code, _ = run_to_end(run_args, out, work)
                 lost = f"rerun exited {code}" if code != 0 else compare(reference, out)
                 rows.append({"family": family, "trial": trial, "reference_s": round(wall, 1),
