@@ -85,8 +85,8 @@ class RankAgreement(L.Callback):
     assumes it. After every training batch (once the method's own callbacks have run) each rank hashes its
     masks, the shapes of every parameter and buffer (channel and rank changes), the method's state and the
     state of the method's callbacks (GaP partitions, CHEX channels, ranks, schedules), and the ranks compare
-    the hashes through one all-gather of a few integers; at every epoch end the weights and buffers
-    themselves are compared too (not batch-norm running statistics: DDP broadcasts them from rank 0 before
+    the hashes through one all-gather of a few integers; at every epoch end the weights themselves are
+    compared too (not the buffers: batch-norm running statistics, DDP broadcasts them from rank 0 before
     each forward, so they are rank-local in between). A mismatch stops the run naming the part, stage, epoch and step.
 
     A tensor is re-hashed only when it changed (its identity, storage or version counter), so a step

@@ -563,7 +563,8 @@ class Pipeline:
             module.distillation = self.distillation()
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
-        callbacks = [*own, RankAgreement(stage, self.method, own), EpochSeed(self.cfg.seed, stage),
+        agreement = [RankAgreement(stage, self.method, own)] if several_processes(self.cfg.trainer) else []
+        callbacks = [*own, *agreement, EpochSeed(self.cfg.seed, stage),
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
                                      every_n_epochs=1, save_on_train_epoch_end=True,
                                      enable_version_counter=False)]
