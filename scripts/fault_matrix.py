@@ -151,6 +151,11 @@ def compare(reference: Path, out: Path) -> str | None:
     return None
 
 
+def killed(row: dict) -> bool:
+    """Whether a kill of the trial landed (a run that ended before every kill tested nothing)."""
+    return any(k["stage"] != "finished" for k in row["kills"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -192,16 +197,18 @@ def main() -> None:
                             f"{'identical to the uninterrupted run' if lost is None else 'LOST: ' + lost}")
                 shutil.rmtree(out, ignore_errors=True)
     table = Table(title="fault matrix: SIGKILL at a random moment, then the same command again")
-    for col in ("family", "trials", "stages hit", "survived", "lost"):
+    for col in ("family", "trials", "stages hit", "killed, survived", "lost"):
         table.add_column(col, justify="left" if col in ("family", "stages hit") else "right")
     for family in families:
         mine = [r for r in rows if r["family"] == family]
         hit = sorted({str(k["stage"]) for r in mine for k in r["kills"]}, key=lambda s: (s not in STAGES, s))
-        table.add_row(family, str(len(mine)), ", ".join(hit), str(sum(r["survived"] for r in mine)),
+        table.add_row(family, str(len(mine)), ", ".join(hit), str(sum(r["survived"] and killed(r) for r in mine)),
                       str(sum(not r["survived"] for r in mine)))
     console.print(table)
     lost = sum(not r["survived"] for r in rows)
-    console.print(f"{len(rows)} trials, {len(rows) - lost} survived, {lost} lost")
+    untested = sum(not killed(r) for r in rows)
+    console.print(f"{len(rows)} trials, {len(rows) - untested} killed, {len(rows) - untested - lost} survived, "
+                  f"{lost} lost" + (f" ({untested} ended before the kill)" if untested else ""))
     if not args.quick:
         result = {"benchmark": "fault_matrix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": machine_description(),

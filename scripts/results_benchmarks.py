@@ -127,19 +127,27 @@ def fault_matrix(meta: dict[str, Any], path: Path) -> list[str]:
 
 
 def fault_matrix_table(meta: dict[str, Any]) -> list[str]:
-    """The fault matrix's table and its one-line verdict (RESULTS.md and the README)."""
-    lines = ["| family | trials | stages the kills landed in | run ended before its kill | survived (bit-identical) "
-             "| lost |", "|---|---|---|---|---|---|"]
+    """The fault matrix's table and its one-line verdict (RESULTS.md and the README). A trial whose run ended
+    before its kill tested nothing: it is counted apart, not as survived."""
+    lines = ["| family | trials | stages the kills landed in | run ended before its kill | killed and survived "
+             "(bit-identical) | lost |", "|---|---|---|---|---|---|"]
+    order = ("start-up", "train", "compress", "finetune", "quantize", "evaluate", "results")
+    totals = {"trials": 0, "untested": 0, "survived": 0, "lost": 0}
     for family in meta["settings"]["families"]:
         rows = [r for r in meta["rows"] if r["family"] == family]
         kills = [k["stage"] for r in rows for k in r["kills"]]
-        order = ("start-up", "train", "compress", "finetune", "quantize", "evaluate", "results")
+        untested = [r for r in rows if all(k["stage"] == "finished" for k in r["kills"])]
+        tested = [r for r in rows if r not in untested]
+        counts = {"trials": len(rows), "untested": len(untested),
+                  "survived": sum(r["survived"] for r in tested), "lost": sum(not r["survived"] for r in rows)}
+        totals = {k: totals[k] + counts[k] for k in totals}
         hit = [stage for stage in order if stage in kills]
-        lines.append(f"| {family} | {len(rows)} | {', '.join(hit)} | {kills.count('finished')} | "
-                     f"{sum(r['survived'] for r in rows)} | {sum(not r['survived'] for r in rows)} |")
-    return lines + ["", f"{meta['trials']} trials, {meta['survived']} survived, **{meta['lost']} lost**: the rerun "
-                    "exits 0 and its test/val metrics and every tensor of its final checkpoint equal an uninterrupted "
-                    "run's.", ""]
+        lines.append(f"| {family} | {counts['trials']} | {', '.join(hit)} | {counts['untested']} | "
+                     f"{counts['survived']} | {counts['lost']} |")
+    killed = totals["trials"] - totals["untested"]
+    return lines + ["", f"{totals['trials']} trials, {killed} killed, {totals['survived']} survived, "
+                    f"**{totals['lost']} lost** ({totals['untested']} ended before the kill): the rerun exits 0 and "
+                    "its test/val metrics and every tensor of its final checkpoint equal an uninterrupted run's.", ""]
 
 
 RENDERERS = {

@@ -83,7 +83,7 @@ def test_old_or_foreign_benchmark_json_is_refused_with_the_fix():
         calibrate.bench_layer({"module": "Sequential", "kwargs": {}})
 
 
-@pytest.mark.slow  # an integration run (~15 s): in the CI slow set
+@pytest.mark.slow  # an integration run (~30 s): in `make test-slow`
 def test_sparse_only_refit_rewrites_sparse_formats_and_keeps_the_rest(tmp_path):
     from omegaconf import OmegaConf
 

@@ -1,4 +1,5 @@
-"""Accuracy on real data (slow). Digits runs in CI; the Fashion-MNIST run is the README's headline figure."""
+"""Accuracy on real data (slow). Digits runs in `make test-slow` (CI runs the GaP and CHEX rows); the
+Fashion-MNIST run is the README's headline figure."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -117,7 +118,10 @@ class PruneFromLocalData(L.Callback):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_catch_a_method_that_prunes_from_rank_local_data():
+def test_two_gloo_ranks_catch_a_method_that_prunes_from_rank_local_data(monkeypatch):
+    # ddp_spawn unpickles this file's classes in fresh processes, which import them by module name: with
+    # pytest's importlib mode the repository root is not on sys.path unless put there
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     module = TinyModule()
     agreement = RankAgreement("train", SimpleNamespace(state_dict=dict), [])
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,

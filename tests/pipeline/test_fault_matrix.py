@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_quick_fault_matrix_loses_nothing(tmp_path):
                           capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "160"})
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 trials, 2 survived, 0 lost" in text, text[-2000:]
+    verdict = re.search(r"2 trials, (\d) killed, (\d) survived, 0 lost", text)
+    assert verdict and verdict[1] == verdict[2] != "0", text[-2000:]  # a trial whose run ended first tests nothing
     assert "identical to the uninterrupted run" in text
 
 
@@ -31,6 +33,18 @@ def test_a_killed_distributed_run_resumes_bit_exactly(tmp_path):
                           env={**os.environ, "COLUMNS": "160"})
     text = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "1 trials, 1 survived, 0 lost" in text, text[-2000:]
+    assert "1 trials, 1 killed, 1 survived, 0 lost" in text, text[-2000:]
     result = json.loads(out.read_text())
     assert "trainer=ddp_cpu" in result["settings"]["common"] and result["rows"][0]["kills"][0]["stage"] != "finished"
+
+
+def test_a_trial_whose_run_ended_before_its_kill_is_not_counted_as_survived(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from results_benchmarks import fault_matrix_table
+
+    rows = [{"family": "f", "kills": [{"stage": "train"}], "survived": True},
+            {"family": "f", "kills": [{"stage": "finished"}], "survived": True},
+            {"family": "f", "kills": [{"stage": "compress"}], "survived": False}]
+    text = "\n".join(fault_matrix_table({"settings": {"families": {"f": []}}, "rows": rows}))
+    assert "| f | 3 | train, compress | 1 | 1 | 1 |" in text
+    assert "3 trials, 2 killed, 1 survived, **1 lost** (1 ended before the kill)" in text

@@ -1,5 +1,5 @@
 """compress-table: table configs, finished rows reused, killed tables completed, force, bad input, and the
-two ImageNet paper tables at smoke scale (slow, in CI)."""
+two ImageNet paper tables at smoke scale (slow, in `make test-slow`)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_paper_tables_have_all_their_rows():
     assert len(chex.rows) == 8 and chex.rows[3].paper == {"top1": 77.4, "macs_reduction": 50.0}
 
 
-@pytest.mark.slow  # an integration test of minutes: in CI's slow set
+@pytest.mark.slow  # an integration test of minutes: in `make test-slow`
 def test_rows_are_reused_and_a_killed_table_completes_only_missing_rows(tmp_path):
     table, out = tiny_table(tmp_path), tmp_path / "out"
     args = [f"table={table}", "scale=smoke", f"output_dir={out}", *FAST]
@@ -195,7 +195,7 @@ def test_chex_imagenet_table_at_smoke_scale(tmp_path):
     _smoke_table("chex_imagenet", tmp_path)
 
 
-@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
+@pytest.mark.slow  # a multi-run integration test: in `make test-slow`
 def test_level_rows_read_one_multilevel_run(tmp_path):
     path, out = tmp_path / "levels.yaml", tmp_path / "out"
     rows = [{"name": "ml_95", "experiment": "fmnist_multilevel", "level": 0.95},
@@ -304,7 +304,7 @@ def test_seeded_rows_run_once_per_seed_and_leave_records(tmp_path):
     assert read_json(out / "table.json")["rows"][0]["seeds_done"] == 2
 
 
-@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
+@pytest.mark.slow  # a multi-run integration test: in `make test-slow`
 def test_rows_share_a_train_stage_through_train_from(tmp_path):
     path, out = tmp_path / "shared.yaml", tmp_path / "out"
     rows = [{"name": "svd", "experiment": "fmnist_svd", "train_from": "magnitude"},
@@ -354,7 +354,7 @@ def test_bad_seeds_and_orderings_are_refused(tmp_path, change, message):
     assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr[-2000:]
 
 
-@pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
+@pytest.mark.slow  # a multi-run integration test: in `make test-slow`
 def test_quantized_rows_take_over_their_base_rows_trained_network(tmp_path):
     path, out = tmp_path / "quant.yaml", tmp_path / "out"
     rows = [{"name": "fp32", "experiment": "fmnist_magnitude"},
