@@ -6,12 +6,13 @@ through compress-run's Lightning path and through a plain PyTorch loop, interlea
     python scripts/bench_overhead.py --quick    # fewer steps and rounds (smoke)
 
 Variants: ``dense`` (the train stage of ``method=dense``) and ``masked`` (the finetune stage after one-shot 90%
-magnitude pruning: the MaskEnforcer callback re-applies the masks after every step; the plain loop multiplies the
-weights by their masks after every step). Both paths read the same in-memory Fashion-MNIST tensors (ResNet-20,
-batch 128), run the same batch-wise augmentation (random crop with padding, horizontal flip) and normalisation,
-the same SGD (momentum, Nesterov, weight decay) and cross-entropy. A step's time is the interval between the
-starts of consecutive batches (data, forward, backward, optimizer, callbacks, logging: everything the loop does
-per batch), median over the steps after a warm-up; the first steps of a stage and its epoch end are left out.
+magnitude pruning: the MaskEnforcer callback zeroes masked gradients before every step and re-applies the masks
+after it; the plain loop does the same two multiplications by hand). Both paths read the same in-memory
+Fashion-MNIST tensors (ResNet-20, batch 128), run the same batch-wise augmentation (random crop with padding,
+horizontal flip) and normalisation, the same SGD (momentum, Nesterov, weight decay) and cross-entropy. A step's
+time is the interval between the starts of consecutive batches (data, forward, backward, optimizer, callbacks,
+logging: everything the loop does per batch), median over the steps after a warm-up; the first steps of a stage
+and its epoch end are left out.
 Rounds alternate the paths so drift on a shared host hits both alike; the ratio (pipeline / plain) is taken per
 round and the median over rounds reported. Goals (issue 23): <= 1.05 dense, <= 1.10 masked.
 """
@@ -34,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 import compress_run.pipeline.cli  # noqa: F401  (registers the config schemas and resolvers)
-from compress_run.core.masks import apply_masks
+from compress_run.core.masks import apply_masks, mask_gradients
 from compress_run.hardware.measure import machine_description
 from compress_run.pipeline.checkpoints import atomic_write_json
 from compress_run.pipeline.data import random_crop_flip
@@ -104,6 +105,8 @@ def plain_loop(pipeline: Pipeline, variant: str, steps: int, warmup: int) -> flo
         x = data.normalize(random_crop_flip(x, data.crop_pad, data.flip, generator))
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
+        if variant == "masked" and pipeline.method.mask_grads:
+            mask_gradients(net)  # what the method's MaskEnforcer does before the step (method.mask_grads)
         optimizer.step()
         if variant == "masked":
             apply_masks(net)
