@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_benchmarks import fault_counts, fault_verdict  # a module beside this script
 from rich.console import Console
 from rich.table import Table
 
@@ -151,11 +152,6 @@ def compare(reference: Path, out: Path) -> str | None:
     return None
 
 
-def killed(row: dict) -> bool:
-    """Whether a kill of the trial landed (a run that ended before every kill tested nothing)."""
-    return any(k["stage"] != "finished" for k in row["kills"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -202,13 +198,11 @@ def main() -> None:
     for family in families:
         mine = [r for r in rows if r["family"] == family]
         hit = sorted({str(k["stage"]) for r in mine for k in r["kills"]}, key=lambda s: (s not in STAGES, s))
-        table.add_row(family, str(len(mine)), ", ".join(hit), str(sum(r["survived"] and killed(r) for r in mine)),
-                      str(sum(not r["survived"] for r in mine)))
+        counts = fault_counts(mine)
+        table.add_row(family, str(counts["trials"]), ", ".join(hit), str(counts["survived"]), str(counts["lost"]))
     console.print(table)
-    lost = sum(not r["survived"] for r in rows)
-    untested = sum(not killed(r) for r in rows)
-    console.print(f"{len(rows)} trials, {len(rows) - untested} killed, {len(rows) - untested - lost} survived, "
-                  f"{lost} lost" + (f" ({untested} ended before the kill)" if untested else ""))
+    totals = fault_counts(rows)
+    console.print(fault_verdict(totals, bold=False))
     if not args.quick:
         result = {"benchmark": "fault_matrix", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": machine_description(),
@@ -218,11 +212,11 @@ def main() -> None:
                       f' --family "{f}"' for f in args.family or ()),
                   "settings": {"common": [*COMMON, f"trainer={args.trainer}"],
                                "families": {f: FAMILIES[f] for f in families}},
-                  "trials": len(rows), "survived": len(rows) - lost, "lost": lost, "rows": rows}
+                  **{k: totals[k] for k in ("trials", "killed", "survived", "lost")}, "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)
         console.print(f"written: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
-    sys.exit(1 if lost else 0)
+    sys.exit(1 if totals["lost"] else 0)
 
 
 if __name__ == "__main__":

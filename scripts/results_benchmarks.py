@@ -128,28 +128,38 @@ def fault_matrix(meta: dict[str, Any], path: Path) -> list[str]:
     return lines
 
 
+def killed(row: dict[str, Any]) -> bool:
+    """Whether a kill of a fault-matrix trial landed (a run that ended before every kill tested nothing)."""
+    return any(k["stage"] != "finished" for k in row["kills"])
+
+
+def fault_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Trials, killed, survived (killed and bit-identical after the rerun), lost, and those that ended first."""
+    tested = [r for r in rows if killed(r)]
+    return {"trials": len(rows), "killed": len(tested), "survived": sum(r["survived"] for r in tested),
+            "lost": sum(not r["survived"] for r in rows), "untested": len(rows) - len(tested)}
+
+
 def fault_matrix_table(meta: dict[str, Any]) -> list[str]:
     """The fault matrix's table and its one-line verdict (RESULTS.md and the README). A trial whose run ended
     before its kill tested nothing: it is counted apart, not as survived."""
     lines = ["| family | trials | stages the kills landed in | run ended before its kill | killed and survived "
              "(bit-identical) | lost |", "|---|---|---|---|---|---|"]
     order = ("start-up", "train", "compress", "finetune", "quantize", "evaluate", "results")
-    totals = {"trials": 0, "untested": 0, "survived": 0, "lost": 0}
     for family in meta["settings"]["families"]:
         rows = [r for r in meta["rows"] if r["family"] == family]
-        kills = [k["stage"] for r in rows for k in r["kills"]]
-        untested = [r for r in rows if all(k["stage"] == "finished" for k in r["kills"])]
-        tested = [r for r in rows if r not in untested]
-        counts = {"trials": len(rows), "untested": len(untested),
-                  "survived": sum(r["survived"] for r in tested), "lost": sum(not r["survived"] for r in rows)}
-        totals = {k: totals[k] + counts[k] for k in totals}
-        hit = [stage for stage in order if stage in kills]
+        counts = fault_counts(rows)
+        hit = [stage for stage in order if stage in {k["stage"] for r in rows for k in r["kills"]}]
         lines.append(f"| {family} | {counts['trials']} | {', '.join(hit)} | {counts['untested']} | "
                      f"{counts['survived']} | {counts['lost']} |")
-    killed = totals["trials"] - totals["untested"]
-    return lines + ["", f"{totals['trials']} trials, {killed} killed, {totals['survived']} survived, "
-                    f"**{totals['lost']} lost** ({totals['untested']} ended before the kill): the rerun exits 0 and "
-                    "its test/val metrics and every tensor of its final checkpoint equal an uninterrupted run's.", ""]
+    return lines + ["", fault_verdict(fault_counts(meta["rows"])) + ": the rerun exits 0 and its test/val metrics "
+                    "and every tensor of its final checkpoint equal an uninterrupted run's.", ""]
+
+
+def fault_verdict(counts: dict[str, int], bold: bool = True) -> str:
+    lost = f"**{counts['lost']} lost**" if bold else f"{counts['lost']} lost"
+    return (f"{counts['trials']} trials, {counts['killed']} killed, {counts['survived']} survived, {lost}"
+            + (f" ({counts['untested']} ended before the kill)" if counts["untested"] else ""))
 
 
 RENDERERS = {

@@ -18,7 +18,7 @@ from tests.pipeline.test_adding_a_method import TOY_METHOD
 
 BASE = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", "evaluate.kernels=simulated",
         "model.width_mult=0.5"]
-VIT = ["model=deit_tiny", "model.patch_size=2"]
+VIT = ["model=vit_fmnist", "model.embed_dim=64", "model.num_heads=2", "model.depth=2", "model.patch_size=2"]
 
 COMMON = {"sparsity": "0.7", "distribution": "global", "pattern": "block:4:4", "exclude": "[classifier]",
           "mask_grads": "false"}
@@ -81,8 +81,7 @@ FLIPS: dict[str, dict[str, tuple[str, list[str]]]] = {
 MASK_METHODS = ("admm", "gap", "gmp", "lth", "magnitude", "mest", "multilevel", "reweighted", "rigl")
 CONTEXT = {"mask_grads": ["trainer.gradient_clip_val=0.05"],  # masked gradients count in the clipped norm
            "pattern": ["method.sparsity=0.75"]}
-SMALL_VIT = ["model=vit_fmnist", "model.embed_dim=64", "model.num_heads=2", "model.depth=2", "model.patch_size=2"]
-METHOD_CONTEXT = {"comcat": [*SMALL_VIT, "method.search_fraction=0.25", "method.train_fraction=0.25"],
+METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_fraction=0.25"],
                   "haloc": ["method.granularity=4", "method.latency_source=macs", "method.hardware=mobile_a78",
                             "method.lut_batch=256", "method.search_epochs=0.25"],
                   "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],
