@@ -10,11 +10,15 @@ compiled one (``csrc/gather_scatter.cpp``, built on first use with torch's JIT e
 vectorised PyTorch one (gathers in chunks, one batched matmul per group) used when no compiler is available or
 ``COMPRESS_RUN_GS_KERNEL=torch``. The compiled kernel is register-blocked: up to 8 vectors of one output row
 stay in registers while every non-zero of the row adds its weight times the gathered input segment, then are
-stored once; the matmul packs each tile of X (sized to ~256 KB) contiguously per thread, rows in parallel.
+stored once; the linear kernel packs each tile of tokens (sized to ~256 KB) transposed per thread (a non-zero
+then reads a contiguous segment of the tile), output rows in parallel, bias added as the result is stored.
+Both kernels are cache-blocked as well: 16 output rows at a time, a row's non-zeros are taken block by block of
+input rows (input channels for a conv) whose data for the tile fit in L1, partial sums accumulated in the output,
+so the 16 rows reuse what one block loaded (the flat format keeps each row's columns ascending for this).
 
 Conv layers run directly on the padded input with the compiled kernel (no im2col: each output plane
 accumulates shifted input rows, one per non-zero, the planes cut into tiles of 8 vectors and the work ordered
-(image, tile, output-channel chunk) so one tile's inputs stay in cache for every output channel; a strided
+(image, tile, output-channel chunk) with the input-channel blocks inside; a strided
 conv runs as the stride-1 conv over the input's stride phases, :func:`space_to_depth`, so its inner loop stays
 contiguous), else as ``W @ im2col(x)``.
 The GS matrix view orders a conv's columns (k_h, k_w, C_in) with the input channel fastest (so banks
@@ -24,6 +28,7 @@ interleave channels), and the indices are mapped to ``F.unfold``'s (C_in, k_h, k
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ from compress_run.core.projections import as_matrix
 from compress_run.kernels.sparse import Im2colConv
 
 CHUNK_ELEMENTS = 1 << 22  # gathered values per chunk (16 MB of fp32)
-TILE = 0  # columns of x per tile in the compiled matmul (0: the kernel sizes its tile buffer to ~256 KB)
+TILE = 0  # tokens per tile in the compiled linear kernel (0: the kernel sizes its tile buffer to ~256 KB)
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,9 +56,13 @@ def compiled_kernel() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
+        source = Path(__file__).parent / "csrc" / "gather_scatter.cpp"
+        # one build directory per source version: two checkouts (or a running job and a newer checkout) never
+        # rebuild each other's extension or wait on each other's build lock
+        version = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return load(name="compress_run_gs", sources=[str(Path(__file__).parent / "csrc" / "gather_scatter.cpp")],
+            return load(name=f"compress_run_gs_{version}", sources=[str(source)],
                         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler / headers: fall back to the PyTorch kernel
         warnings.warn(f"gather-scatter C++ kernel unavailable ({str(exc).splitlines()[0][:200]}); using the "
@@ -93,20 +102,31 @@ class GSMatrix:
         rows_nz, cols_nz = torch.nonzero(mask.bool(), as_tuple=True)  # row-major: the C++ kernel's order
         flat_columns = cols_nz if column_order is None else column_order[cols_nz]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), mask.bool().sum(1).cumsum(0)])
+        flat_values, flat_columns = sorted_rows(weight[rows_nz, cols_nz].float(), flat_columns, rows_nz)
         return cls(weight.shape[0], weight.shape[1], banks, elems, values, columns, torch.tensor(packs), groups,
-                   {"values": weight[rows_nz, cols_nz].float().contiguous(),
-                    "columns": flat_columns.int().contiguous(), "offsets": offsets})
+                   {"values": flat_values, "columns": flat_columns, "offsets": offsets})
 
     def nnz(self) -> int:
         return sum(v.numel() for v in self.values)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` for x of shape (cols, n): the compiled kernel for fp32 CPU tensors when available."""
-        kernel = compiled_kernel()
-        if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu" and self.flat:
-            return kernel.gs_matmul(self.flat["values"], self.flat["columns"], self.flat["offsets"],
-                                    x.contiguous(), TILE)
+        if self.compiled_for(x):
+            return compiled_kernel().gs_linear(self.flat["values"], self.flat["columns"], self.flat["offsets"],
+                                               x.T, x.new_empty(0), TILE).T
         return self.matmul_torch(x)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` for x of shape (n, cols)."""
+        if self.compiled_for(x):
+            return compiled_kernel().gs_linear(self.flat["values"], self.flat["columns"], self.flat["offsets"],
+                                               x, x.new_empty(0) if bias is None else bias, TILE)
+        out = self.matmul_torch(x.T).T
+        return out if bias is None else out + bias
+
+    def compiled_for(self, x: torch.Tensor) -> bool:
+        return (bool(self.flat) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and compiled_kernel() is not None)
 
     def matmul_torch(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
@@ -143,10 +163,7 @@ class GSLinear(nn.Module):
         self.bias = None if dense.bias is None else dense.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        out = self.matrix.matmul(flat.T.contiguous()).T
-        if self.bias is not None:
-            out = out + self.bias
+        out = self.matrix.linear(x.reshape(-1, self.in_features), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -154,10 +171,12 @@ class GSConv2d(Im2colConv):
     def __init__(self, dense: nn.Conv2d, banks: int = 16, elems: int = 1) -> None:
         super().__init__(dense)
         self.matrix = gs_matrix(dense, banks, elems)
-        self.phase_columns = None
+        self.phase: tuple[torch.Tensor, torch.Tensor] | None = None  # values and columns over the stride phases
         if self.stride != (1, 1) and self.dilation == (1, 1):
-            self.phase_columns = phase_columns(self.matrix.flat["columns"], dense.in_channels, self.kernel_size,
-                                               self.stride)
+            flat = self.matrix.flat
+            rows = torch.repeat_interleave(torch.arange(len(flat["offsets"]) - 1), flat["offsets"].diff())
+            self.phase = sorted_rows(flat["values"], phase_columns(flat["columns"], dense.in_channels,
+                                                                   self.kernel_size, self.stride), rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_h, out_w = self.output_size(x)
@@ -165,16 +184,24 @@ class GSConv2d(Im2colConv):
         if kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             (kh, kw), (ph, pw) = self.kernel_size, self.padding
             flat, padded = self.matrix.flat, F.pad(x, (pw, pw, ph, ph))
-            if self.phase_columns is None:
+            if self.phase is None:
                 out = kernel.gs_conv2d(flat["values"], flat["columns"], flat["offsets"], padded,
                                        kh, kw, *self.stride, *self.dilation, out_h, out_w)
             else:  # a strided conv is a stride-1 conv over the input's stride phases
                 (sh, sw) = self.stride
-                out = kernel.gs_conv2d(flat["values"], self.phase_columns, flat["offsets"],
+                out = kernel.gs_conv2d(*self.phase, flat["offsets"],
                                        space_to_depth(padded, sh, sw), -(-kh // sh), -(-kw // sw), 1, 1, 1, 1,
                                        out_h, out_w)
             return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         return self.assemble(self.matrix.matmul(self.columns(x)), x.shape[0], out_h, out_w)
+
+
+def sorted_rows(values: torch.Tensor, columns: torch.Tensor,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major non-zeros (``rows`` ascending) reordered so that the columns ascend within each row, as the
+    compiled kernels' blocking over input rows requires; returned contiguous, columns as int32."""
+    order = torch.argsort(rows.long() * (int(columns.max()) + 1 if columns.numel() else 1) + columns.long())
+    return values[order].contiguous(), columns[order].int().contiguous()
 
 
 def space_to_depth(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:

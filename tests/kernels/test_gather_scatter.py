@@ -46,6 +46,31 @@ def test_gs_conv_matches_the_masked_dense_conv(shape, stride, padding, density):
         assert torch.allclose(GSConv2d(conv)(x), conv(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("c_in,c_out,kernel,size", [
+    (128, 32, 3, (23, 15)),   # 4 channel blocks; one 389-long run: a last tile of 133 cut as 112 + 21
+    (128, 16, 3, (20, 23)),   # a last tile of 114 (7 vectors, the last one overlapping)
+    (512, 16, 1, (7, 9)),     # 1x1 over 13 channel blocks, a run of 63 (under 4 vectors)
+    (96, 16, 3, (3, 2)),      # a run shorter than one vector: scalar sums accumulated over blocks
+])
+def test_gs_conv_blocked_over_input_channels_matches_the_dense_conv(c_in, c_out, kernel, size):
+    torch.manual_seed(c_in + size[0])
+    conv = _masked(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), 0.1, 16, 1)
+    x = torch.randn(2, c_in, *size)
+    with torch.no_grad():
+        assert torch.allclose(GSConv2d(conv)(x), conv(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("cols,tokens", [(1024, 15), (1024, 74), (1024, 200), (96, 300)])
+def test_gs_linear_blocked_over_inputs_matches_the_dense_layer(cols, tokens):
+    """Many input blocks (1024 columns), token counts under one vector, a last tile merged into the previous one
+    (200 = 64 + 64 + 72) and a last tile of its own (300 = 128 + 128 + 44, without a bias)."""
+    torch.manual_seed(cols + tokens)
+    layer = _masked(nn.Linear(cols, 48, bias=tokens != 300), 0.1, 16, 1)
+    x = torch.randn(tokens, cols)
+    with torch.no_grad():
+        assert torch.allclose(GSLinear(layer)(x), layer(x), atol=1e-4)
+
+
 def test_invalid_mask_is_rejected():
     weight = torch.randn(16, 32)
     mask = torch.zeros(16, 32, dtype=torch.bool)
