@@ -126,6 +126,14 @@ class Factorized(nn.Module, ABC):
     @abstractmethod
     def mac_fraction(self) -> float: ...
 
+    def dense_like(self) -> nn.Module:
+        """A dense layer of the geometry this one replaces (fresh weights: for pricing its shape)."""
+        a = self._args
+        if "in_features" in a:
+            return nn.Linear(a["in_features"], a["out_features"], bias=a["bias"])
+        return nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
+                         a["dilation"], bias=a["bias"])
+
     def compression_info(self) -> dict[str, Any]:
         return {"kind": "lowrank", "form": self.form, "ranks": self.ranks(), "density": self.mac_fraction()}
 
@@ -200,6 +208,11 @@ class LowRankConv2d(Factorized):
         else:
             self.first = nn.Conv2d(in_channels, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False)
             self.second = nn.Conv2d(rank, out_channels, (1, kw), (1, sw), (0, pw), (1, dw), bias=bias)
+
+    @classmethod
+    def like(cls, layer: nn.Conv2d, rank: int, form: str = "channel") -> LowRankConv2d:
+        """A freshly initialised two-factor conv in place of ``layer`` (for pricing or training from scratch)."""
+        return cls(**{**_conv_args(layer), "rank": rank, "form": form}).to(layer.weight.device)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, rank: int, form: str = "channel") -> LowRankConv2d:

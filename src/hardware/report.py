@@ -1,8 +1,10 @@
 """The evaluate stage's hardware numbers: MAC views, simulated latency per profile, measured host latency.
 
 :func:`hardware_metrics` traces the model at batch 1 and batch N once, simulates every requested profile
-on those traces, times the *executed* form on this host (masked layers whose sparse path the host
-profile prefers run through the CSR/BSR kernels) and returns flat metrics plus per-layer rows.
+on those traces (and, for a factorized network, prices every factorized layer against the dense layer it
+replaces: ``lowrank/slower_than_dense/<profile>`` names those slower on that profile), times the *executed*
+form on this host (masked layers whose sparse path the host profile prefers run through the CSR/BSR kernels)
+and returns flat metrics plus per-layer rows.
 
 The executed form: with ``kernels="measured"`` every masked layer runs the kernel that was fastest on its
 real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.kernels.select`); with
@@ -23,6 +25,7 @@ from torch import nn
 
 from compress_run.core.compression_info import compression_infos
 from compress_run.hardware.kernel_choice import choose_kernels
+from compress_run.hardware.layer_cost import factorized_costs
 from compress_run.hardware.macs import mac_report
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
@@ -62,6 +65,11 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics[f"latency_sim_ms/{profile.name}"] = round(sims[1].total_ms, 4)
         metrics[f"latency_sim_ms/{profile.name}/b{batch}"] = round(sims[batch].total_ms, 4)
         per_layer[profile.name] = layer_rows(sims[1])
+        costs = factorized_costs(net, sample_shape, profile)
+        if costs:  # factorized layers the profile prices slower than the dense layer they replace
+            metrics[f"lowrank/slower_than_dense/{profile.name}"] = sorted(n for n, c in costs.items() if c["slower"])
+            if i == 0:
+                metrics["lowrank_per_layer"] = costs
     if measure:
         sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
         executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute

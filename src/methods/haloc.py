@@ -58,14 +58,10 @@ from compress_run.core.config import check
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import Tucker2Conv2d, set_module, tucker2_fraction
 from compress_run.core.masks import prunable_layers
-from compress_run.hardware.measure import model_latency_ms
+from compress_run.hardware.layer_cost import SOURCES, layer_cost, layer_input_shapes
 from compress_run.hardware.profile import HardwareConfig, load_profile
-from compress_run.hardware.simulator import Simulator
-from compress_run.hardware.trace import trace_model
 from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 from compress_run.methods.rank_search import annealed_tau, budget_loss
-
-SOURCES = ("simulated", "measured", "macs")
 
 
 def candidate_ranks(layer: nn.Conv2d, granularity: int) -> list[int]:
@@ -74,17 +70,6 @@ def candidate_ranks(layer: nn.Conv2d, granularity: int) -> list[int]:
     return [r for r in range(granularity, top + 1, granularity)
             if tucker2_fraction(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), r, r,
                                 tuple(layer.stride)) < 1.0]
-
-
-def layer_cost(module: nn.Module, shape: tuple[int, ...], source: str, profile: HardwareConfig) -> float:
-    """Cost of ``module`` alone on an input of ``shape``: simulated ms, measured ms, or MACs."""
-    module = module.eval()
-    if source == "measured":
-        return model_latency_ms(module, shape, warmup=3, repeats=15)
-    trace = trace_model(module, shape)
-    if source == "macs":
-        return float(sum(op.macs for op in trace.ops))
-    return Simulator(profile).run(trace, {}).total_ms
 
 
 @method_config("haloc")
@@ -178,32 +163,12 @@ class HALOC(Method):
     def profile(self) -> HardwareConfig:
         return load_profile(self.profile_name) if self.profile_name else (self.hardware or load_profile("host_cpu"))
 
-    def input_shapes(self, model: nn.Module, layers: dict[str, nn.Conv2d]) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-
-        def record(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                shapes.setdefault(name, tuple(args[0].shape))
-            return hook
-
-        hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-        was_training = model.training
-        device = next(model.parameters()).device
-        try:
-            with torch.no_grad():
-                model.eval()(torch.zeros((self.lut_batch, *self.input_shape), device=device))
-        finally:
-            model.train(was_training)
-            for h in hooks:
-                h.remove()
-        return shapes
-
     def lookup_tables(self, model: nn.Module) -> None:
         """LUT_l(r) of every searched layer's candidate ranks (those that save MACs and are cheaper than the
         dense conv on the target), into ``luts``; layers without candidates into ``left_dense``."""
         layers, profile = self.layers(model), self.profile()
         step = int(self.granularity or profile.rank_granularity)
-        shapes = self.input_shapes(model, layers)
+        shapes = layer_input_shapes(model, layers, (self.lut_batch, *self.input_shape))
         self.luts, self.left_dense = {}, []
         for name, layer in layers.items():
             ranks = candidate_ranks(layer, step)

@@ -8,7 +8,10 @@ k×1 then 1×k), then finetune the factorized network. Ranks: ``target: energy``
 smallest rank whose singular values hold ``energy`` of the squared singular energy; ``target: flops``
 finds the one energy threshold shared by all layers (bisection) at which the whole network has
 ``flops_reduction`` fewer MACs. A layer whose factorization would not save MACs at the chosen rank is
-left dense (our choice; reported under ``left_dense``).
+left dense (our choice; reported under ``left_dense``). With ``skip_slower`` a layer is also left dense where
+its factorized form at the chosen rank is slower than the dense layer on the run's hardware profile (simulated,
+batch 1, the layer alone on the input it gets): two thin GEMMs can cost more than one wide GEMM though they do
+fewer MACs, and a MAC-driven rank choice alone would keep them. The MAC target then counts such layers as dense.
 
 Config keys (conf/method/svd.yaml):
 * ``form`` (channel): channel | spatial.
@@ -16,6 +19,8 @@ Config keys (conf/method/svd.yaml):
 * ``include_linear`` (false): also factorize linear layers (never the classifier).
 * ``exclude`` ([first_conv, classifier]): module-name globs kept dense (aliases as for magnitude).
 * ``min_rank`` (1): the smallest rank a layer gets.
+* ``skip_slower`` (false): leave dense every layer the run's hardware profile prices slower factorized (not in
+  the paper; off by default to keep the baseline as published).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from compress_run.core.factorized import (
     singular_values,
 )
 from compress_run.core.masks import prunable_layers
+from compress_run.hardware.layer_cost import layer_cost, layer_input_shapes
 from compress_run.hardware.macs import count_macs
+from compress_run.hardware.profile import HardwareConfig, load_profile
 from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 
 TARGETS = ("energy", "flops")
@@ -56,6 +63,7 @@ class SVDConfig(MethodConfig):
     include_linear: bool = False
     exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])
     min_rank: int = 1
+    skip_slower: bool = False
 
     def __post_init__(self) -> None:
         check(self.form in FORMS, "method.form", self.form, ", ".join(FORMS))
@@ -76,6 +84,9 @@ class SVD(Method):
         self.ranks: dict[str, int] = {}
         self.left_dense: list[str] = []
         self._macs: tuple[float, dict[str, float]] | None = None  # (network MACs, per-module MACs), by shape
+        self._faster: dict[tuple[str, int], bool] = {}  # (layer, rank) -> factorized is faster on the profile
+        self._shapes: dict[str, tuple] = {}
+        self.hardware: HardwareConfig | None = None  # the run's profile, set by the pipeline
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         chosen = {}
@@ -97,9 +108,23 @@ class SVD(Method):
         ranks = {}
         for name, layer in layers.items():
             rank = max(self.min_rank, rank_for_energy(spectra[name], energy))
-            if layer_fraction(layer, rank, self.form) < 1.0:
-                ranks[name] = min(rank, len(spectra[name]))
+            if layer_fraction(layer, rank, self.form) >= 1.0:
+                continue
+            rank = min(rank, len(spectra[name]))
+            if not self.skip_slower or self.faster(name, layer, rank):
+                ranks[name] = rank
         return ranks
+
+    def faster(self, name: str, layer: nn.Module, rank: int) -> bool:
+        """Whether ``layer`` factorized at ``rank`` is faster than dense on the run's profile (cached)."""
+        if (name, rank) not in self._faster:
+            profile = self.hardware or load_profile("host_cpu")
+            new = (LowRankLinear(layer.in_features, layer.out_features, rank, layer.bias is not None)
+                   if isinstance(layer, nn.Linear) else LowRankConv2d.like(layer, rank, self.form))
+            shape = self._shapes[name]
+            self._faster[name, rank] = (layer_cost(new, shape, "simulated", profile)
+                                        < layer_cost(layer, shape, "simulated", profile))
+        return self._faster[name, rank]
 
     def energy_for_macs(self, model: nn.Module, layers: dict[str, nn.Module],
                         spectra: dict[str, torch.Tensor]) -> float:
@@ -119,8 +144,11 @@ class SVD(Method):
         if macs(0.0) > goal:
             raise UserError(f"method.flops_reduction={self.flops_reduction} cannot be reached by factorizing "
                             f"{len(layers)} layers at rank >= {self.min_rank} (at most "
-                            f"{1 - macs(0.0) / total:.1%} fewer MACs)", "lower method.flops_reduction or "
-                            "method.min_rank, or factorize more layers (method.include_linear, method.exclude)")
+                            f"{1 - macs(0.0) / total:.1%} fewer MACs"
+                            + (", counting the layers the hardware prices slower factorized as dense)"
+                               if self.skip_slower else ")"), "lower method.flops_reduction or method.min_rank, "
+                            "factorize more layers (method.include_linear, method.exclude)"
+                            + (", or set method.skip_slower=false" if self.skip_slower else ""))
         low, high = 0.0, 1.0
         for _ in range(40):
             mid = (low + high) / 2
@@ -131,6 +159,8 @@ class SVD(Method):
     def select_ranks(self, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, int]:
         """Per-layer ranks by this method's rule (``target``); layers absent are better left dense."""
         spectra = {n: singular_values(layer, self.form).float().cpu() for n, layer in layers.items()}
+        if self.skip_slower and not self._shapes:
+            self._shapes = layer_input_shapes(model, layers, (1, *self.input_shape))
         if self.target == "flops":
             self.energy = self.energy_for_macs(model, layers, spectra)
         return self.choose_ranks(layers, spectra, self.energy)
@@ -149,5 +179,6 @@ class SVD(Method):
 
     def summary(self) -> dict[str, Any]:
         return {"form": self.form, "target": self.target, "energy": self.energy,
-                "flops_reduction": self.flops_reduction, "ranks": self.ranks, "left_dense": self.left_dense}
+                "flops_reduction": self.flops_reduction, "ranks": self.ranks, "left_dense": self.left_dense,
+                "skip_slower": self.skip_slower}
 

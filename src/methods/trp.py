@@ -17,7 +17,7 @@ Choices where the paper leaves details open:
 * The subgradient is added after the backward pass, before the optimizer step, on top of weight decay.
 
 Config keys (conf/method/trp.yaml), besides those of ``svd`` (form, target, energy, flops_reduction,
-include_linear, exclude, min_rank):
+include_linear, exclude, min_rank, skip_slower):
 * ``period`` (20): optimizer steps between truncations (the paper's CIFAR setting m = 20).
 * ``nuclear_weight`` (3e-4): λ of the nuclear-norm subgradient (paper: 3e-4 on CIFAR-10); 0 disables it.
 """

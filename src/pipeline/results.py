@@ -91,6 +91,8 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "latency_per_layer": evaluate.get("latency_per_layer", {}),
         "method": evaluate.get("method", {}),
         "kernels_per_layer": evaluate.get("kernels_per_layer", {}),  # host kernel chosen per masked layer
+        # factorized layers priced against the dense layer each replaces, on the run's profile
+        "lowrank_per_layer": evaluate.get("lowrank_per_layer", {}),
         # the quantize stage's summary and the bit widths of every quantized layer ({} without quant=)
         "quant": {**records.get("quantize", {}).get("metrics", {}).get("quant", {}),
                   "bits_per_layer": evaluate.get("quant_bits_per_layer", {})}

@@ -71,11 +71,13 @@ FLIPS: dict[str, dict[str, tuple[str, list[str]]]] = {
              "end_fraction": ("0.3", ["method.delta_t=1"])},
     "svd": {"form": ("spatial", []), "target": ("energy", []), "energy": ("0.5", ["method.target=energy"]),
             "flops_reduction": ("0.3", []), "include_linear": ("true", ["method.exclude=[first_conv]"]),
-            "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.4"])},
+            "exclude": ("[classifier]", []), "min_rank": ("6", ["method.flops_reduction=0.4"]),
+            "skip_slower": ("true", ["method.target=energy"])},
     "trp": {"form": ("spatial", []), "target": ("flops", []), "energy": ("0.5", []),
             "flops_reduction": ("0.3", ["method.target=flops"]),
             "include_linear": ("true", ["method.exclude=[first_conv]"]), "exclude": ("[classifier]", []),
             "min_rank": ("6", ["method.target=flops", "method.flops_reduction=0.4"]), "period": ("1", []),
+            "skip_slower": ("true", []),
             "nuclear_weight": ("0.1", [])},
 }
 MASK_METHODS = ("admm", "gap", "gmp", "lth", "magnitude", "mest", "multilevel", "reweighted", "rigl")

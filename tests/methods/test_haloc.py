@@ -13,8 +13,9 @@ from torch import nn
 
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import Tucker2Conv2d, tucker2_fraction
+from compress_run.hardware.layer_cost import layer_cost
 from compress_run.hardware.profile import load_profile
-from compress_run.methods.haloc import HALOC, CandidateConv, candidate_ranks, layer_cost
+from compress_run.methods.haloc import HALOC, CandidateConv, candidate_ranks
 from tests.conftest import run_pipeline
 
 
