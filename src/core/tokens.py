@@ -10,7 +10,9 @@ trace the forward, count and price exactly the schedule that runs; :func:`every_
 network's unpruned forward (the dense view).
 
 A block is switched by a class swap (:class:`TokenPruningBlock` subclasses timm's ``Block``), so parameter,
-mask and buffer names stay those of the unpruned network and a checkpoint loads into either. The class-token
+mask and buffer names stay those of the unpruned network; two buffers per pruning block (``token_keep``,
+``token_fuse``) carry the schedule in the state dict, and :func:`restore_token_pruning` (called by
+``core.restore``) gives a freshly built network the schedule a checkpoint records. The class-token
 attention is recomputed from the block's own ``qkv`` output (a hook reads it), at ``n x dim`` MACs per image,
 so the attention itself stays timm's (fused) kernel.
 """
@@ -27,15 +29,15 @@ from torch import nn
 
 
 class TokenPruningBlock(Block):
-    """timm ``Block`` that keeps the top ``token_keep`` fraction of patch tokens after its attention."""
+    """timm ``Block`` that keeps the top ``token_keep`` fraction of patch tokens after its attention (buffers
+    ``token_keep`` and ``token_fuse``: the schedule travels in the state dict and checkpoints)."""
 
-    token_keep: float = 1.0
-    token_fuse: bool = False
     token_pruning_on: bool = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if not self.token_pruning_on or self.token_keep >= 1.0:
+        keep = float(self.token_keep)
+        if not self.token_pruning_on or keep >= 1.0:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("token pruning with an attention mask is not supported")
@@ -47,7 +49,7 @@ class TokenPruningBlock(Block):
             handle.remove()
         scores = class_attention(captured[0], self.attn.num_heads, self.attn.head_dim, self.attn.q_norm,
                                  self.attn.k_norm, self.attn.scale)
-        x = select_tokens(x, scores, self.token_keep, self.token_fuse)
+        x = select_tokens(x, scores, keep, bool(self.token_fuse))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -108,8 +110,33 @@ def attach_token_pruning(model: nn.Module, keep: Mapping[int, float], fuse: bool
         block = blocks[index]
         if type(block) not in (Block, TokenPruningBlock):
             raise ValueError(f"token pruning at block {index}: {type(block).__name__} is not timm's Block")
+        make_pruning_block(block, float(ratio), bool(fuse))
+
+
+def make_pruning_block(block: Block, keep: float, fuse: bool) -> None:
+    if not isinstance(block, TokenPruningBlock):
         block.__class__ = TokenPruningBlock
-        block.token_keep, block.token_fuse, block.token_pruning_on = float(ratio), bool(fuse), True
+        block.register_buffer("token_keep", torch.tensor(keep))
+        block.register_buffer("token_fuse", torch.tensor(fuse))
+    else:
+        block.token_keep.fill_(keep)
+        block.token_fuse.fill_(fuse)
+    block.token_pruning_on = True
+
+
+def restore_token_pruning(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> int:
+    """Give the blocks of a freshly built ``model`` the token pruning ``state`` (a state dict) records; returns
+    how many blocks prune."""
+    count = 0
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}.token_keep" if name else f"{prefix}token_keep"
+        if key in state:
+            if type(module) not in (Block, TokenPruningBlock):
+                raise ValueError(f"the checkpoint prunes tokens at {name}, which is not a timm ViT block here")
+            fuse = state.get(key.removesuffix("token_keep") + "token_fuse", torch.tensor(False))
+            make_pruning_block(module, float(state[key]), bool(fuse))
+            count += 1
+    return count
 
 
 def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
@@ -117,15 +144,15 @@ def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
     rows, n = [], patch_tokens
     for block in vit_blocks(model):
         attention = n + 1
-        if isinstance(block, TokenPruningBlock) and block.token_pruning_on and block.token_keep < 1.0:
-            kept = kept_count(n, block.token_keep)
-            n = kept + (1 if block.token_fuse and kept < n else 0)
+        if isinstance(block, TokenPruningBlock) and block.token_pruning_on and float(block.token_keep) < 1.0:
+            kept = kept_count(n, float(block.token_keep))
+            n = kept + (1 if bool(block.token_fuse) and kept < n else 0)
         rows.append({"attention": attention, "mlp": n + 1})
     return rows
 
 
 def has_token_pruning(model: nn.Module) -> bool:
-    return any(isinstance(b, TokenPruningBlock) and b.token_keep < 1.0 for b in model.modules())
+    return any(isinstance(b, TokenPruningBlock) and float(b.token_keep) < 1.0 for b in model.modules())
 
 
 @contextlib.contextmanager
