@@ -3,7 +3,8 @@
 A pruning block runs its attention on every token that reaches it, then keeps the ``ceil(keep x n)`` patch
 tokens the class token attends to most (attention of the class-token row, averaged over heads; EViT, Liang et
 al., ICLR 2022, and the token level of Tri-level E-ViT, Kong et al., AAAI 2023), optionally fuses the others
-into one token weighted by that attention (``fuse``: EViT's inattentive-token fusion), and runs its MLP and
+into one token, their sum weighted by that attention (``fuse``: EViT's inattentive-token fusion; the weights
+are the dropped tokens' attention shares, not renormalised, as in EViT's code), and runs its MLP and
 every later block on the shorter sequence. The class token always stays first; a fused token is an ordinary
 token for later blocks. The forward really drops tokens, so the MAC counter and the latency simulator, which
 trace the forward, count and price exactly the schedule that runs; :func:`every_token_kept` gives the same
@@ -70,7 +71,7 @@ def kept_count(patch_tokens: int, keep: float) -> int:
 
 def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
     """The class token, the ``kept_count`` patch tokens of highest ``scores`` (in their original order), and with
-    ``fuse`` one token averaging the dropped ones weighted by their scores."""
+    ``fuse`` one token: the sum of the dropped ones weighted by their scores (EViT's reference code)."""
     cls, patches = x[:, :1], x[:, 1:]
     n_keep = kept_count(patches.shape[1], keep)
     if n_keep == patches.shape[1]:
@@ -81,8 +82,7 @@ def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool
     parts = [cls, kept]
     if fuse:
         dropped_idx = order[:, n_keep:]
-        weights = scores.gather(1, dropped_idx)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        weights = scores.gather(1, dropped_idx)  # not renormalised: EViT's fused token is this attention-weighted sum
         dropped = patches.gather(1, dropped_idx[..., None].expand(-1, -1, patches.shape[-1]))
         parts.append((weights[..., None] * dropped).sum(dim=1, keepdim=True))
     return torch.cat(parts, dim=1)

@@ -44,13 +44,13 @@ def test_macs_of_a_token_pruned_vit_equal_the_analytic_count_for_its_schedule(fu
     assert count_macs(model, (1, 1, 8, 8)).dense < dense
 
 
-def test_kept_tokens_are_the_most_attended_in_their_order_and_fusion_is_their_weighted_mean():
+def test_kept_tokens_are_the_most_attended_in_their_order_and_fusion_is_the_attention_weighted_sum():
     x = torch.arange(2 * 6 * 3, dtype=torch.float).reshape(2, 6, 3)
     scores = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05], [0.4, 0.1, 0.1, 0.1, 0.3]])
     out = select_tokens(x, scores, keep=0.4, fuse=True)
     assert out.shape == (2, 4, 3)
     assert torch.equal(out[0, :3], x[0, [0, 2, 4]]) and torch.equal(out[1, :3], x[1, [0, 1, 5]])
-    w = torch.tensor([0.1, 0.05, 0.05]) / 0.2
+    w = torch.tensor([0.1, 0.05, 0.05])  # the dropped tokens' attention shares, summed as they are (EViT)
     assert torch.allclose(out[0, 3], (w[:, None] * x[0, [1, 3, 5]]).sum(0))
 
 
