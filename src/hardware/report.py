@@ -24,6 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from compress_run.core.compression_info import compression_infos
+from compress_run.core.tokens import every_token_kept, has_token_pruning
 from compress_run.hardware.kernel_choice import choose_kernels
 from compress_run.hardware.layer_cost import factorized_costs
 from compress_run.hardware.macs import mac_report
@@ -46,6 +47,9 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     infos = compression_infos(net)  # read the masks once for every view and profile
     bits = layer_bits(net)
     macs = mac_report(net, traces[1], infos)
+    if has_token_pruning(net):  # the dense view keeps every token; the effective view is the forward that runs
+        with every_token_kept(net):
+            macs.per_module = mac_report(net, trace_model(net, (1, *sample_shape)), infos).per_module
     metrics: dict[str, Any] = {
         "model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
         "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),

@@ -1,0 +1,169 @@
+"""Token pruning of timm ViTs: blocks that keep only the most attended patch tokens, as compression state.
+
+A pruning block runs its attention on every token that reaches it, then keeps the ``ceil(keep x n)`` patch
+tokens the class token attends to most (attention of the class-token row, averaged over heads; EViT, Liang et
+al., ICLR 2022, and the token level of Tri-level E-ViT, Kong et al., AAAI 2023), optionally fuses the others
+into one token, their sum weighted by that attention (``fuse``: EViT's inattentive-token fusion; the weights
+are the dropped tokens' attention shares, not renormalised, as in EViT's code), and runs its MLP and
+every later block on the shorter sequence. The class token always stays first; a fused token is an ordinary
+token for later blocks. The forward really drops tokens, so the MAC counter and the latency simulator, which
+trace the forward, count and price exactly the schedule that runs; :func:`every_token_kept` gives the same
+network's unpruned forward (the dense view).
+
+A block is switched by a class swap (:class:`TokenPruningBlock` subclasses timm's ``Block``), so parameter,
+mask and buffer names stay those of the unpruned network; two buffers per pruning block (``token_keep``,
+``token_fuse``) carry the schedule in the state dict, and :func:`restore_token_pruning` (called by
+``core.restore``) gives a freshly built network the schedule a checkpoint records. The class-token
+attention is recomputed from the block's own ``qkv`` output (a hook reads it), at ``n x dim`` MACs per image,
+so the attention itself stays timm's (fused) kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+
+class TokenPruningBlock(Block):
+    """timm ``Block`` that keeps the top ``token_keep`` fraction of patch tokens after its attention (buffers
+    ``token_keep`` and ``token_fuse``: the schedule travels in the state dict and checkpoints)."""
+
+    token_pruning_on: bool = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        keep = float(self.token_keep)
+        if not self.token_pruning_on or keep >= 1.0:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("token pruning with an attention mask is not supported")
+        captured: list[torch.Tensor] = []
+        handle = self.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        finally:
+            handle.remove()
+        scores = class_attention(captured[0], self.attn.num_heads, self.attn.head_dim, self.attn.q_norm,
+                                 self.attn.k_norm, self.attn.scale)
+        x = select_tokens(x, scores, keep, bool(self.token_fuse))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def class_attention(qkv: torch.Tensor, heads: int, head_dim: int, q_norm: nn.Module, k_norm: nn.Module,
+                    scale: float) -> torch.Tensor:
+    """Attention of the class token (position 0) to every patch token, averaged over heads: (batch, n - 1)."""
+    batch, n, _ = qkv.shape
+    q, k, _v = qkv.reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = q_norm(q[:, :, :1]), k_norm(k)
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (batch, heads, 1, n)
+    return attn[:, :, 0, 1:].mean(dim=1)
+
+
+def kept_count(patch_tokens: int, keep: float) -> int:
+    """Patch tokens a block with ``keep`` keeps of ``patch_tokens`` (at least one)."""
+    return max(1, min(patch_tokens, math.ceil(keep * patch_tokens - 1e-9)))
+
+
+def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
+    """The class token, the ``kept_count`` patch tokens of highest ``scores`` (in their original order), and with
+    ``fuse`` one token: the sum of the dropped ones weighted by their scores (EViT's reference code)."""
+    cls, patches = x[:, :1], x[:, 1:]
+    n_keep = kept_count(patches.shape[1], keep)
+    if n_keep == patches.shape[1]:
+        return x
+    order = scores.argsort(dim=1, descending=True)
+    kept_idx = order[:, :n_keep].sort(dim=1).values
+    kept = patches.gather(1, kept_idx[..., None].expand(-1, -1, patches.shape[-1]))
+    parts = [cls, kept]
+    if fuse:
+        dropped_idx = order[:, n_keep:]
+        weights = scores.gather(1, dropped_idx)  # not renormalised: EViT's fused token is this attention-weighted sum
+        dropped = patches.gather(1, dropped_idx[..., None].expand(-1, -1, patches.shape[-1]))
+        parts.append((weights[..., None] * dropped).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def vit_blocks(model: nn.Module) -> nn.Sequential:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not all(isinstance(b, Block) for b in blocks):
+        raise ValueError("token pruning needs a timm VisionTransformer (model.blocks of timm Blocks); "
+                         f"{type(model).__name__} is not one")
+    if getattr(model, "global_pool", "token") != "token" or getattr(model, "cls_token", None) is None:
+        raise ValueError("token pruning keeps the class token first and classifies from it: the model needs a "
+                         "class token and global_pool='token'")
+    return blocks
+
+
+def attach_token_pruning(model: nn.Module, keep: Mapping[int, float], fuse: bool = False) -> None:
+    """Make block ``i`` keep ``keep[i]`` of the patch tokens reaching it (0 < keep <= 1), for each ``i``."""
+    blocks = vit_blocks(model)
+    for index, ratio in keep.items():
+        if not 0 <= index < len(blocks):
+            raise ValueError(f"token pruning at block {index}: the model has blocks 0..{len(blocks) - 1}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"token keep ratio {ratio} at block {index} is not in (0, 1]")
+        block = blocks[index]
+        if type(block) not in (Block, TokenPruningBlock):
+            raise ValueError(f"token pruning at block {index}: {type(block).__name__} is not timm's Block")
+        make_pruning_block(block, float(ratio), bool(fuse))
+
+
+def make_pruning_block(block: Block, keep: float, fuse: bool) -> None:
+    if not isinstance(block, TokenPruningBlock):
+        block.__class__ = TokenPruningBlock
+        block.register_buffer("token_keep", torch.tensor(keep))
+        block.register_buffer("token_fuse", torch.tensor(fuse))
+    else:
+        block.token_keep.fill_(keep)
+        block.token_fuse.fill_(fuse)
+    block.token_pruning_on = True
+
+
+def restore_token_pruning(model: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> int:
+    """Give the blocks of a freshly built ``model`` the token pruning ``state`` (a state dict) records; returns
+    how many blocks prune."""
+    count = 0
+    for name, module in model.named_modules():
+        key = f"{prefix}{name}.token_keep" if name else f"{prefix}token_keep"
+        if key in state:
+            if type(module) not in (Block, TokenPruningBlock):
+                raise ValueError(f"the checkpoint prunes tokens at {name}, which is not a timm ViT block here")
+            fuse = state.get(key.removesuffix("token_keep") + "token_fuse", torch.tensor(False))
+            make_pruning_block(module, float(state[key]), bool(fuse))
+            count += 1
+    return count
+
+
+def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
+    """Tokens (class token included) each block's attention and MLP run on, for ``patch_tokens`` input patches."""
+    rows, n = [], patch_tokens
+    for block in vit_blocks(model):
+        attention = n + 1
+        if isinstance(block, TokenPruningBlock) and block.token_pruning_on and float(block.token_keep) < 1.0:
+            kept = kept_count(n, float(block.token_keep))
+            n = kept + (1 if bool(block.token_fuse) and kept < n else 0)
+        rows.append({"attention": attention, "mlp": n + 1})
+    return rows
+
+
+def has_token_pruning(model: nn.Module) -> bool:
+    return any(isinstance(b, TokenPruningBlock) and float(b.token_keep) < 1.0 for b in model.modules())
+
+
+@contextlib.contextmanager
+def every_token_kept(model: nn.Module) -> Iterator[None]:
+    """The same network with token pruning switched off (its dense view), restored on exit."""
+    pruning = [b for b in model.modules() if isinstance(b, TokenPruningBlock)]
+    states = [b.token_pruning_on for b in pruning]
+    try:
+        for block in pruning:
+            block.token_pruning_on = False
+        yield
+    finally:
+        for block, state in zip(pruning, states, strict=True):
+            block.token_pruning_on = state
