@@ -69,11 +69,7 @@ def vit_variant(build: Callable[[], nn.Module], shape: tuple[int, int, int], red
         model = copy.deepcopy(dense)
         method = COMCAT()
         choices = method.factorize(model)
-        for hook in method.hooks:
-            hook.remove()
-        for choice in choices:
-            choice.chosen = max(1, round(fraction * choice.full))
-            method.truncate(choice)
+        COMCAT.resvd(choices, {id(c): max(1, round(fraction * c.full)) for c in choices})
         return model.eval()
 
     low, high = 0.0, 1.0
