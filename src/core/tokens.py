@@ -6,16 +6,19 @@ al., ICLR 2022, and the token level of Tri-level E-ViT, Kong et al., AAAI 2023),
 into one token, their sum weighted by that attention (``fuse``: EViT's inattentive-token fusion; the weights
 are the dropped tokens' attention shares, not renormalised, as in EViT's code), and runs its MLP and
 every later block on the shorter sequence. The class token always stays first; a fused token is an ordinary
-token for later blocks. The forward really drops tokens, so the MAC counter and the latency simulator, which
-trace the forward, count and price exactly the schedule that runs; :func:`every_token_kept` gives the same
-network's unpruned forward (the dense view).
+token for later blocks. A block may also sparsify its attention (the attention level of Tri-level E-ViT): each
+query keeps its ``ceil(links x n)`` highest-scoring keys, the softmax runs over those, and the weighted sum
+gathers only their values. The forward really drops tokens and links, so the MAC counter and the latency
+simulator, which trace the forward, count and price exactly the schedule that runs; :func:`every_token_kept`
+gives the same network's unpruned forward (the dense view).
 
 A block is switched by a class swap (:class:`TokenPruningBlock` subclasses timm's ``Block``), so parameter,
-mask and buffer names stay those of the unpruned network; two buffers per pruning block (``token_keep``,
-``token_fuse``) carry the schedule in the state dict, and :func:`restore_token_pruning` (called by
-``core.restore``) gives a freshly built network the schedule a checkpoint records. The class-token
-attention is recomputed from the block's own ``qkv`` output (a hook reads it), at ``n x dim`` MACs per image,
-so the attention itself stays timm's (fused) kernel.
+mask and buffer names stay those of the unpruned network; three buffers per pruning block (``token_keep``,
+``token_fuse``, ``token_attention``) carry the schedule in the state dict, and :func:`restore_token_pruning`
+(called by ``core.restore``) gives a freshly built network the schedule a checkpoint records. Without sparse
+attention the class-token attention is recomputed from the block's own ``qkv`` output (a hook reads it), at
+``n x dim`` MACs per image, so the attention itself stays timm's (fused) kernel; with it, the attention is
+computed explicitly (scores for every pair, values for the kept links only).
 """
 
 from __future__ import annotations
@@ -30,28 +33,62 @@ from torch import nn
 
 
 class TokenPruningBlock(Block):
-    """timm ``Block`` that keeps the top ``token_keep`` fraction of patch tokens after its attention (buffers
-    ``token_keep`` and ``token_fuse``: the schedule travels in the state dict and checkpoints)."""
+    """timm ``Block`` that keeps the top ``token_keep`` fraction of patch tokens after its attention and lets each
+    query keep only its top ``token_attention`` fraction of attention links (buffers ``token_keep``,
+    ``token_fuse``, ``token_attention``: the schedule travels in the state dict and checkpoints)."""
 
     token_pruning_on: bool = True
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        keep = float(self.token_keep)
-        if not self.token_pruning_on or keep >= 1.0:
+        keep, links = float(self.token_keep), float(getattr(self, "token_attention", 1.0))
+        if not self.token_pruning_on or (keep >= 1.0 and links >= 1.0):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
             raise ValueError("token pruning with an attention mask is not supported")
-        captured: list[torch.Tensor] = []
-        handle = self.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        finally:
-            handle.remove()
-        scores = class_attention(captured[0], self.attn.num_heads, self.attn.head_dim, self.attn.q_norm,
-                                 self.attn.k_norm, self.attn.scale)
-        x = select_tokens(x, scores, keep, bool(self.token_fuse))
+        if links < 1.0:
+            attended, scores = sparse_attention(self.attn, self.norm1(x), links)
+            x = x + self.drop_path1(self.ls1(attended))
+        else:
+            captured: list[torch.Tensor] = []
+            handle = self.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            finally:
+                handle.remove()
+            scores = class_attention(captured[0], self.attn.num_heads, self.attn.head_dim, self.attn.q_norm,
+                                     self.attn.k_norm, self.attn.scale)
+        if keep < 1.0:
+            x = select_tokens(x, scores, keep, bool(self.token_fuse))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def kept_links(tokens: int, fraction: float) -> int:
+    """Attention links a query keeps of ``tokens`` keys (at least one; the product is rounded to 4 decimals before
+    the ceiling, so a fraction stored in float32, 0.3 as 0.30000001, still keeps ceil(0.3 x 10) = 3)."""
+    return max(1, min(tokens, math.ceil(round(fraction * tokens, 4))))
+
+
+def sparse_attention(attn: nn.Module, x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` on ``x`` where each query attends only to its ``kept_links`` highest-scoring keys (softmax
+    over those; the attention level of Tri-level E-ViT), and the class token's full attention to the patch tokens,
+    averaged over heads (for token selection). The weighted sum gathers only the kept values, so the traced forward
+    does (and counts) ``kept_links`` multiply-adds per query and channel, not one per token."""
+    batch, n, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (batch, heads, n, n)
+    class_scores = logits[:, :, 0].softmax(dim=-1)[:, :, 1:].mean(dim=1)
+    top, index = logits.topk(kept_links(n, fraction), dim=-1)  # (batch, heads, n, links)
+    weights = attn.attn_drop(top.softmax(dim=-1))
+    values = v[:, :, None].expand(-1, -1, n, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, head_dim))
+    out = (weights[..., None, :] @ values).squeeze(-2)  # (batch, heads, n, head_dim)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, heads * head_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), class_scores
 
 
 def class_attention(qkv: torch.Tensor, heads: int, head_dim: int, q_norm: nn.Module, k_norm: nn.Module,
@@ -65,8 +102,8 @@ def class_attention(qkv: torch.Tensor, heads: int, head_dim: int, q_norm: nn.Mod
 
 
 def kept_count(patch_tokens: int, keep: float) -> int:
-    """Patch tokens a block with ``keep`` keeps of ``patch_tokens`` (at least one)."""
-    return max(1, min(patch_tokens, math.ceil(keep * patch_tokens - 1e-9)))
+    """Patch tokens a block with ``keep`` keeps of ``patch_tokens`` (at least one; rounded as in ``kept_links``)."""
+    return max(1, min(patch_tokens, math.ceil(round(keep * patch_tokens, 4))))
 
 
 def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
@@ -99,28 +136,37 @@ def vit_blocks(model: nn.Module) -> nn.Sequential:
     return blocks
 
 
-def attach_token_pruning(model: nn.Module, keep: Mapping[int, float], fuse: bool = False) -> None:
-    """Make block ``i`` keep ``keep[i]`` of the patch tokens reaching it (0 < keep <= 1), for each ``i``."""
+def attach_token_pruning(model: nn.Module, keep: Mapping[int, float], fuse: bool = False,
+                         attention: Mapping[int, float] | None = None) -> None:
+    """Make block ``i`` keep ``keep[i]`` of the patch tokens reaching it, and each query of block ``j`` keep
+    ``attention[j]`` of its attention links (fractions in (0, 1]; blocks absent from a mapping keep everything)."""
     blocks = vit_blocks(model)
-    for index, ratio in keep.items():
+    attention = dict(attention or {})
+    for index in sorted(set(keep) | set(attention)):
+        for what, ratio in (("token keep ratio", keep.get(index, 1.0)),
+                            ("attention keep ratio", attention.get(index, 1.0))):
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"{what} {ratio} at block {index} is not in (0, 1]")
         if not 0 <= index < len(blocks):
             raise ValueError(f"token pruning at block {index}: the model has blocks 0..{len(blocks) - 1}")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"token keep ratio {ratio} at block {index} is not in (0, 1]")
         block = blocks[index]
         if type(block) not in (Block, TokenPruningBlock):
             raise ValueError(f"token pruning at block {index}: {type(block).__name__} is not timm's Block")
-        make_pruning_block(block, float(ratio), bool(fuse))
+        make_pruning_block(block, float(keep.get(index, 1.0)), bool(fuse), float(attention.get(index, 1.0)))
 
 
-def make_pruning_block(block: Block, keep: float, fuse: bool) -> None:
+def make_pruning_block(block: Block, keep: float, fuse: bool, attention: float = 1.0) -> None:
     if not isinstance(block, TokenPruningBlock):
         block.__class__ = TokenPruningBlock
         block.register_buffer("token_keep", torch.tensor(keep))
         block.register_buffer("token_fuse", torch.tensor(fuse))
+        block.register_buffer("token_attention", torch.tensor(attention))
     else:
         block.token_keep.fill_(keep)
         block.token_fuse.fill_(fuse)
+        if not hasattr(block, "token_attention"):
+            block.register_buffer("token_attention", torch.tensor(attention))
+        block.token_attention.fill_(attention)
     block.token_pruning_on = True
 
 
@@ -133,26 +179,33 @@ def restore_token_pruning(model: nn.Module, state: Mapping[str, torch.Tensor], p
         if key in state:
             if type(module) not in (Block, TokenPruningBlock):
                 raise ValueError(f"the checkpoint prunes tokens at {name}, which is not a timm ViT block here")
-            fuse = state.get(key.removesuffix("token_keep") + "token_fuse", torch.tensor(False))
-            make_pruning_block(module, float(state[key]), bool(fuse))
+            stem = key.removesuffix("token_keep")
+            fuse = state.get(stem + "token_fuse", torch.tensor(False))
+            links = state.get(stem + "token_attention", torch.tensor(1.0))
+            make_pruning_block(module, float(state[key]), bool(fuse), float(links))
             count += 1
     return count
 
 
 def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
-    """Tokens (class token included) each block's attention and MLP run on, for ``patch_tokens`` input patches."""
+    """Tokens (class token included) each block's attention and MLP run on, and the attention links each query
+    keeps (``links``), for ``patch_tokens`` input patches."""
     rows, n = [], patch_tokens
     for block in vit_blocks(model):
-        attention = n + 1
-        if isinstance(block, TokenPruningBlock) and block.token_pruning_on and float(block.token_keep) < 1.0:
-            kept = kept_count(n, float(block.token_keep))
-            n = kept + (1 if bool(block.token_fuse) and kept < n else 0)
-        rows.append({"attention": attention, "mlp": n + 1})
+        attention, links = n + 1, n + 1
+        if isinstance(block, TokenPruningBlock) and block.token_pruning_on:
+            if float(block.token_attention) < 1.0:
+                links = kept_links(attention, float(block.token_attention))
+            if float(block.token_keep) < 1.0:
+                kept = kept_count(n, float(block.token_keep))
+                n = kept + (1 if bool(block.token_fuse) and kept < n else 0)
+        rows.append({"attention": attention, "links": links, "mlp": n + 1})
     return rows
 
 
 def has_token_pruning(model: nn.Module) -> bool:
-    return any(isinstance(b, TokenPruningBlock) and float(b.token_keep) < 1.0 for b in model.modules())
+    return any(isinstance(b, TokenPruningBlock) and (float(b.token_keep) < 1.0 or float(b.token_attention) < 1.0)
+               for b in model.modules())
 
 
 @contextlib.contextmanager

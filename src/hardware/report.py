@@ -53,8 +53,9 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     metrics: dict[str, Any] = {
         "model/macs_dense": macs.dense, "model/macs_effective": round(macs.effective),
         "model/flops_dense": 2 * macs.dense, "model/flops_effective": round(2 * macs.effective),
-        "macs_per_layer": {name: {"dense": round(m), "effective": round(macs.per_module_effective[name])}
-                           for name, m in macs.per_module.items()}}
+        "macs_per_layer": {name: {"dense": round(macs.per_module.get(name, 0)),
+                                  "effective": round(macs.per_module_effective.get(name, 0))}
+                           for name in {**macs.per_module, **macs.per_module_effective}}}
     if traces[1].unpriced_ops:  # MAC work no formula covers: the counts above are too low by that much
         metrics["model/unpriced_ops"] = traces[1].unpriced_ops
     per_layer: dict[str, list[dict[str, Any]]] = {}

@@ -64,6 +64,7 @@ from compress_run.core.masks import MaskEnforcer, attach_mask, get_mask
 from compress_run.core.projections import drop_and_regrow, fixed_density, keep_count
 from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, NotApplicable, method_config
 from compress_run.methods.cycles import seeded_generator
+from compress_run.methods.forgetting import ForgettingCounter, least_forgotten, steps_per_epoch
 
 MODES = ("em", "ems")
 PAPER_PHASES = (90 / 160, 120 / 160)
@@ -223,34 +224,12 @@ class MESTUpdater(L.Callback):
         self.method.load_state_dict(state_dict)
 
 
-def least_forgotten(forgotten: torch.Tensor, learned: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Positions of the ``n`` examples with the fewest forgetting events (never learned = most forgotten)."""
-    counts = torch.where(learned, forgotten.double(), torch.full_like(forgotten, torch.inf, dtype=torch.float64))
-    shuffled = torch.randperm(counts.numel(), generator=generator)
-    order = shuffled[torch.argsort(counts[shuffled], stable=True)]
-    return order[:n]
-
-
-class ForgettingTracker(L.Callback):
+class ForgettingTracker(ForgettingCounter):
     """Counts forgetting events per train example and removes the least forgotten at the set epoch."""
 
     def __init__(self, method: MEST) -> None:
+        super().__init__()
         self.method = method
-        self.forgotten = self.last_correct = self.learned = None
-        self.epoch_order: tuple[tuple[int, int] | None, torch.Tensor | None] = (None, None)
-
-    def _sampler(self, trainer: L.Trainer) -> Any:
-        """The train loader's sampler: it must tell the visit order of an epoch and exclude examples (the
-        pipeline's ``EpochSeededSampler`` does)."""
-        sampler = trainer.train_dataloader.sampler
-        if not all(hasattr(sampler, attr) for attr in ("order", "exclude", "num_samples")):
-            raise RuntimeError("MEST data removal needs a train sampler with order(epoch), exclude(positions) and "
-                               "num_samples (the pipeline's EpochSeededSampler)")
-        if self.forgotten is None:
-            n = sampler.num_samples
-            self.forgotten, self.last_correct = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
-            self.learned = torch.zeros(n, dtype=torch.bool)
-        return sampler
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         sampler = self._sampler(trainer)
@@ -262,31 +241,8 @@ class ForgettingTracker(L.Callback):
             positions = least_forgotten(self.forgotten, self.learned, n, seeded_generator(self.method.seed, 70))
             self.method.removed = sorted(positions.tolist())
             sampler.exclude(positions)
-            steps = len(trainer.train_dataloader)
-            limit = trainer.limit_train_batches
-            steps = min(steps, int(limit)) if isinstance(limit, int) else int(steps * limit)
-            pl_module.shorter_epochs_from_now(max(1, steps // trainer.accumulate_grad_batches))
+            pl_module.shorter_epochs_from_now(steps_per_epoch(trainer))
             print(f"[compress-run] MEST: removed {n} least-forgotten examples at epoch {trainer.current_epoch}; "
                   f"{len(sampler)} remain", flush=True)
         elif self.method.removed:
             sampler.exclude(torch.tensor(self.method.removed, dtype=torch.long))  # a resumed run's new loader
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        sampler = self._sampler(trainer)
-        logits, y = pl_module.last_train_logits, batch[1]
-        start = batch_idx * trainer.train_dataloader.batch_size
-        key = (trainer.current_epoch, len(sampler))
-        if self.epoch_order[0] != key:  # one permutation per epoch, not per batch
-            self.epoch_order = (key, sampler.order(trainer.current_epoch))
-        positions = self.epoch_order[1][start: start + len(y)]
-        correct = (logits.argmax(1) == y).cpu()
-        self.forgotten[positions] += (self.last_correct[positions] & ~correct).long()
-        self.last_correct[positions] = correct
-        self.learned[positions] |= correct
-
-    def state_dict(self) -> dict[str, Any]:  # the removed positions travel with MESTUpdater's method state
-        return {"forgotten": self.forgotten, "last_correct": self.last_correct, "learned": self.learned}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.forgotten, self.last_correct = state_dict["forgotten"], state_dict["last_correct"]
-        self.learned = state_dict["learned"]

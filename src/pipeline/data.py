@@ -41,7 +41,8 @@ def _mix(*values: int) -> int:
 class EpochSeededSampler(Sampler[int]):
     """Random permutation seeded by (seed, epoch); Lightning calls ``set_epoch`` before every epoch.
 
-    ``exclude(positions)`` drops examples from later epochs (data-efficient training); ``order(epoch)``
+    ``exclude(positions)`` drops examples from later epochs (data-efficient training), ``include(positions)``
+    brings excluded ones back (example swapping); ``order(epoch)``
     is the exact sequence of dataset positions an epoch visits, so callbacks can tell which examples a
     batch held without the dataset returning indices.
     """
@@ -55,6 +56,9 @@ class EpochSeededSampler(Sampler[int]):
 
     def exclude(self, positions: torch.Tensor) -> None:
         self.excluded[positions] = True
+
+    def include(self, positions: torch.Tensor) -> None:
+        self.excluded[positions] = False
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))

@@ -19,13 +19,13 @@ def small_vit() -> torch.nn.Module:
 
 
 def analytic_macs(schedule: list[dict[str, int]], pruning_blocks: set[int]) -> int:
-    """Patch embedding, per block qkv + QK^T + AV + proj on its attention tokens, the class-token scores of a
-    pruning block, fc1 + fc2 on its MLP tokens, and the head."""
+    """Patch embedding, per block qkv + QK^T + AV (over the links each query keeps) + proj on its attention tokens,
+    the class-token scores of a pruning block with full attention, fc1 + fc2 on its MLP tokens, and the head."""
     macs = PATCHES * DIM * 2 * 2 * 1 + DIM * CLASSES
     for index, row in enumerate(schedule):
-        t, m = row["attention"], row["mlp"]
-        macs += 3 * t * DIM * DIM + 2 * t * t * DIM + t * DIM * DIM + 2 * MLP * m * DIM * DIM
-        macs += t * DIM if index in pruning_blocks else 0
+        t, m, links = row["attention"], row["mlp"], row.get("links", row["attention"])
+        macs += 3 * t * DIM * DIM + t * t * DIM + t * links * DIM + t * DIM * DIM + 2 * MLP * m * DIM * DIM
+        macs += t * DIM if index in pruning_blocks and links == t else 0
     return macs
 
 
@@ -59,12 +59,40 @@ def test_pruning_keeps_parameter_names_and_a_full_keep_changes_nothing():
     x = torch.randn(3, 1, 8, 8)
     reference, names = model(x), set(model.state_dict())
     attach_token_pruning(model, {0: 1.0, 2: 0.7})
-    assert set(model.state_dict()) - names == {f"blocks.{i}.token_{k}" for i in (0, 2) for k in ("keep", "fuse")}
+    assert set(model.state_dict()) - names == {f"blocks.{i}.token_{k}" for i in (0, 2)
+                                               for k in ("keep", "fuse", "attention")}
     assert names <= set(model.state_dict())
     pruned = model(x)
     assert not torch.allclose(pruned, reference)
     with every_token_kept(model):
         assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+def test_sparse_attention_keeps_each_querys_top_links_and_with_all_links_is_timms_attention():
+    from compress_run.core.tokens import sparse_attention
+
+    model = small_vit().eval()
+    attn, x = model.blocks[1].attn, torch.randn(3, 17, DIM)
+    with torch.no_grad():
+        assert torch.allclose(sparse_attention(attn, x, 1.0)[0], attn(x), atol=1e-5)
+        out, _ = sparse_attention(attn, x, 0.3)  # ceil(0.3 x 17) = 6 links per query
+        q, k, v = attn.qkv(x).reshape(3, 17, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        sixth = logits.topk(6, dim=-1).values[..., -1:]
+        probs = logits.masked_fill(logits < sixth, float("-inf")).softmax(-1)  # the others get no weight
+        reference = attn.proj((probs @ v).transpose(1, 2).reshape(3, 17, DIM))
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [{}, {2: 0.5}])
+def test_macs_with_sparse_attention_equal_the_analytic_count_for_the_kept_links(keep):
+    model = small_vit().eval()
+    attach_token_pruning(model, keep, attention={i: 0.3 for i in range(DEPTH)})
+    schedule = token_schedule(model, PATCHES)
+    assert [r["links"] for r in schedule] == ([6] * 4 if not keep else [6, 6, 6, 3])  # ceil(0.3 x 17), x 9
+    assert count_macs(model, (1, 1, 8, 8)).dense == analytic_macs(schedule, set(keep))
+    with every_token_kept(model):
+        assert count_macs(model, (1, 1, 8, 8)).dense == analytic_macs([{"attention": 17, "mlp": 17}] * DEPTH, set())
 
 
 @pytest.mark.parametrize(("keep", "message"), [({9: 0.5}, "blocks 0..3"), ({1: 0.0}, "not in (0, 1]")])
@@ -115,10 +143,10 @@ def test_a_checkpoint_gives_a_fresh_network_the_same_schedule_and_outputs():
     from compress_run.core.restore import restore_compression
 
     model = small_vit().eval()
-    attach_token_pruning(model, {1: 0.4, 3: 0.6}, fuse=True)
+    attach_token_pruning(model, {1: 0.4, 3: 0.6}, fuse=True, attention={0: 0.5, 3: 0.3})
     state = model.state_dict()
     fresh = small_vit().eval()
-    assert restore_compression(fresh, state)["token_pruned_blocks"] == 2
+    assert restore_compression(fresh, state)["token_pruned_blocks"] == 3
     fresh.load_state_dict(state)
     x = torch.randn(2, 1, 8, 8)
     assert token_schedule(fresh, PATCHES) == token_schedule(model, PATCHES)

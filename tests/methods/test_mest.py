@@ -9,7 +9,8 @@ import torch
 
 from compress_run.core.masks import get_mask, prunable_layers
 from compress_run.methods import mest as mest_module
-from compress_run.methods.mest import MEST, least_forgotten, phase_targets, prune_and_grow
+from compress_run.methods.forgetting import least_forgotten
+from compress_run.methods.mest import MEST, phase_targets, prune_and_grow
 from tests.conftest import run_pipeline
 
 SMOKE = ["dataset=digits", "debug=smoke", "logger=none", "method=mest", "method.update_every=1",

@@ -4,7 +4,8 @@ evolve mid-stage (RigL: drop/regrow every 3 steps; GaP: 6 grow-and-prune steps o
 lands inside one; P-GaP: worker snapshots and the round start live in the checkpoint; MEST: epoch-wise
 prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune stage; CHEX: killed mid-
 exploration, the compacted architecture must come out the same; multi-level: killed inside the per-level
-finetune phases; QAT: killed inside the quantize stage's training, int8 gradients with stochastic rounding)."""
+finetune phases; QAT: killed inside the quantize stage's training, int8 gradients with stochastic rounding;
+E-ViT: killed between example swaps, the held-out set and forgetting counts restored)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "lth": ["method=lth", "method.sparsity=0.5", "schedule.finetune.epochs=6"],
            "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"],
            "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"],
-           "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"]}
+           "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"],
+           "evit": ["method=evit", "method.swap_every=2", "model=vit_fmnist", "model.embed_dim=32", "model.depth=2",
+                    "model.num_heads=2", "model.patch_size=2"]}
+NO_SPARSITY_KEY = {"multilevel", "evit"}  # multilevel has method.levels only; E-ViT prunes tokens, not weights
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
 # inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
 # optimizer and the kept gradients restored before the resume)
@@ -48,7 +52,7 @@ def _state(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, method):
-    sparsity = [] if method == "multilevel" else ["method.sparsity=0.8"]  # multilevel has method.levels only
+    sparsity = [] if method in NO_SPARSITY_KEY else ["method.sparsity=0.8"]
     args = [*COMMON, *METHODS[method], *sparsity]  # a method's own schedule (lth's 6 finetune epochs) wins
     reference = _run(args, tmp_path / "reference", tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -74,7 +78,8 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, met
     ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
     for key in ("test/acc", "test/loss", "val/acc", "val/loss", "train/test/acc", "model/sparsity"):
         assert res["metrics"][key] == ref["metrics"][key], key
-    final = "quantize" if stage == "quantize" else "finetune"
+    final = next(s for s in ("quantize", "finetune", "train")
+                 if (tmp_path / "reference" / "checkpoints" / f"{s}.ckpt").is_file())
     a = _state(tmp_path / "reference" / "checkpoints" / f"{final}.ckpt")
     b = _state(out / "checkpoints" / f"{final}.ckpt")
     assert a.keys() == b.keys()
