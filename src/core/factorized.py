@@ -126,13 +126,16 @@ class Factorized(nn.Module, ABC):
     @abstractmethod
     def mac_fraction(self) -> float: ...
 
-    def dense_like(self) -> nn.Module:
-        """A dense layer of the geometry this one replaces (fresh weights: for pricing its shape)."""
+    def dense_like(self) -> nn.Module | None:
+        """A dense layer of the geometry this one replaces (fresh weights: for pricing its shape), or None when it
+        replaced more than one layer (COMCAT's factorized attention)."""
         a = self._args
         if "in_features" in a:
             return nn.Linear(a["in_features"], a["out_features"], bias=a["bias"])
-        return nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
-                         a["dilation"], bias=a["bias"])
+        if "in_channels" in a:
+            return nn.Conv2d(a["in_channels"], a["out_channels"], a["kernel_size"], a["stride"], a["padding"],
+                             a["dilation"], bias=a["bias"])
+        return None
 
     def compression_info(self) -> dict[str, Any]:
         return {"kind": "lowrank", "form": self.form, "ranks": self.ranks(), "density": self.mac_fraction()}

@@ -53,9 +53,10 @@ def layer_input_shapes(model: nn.Module, layers: dict[str, nn.Module], shape: tu
 
 def factorized_costs(model: nn.Module, sample_shape: tuple[int, ...],
                      profile: HardwareConfig) -> dict[str, dict[str, Any]]:
-    """Per factorized layer of ``model``: its simulated batch-1 latency and that of the dense layer it replaces on
-    ``profile`` (ms), and whether it is slower (``slower``: the factorization costs time there)."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Factorized)}
+    """Per factorized layer of ``model`` that replaced one dense layer: its simulated batch-1 latency and that of
+    the dense layer on ``profile`` (ms), and whether it is slower (``slower``: the factorization costs time there).
+    COMCAT's factorized attention replaced qkv and proj together and is not priced this way."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Factorized) and m.dense_like() is not None}
     if not layers:
         return {}
     shapes = layer_input_shapes(model, layers, (1, *sample_shape))

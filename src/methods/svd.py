@@ -121,9 +121,9 @@ class SVD(Method):
             profile = self.hardware or load_profile("host_cpu")
             new = (LowRankLinear(layer.in_features, layer.out_features, rank, layer.bias is not None)
                    if isinstance(layer, nn.Linear) else LowRankConv2d.like(layer, rank, self.form))
-            shape = self._shapes[name]
+            shape = self._shapes[name]  # the dense geometry priced on a fresh layer: the live one stays as it is
             self._faster[name, rank] = (layer_cost(new, shape, "simulated", profile)
-                                        < layer_cost(layer, shape, "simulated", profile))
+                                        < layer_cost(new.dense_like(), shape, "simulated", profile))
         return self._faster[name, rank]
 
     def energy_for_macs(self, model: nn.Module, layers: dict[str, nn.Module],
