@@ -32,7 +32,7 @@ from tests.conftest import run_pipeline
 # tests/methods/test_config_keys.py: each key flipped changes the run (digits smoke, the small ViT)
 CONFIG_FLIPS = {
     "macs_target": ("0.7", []), "block": ("[8,8]", []), "layers": ("[qkv,fc1]", []), "min_keep": ("0.3", []),
-    "levels": ("5", []), "calib_size": ("8", []), "fisher_batch": ("4", []), "damping": ("1000.0", []),
+    "levels": ("9", []), "calib_size": ("8", []), "fisher_batch": ("4", []), "damping": ("1000.0", []),
     "hardware": ("a100", []), "hardware_weight": ("0.0", []), "hw_batch": ("256", []),
     "mask_grads": ("false", ["trainer.gradient_clip_val=0.05"]),
 }
