@@ -41,7 +41,7 @@ class TokenPruningBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        keep, links = float(self.token_keep), float(getattr(self, "token_attention", 1.0))
+        keep, links = float(self.token_keep), float(self.token_attention)
         if not self.token_pruning_on or (keep >= 1.0 and links >= 1.0):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
@@ -164,8 +164,6 @@ def make_pruning_block(block: Block, keep: float, fuse: bool, attention: float =
     else:
         block.token_keep.fill_(keep)
         block.token_fuse.fill_(fuse)
-        if not hasattr(block, "token_attention"):
-            block.register_buffer("token_attention", torch.tensor(attention))
         block.token_attention.fill_(attention)
     block.token_pruning_on = True
 

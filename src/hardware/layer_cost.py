@@ -56,7 +56,8 @@ def factorized_costs(model: nn.Module, sample_shape: tuple[int, ...],
     """Per factorized layer of ``model`` that replaced one dense layer: its simulated batch-1 latency and that of
     the dense layer on ``profile`` (ms), and whether it is slower (``slower``: the factorization costs time there).
     COMCAT's factorized attention replaced qkv and proj together and is not priced this way."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Factorized) and m.dense_like() is not None}
+    dense_layers = {name: m.dense_like() for name, m in model.named_modules() if isinstance(m, Factorized)}
+    layers = {name: model.get_submodule(name) for name, dense in dense_layers.items() if dense is not None}
     if not layers:
         return {}
     shapes = layer_input_shapes(model, layers, (1, *sample_shape))
@@ -65,7 +66,7 @@ def factorized_costs(model: nn.Module, sample_shape: tuple[int, ...],
         if name not in shapes:  # not on the forward path
             continue
         factorized = layer_cost(layer, shapes[name], "simulated", profile)
-        dense = layer_cost(layer.dense_like(), shapes[name], "simulated", profile)
+        dense = layer_cost(dense_layers[name], shapes[name], "simulated", profile)
         costs[name] = {"dense_ms": round(dense, 6), "factorized_ms": round(factorized, 6),
                        "slower": factorized > dense}
     return costs
