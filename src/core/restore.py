@@ -1,6 +1,6 @@
 """One function that gives a freshly built network every compression structure a state dict describes —
-compacted shapes, factorized layers, multi-level buffers, masks, quantized layers and token-pruning blocks — so that
-``load_state_dict`` then loads the compressed weights into it. Checkpoints carry their own structure
+compacted shapes, factorized layers, multi-level buffers, masks, quantized layers, token-pruning blocks and token
+selectors — so that ``load_state_dict`` then loads the compressed weights into it. Checkpoints carry their own structure
 (``extra_state`` of compacted and factorized layers, level, mask and quantization buffers): no method has to
 be present to reload a compressed model.
 """
@@ -17,17 +17,19 @@ from compress_run.core.factorized import restore_factorized
 from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.core.nesting import restore_levels
 from compress_run.core.quantization import attach_quantization_from_state_dict
+from compress_run.core.soft_tokens import restore_soft_tokens
 from compress_run.core.tokens import restore_token_pruning
 
 
 def restore_compression(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, int]:
     """Rebuild on ``model`` (freshly built, dense) the compression state of ``state_dict``; call before
-    ``model.load_state_dict``. Returns how many compacted layers, factorized layers, level buffers, masks and
-    quantized layers were restored."""
+    ``model.load_state_dict``. Returns how many compacted layers, factorized layers, level buffers, masks,
+    quantized layers, token-pruning blocks and token selectors were restored."""
     state = dict(state_dict)
     return {"compacted": restore_compacted(model, state, prefix),
             "factorized": restore_factorized(model, state, prefix),
             "levels": restore_levels(model, state, prefix),
             "masks": attach_masks_from_state_dict(model, state, prefix),
             "quantized": attach_quantization_from_state_dict(model, state, prefix),
-            "token_pruned_blocks": restore_token_pruning(model, state, prefix)}
+            "token_pruned_blocks": restore_token_pruning(model, state, prefix),
+            "token_selectors": restore_soft_tokens(model, state, prefix)}

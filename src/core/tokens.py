@@ -62,6 +62,21 @@ class TokenPruningBlock(Block):
             x = select_tokens(x, scores, keep, bool(self.token_fuse))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def prunes_tokens(self) -> bool:
+        return float(self.token_keep) < 1.0 or float(self.token_attention) < 1.0
+
+    def token_counts(self, tokens: int) -> dict[str, int]:
+        """Tokens (class token included) this block's attention and MLP run on for ``tokens`` reaching it, and the
+        links each query keeps."""
+        links, mlp = tokens, tokens
+        if float(self.token_attention) < 1.0:
+            links = kept_links(tokens, float(self.token_attention))
+        if float(self.token_keep) < 1.0:
+            patches = tokens - 1
+            kept = kept_count(patches, float(self.token_keep))
+            mlp = kept + 1 + (1 if bool(self.token_fuse) and kept < patches else 0)
+        return {"attention": tokens, "links": links, "mlp": mlp}
+
 
 def kept_links(tokens: int, fraction: float) -> int:
     """Attention links a query keeps of ``tokens`` keys (at least one; the product is rounded to 4 decimals before
@@ -187,30 +202,28 @@ def restore_token_pruning(model: nn.Module, state: Mapping[str, torch.Tensor], p
 
 def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
     """Tokens (class token included) each block's attention and MLP run on, and the attention links each query
-    keeps (``links``), for ``patch_tokens`` input patches."""
-    rows, n = [], patch_tokens
+    keeps (``links``), for ``patch_tokens`` input patches (blocks that prune say how: ``token_counts``)."""
+    rows, n = [], patch_tokens + 1
     for block in vit_blocks(model):
-        attention, links = n + 1, n + 1
-        if isinstance(block, TokenPruningBlock) and block.token_pruning_on:
-            if float(block.token_attention) < 1.0:
-                links = kept_links(attention, float(block.token_attention))
-            if float(block.token_keep) < 1.0:
-                kept = kept_count(n, float(block.token_keep))
-                n = kept + (1 if bool(block.token_fuse) and kept < n else 0)
-        rows.append({"attention": attention, "links": links, "mlp": n + 1})
+        if getattr(block, "token_pruning_on", False) and hasattr(block, "token_counts"):
+            row = block.token_counts(n)
+        else:
+            row = {"attention": n, "links": n, "mlp": n}
+        rows.append(row)
+        n = row["mlp"]
     return rows
 
 
 def has_token_pruning(model: nn.Module) -> bool:
-    return any(isinstance(b, TokenPruningBlock) and (float(b.token_keep) < 1.0 or float(b.token_attention) < 1.0)
-               for b in model.modules())
+    return any(getattr(m, "token_pruning_on", False) and m.prunes_tokens() for m in model.modules()
+               if hasattr(m, "prunes_tokens"))
 
 
 @contextlib.contextmanager
 def every_token_kept(model: nn.Module) -> Iterator[None]:
     """The same network with token pruning switched off (its dense view), restored on exit."""
-    pruning = [b for b in model.modules() if isinstance(b, TokenPruningBlock)]
-    states = [b.token_pruning_on for b in pruning]
+    pruning = [m for m in model.modules() if hasattr(m, "token_pruning_on") and hasattr(m, "prunes_tokens")]
+    states = [m.token_pruning_on for m in pruning]
     try:
         for block in pruning:
             block.token_pruning_on = False

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_run.core.auxiliary import auxiliary_losses
 from compress_run.core.errors import TrainingDiverged
 from compress_run.core.masks import attach_masks_from_state_dict
 from compress_run.methods.distill import Distillation
@@ -80,6 +81,9 @@ class ClassifierModule(L.LightningModule):
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         if prefix == "train":
             self.last_train_logits = logits.detach()
+            for name, term in auxiliary_losses(self.net).items():  # the network's own goals (token selectors)
+                loss = loss + term
+                self.log(f"train/{name}", term, on_step=True, on_epoch=True, batch_size=len(y))
         acc = (logits.argmax(1) == y).float().mean()
         on_step = prefix == "train"
         self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=prefix != "test",

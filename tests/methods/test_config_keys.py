@@ -85,6 +85,7 @@ CONTEXT = {"mask_grads": ["trainer.gradient_clip_val=0.05"],  # masked gradients
            "pattern": ["method.sparsity=0.75"]}
 METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_fraction=0.25"],
                   "evit": [*VIT, "schedule.train.epochs=3"],
+                  "spvit": [*VIT[:3], "model.depth=4", VIT[4]],
                   "haloc": ["method.granularity=4", "method.latency_source=macs", "method.hardware=mobile_a78",
                             "method.lut_batch=256", "method.search_epochs=0.25"],
                   "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],
@@ -191,7 +192,7 @@ _BASELINES: dict[tuple[str, ...], str] = {}
 def test_flipping_a_key_changes_the_run(tmp_path, method, key):
     value, context = flip_of(method, key)
     common = [*BASE, f"method={method}", *METHOD_CONTEXT.get(method, []), *context]
-    if method in ("comcat", "evit", "lpvit"):  # ViTs: the context sets their width
+    if method in ("comcat", "evit", "lpvit", "spvit"):  # ViTs: the context sets their width
         common.remove("model.width_mult=0.5")
     cache_key = tuple(common)
     if cache_key not in _BASELINES:

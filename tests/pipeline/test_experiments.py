@@ -18,7 +18,7 @@ EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("e
                      if p.name.endswith(".yaml"))
 FAST = ("fmnist_gap",)  # the default method's small-scale row; every other experiment runs in the slow set
 PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12, "chex_": 8, "haloc_": 3, "trp_": 3,
-              "comcat_": 2, "rd_": 3, "lpvit_": 3}
+              "comcat_": 2, "rd_": 3, "lpvit_": 3, "evit_": 2}
 # smaller method settings the tiny synthetic split needs (its train split is smaller than a paper's calibration set)
 SMOKE_OVERRIDES = {("rd_", "fmnist_rd"): ["method.calib_size=16", "method.levels=5", "method.round_fraction=0.6",
                                           "model.width_mult=0.25"],

@@ -5,7 +5,8 @@ lands inside one; P-GaP: worker snapshots and the round start live in the checkp
 prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune stage; CHEX: killed mid-
 exploration, the compacted architecture must come out the same; multi-level: killed inside the per-level
 finetune phases; QAT: killed inside the quantize stage's training, int8 gradients with stochastic rounding;
-E-ViT: killed between example swaps, the held-out set and forgetting counts restored)."""
+E-ViT: killed between example swaps, the held-out set and forgetting counts restored; SPViT: killed inside the
+finetune of its token selectors, whose Gumbel decisions draw from the restored RNG)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"],
            "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"],
            "evit": ["method=evit", "method.swap_every=2", "model=vit_fmnist", "model.embed_dim=32", "model.depth=2",
-                    "model.num_heads=2", "model.patch_size=2"]}
-NO_SPARSITY_KEY = {"multilevel", "evit"}  # multilevel has method.levels only; E-ViT prunes tokens, not weights
+                    "model.num_heads=2", "model.patch_size=2"],
+           "spvit": ["method=spvit", "model=vit_fmnist", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
+                     "model.patch_size=2", "schedule.train.epochs=1", "schedule.finetune.epochs=4"]}
+NO_SPARSITY_KEY = {"multilevel", "evit", "spvit"}  # multilevel has method.levels only; E-ViT and SPViT prune tokens
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
 # inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
 # optimizer and the kept gradients restored before the resume)
-KILL_IN = {"lth": "finetune", "multilevel": "finetune", "qat": "quantize"}
+KILL_IN = {"lth": "finetune", "multilevel": "finetune", "qat": "quantize", "spvit": "finetune"}
 
 
 def _run(args, out, cwd):
