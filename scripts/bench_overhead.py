@@ -13,8 +13,9 @@ horizontal flip) and normalisation, the same SGD (momentum, Nesterov, weight dec
 time is the interval between the starts of consecutive batches (data, forward, backward, optimizer, callbacks,
 logging: everything the loop does per batch), median over the steps after a warm-up; the first steps of a stage
 and its epoch end are left out.
-Rounds alternate the paths so drift on a shared host hits both alike; the ratio (pipeline / plain) is taken per
-round and the median over rounds reported. Goals (issue 23): <= 1.05 dense, <= 1.10 masked.
+Rounds interleave the paths, and alternate which goes first, so drift on a shared host hits both alike; the
+ratio (pipeline / plain) is taken per round and the median over rounds reported. Goals (issue 23): <= 1.05
+dense, <= 1.10 masked.
 """
 
 from __future__ import annotations
@@ -134,10 +135,11 @@ def main() -> None:
         for variant in VARIANTS:
             pipeline = pipeline_for(variant, steps, args.batch, Path(tmp) / variant, args.override)
             rounds_ms: dict[str, list[float]] = {"pipeline": [], "plain": []}
-            for r in range(rounds):
+            for r in range(rounds):  # odd rounds run the plain loop first, so neither path always goes second
                 console.log(f"{variant}: round {r + 1}/{rounds}")
-                rounds_ms["pipeline"].append(through_pipeline(pipeline, variant, warmup))
-                rounds_ms["plain"].append(plain_loop(pipeline, variant, steps, warmup))
+                for path in (("pipeline", "plain") if r % 2 == 0 else ("plain", "pipeline")):
+                    rounds_ms[path].append(through_pipeline(pipeline, variant, warmup) if path == "pipeline"
+                                           else plain_loop(pipeline, variant, steps, warmup))
             ratios = [p / q for p, q in zip(rounds_ms["pipeline"], rounds_ms["plain"], strict=True)]
             rows[variant] = {"pipeline_step_ms": rounds_ms["pipeline"], "plain_step_ms": rounds_ms["plain"],
                              "ratio_per_round": ratios, "ratio": statistics.median(ratios)}

@@ -63,6 +63,7 @@ def test_a_loss_that_turns_nan_stops_the_run_naming_stage_and_step(tmp_path):
     assert not (out / "results.json").is_file() or json.loads((out / "results.json").read_text())["status"] != "ok"
 
 
+@pytest.mark.slow  # a run, its stage files filled to a full disk, and a rerun: in CI's slow set (test_faults.py)
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_finished_stages(tmp_path):
     out = tmp_path / "run"
     first = subprocess.run([cli_path(), *FAST, "stages=[train]", f"output_dir={out}"], cwd=tmp_path,
