@@ -93,10 +93,10 @@ class SPViT(Method):
         except ValueError as exc:
             raise NotApplicable(str(exc)) from None
         self.selector_targets(len(blocks))
-        heads = blocks[0].attn.num_heads
-        if blocks[0].norm1.weight.shape[0] // heads < 2:
-            raise NotApplicable(f"SPViT's selectors split each head's {blocks[0].norm1.weight.shape[0] // heads} "
-                                "channel(s) into local and global features: a head needs at least 2 channels")
+        head_dim = blocks[0].norm1.weight.shape[0] // blocks[0].attn.num_heads
+        if head_dim < 2:
+            raise NotApplicable(f"SPViT's selectors split each head's {head_dim} channel(s) into local and global "
+                                "features: a head needs at least 2 channels")
 
     def compress(self, model: nn.Module, datamodule: Any) -> nn.Module:
         attach_soft_token_pruning(model, self.selector_targets(len(vit_blocks(model))), self.ratio_weight,
