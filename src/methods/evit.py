@@ -14,7 +14,8 @@ attention levels at inference.
 * Attention level: in every block each query keeps only its top ``attention_keep`` fraction of attention
   links (softmax over those; the weighted sum gathers only their values).
 The method reports the examples every train epoch visited (``epoch_examples``) and its swaps; the training-time
-saving is the run's ``time/train_s`` against a dense run of the same schedule on the same host (the tables put
+saving is the run's ``time/train_cpu_s`` (process CPU seconds of the train epochs) against a dense run of the same
+schedule on the same host (the tables put
 them side by side).
 
 Config keys (conf/method/evit.yaml):

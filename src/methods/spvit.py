@@ -76,6 +76,7 @@ class SPViTConfig(MethodConfig):
 
 class SPViT(Method):
     stages = ("train", "compress", "finetune", "evaluate")
+    plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = SPViTConfig
 
     def selector_targets(self, depth: int) -> dict[int, float]:

@@ -1,5 +1,5 @@
-"""Pipeline callbacks: per-epoch reseeding (for bit-exact resume), plain-text epoch lines, and the check that
-distributed ranks hold the same compression state."""
+"""Pipeline callbacks: per-epoch reseeding (for bit-exact resume), the training clock, plain-text epoch lines,
+and the check that distributed ranks hold the same compression state."""
 
 from __future__ import annotations
 
@@ -34,6 +34,35 @@ class EpochSeed(L.Callback):
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
+
+
+class TrainingClock(L.Callback):
+    """Sums the wall and the process CPU seconds of every train epoch (its validation included) of one fit.
+
+    The sums live in the epoch checkpoints, so a fit resumed after a crash counts the epochs before the crash
+    once, and the time between epochs (a paused queue, a restart) is not counted. The CPU seconds are also
+    blind to a pause inside an epoch and to other processes sharing the cores, which makes them the
+    comparable training cost on a shared host (data-loading worker processes are not included: with
+    ``num_workers: 0`` every second of the epoch is this process's)."""
+
+    def __init__(self) -> None:
+        self.epochs, self.wall_s, self.cpu_s = 0, 0.0, 0.0
+        self._start = (0.0, 0.0)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs += 1
+        self.wall_s += time.perf_counter() - self._start[0]
+        self.cpu_s += time.process_time() - self._start[1]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"epochs": self.epochs, "wall_s": self.wall_s, "cpu_s": self.cpu_s}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.epochs = int(state_dict["epochs"])
+        self.wall_s, self.cpu_s = float(state_dict["wall_s"]), float(state_dict["cpu_s"])
 
 
 class EpochLine(L.Callback):

@@ -68,6 +68,8 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         if rec.get("status") != "done":
             continue
         metrics[f"time/{stage}_s"] = rec.get("wall_s")
+        if "cpu_s" in rec:
+            metrics[f"time/{stage}_cpu_s"] = rec["cpu_s"]
         for key in ("test/acc", "val/acc"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]

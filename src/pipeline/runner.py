@@ -47,7 +47,7 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
-from compress_run.pipeline.callbacks import EpochLine, EpochSeed, RankAgreement
+from compress_run.pipeline.callbacks import EpochLine, EpochSeed, RankAgreement, TrainingClock
 from compress_run.pipeline.checkpoints import (
     DISK_FULL,
     AtomicCheckpointIO,
@@ -100,6 +100,7 @@ class Pipeline:
         self.overrides, self.choices = overrides, choices
         self.ckpt_dir, self.stage_dir = self.out / "checkpoints", self.out / "stages"
         self.records: dict[str, dict[str, Any]] = {}
+        self.fit_clocks: list[TrainingClock] = []  # the clocks of the current stage's fits
         self.loaded_from: str | None = None  # the stage whose checkpoint the current net was loaded from
         self.redo: set[str] = set()          # finished stages to run again (evaluate after settings changed)
 
@@ -332,10 +333,12 @@ class Pipeline:
             if not first:  # later stages start from the checkpoint the previous stage wrote
                 net = self.net_for(stage, net)
             first = False
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            self.fit_clocks = []
             self.log(f"stage {stage}: start")
             metrics, net = getattr(self, f"run_{stage}")(net)
             record = {"stage": stage, "status": "done", "wall_s": round(time.perf_counter() - t0, 3),
+                      "cpu_s": round(self.stage_cpu_seconds(time.process_time() - cpu0), 3),
                       "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "checkpoint": str(self.ckpt_dir / f"{stage}.ckpt") if stage != "evaluate" else None,
                       "evaluated": str(self.ckpt_dir / f"{self.loaded_from}.ckpt")
@@ -352,6 +355,12 @@ class Pipeline:
         atomic_write_json(self.out / "results.json", results)
         print_summary(results)
         return results
+
+    def stage_cpu_seconds(self, measured: float) -> float:
+        """The process CPU seconds of a stage: when it trained, those of its train epochs as the fits' clocks
+        summed them over any resume (this process's measure would miss the epochs before a crash); else the
+        stage's own."""
+        return sum(clock.cpu_s for clock in self.fit_clocks) if self.fit_clocks else measured
 
     def skip_reason(self, stage: str) -> str | None:
         if stage not in self.cfg.stages:
@@ -564,7 +573,9 @@ class Pipeline:
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
         agreement = [RankAgreement(stage, self.method, own)] if several_processes(self.cfg.trainer) else []
-        callbacks = [*own, *agreement, EpochSeed(self.cfg.seed, stage),
+        clock = TrainingClock()
+        self.fit_clocks.append(clock)
+        callbacks = [*own, *agreement, EpochSeed(self.cfg.seed, stage), clock,
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
                                      every_n_epochs=1, save_on_train_epoch_end=True,
                                      enable_version_counter=False)]

@@ -33,6 +33,7 @@ def test_magnitude_uniform_every_masked_weight_is_zero_and_sparsity_is_target(tm
     assert m["model/params_nonzero"] < m["model/params_dense"]
     assert results["status"] == "ok" and results["seed"] == 0
     assert {"test/acc", "val/acc", "time/train_s", "time/finetune_s", "train/test/acc"} <= set(m)
+    assert 0 < m["time/train_cpu_s"] <= 1.5 * m["time/train_s"]  # one thread; the clock counts epochs only
     assert results["versions"]["torch"] and "commit" in results["git"]
     assert results["config"]["method"]["sparsity"] == 0.8
     # resnet20 on 1x8x8 digits: prunable layers' MACs shrink to 20%, stem and classifier stay dense
