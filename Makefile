@@ -22,7 +22,8 @@ CI_SLOW_TESTS := tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.
                  tests/pipeline/test_accuracy.py::test_digits_gap_90_percent_from_scratch \
                  tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch \
                  tests/test_wheel.py tests/hardware/test_calibrate.py::test_tiny_calibration_writes_a_valid_profile \
-                 tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network
+                 tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network \
+                 tests/methods/test_freq_select.py::test_the_run_keeps_the_most_used_channels_and_reads_only_them
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

@@ -10,6 +10,7 @@
 * ``lr_cycles(stage)`` — how many times the LR schedule (warm-up included) restarts within a stage
   (default 1): a method whose stage is a sequence of separate training runs says so here.
 * ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
+* ``artifacts()`` — files (name -> bytes) the pipeline writes into the run dir after the compress stage.
 * ``state_dict()/load_state_dict()`` — method state that is not already in the model's state
   (masks are buffers of the model, so they travel with every checkpoint by themselves).
 
@@ -127,6 +128,7 @@ class Method:
     plain_train: bool = False  # True: no callback of the method acts in the train stage, whatever its keys
     model_factory: Callable[[], nn.Module] | None = None  # set by the pipeline: builds a fresh network
     input_shape: tuple[int, ...] = (3, 32, 32)            # set by the pipeline: one sample's (C, H, W)
+    network_input: Any = None    # set by the pipeline: what the network reads (pipeline.network_input.NetworkInput)
     hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
     distill: Any = None          # set by the pipeline: a Distillation when distill.teacher is given, else None
     distill_config: dict[str, Any] = {"kind": "soft", "alpha": 0.5, "temperature": 1.0}  # the run's distill.*
@@ -174,6 +176,10 @@ class Method:
 
     def summary(self) -> dict[str, Any]:
         """Method-specific facts for results.json (e.g. achieved sparsity per layer)."""
+        return {}
+
+    def artifacts(self) -> dict[str, bytes]:
+        """Files the compress stage leaves in the run's output dir (file name -> content), e.g. a plot."""
         return {}
 
     state_attributes: tuple[str, ...] = ()  # attributes that are the method's state (saved in every checkpoint)

@@ -1,7 +1,9 @@
 """DataModules: Fashion-MNIST, digits, CIFAR-10/100, ImageNet (ImageFolder) and synthetic tensors.
 
 Small datasets are held in memory as uint8 tensors; augmentation (random crop with padding and
-horizontal flip) and normalisation run batch-wise in ``on_after_batch_transfer``. All randomness of the
+horizontal flip) and the step to the network's input (normalisation, or block DCT:
+:mod:`compress_run.pipeline.network_input`) run batch-wise in ``on_after_batch_transfer``. DCT inputs of the
+unaugmented splits (validation, test, and train without augmentation) are computed once and kept. All randomness of the
 training data (order and augmentation) is a function of (seed, epoch), so a stage resumed from an
 epoch checkpoint sees exactly the batches an uninterrupted run would.
 The validation split is carved from the train split with ``split_seed`` (same for every run seed).
@@ -15,6 +17,7 @@ import pickle
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from compress_run.core.errors import UserError
+from compress_run.pipeline.network_input import NetworkInput
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -114,7 +118,8 @@ class BaseDataModule(L.LightningDataModule):
     def __init__(self, root: str | None, num_classes: int, in_channels: int, image_size: int,
                  val_fraction: float, split_seed: int, num_workers: int, augment: bool, download: bool,
                  mean: list[float], std: list[float], batch_size: int = 128, eval_batch_size: int = 512,
-                 seed: int = 0) -> None:
+                 seed: int = 0, input_domain: str = "spatial", input_size: int | None = None, dct_block: int = 8,
+                 dct_upsample: int = 1, dct_channels: Any = None) -> None:
         super().__init__()
         self.root = root
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
@@ -123,6 +128,8 @@ class BaseDataModule(L.LightningDataModule):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.network_input = NetworkInput(in_channels, image_size, self.mean, self.std, input_domain, input_size,
+                                          dct_block, dct_upsample, dct_channels)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -148,6 +155,16 @@ class BaseDataModule(L.LightningDataModule):
         full = TensorDataset(x_train, y_train)
         self.train_set, self.val_set = Subset(full, train_idx), Subset(full, val_idx)
         self.test_set = TensorDataset(x_test, y_test)
+        if self.network_input.domain == "dct":
+            self.network_input.fit_statistics(x_train[train_idx])
+            self.val_set = self._prepared(x_train[val_idx], y_train[val_idx])
+            self.test_set = self._prepared(x_test, y_test)
+            if not (self.augment and (self.crop_pad or self.flip)):
+                self.train_set = self._prepared(x_train[train_idx], y_train[train_idx])
+
+    def _prepared(self, images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+        """The network inputs of unaugmented images, computed once (float; batches pass through unchanged)."""
+        return TensorDataset(torch.cat([self.network_input(chunk) for chunk in images.split(1000)]), labels)
 
     def _check_shapes(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -177,10 +194,12 @@ class BaseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+    def to_network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images -> the network's input; a batch of prepared inputs (cached DCT, float where the
+        images are uint8) passes through."""
+        if x.dtype != torch.uint8 and self.network_input.domain == "dct":
+            return x
+        return self.network_input(x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, torch.Tensor):  # the model summary's example input
@@ -193,7 +212,7 @@ class BaseDataModule(L.LightningDataModule):
                 self._aug_gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 3))
                 self._aug_epoch = epoch
             x = random_crop_flip(x, self.crop_pad, self.flip, self._aug_gen)
-        return self.normalize(x), y
+        return self.to_network_input(x), y
 
 
 def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[list[int], list[int]]:
@@ -336,6 +355,9 @@ class SyntheticDataModule(BaseDataModule):
         return x[: self.num_train], y[: self.num_train], x[self.num_train:], y[self.num_train:]
 
 
+IMAGENET_STATS_IMAGES = 1024  # decoded train images the DCT channel statistics of an ImageFolder come from
+
+
 class ImageNetDataModule(BaseDataModule):
     """ImageFolder train/val with per-sample torchvision transforms in worker processes."""
 
@@ -352,11 +374,13 @@ class ImageNetDataModule(BaseDataModule):
                                 "set dataset.root to a folder with train/<class>/*.JPEG and val/<class>/*.JPEG "
                                 "(val sorted into class folders, e.g. with the usual valprep script)")
         size = self.image_size
-        norm = T.Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist())
-        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
-                             if self.augment else [T.Resize(int(size * 256 / 224)), T.CenterCrop(size),
-                                                   T.ToTensor(), norm])
-        eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+        spatial = self.network_input.domain == "spatial"
+        # DCT inputs: [0, 1] pixels from the workers, the DCT on the batch (on_after_batch_transfer)
+        tensor = [T.ToTensor(), T.Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist())] if spatial \
+            else [T.ToTensor()]
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *tensor]
+                             if self.augment else [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *tensor])
+        eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *tensor])
         train_full = datasets.ImageFolder(str(root / "train"), transform=train_tf)
         eval_full = datasets.ImageFolder(str(root / "train"), transform=eval_tf)
         test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
@@ -367,12 +391,19 @@ class ImageNetDataModule(BaseDataModule):
         train_idx, val_idx = split_indices(len(train_full), self.val_fraction, self.split_seed)
         self.train_set, self.val_set = Subset(train_full, train_idx), Subset(eval_full, val_idx)
         self.test_set = test
+        if not spatial:  # per-channel statistics from a seeded sample of unaugmented train images
+            pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.split_seed))
+            sample = torch.stack([eval_full[train_idx[i]][0] for i in pick[:IMAGENET_STATS_IMAGES].tolist()])
+            self.network_input.fit_statistics(sample)
 
     def _make_sampler(self, num_samples: int, generator: torch.Generator) -> Sampler[int]:
         return _ReseedingSampler(num_samples, self.seed, generator)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return batch  # already normalised tensors from the per-sample transforms
+        if isinstance(batch, torch.Tensor) or self.network_input.domain == "spatial":
+            return batch  # already normalised tensors from the per-sample transforms
+        x, y = batch
+        return self.network_input(x), y
 
 
 class _ReseedingSampler(EpochSeededSampler):

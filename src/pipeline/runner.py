@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from compress_run.core.compaction import is_compacted
 from compress_run.core.errors import UserError
 from compress_run.core.factorized import is_factorized
+from compress_run.core.frequency_input import selected_input_channels
 from compress_run.core.masks import sparsity_report
 from compress_run.core.nesting import level_count
 from compress_run.core.quantization import model_bytes, quantization_report
@@ -52,6 +53,7 @@ from compress_run.pipeline.checkpoints import (
     DISK_FULL,
     AtomicCheckpointIO,
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_json,
     disk_full,
     load_checkpoint,
@@ -62,6 +64,7 @@ from compress_run.pipeline.checkpoints import (
 from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
+from compress_run.pipeline.network_input import adapt_network
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
 from compress_run.pipeline.validate import (
@@ -116,7 +119,8 @@ class Pipeline:
                                 eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed)
         self.method: Method = build(cfg.method, "method")
         self.method.model_factory = self.new_net
-        self.method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
+        self.method.input_shape = self.datamodule.network_input.shape
+        self.method.network_input = self.datamodule.network_input
         self.method.hardware = load_profile(cfg.hardware)
         self.method.distill_config = OmegaConf.to_container(cfg.distill, resolve=True)
         self.quantizer: Quantizer | None = build(cfg.quant, "quant") if cfg.quant is not None else None
@@ -226,7 +230,8 @@ class Pipeline:
             self.log(f"stages {', '.join(taken)}: taken over from {base}")
 
     def new_net(self) -> torch.nn.Module:
-        return build(self.cfg.model, "model")
+        return adapt_network(build(self.cfg.model, "model"), self.datamodule.network_input,
+                             self.choices.get("model", "?"))
 
     # ------------------------------------------------------------------------------- distillation
     def teacher_path(self) -> Path | None:
@@ -282,7 +287,7 @@ class Pipeline:
         else:
             with initialize_config_module(config_module="compress_run.conf", version_base="1.3"):
                 cfg = compose(config_name="config", overrides=overrides)
-        return build(cfg.model, "distill.teacher model")
+        return adapt_network(build(cfg.model, "distill.teacher model"), self.datamodule.network_input, option)
 
     def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
         ckpt = load_checkpoint(path, what, fix)
@@ -409,7 +414,11 @@ class Pipeline:
         state = {f"net.{k}": v for k, v in net.state_dict().items()}
         atomic_torch_save({"state_dict": state, "compress_run": self.meta("compress")},
                           self.ckpt_dir / "compress.ckpt")
-        return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
+        artifacts = self.method.artifacts()
+        for name, content in artifacts.items():
+            atomic_write_bytes(self.out / name, lambda f, content=content: f.write(content))
+        files = {"artifacts": sorted(artifacts)} if artifacts else {}
+        return {**self.sparsity_metrics(net), **self.evaluate_metrics(net), **files}, net
 
     def run_quantize(self, net):
         training = self.quantizer.training()
@@ -458,8 +467,7 @@ class Pipeline:
         elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency:
             metrics.update(self.deploy_report(net, metrics))
         if self.cfg.evaluate.get("export") == "onnx":
-            data = self.cfg.dataset
-            metrics.update(export_onnx(net, (data.in_channels, data.image_size, data.image_size),
+            metrics.update(export_onnx(net, self.datamodule.network_input.shape,
                                        self.out / "model.onnx"))
         if is_compacted(net) or is_factorized(net):  # params_dense counts the new shapes; original = before
             original = sum(p.numel() for p in self.new_net().parameters())
@@ -474,8 +482,8 @@ class Pipeline:
             self.log(f"int8 host run skipped: {', '.join(missing)} not installed "
                      '(pip install "compress-run[export]")')
             return {"int8_host/skipped": f"{', '.join(missing)} not installed"}
-        cfg, data = self.cfg.evaluate, self.cfg.dataset
-        shape = (data.in_channels, data.image_size, data.image_size)
+        cfg = self.cfg.evaluate
+        shape = self.datamodule.network_input.shape
         calib = calibration_batches(self.datamodule, "train", INT8_CALIB_IMAGES, 128, shape, self.cfg.seed, "cpu")
         self.datamodule.setup("test")
         loader = self.datamodule.test_dataloader()
@@ -487,8 +495,8 @@ class Pipeline:
 
     def deploy_report(self, net: torch.nn.Module, eager: dict[str, Any]) -> dict[str, Any]:
         """The network run by ONNX Runtime at batch 1 and N, and its speed-up over the eager measurement."""
-        cfg, data = self.cfg.evaluate, self.cfg.dataset
-        metrics = deployed_latency_metrics(net, (data.in_channels, data.image_size, data.image_size),
+        cfg = self.cfg.evaluate
+        metrics = deployed_latency_metrics(net, self.datamodule.network_input.shape,
                                            batch=cfg.batch_size, warmup=cfg.warmup, repeats=cfg.repeats)
         if "latency_deploy/skipped" in metrics:
             self.log(f"deployed latency not measured: {metrics['latency_deploy/skipped']}")
@@ -500,18 +508,17 @@ class Pipeline:
         return metrics
 
     def evaluate_levels(self, net: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
-        data = self.cfg.dataset
-        return evaluate_levels(net, self.method, self.cfg.evaluate, (data.in_channels, data.image_size,
-                               data.image_size), load_profile(self.cfg.hardware), self.evaluate_metrics, self.log)
+        return evaluate_levels(net, self.method, self.cfg.evaluate, self.datamodule.network_input.shape,
+                               load_profile(self.cfg.hardware), self.evaluate_metrics, self.log)
 
     def hardware_report(self, net: torch.nn.Module) -> dict[str, Any]:
         """MAC views, simulated latency on every requested profile, measured host latency."""
-        cfg, data = self.cfg.evaluate, self.cfg.dataset
+        cfg = self.cfg.evaluate
         primary = load_profile(self.cfg.hardware)
         profiles = [primary, *(load_profile(n) for n in cfg.hardware or [] if n != primary.name)]
         host = primary if primary.name == "host_cpu" else load_profile("host_cpu")
         net = net.cpu().eval()
-        metrics, per_layer = hardware_metrics(net, (data.in_channels, data.image_size, data.image_size), profiles,
+        metrics, per_layer = hardware_metrics(net, self.datamodule.network_input.shape, profiles,
                                               host, batch=cfg.batch_size, measure=cfg.measure_latency,
                                               warmup=cfg.warmup, repeats=cfg.repeats, kernels=cfg.kernels)
         if cfg.breakdown:
@@ -519,6 +526,7 @@ class Pipeline:
         if cfg.plot:
             metrics["latency_breakdown_plot"] = str(plot_breakdown(per_layer, self.out / "latency_breakdown.png"))
         metrics["latency_per_layer"] = per_layer
+        metrics.update(self.datamodule.network_input.size(selected_input_channels(net)))
         return metrics
 
     # ------------------------------------------------------------------------------ lightning
@@ -556,8 +564,7 @@ class Pipeline:
                                 label_smoothing=sched.label_smoothing,
                                 decay_norm_and_bias=sched.decay_norm_and_bias,
                                 lr_cycles=self.method.lr_cycles(stage),
-                                example_input_shape=(1, self.cfg.dataset.in_channels, self.cfg.dataset.image_size,
-                                                     self.cfg.dataset.image_size))
+                                example_input_shape=(1, *self.datamodule.network_input.shape))
 
     def fit(self, stage: str, net: torch.nn.Module, epochs: int | None = None, lr: float | None = None,
             callbacks: list[L.Callback] | None = None):

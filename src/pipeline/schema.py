@@ -96,8 +96,18 @@ class DatasetConfig:
     download: bool = True
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    input_domain: str = "spatial"     # spatial | dct (pipeline/network_input.py)
+    input_size: int | None = None     # spatial: resize the (augmented) image to this side; null = as it is
+    dct_block: int = 8                # dct: block side (the frequency channels per colour plane are its square)
+    dct_upsample: int = 1             # dct: bilinear upsampling before the DCT (the paper: 2 on ImageNet)
+    dct_channels: Any = None          # dct: null (all), channel indices, or a method=freq_select run dir
 
     def __post_init__(self) -> None:
+        check(self.input_domain in ("spatial", "dct"), "dataset.input_domain", self.input_domain, "spatial or dct")
+        check(self.dct_block >= 2, "dataset.dct_block", self.dct_block, "an integer >= 2")
+        check(self.dct_upsample >= 1, "dataset.dct_upsample", self.dct_upsample, "an integer >= 1")
+        check(self.input_size is None or self.input_size >= 4, "dataset.input_size", self.input_size,
+              "an integer >= 4, or null")
         check(0.0 < self.val_fraction < 0.5, "dataset.val_fraction", self.val_fraction, "(0, 0.5)")
         check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
         check(len(self.mean) == len(self.std) == self.in_channels, "dataset.mean/std",

@@ -67,6 +67,9 @@ METRICS: dict[str, tuple[str, Any]] = {
     "int8_host_ms": ("int8 graph host latency (ms, b1)", lambda m: m.get("int8_host/latency_ms/b1")),
     "int8_speedup": ("int8 graph speedup vs float graph (b1)", lambda m: m.get("int8_host/speedup/b1")),
     "train_cpu_s": ("training CPU time (s)", lambda m: _training_cpu_seconds(m)),
+    "input_values": ("input values / image", lambda m: m.get("input/values")),
+    "input_bytes": ("input bytes / image", lambda m: m.get("input/bytes")),
+    "macs_m": ("MACs (M, b1)", lambda m: _div(m.get("model/macs_effective"), 1e6)),
 }
 
 

@@ -86,6 +86,7 @@ CONTEXT = {"mask_grads": ["trainer.gradient_clip_val=0.05"],  # masked gradients
 METHOD_CONTEXT = {"comcat": [*VIT, "method.search_fraction=0.25", "method.train_fraction=0.25"],
                   "evit": [*VIT, "schedule.train.epochs=3"],
                   "spvit": [*VIT[:3], "model.depth=4", VIT[4]],
+                  "freq_select": ["dataset.input_domain=dct", "dataset.dct_block=4", "method.calib_size=64"],
                   "haloc": ["method.granularity=4", "method.latency_source=macs", "method.hardware=mobile_a78",
                             "method.lut_batch=256", "method.search_epochs=0.25"],
                   "mest": ["method.update_every=1"], "rigl": ["method.delta_t=2"], "multilevel": [],

@@ -104,3 +104,30 @@ def test_vit_size_keys_are_checked():
     cfg, _ = compose(["model=vit_fmnist", "model.num_heads=5"])
     with pytest.raises(Exception, match="model.embed_dim"):
         OmegaConf.to_object(cfg.model)
+
+
+def test_the_frequency_stem_of_resnet50_is_the_papers_surgery():
+    """The authors' ResNet-50 for DCT inputs: no stem, layer1's first block reads the 192 channels of the 56x56
+    grid through 1x1 convs (its conv1 and its shortcut), every later layer unchanged."""
+    from compress_run.models.frequency_stem import take_frequency_input
+    from compress_run.models.torchvision_models import resnet50
+
+    torch.manual_seed(0)
+    reference = resnet50(10, 3, 224, width_mult=0.25, stem="imagenet")
+    net = take_frequency_input(resnet50(10, 3, 224, width_mult=0.25, stem="imagenet"), 192)
+    assert all(isinstance(getattr(net, n), torch.nn.Identity) for n in ("conv1", "bn1", "relu", "maxpool"))
+    first = net.layer1[0]
+    assert first.conv1.kernel_size == (1, 1) and first.conv1.in_channels == 192
+    assert first.downsample[0].in_channels == 192 and first.downsample[0].kernel_size == (1, 1)
+    changed = {"conv1.weight", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight"}
+    ours, theirs = net.state_dict(), reference.state_dict()
+    assert {k for k in theirs if k.startswith("bn1.")} | changed >= {k for k in theirs if k not in ours or
+                                                                     ours[k].shape != theirs[k].shape}
+    assert net(torch.zeros(1, 192, 56, 56)).shape == (1, 10)  # the grid of a 448x448 image in 8x8 blocks
+    # layer1 sees the same 56x56 resolution from the DCT grid as from the removed stem of a 224x224 image
+    seen = {}
+    for model, x in ((net, torch.zeros(1, 192, 56, 56)), (reference, torch.zeros(1, 3, 224, 224))):
+        hook = model.layer2.register_forward_pre_hook(lambda m, a, model=model: seen.update({id(model): a[0].shape}))
+        model(x)
+        hook.remove()
+    assert seen[id(net)] == seen[id(reference)]

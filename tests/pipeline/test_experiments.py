@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from compress_run.hardware.profile import load_profile
+from compress_run.pipeline.network_input import adapt_network, network_input_of
 from compress_run.pipeline.validate import validate
 from tests.conftest import compose, run_pipeline
 
@@ -18,12 +19,14 @@ EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("e
                      if p.name.endswith(".yaml"))
 FAST = ("fmnist_gap",)  # the default method's small-scale row; every other experiment runs in the slow set
 PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12, "chex_": 8, "haloc_": 3, "trp_": 3,
-              "comcat_": 2, "rd_": 3, "lpvit_": 3, "evit_": 2}
+              "comcat_": 2, "rd_": 3, "lpvit_": 3, "evit_": 2,
+              "freq_": 2}
 # smaller method settings the tiny synthetic split needs (its train split is smaller than a paper's calibration set)
 SMOKE_OVERRIDES = {("rd_", "fmnist_rd"): ["method.calib_size=16", "method.levels=5", "method.round_fraction=0.6",
                                           "model.width_mult=0.25"],
                    ("lpvit_",): ["method.calib_size=16", "method.levels=21", "model.width_mult=0.25"],
-                   ("fmnist_vit_lpvit",): ["method.calib_size=16", "method.levels=21"]}
+                   ("fmnist_vit_lpvit",): ["method.calib_size=16", "method.levels=21"],
+                   ("freq_", "fmnist_freq_select"): ["method.calib_size=64"]}
 
 
 def test_every_paper_row_has_an_experiment():
@@ -49,13 +52,15 @@ def test_experiment_composes_and_names_its_source(name):
     validate(cfg)
     assert cfg.task_name == name
     method = instantiate(cfg.method)
-    method.input_shape = (cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)  # as the pipeline
+    network_input = network_input_of(cfg.dataset)
+    method.input_shape, method.network_input = network_input.shape, network_input  # as the pipeline
     method.hardware = load_profile(cfg.hardware)
-    net = instantiate(cfg.model)
+    net = adapt_network(instantiate(cfg.model), network_input, name)
     method.check_applicable(net)
     with torch.no_grad():
         size = cfg.dataset.image_size if cfg.model._target_.endswith(".vit") else 32  # ViTs fix their input size
-        x = torch.zeros(1, cfg.dataset.in_channels, size, size)
+        x = torch.zeros(1, network_input.shape[0], *([size, size] if network_input.domain == "spatial"
+                                                      else network_input.shape[1:]))
         assert net.eval()(x).shape[1] == cfg.dataset.num_classes
 
 
