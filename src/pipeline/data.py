@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from compress_run.core.errors import UserError
-from compress_run.pipeline.network_input import NetworkInput
+from compress_run.pipeline.network_input import NetworkInput, resize
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -400,9 +400,12 @@ class ImageNetDataModule(BaseDataModule):
         return _ReseedingSampler(num_samples, self.seed, generator)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, torch.Tensor) or self.network_input.domain == "spatial":
-            return batch  # already normalised tensors from the per-sample transforms
+        if isinstance(batch, torch.Tensor):  # the model summary's example input
+            return batch
         x, y = batch
+        if self.network_input.domain == "spatial":  # normalised by the per-sample transforms
+            size = self.network_input.input_size
+            return (x if size is None or size == x.shape[-1] else resize(x, size)), y
         return self.network_input(x), y
 
 

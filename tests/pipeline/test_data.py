@@ -133,6 +133,18 @@ def test_imagenet_image_folder(tmp_path):
     assert len(dm.train_set) == 6 and len(dm.val_set) == 2 and len(dm.test_set) == 4
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    # frequency input on the fly: [0, 1] pixels from the workers, the block DCT on the batch
+    dct = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32, mean=[0.5] * 3,
+                             std=[0.5] * 3, input_domain="dct", dct_block=8, dct_upsample=2, **COMMON)
+    dct.setup("fit")
+    pixels, labels = next(iter(dct.val_dataloader()))
+    assert pixels.shape == (2, 3, 32, 32) and float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0
+    inputs = dct.on_after_batch_transfer((pixels, labels), 0)[0]
+    assert inputs.shape == (2, 192, 8, 8) and torch.allclose(inputs, dct.network_input(pixels))
+    small = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32, mean=[0.5] * 3,
+                               std=[0.5] * 3, input_size=16, **COMMON)
+    small.setup("fit")
+    assert small.on_after_batch_transfer(next(iter(small.val_dataloader())), 0)[0].shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="ImageNet split folder"):
         ImageNetDataModule(root=str(tmp_path / "none"), num_classes=2, in_channels=3, image_size=32,
                            mean=[0.5] * 3, std=[0.5] * 3, **COMMON).setup("fit")
