@@ -2,7 +2,8 @@
 runtimes use (ONNX Runtime folds the same pairs in its graph optimizer), so eager host latency does not pay a
 separate normalisation pass per layer. torch.fx traces the network with every conv, linear and batch-norm module
 (compacted subclasses included) as a leaf; a batch norm whose only input is a conv's or linear's output, which
-feeds nothing else, is folded into it (torch.nn.utils.fusion) and leaves the graph."""
+feeds nothing else, is folded into it (torch.nn.utils.fusion) and leaves the graph. The root's forward pre-hooks,
+which tracing leaves out, become calls in the graph (an input-channel selection)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,24 @@ def _set_module(root: nn.Module, qualified_name: str, module: nn.Module) -> None
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _trace(net: nn.Module) -> fx.GraphModule:
+    """The traced network, with the root's forward pre-hooks (an input-channel selection: a submodule's method
+    applied to the input) as calls of those submodules on the input; fx traces ``forward`` alone."""
+    graph = _LeafTracer().trace(net)
+    children = {module: name for name, module in net.named_children()}
+    for hook in net._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if owner not in children:
+            raise ValueError("a forward pre-hook on the root that is not a submodule's")
+        first = next(node for node in graph.nodes if node.op == "placeholder")
+        with graph.inserting_after(first):
+            call = graph.call_module(children[owner], (first,))
+        first.replace_all_uses_with(call, delete_user_cb=lambda user, call=call: user is not call)
+    return fx.GraphModule(net, graph)
+
+
 def _fold_pairs(net: nn.Module) -> tuple[fx.GraphModule, int]:
-    graph_module = fx.GraphModule(net, _LeafTracer().trace(net))
+    graph_module = _trace(net)
     modules = dict(graph_module.named_modules())
     folded = 0
     for node in list(graph_module.graph.nodes):

@@ -6,7 +6,8 @@ prune-and-regrow; LTH: killed inside the IMP retraining rounds of the finetune s
 exploration, the compacted architecture must come out the same; multi-level: killed inside the per-level
 finetune phases; QAT: killed inside the quantize stage's training, int8 gradients with stochastic rounding;
 E-ViT: killed between example swaps, the held-out set and forgetting counts restored; SPViT: killed inside the
-finetune of its token selectors, whose Gumbel decisions draw from the restored RNG)."""
+finetune of its token selectors, whose Gumbel decisions draw from the restored RNG; freq_select: killed while its
+frequency-channel gates train, their temperature schedule and Gumbel decisions resumed)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"],
            "evit": ["method=evit", "method.swap_every=2", "model=vit_fmnist", "model.embed_dim=32", "model.depth=2",
                     "model.num_heads=2", "model.patch_size=2"],
+           "freq_select": ["method=freq_select", "dataset.input_domain=dct", "dataset.dct_block=4",
+                           "method.calib_size=64"],
            "spvit": ["method=spvit", "model=vit_fmnist", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
                      "model.patch_size=2", "schedule.train.epochs=1", "schedule.finetune.epochs=4"]}
-NO_SPARSITY_KEY = {"multilevel", "evit", "spvit"}  # multilevel has method.levels only; E-ViT and SPViT prune tokens
+NO_SPARSITY_KEY = {"multilevel", "evit", "spvit", "freq_select"}  # levels only; tokens; input channels
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
 # inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
 # optimizer and the kept gradients restored before the resume)
