@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from compress_run.core.restore import restore_compression
 from compress_run.methods.gap import GaP, merge_worker_states
 from compress_run.pipeline.checkpoints import atomic_torch_save, load_checkpoint, net_state_from_checkpoint
+from compress_run.pipeline.network_input import adapt_network, network_input_of
 
 
 def compose(overrides: list[str]):
@@ -55,7 +56,7 @@ def compress_run(args: list[str]) -> None:
 def merge_round(overrides: list[str], round_dir: Path, num_partitions: int) -> Path:
     cfg = compose(overrides)
     torch.manual_seed(cfg.seed)
-    net = instantiate(cfg.model)
+    net = adapt_network(instantiate(cfg.model), network_input_of(cfg.dataset), str(cfg.model._target_))
     method: GaP = instantiate(cfg.method)
     method.check_applicable(net)
     workers = {}
