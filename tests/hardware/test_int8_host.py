@@ -21,7 +21,12 @@ import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from compress_run.hardware.int8_host import export_float, int8_host_metrics, quantize_graph  # noqa: E402
+from compress_run.hardware.int8_host import (  # noqa: E402
+    export_float,
+    int8_host_metrics,
+    quantize_graph,
+    u8s8_saturates,
+)
 from compress_run.methods.ptq import PTQ  # noqa: E402
 
 
@@ -141,3 +146,40 @@ def test_linear_layers_on_token_sequences_are_found_by_their_weights():
         assert "fc1.weight" not in names  # stored transposed under a generated name
         report = quantize_graph(float_path, int8_path, net, [x[:128]])
     assert report["float"] == [] and report["input_scale_mismatch"] == []
+
+
+def test_saturating_int8_kernels_are_told_from_the_cpu_flags():
+    assert u8s8_saturates("fpu sse2 avx2 fma", "x86_64")  # AVX2 alone: VPMADDUBSW adds products in int16
+    assert not u8s8_saturates("fpu sse2 avx2 avx512f avx512_vnni", "x86_64")
+    assert not u8s8_saturates("fpu avx2 avx_vnni", "x86_64")
+    assert not u8s8_saturates("fp asimd asimddp", "aarch64")
+
+
+def layer_outputs(net: nn.Module, x: torch.Tensor, weight_codes: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        export_float(net, (1, 8, 8), float_path)
+        quantize_graph(float_path, int8_path, net, [x], weight_codes=weight_codes)
+        run = onnxruntime.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+        return run.run(None, {run.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_uint8_weight_codes_give_the_exact_integer_sum_where_int8_codes_saturate():
+    # inputs near the top of their range and weights at +-127 codes of one sign per output: every pair of uint8 x
+    # int8 products exceeds int16, which is where x86 kernels without VNNI clip
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4, bias=False)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand(4, 64))
+    x = 0.9 + 0.1 * torch.rand(128, 1, 8, 8)
+    quantized(net, torch.cat([x, -x]))
+    x = x[:16]
+    with torch.no_grad():
+        evaluated = net(x).numpy()
+    exact = np.abs(layer_outputs(net, x, "uint8") - evaluated).max()
+    clipped = np.abs(layer_outputs(net, x, "int8") - evaluated).max()
+    assert exact <= 1e-3 * np.abs(evaluated).max()
+    if u8s8_saturates():
+        assert clipped > 0.05 * np.abs(evaluated).max()  # this host's int8 kernels clip: the reason for uint8
+    else:
+        assert clipped <= 1e-3 * np.abs(evaluated).max()
