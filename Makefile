@@ -27,7 +27,7 @@ CI_SLOW_TESTS := tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 
-.PHONY: install data demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction results lint clean
+.PHONY: install data kernels demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction results lint clean
 
 install: $(VENV)/.installed
 
@@ -38,19 +38,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# the gather-scatter C++ kernel is built on first use (about a minute); building it here keeps that out of the tests
+kernels: install
+	$(PY) -c "from compress_run.kernels.gather_scatter import compiled_kernel; compiled_kernel()"
+
 data:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 demo: install data
 	$(VENV)/bin/compress-run
 
-test: install data
+test: install data kernels
 	$(PYTEST) -m "not slow" -n 2 -q --durations=15
 
-test-ci-slow: install data
+test-ci-slow: install data kernels
 	$(PYTEST) -m slow -q -n 2 --dist worksteal --durations=15 $(CI_SLOW_TESTS) $(CI_KNOB_TESTS)
 
-test-slow: install data
+test-slow: install data kernels
 	$(PYTEST) -m slow -q
 
 # host_cpu profile: the sparse-kernel benchmark (its rows give the sparse formats), then the dense sweep
