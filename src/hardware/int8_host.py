@@ -115,6 +115,8 @@ def quantize_graph(float_path: Path, int8_path: Path, net: nn.Module, calib: lis
 
     ``weight_codes``: ``int8`` (zero point 0) or ``uint8`` (the same codes shifted by a zero point of 128, for
     hosts where ONNX Runtime's uint8 x int8 kernels saturate: its uint8 x uint8 kernels do not)."""
+    if weight_codes not in ("int8", "uint8"):
+        raise ValueError(f"weight_codes={weight_codes!r}: use int8 or uint8")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -123,8 +125,6 @@ def quantize_graph(float_path: Path, int8_path: Path, net: nn.Module, calib: lis
     input_name = model.graph.input[0].name
     quantized = {name: m for name, m in net.named_modules() if is_quantized(m)}
     producer = {out: node for node in model.graph.node for out in node.output}
-    if weight_codes not in ("int8", "uint8"):
-        raise ValueError(f"weight_codes={weight_codes!r}: use int8 or uint8")
     weight_type = QuantType.QInt8 if weight_codes == "int8" else QuantType.QUInt8
     weight_zero = np.array(0, dtype=np.int8) if weight_codes == "int8" else np.array(128, dtype=np.uint8)
     overrides: dict[str, list[dict[str, Any]]] = {}
