@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from compress_run.core.quantization import in_fake_quantization
+from compress_run.core.tokens import gathered_links
 
 aten = torch.ops.aten
 CONV_OPS = {aten.convolution, aten._convolution, aten.convolution_backward}
@@ -245,7 +246,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dty
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with recorder:
+        with recorder, gathered_links():  # sparse attention's form that performs exactly the kept links
             model(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

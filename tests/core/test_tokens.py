@@ -3,6 +3,8 @@ dense view of the same network."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -68,12 +70,14 @@ def test_pruning_keeps_parameter_names_and_a_full_keep_changes_nothing():
         assert torch.allclose(model(x), reference, atol=1e-6)
 
 
-def test_sparse_attention_keeps_each_querys_top_links_and_with_all_links_is_timms_attention():
-    from compress_run.core.tokens import sparse_attention
+@pytest.mark.parametrize("gathered", [False, True])
+def test_sparse_attention_keeps_each_querys_top_links_and_with_all_links_is_timms_attention(gathered):
+    from compress_run.core.tokens import gathered_links, sparse_attention
 
     model = small_vit().eval()
     attn, x = model.blocks[1].attn, torch.randn(3, 17, DIM)
-    with torch.no_grad():
+    form = gathered_links() if gathered else contextlib.nullcontext()
+    with torch.no_grad(), form:
         assert torch.allclose(sparse_attention(attn, x, 1.0)[0], attn(x), atol=1e-5)
         out, _ = sparse_attention(attn, x, 0.3)  # ceil(0.3 x 17) = 6 links per query
         q, k, v = attn.qkv(x).reshape(3, 17, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
@@ -82,6 +86,23 @@ def test_sparse_attention_keeps_each_querys_top_links_and_with_all_links_is_timm
         probs = logits.masked_fill(logits < sixth, float("-inf")).softmax(-1)  # the others get no weight
         reference = attn.proj((probs @ v).transpose(1, 2).reshape(3, 17, DIM))
     assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_the_masked_and_the_gathered_sparse_attention_have_the_same_gradients():
+    from compress_run.core.tokens import gathered_links, sparse_attention
+
+    attn, x = small_vit().train().blocks[1].attn, torch.randn(3, 17, DIM)
+    grads = []
+    for form in (contextlib.nullcontext(), gathered_links()):
+        attn.zero_grad()
+        inputs = x.clone().requires_grad_()
+        with form:
+            out, scores = sparse_attention(attn, inputs, 0.3)
+        (out.square().sum() + scores.sum()).backward()
+        grads.append([inputs.grad, attn.qkv.weight.grad.clone(), attn.proj.weight.grad.clone()])
+    for masked, gathered in zip(*grads, strict=True):
+        assert torch.allclose(masked, gathered, atol=1e-5)
+    assert grads[0][1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("keep", [{}, {2: 0.5}])
