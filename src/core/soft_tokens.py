@@ -12,7 +12,12 @@ head importance (a squeeze-and-excitation MLP on the heads' mean activations).
   query still attends to itself), normalised as ``(w + eps/N) / (sum w + eps)`` with ``w = exp(logit - max) x
   mask`` so the mask receives gradients. Each selector records the fraction of the patch tokens it keeps; its
   auxiliary loss term ``token_ratio`` is ``loss_weight x mean_batch (kept fraction - target)^2``
-  (:mod:`compress_run.core.auxiliary`).
+  (:mod:`compress_run.core.auxiliary`). A new selector starts at its target: its decision layers' biases make a
+  token's keep probability start near ``relative_keep`` (the paper does not say how the selectors start; with the
+  default initialisation they start at 1/2, so training drops far more tokens than inference does: 87.5% by the
+  third selector against 65.7% at inference for the Fashion-MNIST ViT's targets. In its 3 fine-tuning epochs
+  (1262 steps) the ratio term stayed at 0.12 from the first epoch to the last, and the network reached 70.4% top-1
+  against 86.2% dense).
 * Inference: the block really drops tokens. It keeps the ``kept_count(patches, relative_keep)`` patch tokens of
   highest keep probability (in their original order), ``relative_keep`` being its cumulative target over the
   previous selector's, and runs attention and MLP on the shorter sequence; the MAC counter and the simulator,
@@ -29,6 +34,7 @@ blocks, their targets, relative keep, loss weight and Gumbel temperature buffers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +71,15 @@ class TokenSelector(nn.Module):
         self.register_buffer("loss_weight", torch.tensor(float(loss_weight)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.pending: torch.Tensor | None = None
+        self.start_at(relative_keep)
+
+    def start_at(self, keep: float) -> None:
+        """Set the decision layers' biases so that a token's keep probability starts near ``keep`` (the layers'
+        random weights spread it around that): keep/drop logits ``(log keep, log(1 - keep))``."""
+        keep = min(max(float(keep), 0.01), 0.99)
+        with torch.no_grad():
+            for head in self.decide:
+                head[-1].bias.copy_(torch.tensor([math.log(keep), math.log(1.0 - keep)]))
 
     def forward(self, patches: torch.Tensor, policy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, n, dim = patches.shape

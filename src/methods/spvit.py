@@ -27,7 +27,9 @@ weights CE and distillation 2:1, which is the paper's CE + 0.5 x KD up to a fact
 absorbs it). The paper also distils the kept tokens' features (DynamicViT's token distillation); that term is
 not implemented.
 
-Choices where the paper leaves a detail open, and deviations: each head has its own scoring MLP (the authors'
+Choices where the paper leaves a detail open, and deviations: a new selector starts at its target (its decision
+biases give each token a keep probability near its relative target; see :mod:`compress_run.core.soft_tokens`
+for why); each head has its own scoring MLP (the authors'
 code builds the list from one module, so its heads share weights); the package token is excluded from scoring
 (always kept) instead of being scored and then forced kept; inference keeps a fixed number of tokens per
 selector, ``ceil(relative x patches reaching it)`` with ``relative`` = its target over the previous selector's

@@ -100,6 +100,7 @@ def test_the_ratio_penalty_trains_the_selectors_toward_their_targets():
     model = small_vit().train()
     attach_soft_token_pruning(model, {1: 0.2}, loss_weight=1.0)
     selector = model.blocks[1].token_selector
+    selector.start_at(0.5)  # away from the target the selector starts at
     optimizer = torch.optim.Adam(selector.parameters(), lr=0.02)
     x = torch.randn(32, 1, 8, 8)
 
@@ -140,3 +141,25 @@ def test_a_checkpoint_gives_a_fresh_network_the_selectors_and_the_same_outputs()
 def test_impossible_selector_schedules_are_refused(targets, message):
     with pytest.raises(ValueError, match=message):
         attach_soft_token_pruning(small_vit(), targets)
+
+
+def test_new_selectors_start_at_their_targets():
+    torch.manual_seed(0)
+    model = small_vit().train()
+    attach_soft_token_pruning(model, {1: 0.7, 3: 0.343})
+    fractions = []
+    original = SoftTokenBlock.soft_select
+
+    def capture(self, x, selector):
+        out = original(self, x, selector)
+        fractions.append(float(self.token_flow.policy.mean()))
+        return out
+
+    SoftTokenBlock.soft_select = capture
+    try:
+        with torch.no_grad():
+            model(torch.randn(256, 1, 8, 8))
+    finally:
+        SoftTokenBlock.soft_select = original
+    auxiliary_losses(model)
+    assert fractions == pytest.approx([0.7, 0.343], abs=0.08), fractions
