@@ -70,9 +70,8 @@ def test_macs_of_the_dropped_token_forward_equal_the_analytic_count_and_the_dens
         assert count_macs(model, (1, 1, 8, 8)).dense == analytic_macs([{"attention": 17, "mlp": 17}] * DEPTH, set())
 
 
-def test_training_decisions_never_revive_a_dropped_token_and_the_ratio_term_is_the_squared_gap():
-    model = small_vit().train()
-    attach_soft_token_pruning(model, {1: 0.5, 3: 0.25}, loss_weight=2.0)
+def forward_capturing_policies(model, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's output and the kept-token policy each selector set during the forward."""
     policies = []
     original = SoftTokenBlock.soft_select
 
@@ -83,9 +82,15 @@ def test_training_decisions_never_revive_a_dropped_token_and_the_ratio_term_is_t
 
     SoftTokenBlock.soft_select = capture
     try:
-        logits = model(torch.randn(4, 1, 8, 8))
+        return model(x), policies
     finally:
         SoftTokenBlock.soft_select = original
+
+
+def test_training_decisions_never_revive_a_dropped_token_and_the_ratio_term_is_the_squared_gap():
+    model = small_vit().train()
+    attach_soft_token_pruning(model, {1: 0.5, 3: 0.25}, loss_weight=2.0)
+    logits, policies = forward_capturing_policies(model, torch.randn(4, 1, 8, 8))
     assert logits.shape == (4, CLASSES)
     first, second = policies
     assert set(first.unique().tolist()) <= {0.0, 1.0} and bool((second <= first).all())
@@ -147,19 +152,8 @@ def test_new_selectors_start_at_their_targets():
     torch.manual_seed(0)
     model = small_vit().train()
     attach_soft_token_pruning(model, {1: 0.7, 3: 0.343})
-    fractions = []
-    original = SoftTokenBlock.soft_select
-
-    def capture(self, x, selector):
-        out = original(self, x, selector)
-        fractions.append(float(self.token_flow.policy.mean()))
-        return out
-
-    SoftTokenBlock.soft_select = capture
-    try:
-        with torch.no_grad():
-            model(torch.randn(256, 1, 8, 8))
-    finally:
-        SoftTokenBlock.soft_select = original
+    with torch.no_grad():
+        _, policies = forward_capturing_policies(model, torch.randn(256, 1, 8, 8))
     auxiliary_losses(model)
+    fractions = [float(p.mean()) for p in policies]
     assert fractions == pytest.approx([0.7, 0.343], abs=0.08), fractions
