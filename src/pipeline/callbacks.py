@@ -1,5 +1,6 @@
-"""Pipeline callbacks: per-epoch reseeding (for bit-exact resume), the training clock, plain-text epoch lines,
-and the check that distributed ranks hold the same compression state."""
+"""Pipeline callbacks: per-epoch reseeding (for bit-exact resume), the training clock, epochs re-sized after a
+method changed the train set, plain-text epoch lines, and the check that distributed ranks hold the same
+compression state."""
 
 from __future__ import annotations
 
@@ -63,6 +64,33 @@ class TrainingClock(L.Callback):
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.epochs = int(state_dict["epochs"])
         self.wall_s, self.cpu_s = float(state_dict["wall_s"]), float(state_dict["cpu_s"])
+
+
+class EpochLength(L.Callback):
+    """Re-sizes an epoch that a method's callback shortened at the epoch's start (MEST's data removal, E-ViT's
+    held-out examples exclude train examples through the sampler).
+
+    Lightning sizes an epoch when it loads the train loader, before ``on_train_epoch_start``, and validates when
+    the batch index reaches a multiple of the size it computed (``val_check_batch``); a shortened epoch never
+    reaches it, so it would train without ever validating. This callback must come after the method's
+    callbacks and before the progress bar. It only shrinks the size: a loader that grew would be cut at the
+    size Lightning computed anyway. An integer ``trainer.val_check_interval`` (validate every k batches) is
+    the user's and left as it is."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader, loop = trainer.train_dataloader, trainer.fit_loop
+        try:
+            batches = len(loader)
+        except TypeError:  # an iterable without a length: Lightning validates on its last batch already
+            return
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if not 0 < batches < loop.max_batches:
+            return
+        loop.max_batches = batches
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and trainer.val_check_batch not in (None, float("inf")):
+            trainer.val_check_batch = max(1, int(batches * interval))
 
 
 class EpochLine(L.Callback):

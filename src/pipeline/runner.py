@@ -48,7 +48,7 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
-from compress_run.pipeline.callbacks import EpochLine, EpochSeed, RankAgreement, TrainingClock
+from compress_run.pipeline.callbacks import EpochLength, EpochLine, EpochSeed, RankAgreement, TrainingClock
 from compress_run.pipeline.checkpoints import (
     DISK_FULL,
     AtomicCheckpointIO,
@@ -582,7 +582,7 @@ class Pipeline:
         agreement = [RankAgreement(stage, self.method, own)] if several_processes(self.cfg.trainer) else []
         clock = TrainingClock()
         self.fit_clocks.append(clock)
-        callbacks = [*own, *agreement, EpochSeed(self.cfg.seed, stage), clock,
+        callbacks = [*own, EpochLength(), *agreement, EpochSeed(self.cfg.seed, stage), clock,
                      ModelCheckpoint(dirpath=self.ckpt_dir, filename=f"{stage}-last", save_top_k=1,
                                      every_n_epochs=1, save_on_train_epoch_end=True,
                                      enable_version_counter=False)]

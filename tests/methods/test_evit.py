@@ -1,9 +1,10 @@
 """Tri-level E-ViT: tokens kept at the scaled blocks and attention links kept in every block (the network that
 trains and is evaluated), the example level's swap of least-forgotten active examples for held-out ones, and a
-pipeline run whose epochs visit only the active examples."""
+pipeline run whose epochs visit only the active examples and still end in validation."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -58,12 +59,32 @@ def test_a_swap_trades_the_least_forgotten_active_examples_for_held_out_ones():
     assert method.swaps == [{"epoch": 3, "swapped": 2}]
 
 
-def test_pipeline_epochs_visit_only_the_active_examples_and_swap_on_schedule(tmp_path):
+class ValidationSpy(L.Callback):
+    def __init__(self) -> None:
+        self.train_batches: dict[int, int] = {}
+        self.validated: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train_batches[trainer.current_epoch] = batch_idx + 1
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated.append(trainer.current_epoch)
+
+
+def test_pipeline_epochs_visit_only_the_active_examples_swap_on_schedule_and_validate(tmp_path, monkeypatch):
+    spy, original = ValidationSpy(), EViT.training_callbacks
+    monkeypatch.setattr(EViT, "training_callbacks", lambda self, stage, model: [
+        *original(self, stage, model), *([spy] if stage == "train" else [])])
     args = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", *VIT, "method=evit",
-            "method.swap_every=1", "schedule.train.epochs=3"]
+            "method.swap_every=1", "schedule.train.epochs=3", "trainer.limit_train_batches=null",
+            "schedule.train.epoch_fraction=1.0", "schedule.batch_size=128"]
     results = run_pipeline(args, tmp_path)
     report, m = results["method"], results["metrics"]
     held, active = report["examples_held_out"], report["epoch_examples"]
     assert active == [active[0]] * 3 and held == round(0.2 * (active[0] + held))  # every epoch, swaps included
+    full_epoch = (active[0] + held) // 128
+    assert spy.train_batches == {epoch: active[0] // 128 for epoch in range(3)} and active[0] // 128 < full_epoch
+    assert spy.validated == [0, 1, 2]  # Lightning sized the epochs at the full set: they still end in validation
     assert report["swaps"] == [{"epoch": 1, "swapped": round(0.5 * held)}, {"epoch": 2, "swapped": round(0.5 * held)}]
     assert m["model/macs_effective"] < m["model/macs_dense"]

@@ -116,6 +116,11 @@ class DataSpy(L.Callback):
         self.steps_per_epoch: dict[int, int] = {}
         self.seen_after_removal: set[int] = set()
         self.lrs: list[float] = []
+        self.validated: list[int] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated.append(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         epoch = trainer.current_epoch
@@ -144,3 +149,4 @@ def test_data_removal_drops_the_examples_shortens_epochs_and_keeps_the_lr_schedu
     assert spy.steps_per_epoch[1] == full and short < full and abs(short - (full * 64 - 600) // 64) <= 1
     assert spy.lrs[-1] < 0.01 * max(spy.lrs)            # the cosine still reaches its end
     assert spy.lrs[full * 2] < spy.lrs[full * 2 - 1]    # and stays continuous at the removal
+    assert spy.validated == [0, 1, 2, 3]                # the shortened epochs still end in validation
