@@ -188,6 +188,11 @@ class SoftTokenBlock(Block):
         return {"attention": tokens, "links": tokens, "mlp": tokens}
 
 
+def is_selector_parameter(name: str) -> bool:
+    """Whether the parameter named ``name`` (in the network) belongs to a token selector."""
+    return "token_selector." in name
+
+
 def package_token(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The ``weights``-weighted mean of ``tokens`` (batch, n, dim) as one token (zero where all weights are 0)."""
     total = weights.sum(1)[:, None, None]

@@ -122,6 +122,15 @@ def check_mask_layers(model: nn.Module, exclude: list[str], pattern: str, densit
                             f"{problem}; add them to method.exclude (e.g. {list(bad)[:3]}) or choose another pattern")
 
 
+@dataclass(frozen=True)
+class LRScale:
+    """The LR of some parameters in a stage, relative to the stage's schedule: 0 for the first ``frozen_fraction``
+    of the stage's steps, then ``scale`` x the schedule's LR."""
+
+    scale: float = 1.0
+    frozen_fraction: float = 0.0
+
+
 class Method:
     Config: type = MethodConfig
     stages: tuple[str, ...] = ALL_STAGES
@@ -162,6 +171,11 @@ class Method:
 
     def lr_cycles(self, stage: str) -> int:
         return 1
+
+    def lr_scale(self, stage: str, parameter: str) -> LRScale:
+        """The LR of the parameter named ``parameter`` (a name in the network) in ``stage``, relative to the
+        stage's schedule (default: the schedule's LR)."""
+        return LRScale()
 
     def trains_plainly(self) -> bool:
         """True when the method leaves its train stage to ordinary training of the unchanged model (it declares

@@ -7,6 +7,7 @@ The network is passed in (not saved as a hyperparameter); masks are buffers of t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from compress_run.core.auxiliary import auxiliary_losses
 from compress_run.core.errors import TrainingDiverged
 from compress_run.core.masks import attach_masks_from_state_dict
+from compress_run.methods.base import LRScale
 from compress_run.methods.distill import Distillation
 
 
@@ -52,13 +54,21 @@ def lr_lambda(step: int, steps_per_epoch: int, epochs: float, schedule: str, war
     return 1.0
 
 
+def scaled_lr(step: int, schedule: Callable[[int], float], scale: float, frozen_steps: float) -> float:
+    """LR multiplier of a parameter group with its own :class:`LRScale`: 0 for the stage's first ``frozen_steps``
+    steps, then ``scale`` x the stage's schedule."""
+    return 0.0 if step < frozen_steps else scale * schedule(step)
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(self, net: nn.Module, optimizer: Any, lr: float, epochs: int, lr_schedule: str = "cosine",
                  warmup_epochs: float = 0.0, milestones: list[float] | None = None, gamma: float = 0.1,
                  label_smoothing: float = 0.0, decay_norm_and_bias: bool = True, lr_cycles: int = 1,
-                 example_input_shape: tuple[int, ...] | None = None) -> None:
+                 example_input_shape: tuple[int, ...] | None = None,
+                 lr_scale: Callable[[str], LRScale] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "example_input_shape"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "example_input_shape", "lr_scale"])
+        self.lr_scale = lr_scale or (lambda name: LRScale())  # a parameter's LR relative to the schedule
         if example_input_shape:
             self.example_input_array = torch.zeros(example_input_shape)
         self.net = net
@@ -113,20 +123,22 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
+        groups: dict[tuple[bool, LRScale], list[nn.Parameter]] = {(True, LRScale()): [], (False, LRScale()): []}
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
             exempt = not hp.decay_norm_and_bias and (p.ndim <= 1 or name.endswith(".bias"))
-            (no_decay if exempt else decay).append(p)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=hp.lr)
+            groups.setdefault((not exempt, self.lr_scale(name)), []).append(p)
+        optimizer = self.optimizer_factory([{"params": params, **({} if decays else {"weight_decay": 0.0})}
+                                            for (decays, _), params in groups.items()], lr=hp.lr)
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, math.ceil(total_steps / max(1, hp.epochs)))
         fn = partial(lr_lambda, steps_per_epoch=steps_per_epoch, epochs=hp.epochs, schedule=hp.lr_schedule,
                      warmup_epochs=hp.warmup_epochs, milestones=list(hp.milestones or []), gamma=hp.gamma,
                      cycles=hp.lr_cycles, total_steps=total_steps, segments=self.lr_segments)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        scales = [partial(scaled_lr, schedule=fn, scale=lr.scale, frozen_steps=lr.frozen_fraction * total_steps)
+                  for _, lr in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scales)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def shorter_epochs_from_now(self, steps_per_epoch: int) -> None:

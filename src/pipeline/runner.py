@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -564,6 +565,7 @@ class Pipeline:
                                 label_smoothing=sched.label_smoothing,
                                 decay_norm_and_bias=sched.decay_norm_and_bias,
                                 lr_cycles=self.method.lr_cycles(stage),
+                                lr_scale=partial(self.method.lr_scale, stage),
                                 example_input_shape=(1, *self.datamodule.network_input.shape))
 
     def fit(self, stage: str, net: torch.nn.Module, epochs: int | None = None, lr: float | None = None,

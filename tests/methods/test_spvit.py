@@ -1,11 +1,13 @@
 """SPViT: selectors at the paper's blocks scaled to the depth with their cumulative targets, refusals of schedules
 that cannot hold, the training step adding the selectors' ratio penalty to the task loss, and a pipeline run
-whose evaluated network really runs the shorter sequences."""
+whose evaluated network really runs the shorter sequences, fine-tuned with the authors' learning rates (the
+backbone frozen, then at 1/100 of the selectors' LR)."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ from tests.conftest import run_pipeline
 # tests/methods/test_config_keys.py: each key flipped changes the run (digits smoke, a 4-block ViT)
 CONFIG_FLIPS = {
     "keep_targets": ("[0.5,0.3,0.1]", []), "selector_blocks": ("[0,6,9]", []), "reference_depth": ("16", []),
-    "ratio_weight": ("0.0", []), "gumbel_temperature": ("0.5", []),
+    "ratio_weight": ("0.0", []), "gumbel_temperature": ("0.5", []), "backbone_lr_scale": ("0.5", []),
+    "backbone_frozen_fraction": ("0.5", []),
 }
 VIT = ["model=vit_fmnist", "model.embed_dim=32", "model.num_heads=2", "model.depth=4", "model.patch_size=2"]
 
@@ -73,3 +76,39 @@ def test_pipeline_evaluates_the_dropped_token_network(tmp_path):
     m = results["metrics"]
     assert results["method"]["keep_targets"] == [0.5, 0.25, 0.125]
     assert m["model/macs_effective"] < 0.6 * m["model/macs_dense"]
+
+
+class LearningRateSpy(L.Callback):
+    """Per finetune step: the LR of the group of a selector weight and of a backbone weight, and whether each
+    weight changed in the step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float | bool]] = []
+
+    def weights(self, pl_module) -> dict[str, torch.Tensor]:
+        named = dict(pl_module.net.named_parameters())
+        return {"selector": named["blocks.1.token_selector.local.0.1.weight"],
+                "backbone": named["blocks.0.attn.qkv.weight"]}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = {k: w.detach().clone() for k, w in self.weights(pl_module).items()}
+        groups = trainer.optimizers[0].param_groups
+        self.lrs = {k: next(g["lr"] for g in groups if any(p is w for p in g["params"]))
+                    for k, w in self.weights(pl_module).items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        moved = {f"{k}_moved": not torch.equal(w, self.before[k]) for k, w in self.weights(pl_module).items()}
+        self.steps.append({**self.lrs, **moved})
+
+
+def test_finetune_freezes_the_backbone_then_trains_it_at_a_hundredth_of_the_selectors_lr(tmp_path, monkeypatch):
+    spy, original = LearningRateSpy(), SPViT.training_callbacks
+    monkeypatch.setattr(SPViT, "training_callbacks", lambda self, stage, model: [
+        *original(self, stage, model), *([spy] if stage == "finetune" else [])])
+    run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", *VIT,
+                  "method=spvit", "schedule.finetune.epochs=2", "method.backbone_frozen_fraction=0.5",
+                  "stages=[train,compress,finetune]"], tmp_path)
+    steps = spy.steps
+    assert len(steps) == 6 and all(s["selector"] > 0 and s["selector_moved"] for s in steps)
+    assert all(s["backbone"] == 0 and not s["backbone_moved"] for s in steps[:3])
+    assert all(s["backbone"] == pytest.approx(0.01 * s["selector"]) and s["backbone_moved"] for s in steps[3:])
