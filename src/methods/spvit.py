@@ -44,9 +44,9 @@ selector, ``ceil(relative x patches reaching it)`` with ``relative`` = its targe
 (DynamicViT's inference; the authors' evaluation keeps the sampled decisions under a mask, which saves nothing),
 so a batch runs one sequence length and the MAC count is per-sample exact. After the freeze the backbone's LR
 follows the cosine at 1/100 of the selectors' (the authors hold it at 1/100 of the base LR until the cosine falls
-below that). The paper's latency-aware part
-(a per-block latency model to choose where and how much to prune for a device) is not searched: blocks and
-targets come from config, and the run reports simulated latency on every profile.
+below that). The paper's latency-aware part (a per-block latency model to choose where and how much to prune for
+a device) is not searched: blocks and targets come from config, and the run reports simulated latency on every
+profile.
 """
 
 from __future__ import annotations

@@ -54,6 +54,11 @@ def lr_lambda(step: int, steps_per_epoch: int, epochs: float, schedule: str, war
     return 1.0
 
 
+def schedule_lr(parameter: str) -> LRScale:
+    """The default :class:`LRScale` of every parameter: the stage's schedule."""
+    return LRScale()
+
+
 def scaled_lr(step: int, schedule: Callable[[int], float], scale: float, frozen_steps: float) -> float:
     """LR multiplier of a parameter group with its own :class:`LRScale`: 0 for the stage's first ``frozen_steps``
     steps, then ``scale`` x the stage's schedule."""
@@ -68,7 +73,7 @@ class ClassifierModule(L.LightningModule):
                  lr_scale: Callable[[str], LRScale] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "example_input_shape", "lr_scale"])
-        self.lr_scale = lr_scale or (lambda name: LRScale())  # a parameter's LR relative to the schedule
+        self.lr_scale = lr_scale or schedule_lr  # a parameter's LR relative to the schedule
         if example_input_shape:
             self.example_input_array = torch.zeros(example_input_shape)
         self.net = net
