@@ -22,6 +22,14 @@ from compress_run.core.masks import masked_parameters
 from compress_run.pipeline.data import _mix
 
 
+def reseed(seed: int, stage: str, epoch: int = -1) -> None:
+    """Seed torch/numpy/random from (seed, stage, epoch); ``epoch=-1`` is the start of the stage."""
+    s = _mix(seed, sum(map(ord, stage)), epoch, 5)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
 class EpochSeed(L.Callback):
     """Reseed torch/numpy/random at every train epoch start from (seed, stage, epoch), so any random op
     inside the model (dropout, drop-path, method RNG drawn from the global generator) does not depend on
@@ -31,10 +39,7 @@ class EpochSeed(L.Callback):
         self.seed, self.stage = seed, stage
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        s = _mix(self.seed, sum(map(ord, self.stage)), trainer.current_epoch, 5)
-        torch.manual_seed(s)
-        np.random.seed(s % 2**32)
-        random.seed(s)
+        reseed(self.seed, self.stage, trainer.current_epoch)
 
 
 class TrainingClock(L.Callback):

@@ -49,7 +49,14 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
-from compress_run.pipeline.callbacks import EpochLength, EpochLine, EpochSeed, RankAgreement, TrainingClock
+from compress_run.pipeline.callbacks import (
+    EpochLength,
+    EpochLine,
+    EpochSeed,
+    RankAgreement,
+    TrainingClock,
+    reseed,
+)
 from compress_run.pipeline.checkpoints import (
     DISK_FULL,
     AtomicCheckpointIO,
@@ -342,8 +349,11 @@ class Pipeline:
             t0, cpu0 = time.perf_counter(), time.process_time()
             self.fit_clocks = []
             self.log(f"stage {stage}: start")
+            if stage != "train":  # the stage's random draws must not depend on whether train ran in this process
+                reseed(self.cfg.seed, stage)
             metrics, net = getattr(self, f"run_{stage}")(net)
-            record = {"stage": stage, "status": "done", "wall_s": round(time.perf_counter() - t0, 3),
+            record = {"stage": stage, "status": "done",
+                      "wall_s": round(self.stage_wall_seconds(time.perf_counter() - t0), 3),
                       "cpu_s": round(self.stage_cpu_seconds(time.process_time() - cpu0), 3),
                       "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "checkpoint": str(self.ckpt_dir / f"{stage}.ckpt") if stage != "evaluate" else None,
@@ -367,6 +377,10 @@ class Pipeline:
         summed them over any resume (this process's measure would miss the epochs before a crash); else the
         stage's own."""
         return sum(clock.cpu_s for clock in self.fit_clocks) if self.fit_clocks else measured
+
+    def stage_wall_seconds(self, measured: float) -> float:
+        """The wall seconds of a stage, on the same terms as :meth:`stage_cpu_seconds`."""
+        return sum(clock.wall_s for clock in self.fit_clocks) if self.fit_clocks else measured
 
     def skip_reason(self, stage: str) -> str | None:
         if stage not in self.cfg.stages:

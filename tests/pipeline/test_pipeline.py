@@ -125,6 +125,22 @@ def test_partial_stages_then_the_rest(tmp_path):
     assert [results["stages"][s]["status"] for s in ("compress", "finetune", "evaluate")] == ["done"] * 3
 
 
+def test_a_stage_draws_the_same_random_numbers_whether_or_not_train_ran_in_the_same_process(tmp_path):
+    # SPViT's compress stage draws its token selectors' initial weights: a run stopped after its train stage
+    # and resumed (or one that takes the train stage over) must build the same selectors as an uninterrupted run
+    spvit = [*SMOKE, "evaluate.measure_latency=false", "method=spvit", "model=vit_fmnist", "model.embed_dim=32",
+             "model.depth=4", "model.num_heads=2", "model.patch_size=2"]
+    uninterrupted = run_pipeline(spvit, tmp_path / "uninterrupted")
+    run_pipeline([*spvit, "stages=[train]"], tmp_path / "split")
+    resumed = run_pipeline(spvit, tmp_path / "split")
+    for stage in ("compress", "finetune"):
+        a, b = (torch.load(tmp_path / run / "checkpoints" / f"{stage}.ckpt", map_location="cpu",
+                           weights_only=False)["state_dict"] for run in ("uninterrupted", "split"))
+        assert a.keys() == b.keys() and any("selector" in key for key in a)
+        assert all(torch.equal(a[key], b[key]) for key in a if torch.is_tensor(a[key])), stage
+    assert resumed["metrics"]["test/acc"] == uninterrupted["metrics"]["test/acc"]
+
+
 def test_help_and_cfg(cli):
     help_text = cli("--help").stdout
     for word in ("model:", "resnet20", "method:", "gmp", "compress-run -m"):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,3 +56,27 @@ def test_table_training_time_sums_the_cpu_seconds_of_every_stage_the_run_reached
     assert value({"time/train_s": 90.0, "time/train_cpu_s": 60.0}) == 60.0  # a method without finetune
     before_the_clock = {k: v for k, v in run.items() if k != "time/finetune_cpu_s"}
     assert value(before_the_clock) is None  # a partial sum would pass for a cheaper run
+
+
+def test_a_stage_resumed_after_a_crash_reports_the_time_of_every_epoch(tmp_path, monkeypatch):
+    # every train epoch takes at least 1.5 s; the first process crashes at the start of epoch 3 of 4
+    from compress_run.pipeline import callbacks
+    from tests.conftest import run_pipeline
+
+    seconds, crash = 1.5, {"armed": True}
+    original = callbacks.EpochSeed.on_train_epoch_start
+
+    def start(self, trainer, pl_module):
+        if self.stage == "train" and trainer.current_epoch == 3 and crash.pop("armed", False):
+            raise RuntimeError("simulated crash")
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(callbacks.EpochSeed, "on_train_epoch_start", start)
+    monkeypatch.setattr(callbacks.EpochSeed, "on_train_epoch_end", lambda *_: time.sleep(seconds), raising=False)
+    overrides = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false",
+                 "schedule.train.epochs=4", "stages=[train]"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(overrides, tmp_path)
+    results = run_pipeline(overrides, tmp_path)
+    assert results["metrics"]["time/train_s"] >= 4 * seconds  # the resumed process ran one epoch of the four
+    assert results["metrics"]["time/train_cpu_s"] < results["metrics"]["time/train_s"]
