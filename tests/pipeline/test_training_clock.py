@@ -59,7 +59,7 @@ def test_table_training_time_sums_the_cpu_seconds_of_every_stage_the_run_reached
 
 
 def test_a_stage_resumed_after_a_crash_reports_the_time_of_every_epoch(tmp_path, monkeypatch):
-    # every train epoch takes at least 1.5 s; the first process crashes at the start of epoch 3 of 4
+    # every train epoch takes at least 1.5 s; the first process crashes as its fourth (last) epoch starts
     from compress_run.pipeline import callbacks
     from tests.conftest import run_pipeline
 
