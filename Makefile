@@ -27,7 +27,7 @@ CI_SLOW_TESTS := tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 
-.PHONY: install data kernels demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction results lint clean
+.PHONY: install data kernels demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction bench-tokens results lint clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,9 @@ bench-latency: install
 
 bench-compaction: install
 	$(VENV)/bin/python scripts/bench_compaction.py
+
+bench-tokens: install
+	$(VENV)/bin/python scripts/bench_tokens.py
 
 # RESULTS.md from the committed small-scale tables in docs/tables (publish one with
 # `$(PY) scripts/make_results.py --publish <table dir>`).

@@ -6,6 +6,8 @@
         # full sweep, the sparse formats fitted from the sparse-kernel benchmark instead of the built-in sweep
     python scripts/calibrate_hardware.py --sparse-from bench_results/sparse_kernels.json --sparse-only
         # seconds: re-fit only sparse_formats of the existing profile from the benchmark
+    python scripts/calibrate_hardware.py --select-only
+        # a minute: re-fit only the select/sort classes of the existing profile, scaled by the host's drift
     python scripts/calibrate_hardware.py --tiny --out /tmp/host.yaml   # seconds; for tests
 """
 
@@ -47,7 +49,12 @@ def main() -> None:
                         help="fit the sparse formats from this scripts/bench_sparse_kernels.py JSON")
     parser.add_argument("--sparse-only", action="store_true",
                         help="with --sparse-from: keep every other field of the existing profile at --out")
+    parser.add_argument("--select-only", action="store_true",
+                        help="keep every other field of the existing profile at --out; fit select/sort (topk, sort)")
     args = parser.parse_args()
+    if args.select_only:
+        refit_selection_only(args.out, args.tiny, parser)
+        return
     if args.sparse_only and not args.sparse_from:
         parser.error("--sparse-only re-fits the sparse formats from a benchmark: add --sparse-from "
                      "bench_results/sparse_kernels.json")
@@ -138,6 +145,34 @@ def refit_sparse_only(out: Path, source: Path, bench: dict, parser: argparse.Arg
     tmp.write_text("\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.create(profile), sort_keys=False))
     tmp.replace(out)
     Console(stderr=True).log(f"re-fitted sparse_formats of {out} from {source}: {errors}")
+
+
+def refit_selection_only(out: Path, tiny: bool, parser: argparse.ArgumentParser) -> None:
+    """Add or replace the ``select`` and ``sort`` classes of the profile at ``out``; keep everything else."""
+    if not out.is_file():
+        parser.error(f"--select-only updates an existing profile, and {out} does not exist: run the full "
+                     "calibration first (python scripts/calibrate_hardware.py)")
+    text = out.read_text()
+    profile = OmegaConf.to_container(OmegaConf.create(text))
+    if profile.get("threads") != torch.get_num_threads():
+        parser.error(f"the profile {out} was calibrated with {profile.get('threads')} threads and torch runs "
+                     f"{torch.get_num_threads()} here: set OMP_NUM_THREADS={profile.get('threads')}")
+    console = Console(stderr=True)
+    fields, drift = calibrate.selection_refit(load_profile(OmegaConf.create(profile)), tiny=tiny,
+                                              progress=lambda stage: console.log(f"calibrating: {stage}"),
+                                              min_time_s=0.002 if tiny else 0.05, passes=1 if tiny else 3)
+    errors = fields.pop("fit_median_rel_error")
+    profile["peak_tflops"]["fp32"].update(fields["peak_tflops"]["fp32"])
+    profile["class_overhead_us"].update(fields["class_overhead_us"])
+    load_profile(OmegaConf.create(profile))  # validate before writing
+    header = [line for line in text.splitlines() if line.startswith("#") and "select/sort" not in line]
+    header.append(f"# select/sort classes fitted alone {datetime.now(timezone.utc).date()}, scaled by the host's "
+                  f"drift since the sweep ({drift:.2f}x, GEMMs timed in the same run); median relative errors "
+                  f"{errors}.")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.create(profile), sort_keys=False))
+    tmp.replace(out)
+    console.log(f"re-fitted select/sort of {out}: drift {drift:.2f}x, errors {errors}")
 
 
 if __name__ == "__main__":

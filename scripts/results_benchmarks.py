@@ -162,6 +162,26 @@ def fault_verdict(counts: dict[str, int], bold: bool = True) -> str:
             + (f" ({counts['untested']} ended before the kill)" if counts["untested"] else ""))
 
 
+def tokens(meta: dict[str, Any], path: Path) -> list[str]:
+    """bench_tokens: measured and simulated speedup of token-pruned ViTs over their dense networks."""
+    batches = meta["batches"]
+    lines = _head(meta, "Token-pruned ViTs against dense: measured and simulated host speedup", path)
+    lines += ["| model | variant | attention form | MAC speedup | "
+              + " | ".join(f"measured / simulated b{b}" for b in batches) + " |",
+              "|---|---|---|---|" + "---|" * len(batches)]
+    for v in meta["variants"]:
+        if v["variant"] == "dense":
+            continue
+        cells = [f"{v[f'b{b}']['measured_speedup']:.2f} / {v[f'b{b}']['sim_speedup']:.2f}" for b in batches]
+        lines.append(f"| {v['model']} | {v['variant']} | {v['attention_form']} | {v['mac_speedup']:.2f} | "
+                     + " | ".join(cells) + " |")
+    disagree = meta["direction_disagrees"]
+    lines += ["", f"Speedup = dense latency / variant latency in the same run (host_cpu profile for the simulated). "
+              f"Goal: {meta['goal']}: **{meta['direction_agrees']} of {meta['direction_checked']}** cases agree"
+              + (f"; not: {', '.join(disagree)}" if disagree else " (met)") + ".", ""]
+    return lines
+
+
 RENDERERS = {
     "fault_matrix": fault_matrix,
     "compaction": lambda m, p: speed(m, p, "Compacted (channel-pruned) networks against dense"),
@@ -170,6 +190,7 @@ RENDERERS = {
     "latency_sim": latency_sim,
     "haloc_profiles": haloc_profiles,
     "overhead": overhead,
+    "tokens": tokens,
 }
 
 

@@ -11,9 +11,10 @@ query keeps its ``ceil(links x n)`` highest-scoring keys and the softmax runs ov
 tokens, so the MAC counter and the latency simulator, which trace the forward, count and price exactly the
 schedule that runs; :func:`every_token_kept` gives the same network's unpruned forward (the dense view).
 Sparse attention has two forms with the same output: under :func:`gathered_links` (entered by the trace that
-counts MACs and feeds the simulator) the weighted sum gathers only the kept values, so the trace does and counts
-the kept links alone; otherwise (training, validation, measured latency) it is a softmax with the other links
-masked out, multiplied with all values. The masked form is the faster one on CPU: for the small Fashion-MNIST ViT
+counts MACs) the weighted sum gathers only the kept values, so the trace does and counts the kept links alone;
+otherwise (training, validation) it is a softmax with the other links masked out, multiplied with all values. The
+hardware report prices both forms on every profile and takes the cheaper one, and measures the host latency in
+the form the host profile chose. The masked form is the faster one on CPU: for the small Fashion-MNIST ViT
 (batch 128, 50 tokens, 3 heads of 32, 30% of the links) forward + backward took 79 ms against 351 ms (the
 gather's backward scatters into an n-fold expanded value gradient), inference forward at batch 1000 303 ms
 against 767 ms, and timm's fused dense attention 53 and 151 ms, one thread each.
@@ -94,11 +95,12 @@ _GATHERED_LINKS = False
 
 
 @contextlib.contextmanager
-def gathered_links() -> Iterator[None]:
+def gathered_links(on: bool = True) -> Iterator[None]:
     """Sparse attention in its gather form (the weighted sum reads only the kept values) while inside: the form a
-    trace counts, since it performs exactly the kept links. Outside, the masked form runs (same output, faster)."""
+    trace counts, since it performs exactly the kept links. Outside, or with ``on=False``, the masked form runs
+    (same output; on CPU the faster one)."""
     global _GATHERED_LINKS
-    previous, _GATHERED_LINKS = _GATHERED_LINKS, True
+    previous, _GATHERED_LINKS = _GATHERED_LINKS, on
     try:
         yield
     finally:
@@ -118,7 +120,7 @@ def sparse_attention(attn: nn.Module, x: torch.Tensor, fraction: float) -> tuple
     q, k = attn.q_norm(q), attn.k_norm(k)
     logits = (q * attn.scale) @ k.transpose(-2, -1)  # (batch, heads, n, n)
     class_scores = logits[:, :, 0].softmax(dim=-1)[:, :, 1:].mean(dim=1)
-    top, index = logits.topk(kept_links(n, fraction), dim=-1)  # (batch, heads, n, links)
+    top, index = logits.topk(kept_links(n, fraction), dim=-1, sorted=False)  # (batch, heads, n, links)
     if _GATHERED_LINKS:
         weights = attn.attn_drop(top.softmax(dim=-1))
         values = v[:, :, None].expand(-1, -1, n, -1, -1).gather(3, index[..., None].expand(-1, -1, -1, -1, head_dim))
@@ -243,6 +245,12 @@ def token_schedule(model: nn.Module, patch_tokens: int) -> list[dict[str, int]]:
 def has_token_pruning(model: nn.Module) -> bool:
     return any(getattr(m, "token_pruning_on", False) and m.prunes_tokens() for m in model.modules()
                if hasattr(m, "prunes_tokens"))
+
+
+def has_sparse_attention(model: nn.Module) -> bool:
+    """Whether a block of ``model`` keeps only part of each query's attention links (it has two forms to run)."""
+    return any(isinstance(m, TokenPruningBlock) and m.token_pruning_on and float(m.token_attention) < 1.0
+               for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -17,6 +17,10 @@ what the simulator does with them:
   networks (conv stacks, inverted residuals, bottlenecks, an MLP block — not the benchmark's models);
 * noise — the 2 cores are shared, so the whole sweep runs ``passes`` times and each microbenchmark keeps
   its fastest pass (contention only ever adds time);
+* selection and sorting — ``topk`` (unsorted, as token pruning's attention level runs it) over rows of ViT
+  token counts, and ``sort``, each fitted to ``time = overhead + work / peak`` (``select``, ``sort``: work is
+  the input elements, x log2 of the row for a sort). :func:`selection_refit` fits these two classes alone and
+  scales them by the host's drift since the full calibration (GEMMs timed in the same run against the profile);
 * sparse formats — the executed CSR/BSR/GS kernels (:mod:`compress_run.kernels.select`) at several densities
   on conv and linear layers, fitted to ``fixed * dense time + density * MAC time / efficiency + operand
   bytes / operand_gbps`` (the simulator's sparse model, see :mod:`compress_run.hardware.profile`). The
@@ -44,7 +48,8 @@ from torch import nn
 from compress_run.core.masks import attach_mask, remove_masks
 from compress_run.core.projections import project
 from compress_run.hardware.measure import median_seconds
-from compress_run.hardware.simulator import COMPUTE_KINDS, operand_bytes
+from compress_run.hardware.profile import HardwareConfig
+from compress_run.hardware.simulator import COMPUTE_KINDS, Simulator, operand_bytes
 from compress_run.hardware.trace import OpRecord, trace_model
 from compress_run.kernels.select import executed_layer
 
@@ -102,7 +107,7 @@ def _sizes(tiny: bool) -> dict[str, list]:
                 "conv": [(16, 16, 3, 1, 1), (32, 16, 3, 1, 1), (16, 16, 3, 1, 2), (32, 16, 3, 1, 2)],
                 "dw": [(32, 16, 1), (64, 8, 1)], "gemm": [(8, 64, 64), (32, 128, 64)],
                 "attention": [(1, 2, 16, 16), (1, 2, 32, 16)], "pool": [(8, 16, 3, 2)], "sparse": [(64, 8, 64)],
-                "densities": [0.1, 0.5]}
+                "select": [(64, 32, 0.3), (16, 64, 0.7)], "sort": [(64, 32), (16, 64)], "densities": [0.1, 0.5]}
     return {
         "elementwise": [4096, 16384, 65536, 262144, 1048576],
         "dram": [16 * 2**20, 32 * 2**20],
@@ -123,6 +128,10 @@ def _sizes(tiny: bool) -> dict[str, list]:
         "pool": [(64, 112, 3, 2), (64, 56, 3, 2), (256, 14, 2, 2), (16, 32, 2, 2)],
         # (batch, heads, tokens, head_dim)
         "attention": [(1, 3, 197, 64), (1, 6, 197, 64), (8, 3, 197, 64), (1, 4, 65, 48), (8, 6, 197, 64)],
+        # (rows, row length, kept fraction): attention rows of DeiT/small ViTs, and token scores
+        "select": [(591, 197, 0.3), (591, 197, 0.7), (2364, 50, 0.3), (150, 785, 0.3), (4728, 197, 0.3),
+                   (16, 196, 0.7), (1, 196, 0.7)],
+        "sort": [(591, 197), (2364, 50), (150, 785), (16, 196), (1, 196)],
         # sparse: (channels, spatial, batch) of a 3x3 conv, and linear (M, K, N) shapes
         "sparse": [(128, 28, 1), (256, 14, 1), (512, 7, 1), (64, 32, 8), (64, 56, 1), (16, 32, 1)],
         "densities": [0.02, 0.05, 0.1, 0.2, 0.35],
@@ -146,7 +155,7 @@ def _sweep_once(tiny: bool, progress: Progress, min_time_s: float) -> dict[str, 
     torch.manual_seed(0)
     sizes = _sizes(tiny)
     out: dict[str, list[Sample]] = {k: [] for k in ("tiny", "view", "module", "functional", "elementwise",
-                                                    "dram", "pool", *COMPUTE_KINDS)}
+                                                    "dram", "pool", "select", "sort", *COMPUTE_KINDS)}
     progress("overheads")
     x1 = torch.randn(1)
     with torch.inference_mode():
@@ -192,7 +201,69 @@ def _sweep_once(tiny: bool, progress: Progress, min_time_s: float) -> dict[str, 
     for b, h, t, d in sizes["attention"]:
         sdpa = _Fn(lambda x: F.scaled_dot_product_attention(x, x, x))
         out["attention"].append(_measure(sdpa, (b, h, t, d), min_time_s))
+    out.update(selection_sweep(sizes, progress, min_time_s))
     return out
+
+
+def selection_sweep(sizes: dict[str, list], progress: Progress, min_time_s: float) -> dict[str, list[Sample]]:
+    """``topk`` (unsorted) and ``sort`` along the last dimension of (rows, length) inputs."""
+    progress("selection and sorting")
+    out: dict[str, list[Sample]] = {"select": [], "sort": []}
+    for rows, length, fraction in sizes["select"]:
+        k = max(1, math.ceil(fraction * length))
+        topk = _Fn(lambda x, k=k: x.topk(k, dim=-1, sorted=False)[0])
+        out["select"].append(_measure(topk, (rows, length), min_time_s))
+    for rows, length in sizes["sort"]:
+        out["sort"].append(_measure(_Fn(lambda x: x.sort(dim=-1)[0]), (rows, length), min_time_s))
+    return out
+
+
+def fit_selection(samples: dict[str, list[Sample]], kernel_overhead_s: float, drift: float = 1.0
+                  ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Peaks (work/s, in units of 1e12), class overheads (us) and median relative fit errors of ``select`` and
+    ``sort``: ``time = overhead + work / peak``, times divided by ``drift`` (measured / profile time of a
+    reference op class in the same run; 1 in a full calibration)."""
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    peaks, class_overhead, errors = {}, {}, {}
+    for cls in ("select", "sort"):
+        rows = samples.get(cls, [])
+        if not rows:
+            continue
+        seconds = [s.seconds / drift for s in rows]
+        fixed, per_work, _ = _wls([[1.0] * len(rows), [float(s.op.work) for s in rows], [0.0] * len(rows)], seconds)
+        peaks[cls] = 1e-12 / max(per_work, 1e-30)
+        class_overhead[cls] = max(fixed - kernel_overhead_s, 0.0) * 1e6
+        errors[cls] = med([abs((fixed + per_work * s.op.work) / t - 1) for s, t in zip(rows, seconds, strict=True)])
+    return peaks, class_overhead, errors
+
+
+def selection_refit(profile: HardwareConfig, tiny: bool = False, progress: Progress = print,
+                    min_time_s: float = 0.05, passes: int = 3) -> tuple[dict[str, Any], float]:
+    """Fit ``select`` and ``sort`` alone for an existing host ``profile``, scaled to the host as the profile
+    saw it: the GEMMs of the full sweep are timed in the same run and ``drift`` = the median of measured /
+    simulated time over them (the shared host's speed varies by up to 2x between days). Returns the fields
+    to merge into the profile (with ``fit_median_rel_error``) and the drift."""
+    sizes = _sizes(tiny)
+    torch.manual_seed(0)
+    gemms = [(nn.Linear(k, n).eval(), (m, k)) for m, k, n in sizes["gemm"]]
+    best: dict[str, list[Sample]] = {}
+    for i in range(passes):  # contention only adds time: each microbenchmark keeps its fastest pass
+        progress(f"pass {i + 1}/{passes}")
+        current = selection_sweep(sizes, lambda _: None, min_time_s)
+        current["gemm"] = [_measure(linear, shape, min_time_s) for linear, shape in gemms]
+        for key, samples in current.items():
+            if key not in best:
+                best[key] = samples
+            else:
+                for old, new in zip(best[key], samples, strict=True):
+                    old.seconds = min(old.seconds, new.seconds)
+    simulated = [Simulator(profile).run(trace_model(linear, shape), {}).total_ms * 1e-3 for linear, shape in gemms]
+    ratios = sorted(s.seconds / t for s, t in zip(best["gemm"], simulated, strict=True))
+    drift = ratios[len(ratios) // 2]
+    peaks, class_overhead, errors = fit_selection(best, profile.kernel_overhead_us * 1e-6, drift)
+    return {"peak_tflops": {"fp32": {k: round(v, 8) for k, v in peaks.items()}},
+            "class_overhead_us": {k: round(v, 3) for k, v in class_overhead.items()},
+            "fit_median_rel_error": {k: round(v, 3) for k, v in errors.items()}}, drift
 
 
 @dataclass
@@ -341,6 +412,10 @@ def fit(samples: dict[str, list[Sample]], sparse: dict[str, list[SparseSample]],
                                  [s.seconds for s in pool])
     peaks["pool"] = 1e-12 / max(per_op, 1e-30)
     class_overhead["pool"] = max(pool_fixed - overhead, 0.0) * 1e6
+    select_peaks, select_overhead, select_errors = fit_selection(samples, overhead)
+    peaks.update(select_peaks)
+    class_overhead.update(select_overhead)
+    errors.update(select_errors)
     formats, sparse_errors = fit_sparse_formats(sparse, peaks)
     errors.update(sparse_errors)
     return {"peak_tflops": {"fp32": {k: round(v, 5) for k, v in peaks.items()}},

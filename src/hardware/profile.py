@@ -23,9 +23,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8")
-OP_CLASSES = ("conv", "conv_im2col", "conv_dw", "gemm", "attention", "pool", "elementwise")
+OP_CLASSES = ("conv", "conv_im2col", "conv_dw", "gemm", "attention", "pool", "select", "sort", "elementwise")
 REQUIRED_CLASSES = ("conv", "gemm", "elementwise")
-FALLBACK_CLASS = {"conv_dw": "conv", "conv_im2col": "conv", "attention": "gemm", "pool": "elementwise"}
+FALLBACK_CLASS = {"conv_dw": "conv", "conv_im2col": "conv", "attention": "gemm", "pool": "elementwise",
+                  "select": "elementwise", "sort": "elementwise"}
 KINDS = ("cpu", "gpu", "systolic")
 SPARSE_FORMATS = ("csr", "bsr_4", "bsr_16", "bsr_32", "bsr_64", "nm_2_4", "gather_scatter")
 

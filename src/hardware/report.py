@@ -11,6 +11,13 @@ real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.ker
 ``kernels="simulated"`` the host profile's simulator picks the formats. Before that, every batch norm that
 follows a conv or linear layer is folded into it (:mod:`compress_run.kernels.fold`, as ONNX Runtime and other
 inference runtimes do; ``latency_host/batchnorm`` says what was folded, or why nothing was).
+
+Sparse attention (a query keeping only its top links, E-ViT's attention level) has two forms with the same
+output (:func:`compress_run.core.tokens.sparse_attention`): ``gathered`` does only the kept links (gathering
+their values), ``masked`` computes every link and masks the others out of the softmax. The MAC count is the
+gathered form's (the kept links); each profile is priced on the form it runs faster
+(``latency_sim/attention_form/<profile>``), and the host latency is measured running the form the host profile
+chose (``latency_host/attention_form``), so the simulated and the measured latency are of the same computation.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from rich.table import Table
 from torch import nn
 
 from compress_run.core.compression_info import compression_infos
-from compress_run.core.tokens import every_token_kept, has_token_pruning
+from compress_run.core.tokens import every_token_kept, gathered_links, has_sparse_attention, has_token_pruning
 from compress_run.hardware.kernel_choice import choose_kernels
 from compress_run.hardware.layer_cost import factorized_costs
 from compress_run.hardware.macs import mac_report
@@ -46,6 +53,9 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
     infos = compression_infos(net)  # read the masks once for every view and profile
     bits = layer_bits(net)
+    forms = {"gathered": traces}  # sparse attention's two forms: each profile is priced on its cheaper one
+    if has_sparse_attention(net):
+        forms["masked"] = {b: trace_model(net, (b, *sample_shape), gathered=False) for b in traces}
     macs = mac_report(net, traces[1], infos)
     if has_token_pruning(net):  # the dense view keeps every token; the effective view is the forward that runs
         with every_token_kept(net):
@@ -60,7 +70,9 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         metrics["model/unpriced_ops"] = traces[1].unpriced_ops
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for i, profile in enumerate(profiles):
-        sims = {b: Simulator(profile).run(trace, infos, bits) for b, trace in traces.items()}
+        form, sims = cheapest_form(forms, profile, infos, bits)
+        if len(forms) > 1:
+            metrics[f"latency_sim/attention_form/{profile.name}"] = form
         executed = round(sims[1].macs("executed"))
         if i == 0:
             metrics["model/macs_executed"] = executed
@@ -79,16 +91,19 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
         executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute
         metrics["latency_host/batchnorm"] = folding
+        host_form, host_sims = cheapest_form(forms, host, infos, bits)
         if kernels == "measured":
             choice = choose_kernels(executed, sample_shape)
             deployed = to_fastest(executed, choice)
             metrics["kernels_per_layer"] = choice
         else:
-            host_sim = Simulator(host).run(traces[1], infos, bits)
-            deployed = to_fastest(executed, {name: {"kernel": fmt} for name, fmt in host_sim.formats().items()})
-        metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
-        metrics[f"latency_host_ms/b{batch}"] = round(
-            model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
+            deployed = to_fastest(executed, {name: {"kernel": fmt} for name, fmt in host_sims[1].formats().items()})
+        with gathered_links(host_form == "gathered"):  # the attention form the host profile prices cheaper
+            metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
+            metrics[f"latency_host_ms/b{batch}"] = round(
+                model_latency_ms(deployed, (batch, *sample_shape), warmup, repeats), 4)
+        if len(forms) > 1:
+            metrics["latency_host/attention_form"] = host_form
         metrics["latency_host/threads"] = torch.get_num_threads()
         metrics["latency_host/sparse_layers"] = sum(isinstance(m, SparseLinear | SparseConv2d | GSLinear | GSConv2d)
                                                     for m in deployed.modules())
@@ -96,6 +111,16 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         if bits:  # the host runs the integer grids in float: its time is not an int8 kernel's
             metrics["latency_host/quantized_layers_run_as"] = "fake-quant float kernels"
     return metrics, per_layer
+
+
+def cheapest_form(forms: dict[str, dict[int, Any]], profile: HardwareConfig, infos: dict[str, Any],
+                  bits: dict[str, Any]) -> tuple[str, dict[int, Simulation]]:
+    """The form (of sparse attention: ``gathered`` or ``masked``) whose batch-1 trace ``profile`` prices lowest,
+    with its simulations at every traced batch size; a network without sparse attention has one form."""
+    priced = {form: {b: Simulator(profile).run(trace, infos, bits) for b, trace in traces.items()}
+              for form, traces in forms.items()}
+    form = min(priced, key=lambda f: priced[f][1].total_ms)
+    return form, priced[form]
 
 
 def layer_rows(sim: Simulation) -> list[dict[str, Any]]:

@@ -4,12 +4,15 @@ This is the single source of truth for MAC counting and latency simulation. Ever
 pass dispatches becomes an :class:`OpRecord` holding
 
 * ``kind`` — ``conv`` / ``conv_im2col`` / ``conv_dw`` (depthwise) / ``gemm`` (mm, addmm, bmm, baddbmm) /
-  ``attention`` (fused scaled-dot-product attention) / ``pool`` / ``elementwise`` (everything else that
-  touches memory: norms, activations, adds, copies) / ``view`` (aliases and allocations: no traffic).
+  ``attention`` (fused scaled-dot-product attention) / ``pool`` / ``select`` (top-k and k-th value along a
+  dimension) / ``sort`` / ``elementwise`` (everything else that touches memory: norms, activations, adds,
+  copies) / ``view`` (aliases and allocations: no traffic).
   ``conv_im2col`` marks the float32 CPU convolutions PyTorch sends to its unfold+GEMM kernel instead of
   oneDNN (its ``use_mkldnn`` rule: batch 1, kernel <= 3x3, input <= 20480 values); other devices treat
   it as ``conv``;
-* ``work`` — elementary operations of a non-MAC op (output elements; x window size for pools);
+* ``work`` — elementary operations of a non-MAC op (output elements; x window size for pools; input elements
+  for a selection, x log2 of the sorted length for a sort: a selection's time grows with what it reads, not with
+  the k it returns);
 * ``macs`` — from torch's own FLOP formulas (``torch.utils.flop_counter``) / 2, plus a formula for the
   CPU flash-attention kernel, which that registry lacks (it would count DeiT attention as zero);
 * ``gemms`` — the (batch, M, N, K) products a compute op performs (for tile/wave and systolic models);
@@ -46,6 +49,8 @@ ATTENTION_OPS = {aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_
                  aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention}
 POOL_OPS = {aten.max_pool2d_with_indices, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d,
             aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.max_pool1d, aten.avg_pool1d}
+SELECT_OPS = {aten.topk, aten.kthvalue}
+SORT_OPS = {aten.sort}
 # metadata queries that never reach a kernel
 ALLOC_OPS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
              aten._unsafe_view, aten.alias, aten.detach, aten.lift_fresh}
@@ -156,6 +161,15 @@ def _pool_window(packet, args: tuple) -> int:
     return math.prod(kernel) if isinstance(kernel, list | tuple) else int(kernel) ** 2
 
 
+def _select_work(packet, args: tuple, kwargs: dict) -> int:
+    """Input elements a selection reads; for a sort, times log2 of the length it sorts along."""
+    x = args[0]
+    if packet not in SORT_OPS or x.dim() == 0:
+        return x.numel()
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else -1)
+    return round(x.numel() * max(1.0, math.log2(max(2, x.shape[dim]))))
+
+
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -185,6 +199,10 @@ class _Recorder(TorchDispatchMode):
             kind = "attention"
         elif packet in POOL_OPS:
             kind = "pool"
+        elif packet in SELECT_OPS:
+            kind = "select"
+        elif packet in SORT_OPS:
+            kind = "sort"
         else:
             kind = "elementwise"
         macs = 0
@@ -206,7 +224,9 @@ class _Recorder(TorchDispatchMode):
                 else:
                     record.in_bytes += _nbytes(t)
             record.out_bytes = sum(_nbytes(t) for t in outs)
-            if not macs and outs:
+            if kind in ("select", "sort"):
+                record.work = _select_work(packet, args, kwargs)
+            elif not macs and outs:
                 record.work = outs[0].numel() * (_pool_window(packet, args) if kind == "pool" else 1)
             record.gemms = _gemms(func, args, out)
         record.inputs = tuple(s for s in (_storage(t) for t in ins) if s not in self.params)
@@ -216,8 +236,11 @@ class _Recorder(TorchDispatchMode):
 
 
 @torch.no_grad()
-def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> ModelTrace:
-    """Run ``model`` once in eval mode on a zero batch of ``input_shape`` (batch included) and record it."""
+def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                gathered: bool = True) -> ModelTrace:
+    """Run ``model`` once in eval mode on a zero batch of ``input_shape`` (batch included) and record it.
+    Sparse attention runs in its gather form (the kept links alone, the work the MAC count reports), or with
+    ``gathered=False`` in its masked form (every link computed, the others masked out of the softmax)."""
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -246,7 +269,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dty
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with recorder, gathered_links():  # sparse attention's form that performs exactly the kept links
+        with recorder, gathered_links(gathered):
             model(x)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -14,7 +14,8 @@ attention levels at inference.
 * Attention level: in every block each query keeps only its top ``attention_keep`` fraction of attention
   links (softmax over those). MACs count only the kept links (the traced gather form); training runs the masked
   form of :func:`compress_run.core.tokens.sparse_attention`, which has the same output and is 4.5x faster on CPU,
-  so on CPU the attention level saves no training compute (a sparse-attention kernel would).
+  so on CPU the attention level saves no training compute (a sparse-attention kernel would). Simulated latency
+  takes, per profile, the cheaper of the two forms, and the host latency is measured in the host profile's.
 The method reports the examples every train epoch visited (``epoch_examples``) and its swaps; the training-time
 saving is the run's ``time/train_cpu_s`` (process CPU seconds of the train epochs) against a dense run of the same
 schedule on the same host (the tables put

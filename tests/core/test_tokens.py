@@ -142,6 +142,38 @@ def test_the_report_counts_dense_with_every_token_and_prices_the_pruned_forward_
         assert pruned[f"latency_sim_ms/{name}"] != full[f"latency_sim_ms/{name}"]
 
 
+def test_sparse_attention_is_priced_on_its_cheaper_form_per_profile_and_measured_in_the_host_profiles(monkeypatch):
+    """Sparse attention runs gathered (the kept links only) or masked (every link, the rest masked out): each
+    profile's simulated latency is that of the form it prices cheaper, and the host latency is timed running the
+    form the host profile chose, not whichever form the eager forward happens to use."""
+    import compress_run.core.tokens as tokens
+    import compress_run.hardware.report as report
+    from compress_run.hardware.profile import load_profile
+    from compress_run.hardware.simulator import simulate
+    from compress_run.hardware.trace import trace_model
+
+    profiles = [load_profile("host_cpu"), load_profile("a100")]
+    model = small_vit().eval()
+    attach_token_pruning(model, {2: 0.5}, attention={i: 0.3 for i in range(DEPTH)})
+    timed_forms: list[bool] = []
+    monkeypatch.setattr(report, "model_latency_ms", lambda *a, **k: timed_forms.append(tokens._GATHERED_LINKS) or 1.0)
+    metrics, _ = report.hardware_metrics(model, (1, 8, 8), profiles, profiles[0], batch=4, kernels="simulated")
+    for profile in profiles:
+        priced = {form: simulate(model, trace_model(model, (1, 1, 8, 8), gathered=form == "gathered"), profile)
+                  .total_ms for form in ("gathered", "masked")}
+        assert priced["gathered"] != priced["masked"]  # the two forms are priced apart
+        chosen = min(priced, key=priced.get)
+        assert metrics[f"latency_sim/attention_form/{profile.name}"] == chosen
+        assert metrics[f"latency_sim_ms/{profile.name}"] == round(priced[chosen], 4)
+    host_form = metrics["latency_sim/attention_form/host_cpu"]
+    assert metrics["latency_host/attention_form"] == host_form
+    assert timed_forms == [host_form == "gathered"] * 2  # batch 1 and batch 4
+    assert metrics["model/macs_effective"] == analytic_macs(token_schedule(model, PATCHES), {2})  # kept links
+    plain, _ = report.hardware_metrics(small_vit().eval(), (1, 8, 8), profiles, profiles[0], batch=4,
+                                       kernels="simulated")
+    assert not any("attention_form" in key for key in plain)
+
+
 def test_halving_the_tokens_of_a_deit_tiny_wide_vit_nearly_halves_its_simulated_host_latency():
     """At DeiT-Tiny width on 64 tokens the host is compute-bound and the pruned forward runs about half the
     MACs; on a tiny ViT, or on an A100 at these sizes, the selection's extra ops (scores, sort, gather) cost

@@ -115,3 +115,42 @@ def test_sparse_only_refit_rewrites_sparse_formats_and_keeps_the_rest(tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--threads" in proc.stderr
     assert profile_path.read_text() == text
+
+
+def test_selection_fit_recovers_the_per_element_cost_with_the_hosts_drift_divided_out():
+    from compress_run.hardware.trace import OpRecord
+
+    overhead, per_element, drift = 2e-6, 6e-9, 1.7
+    samples = {cls: [calibrate.Sample(OpRecord("", cls, cls, work=w), drift * (overhead + 5e-6 + w * per_element))
+                     for w in (1e3, 3e4, 2e5, 1e6)] for cls in ("select", "sort")}
+    peaks, class_overhead, errors = calibrate.fit_selection(samples, overhead, drift)
+    assert peaks["select"] == pytest.approx(1e-12 / per_element, rel=1e-6)
+    assert class_overhead["sort"] == pytest.approx(5.0, rel=1e-4) and max(errors.values()) < 1e-6
+
+
+def test_select_only_refit_adds_the_selection_classes_and_keeps_the_rest(tmp_path):
+    import os
+
+    from omegaconf import OmegaConf
+
+    profile_path = tmp_path / "host.yaml"
+    original = (REPO / "conf" / "hardware" / "host_cpu.yaml").read_text()
+    before = OmegaConf.to_container(OmegaConf.create(original))
+    for cls in ("select", "sort"):  # as a profile from before these classes existed
+        before["peak_tflops"]["fp32"].pop(cls, None)
+        before["class_overhead_us"].pop(cls, None)
+    profile_path.write_text(OmegaConf.to_yaml(OmegaConf.create(before)))
+    script = REPO / "scripts" / "calibrate_hardware.py"
+    env = {**os.environ, "OMP_NUM_THREADS": str(before["threads"])}
+    proc = subprocess.run([sys.executable, str(script), "--select-only", "--tiny", "--out", str(profile_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = OmegaConf.to_container(OmegaConf.load(profile_path))
+    load_profile(OmegaConf.load(profile_path))
+    assert after["peak_tflops"]["fp32"]["select"] > 0 and after["peak_tflops"]["fp32"]["sort"] > 0
+    assert after["class_overhead_us"]["select"] >= 0 and after["class_overhead_us"]["sort"] >= 0
+    new = ("select", "sort")
+    after["peak_tflops"]["fp32"] = {k: v for k, v in after["peak_tflops"]["fp32"].items() if k not in new}
+    after["class_overhead_us"] = {k: v for k, v in after["class_overhead_us"].items() if k not in new}
+    assert after == before
+    assert "select/sort classes fitted alone" in profile_path.read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from compress_run.hardware.trace import trace_model
@@ -38,3 +40,27 @@ def test_pooling_work_counts_the_window():
 def test_input_creation_is_not_traced():
     trace = trace_model(nn.Identity(), (1, 3, 8, 8))
     assert not [op for op in trace.ops if op.kind != "view"] and trace.macs == 0
+
+
+class _Select(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x.topk(self.k, dim=-1, sorted=False)[0].sum() + x.sort(dim=-1)[0].sum()
+
+
+def test_top_k_and_sort_are_priced_by_the_elements_they_read_not_the_k_they_return():
+    """A selection's time grows with the elements it scans (E-ViT's attention level takes a top-k over every
+    attention row), so a top-k is a ``select`` op whose work is its input, whatever k; a sort's work is its input
+    x log2 of the sorted length. The GPU profiles, which have no measured class for them, price them as
+    elementwise ops."""
+    from compress_run.hardware.profile import load_profile
+
+    for k in (3, 90):
+        ops = {op.kind: op for op in trace_model(_Select(k), (4, 100)).ops if op.kind in ("select", "sort")}
+        assert ops["select"].op == "topk" and ops["select"].work == 4 * 100
+        assert ops["sort"].work == round(4 * 100 * math.log2(100))
+    a100 = load_profile("a100")
+    assert a100.peak("select") == a100.peak("sort") == a100.peak("elementwise")
