@@ -39,13 +39,12 @@ from rich.table import Table
 from torch import nn
 
 from compress_run.core.compression_info import compression_infos
-from compress_run.core.tokens import gathered_links, has_sparse_attention
+from compress_run.core.tokens import gathered_links
 from compress_run.hardware.macs import count_macs
 from compress_run.hardware.measure import machine_description, model_latency_ms
 from compress_run.hardware.profile import load_profile
-from compress_run.hardware.report import cheapest_form
+from compress_run.hardware.report import attention_forms, cheapest_form
 from compress_run.hardware.simulator import layer_bits
-from compress_run.hardware.trace import trace_model
 from compress_run.methods.evit import EViT
 from compress_run.methods.spvit import SPViT
 from compress_run.models.timm_models import vit
@@ -73,11 +72,8 @@ def variants(build: Callable[[], nn.Module], spvit_keep: list[float]) -> dict[st
 
 def simulated(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...]) -> tuple[str, dict[int, float]]:
     """The attention form host_cpu prices cheaper (or "-" without sparse attention) and its latency per batch."""
-    forms = {"gathered": {b: trace_model(model, (b, *shape)) for b in batches}}
-    if has_sparse_attention(model):
-        forms["masked"] = {b: trace_model(model, (b, *shape), gathered=False) for b in batches}
-    profile = load_profile("host_cpu")
-    form, sims = cheapest_form(forms, profile, compression_infos(model), layer_bits(model))
+    forms = attention_forms(model, shape, batches)
+    form, sims = cheapest_form(forms, load_profile("host_cpu"), compression_infos(model), layer_bits(model))
     return (form if len(forms) > 1 else "-"), {b: sims[b].total_ms for b in batches}
 
 

@@ -141,13 +141,22 @@ def _sizes(tiny: bool) -> dict[str, list]:
 def sweep(tiny: bool = False, progress: Progress = print, min_time_s: float = 0.05,
           passes: int = 1) -> dict[str, list[Sample]]:
     """All microbenchmarks, ``passes`` times; each sample keeps its fastest pass."""
-    best = _sweep_once(tiny, progress, min_time_s)
+    return _fastest_of(passes, lambda i: _sweep_once(tiny, progress if i == 0 else _quiet, min_time_s), progress)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _fastest_of(passes: int, run_once: Callable[[int], dict[str, list[Sample]]],
+                progress: Progress) -> dict[str, list[Sample]]:
+    """``run_once(i)`` for every pass i; each sample keeps its fastest pass (contention only ever adds time)."""
+    best = run_once(0)
     for i in range(1, passes):
         progress(f"pass {i + 1}/{passes}")
-        again = _sweep_once(tiny, lambda _: None, min_time_s)
-        for key, samples in best.items():
-            for j, sample in enumerate(samples):
-                sample.seconds = min(sample.seconds, again[key][j].seconds)
+        for key, samples in run_once(i).items():
+            for kept, sample in zip(best[key], samples, strict=True):
+                kept.seconds = min(kept.seconds, sample.seconds)
     return best
 
 
@@ -218,14 +227,14 @@ def selection_sweep(sizes: dict[str, list], progress: Progress, min_time_s: floa
     return out
 
 
-def fit_selection(samples: dict[str, list[Sample]], kernel_overhead_s: float, drift: float = 1.0
-                  ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Peaks (work/s, in units of 1e12), class overheads (us) and median relative fit errors of ``select`` and
-    ``sort``: ``time = overhead + work / peak``, times divided by ``drift`` (measured / profile time of a
-    reference op class in the same run; 1 in a full calibration)."""
+def fit_work_classes(samples: dict[str, list[Sample]], classes: tuple[str, ...], kernel_overhead_s: float,
+                     drift: float = 1.0) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Peaks (work/s, in units of 1e12), class overheads (us) and median relative fit errors of op classes priced
+    by their ``work`` (pool, select, sort): ``time = overhead + work / peak``, times divided by ``drift``
+    (measured / profile time of a reference op class in the same run; 1 in a full calibration)."""
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     peaks, class_overhead, errors = {}, {}, {}
-    for cls in ("select", "sort"):
+    for cls in classes:
         rows = samples.get(cls, [])
         if not rows:
             continue
@@ -246,22 +255,15 @@ def selection_refit(profile: HardwareConfig, tiny: bool = False, progress: Progr
     sizes = _sizes(tiny)
     torch.manual_seed(0)
     gemms = [(nn.Linear(k, n).eval(), (m, k)) for m, k, n in sizes["gemm"]]
-    best: dict[str, list[Sample]] = {}
-    for i in range(passes):  # contention only adds time: each microbenchmark keeps its fastest pass
-        progress(f"pass {i + 1}/{passes}")
-        current = selection_sweep(sizes, lambda _: None, min_time_s)
-        current["gemm"] = [_measure(linear, shape, min_time_s) for linear, shape in gemms]
-        for key, samples in current.items():
-            if key not in best:
-                best[key] = samples
-            else:
-                for old, new in zip(best[key], samples, strict=True):
-                    old.seconds = min(old.seconds, new.seconds)
+    best = _fastest_of(passes, lambda _: {**selection_sweep(sizes, _quiet, min_time_s),
+                                          "gemm": [_measure(linear, shape, min_time_s) for linear, shape in gemms]},
+                       progress)
     simulated = [Simulator(profile).run(trace_model(linear, shape), {}).total_ms * 1e-3 for linear, shape in gemms]
     ratios = sorted(s.seconds / t for s, t in zip(best["gemm"], simulated, strict=True))
     drift = ratios[len(ratios) // 2]
-    peaks, class_overhead, errors = fit_selection(best, profile.kernel_overhead_us * 1e-6, drift)
-    return {"peak_tflops": {"fp32": {k: round(v, 8) for k, v in peaks.items()}},
+    peaks, class_overhead, errors = fit_work_classes(best, ("select", "sort"), profile.kernel_overhead_us * 1e-6,
+                                                     drift)
+    return {"peak_tflops": {"fp32": {k: _significant(v) for k, v in peaks.items()}},
             "class_overhead_us": {k: round(v, 3) for k, v in class_overhead.items()},
             "fit_median_rel_error": {k: round(v, 3) for k, v in errors.items()}}, drift
 
@@ -407,18 +409,13 @@ def fit(samples: dict[str, list[Sample]], sparse: dict[str, list[SparseSample]],
             operand[cls] = 1e-9 / d
         predicted = [a + 2 * s.op.macs * b + s.op.weight_bytes * c + operand_bytes(s.op) * d for s in rows]
         errors[cls] = med([abs(p / s.seconds - 1) for p, s in zip(predicted, rows, strict=True)])
-    pool = samples["pool"]
-    pool_fixed, per_op, _ = _wls([[1.0] * len(pool), [float(s.op.work) for s in pool], [0.0] * len(pool)],
-                                 [s.seconds for s in pool])
-    peaks["pool"] = 1e-12 / max(per_op, 1e-30)
-    class_overhead["pool"] = max(pool_fixed - overhead, 0.0) * 1e6
-    select_peaks, select_overhead, select_errors = fit_selection(samples, overhead)
-    peaks.update(select_peaks)
-    class_overhead.update(select_overhead)
-    errors.update(select_errors)
+    work_peaks, work_overhead, work_errors = fit_work_classes(samples, ("pool", "select", "sort"), overhead)
+    peaks.update(work_peaks)
+    class_overhead.update(work_overhead)
+    errors.update(work_errors)
     formats, sparse_errors = fit_sparse_formats(sparse, peaks)
     errors.update(sparse_errors)
-    return {"peak_tflops": {"fp32": {k: round(v, 5) for k, v in peaks.items()}},
+    return {"peak_tflops": {"fp32": {k: _significant(v) for k, v in peaks.items()}},
             "memory_gbps": round(bw_dram / 1e9, 2), "onchip_gbps": round(bw_onchip / 1e9, 2),
             "onchip_mb": onchip_mb, "kernel_overhead_us": round(overhead * 1e6, 3),
             "class_overhead_us": {k: round(v, 3) for k, v in class_overhead.items()},
@@ -426,6 +423,11 @@ def fit(samples: dict[str, list[Sample]], sparse: dict[str, list[SparseSample]],
             "operand_gbps": {k: round(v, 3) for k, v in operand.items()},
             "view_overhead_us": round(view * 1e6, 3), "module_overhead_us": round(module * 1e6, 3),
             "sparse_formats": formats, "fit_median_rel_error": {k: round(v, 3) for k, v in errors.items()}}
+
+
+def _significant(value: float) -> float:
+    """Five significant digits: the slow classes (pool, select: ~1e-4 TFLOP/s) keep their precision."""
+    return float(f"{value:.5g}")
 
 
 def fit_sparse_formats(sparse: dict[str, list[SparseSample]],

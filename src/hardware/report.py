@@ -38,7 +38,7 @@ from compress_run.hardware.macs import mac_report
 from compress_run.hardware.measure import model_latency_ms
 from compress_run.hardware.profile import HardwareConfig
 from compress_run.hardware.simulator import Simulation, Simulator, layer_bits
-from compress_run.hardware.trace import trace_model
+from compress_run.hardware.trace import ModelTrace, trace_model
 from compress_run.kernels.fold import fold_batchnorm
 from compress_run.kernels.gather_scatter import GSConv2d, GSLinear
 from compress_run.kernels.select import to_fastest
@@ -50,12 +50,10 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
                      repeats: int = 20, kernels: str = "measured"
                      ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Flat metrics (the first profile is the run's primary hardware) and batch-1 per-layer rows per profile."""
-    traces = {1: trace_model(net, (1, *sample_shape)), batch: trace_model(net, (batch, *sample_shape))}
+    forms = attention_forms(net, sample_shape, (1, batch))  # each profile is priced on its cheaper form
+    traces = forms["gathered"]
     infos = compression_infos(net)  # read the masks once for every view and profile
     bits = layer_bits(net)
-    forms = {"gathered": traces}  # sparse attention's two forms: each profile is priced on its cheaper one
-    if has_sparse_attention(net):
-        forms["masked"] = {b: trace_model(net, (b, *sample_shape), gathered=False) for b in traces}
     macs = mac_report(net, traces[1], infos)
     if has_token_pruning(net):  # the dense view keeps every token; the effective view is the forward that runs
         with every_token_kept(net):
@@ -69,8 +67,9 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     if traces[1].unpriced_ops:  # MAC work no formula covers: the counts above are too low by that much
         metrics["model/unpriced_ops"] = traces[1].unpriced_ops
     per_layer: dict[str, list[dict[str, Any]]] = {}
+    priced: dict[str, tuple[str, dict[int, Simulation]]] = {}
     for i, profile in enumerate(profiles):
-        form, sims = cheapest_form(forms, profile, infos, bits)
+        form, sims = priced[profile.name] = cheapest_form(forms, profile, infos, bits)
         if len(forms) > 1:
             metrics[f"latency_sim/attention_form/{profile.name}"] = form
         executed = round(sims[1].macs("executed"))
@@ -91,7 +90,7 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
         executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute
         metrics["latency_host/batchnorm"] = folding
-        host_form, host_sims = cheapest_form(forms, host, infos, bits)
+        host_form, host_sims = priced.get(host.name) or cheapest_form(forms, host, infos, bits)
         if kernels == "measured":
             choice = choose_kernels(executed, sample_shape)
             deployed = to_fastest(executed, choice)
@@ -113,7 +112,17 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
     return metrics, per_layer
 
 
-def cheapest_form(forms: dict[str, dict[int, Any]], profile: HardwareConfig, infos: dict[str, Any],
+def attention_forms(net: nn.Module, sample_shape: tuple[int, ...], batches: tuple[int, ...]
+                    ) -> dict[str, dict[int, ModelTrace]]:
+    """Traces per batch size of each form ``net`` can run: ``gathered`` (sparse attention doing the kept links
+    only; the form the MAC count reports) and, when it has sparse attention, ``masked``."""
+    forms = {"gathered": {b: trace_model(net, (b, *sample_shape)) for b in batches}}
+    if has_sparse_attention(net):
+        forms["masked"] = {b: trace_model(net, (b, *sample_shape), gathered=False) for b in batches}
+    return forms
+
+
+def cheapest_form(forms: dict[str, dict[int, ModelTrace]], profile: HardwareConfig, infos: dict[str, Any],
                   bits: dict[str, Any]) -> tuple[str, dict[int, Simulation]]:
     """The form (of sparse attention: ``gathered`` or ``masked``) whose batch-1 trace ``profile`` prices lowest,
     with its simulations at every traced batch size; a network without sparse attention has one form."""

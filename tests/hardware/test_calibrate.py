@@ -123,7 +123,7 @@ def test_selection_fit_recovers_the_per_element_cost_with_the_hosts_drift_divide
     overhead, per_element, drift = 2e-6, 6e-9, 1.7
     samples = {cls: [calibrate.Sample(OpRecord("", cls, cls, work=w), drift * (overhead + 5e-6 + w * per_element))
                      for w in (1e3, 3e4, 2e5, 1e6)] for cls in ("select", "sort")}
-    peaks, class_overhead, errors = calibrate.fit_selection(samples, overhead, drift)
+    peaks, class_overhead, errors = calibrate.fit_work_classes(samples, ("select", "sort"), overhead, drift)
     assert peaks["select"] == pytest.approx(1e-12 / per_element, rel=1e-6)
     assert class_overhead["sort"] == pytest.approx(5.0, rel=1e-4) and max(errors.values()) < 1e-6
 
