@@ -11,15 +11,17 @@ quantization error, searched over a grid of fractions of the largest magnitude).
 
 Smoothing (SmoothQuant, Xiao et al., ICML 2023) moves activation outliers into the weights: with
 s_j = max|X_j|^α / max|W_:,j|^(1-α) per input channel j, X' = X·diag(s)^-1 and W' = W·diag(s) give the same
-product X'W'ᵀ = XWᵀ, and both sides are quantized with per-channel/per-tensor scales. :func:`best_alpha` picks
-α per layer by the error on both sides (the weight's and the activation's quantization together: the
-output error of the quantized product), which is the bi-smoothing of the LLaMA3-70B study.
+product X'W'ᵀ = XWᵀ, and both sides are quantized with per-channel/per-tensor scales (the form of SmoothQuant's
+released code: mit-han-lab/smoothquant — smoothquant/smooth.py: smooth_ln_fcs). :func:`best_alpha` picks α per
+layer by the error on both sides (the weight's and the activation's quantization together: the output error of
+the quantized product, each side at its own bit width), our reading of the bi-smoothing of the LLaMA3-70B study
+(Qin 2024, whose method section and code we could not reach).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -124,25 +126,37 @@ def smoothing_scales(activation_absmax: torch.Tensor, weight: torch.Tensor, alph
     return s.clamp_min(1e-5)
 
 
-def product_error(x: torch.Tensor, weight: torch.Tensor, bits: int, granularity: str = "channel",
-                  group_size: int = 128, scales: torch.Tensor | None = None) -> float:
-    """Relative squared error of the quantized product Q(X/s)·Q(W·s)ᵀ against X·Wᵀ (``x`` [N, in], per-tensor
-    minmax activations, ``weight`` [out, in] at ``granularity``; s = 1 without ``scales``)."""
-    s = torch.ones(weight.shape[1], dtype=x.dtype) if scales is None else scales
+def product_error(x: torch.Tensor, weight: torch.Tensor, *, weight_bits: int, input_bits: int,
+                  granularity: str = "channel", group_size: int = 128, scales: torch.Tensor | None = None,
+                  input_scale: torch.Tensor | None = None) -> float:
+    """Relative squared error of the quantized product Q(X/s)·Q(W·s)ᵀ against X·Wᵀ (``x`` [N, in], ``weight``
+    [out, in]; s = 1 without ``scales``): the input at ``input_bits`` with one per-tensor scale (``input_scale``;
+    by default the largest magnitude of X/s), the weight at ``weight_bits`` with scales at ``granularity``."""
+    s = torch.ones(weight.shape[1], dtype=x.dtype, device=x.device) if scales is None else scales
     xs, ws = x / s, weight * s
-    xq = fake_quantize(xs, activation_scale(xs, bits), bits)
-    wq = fake_quantize_weight(ws, bits, granularity, group_size)
+    scale = activation_scale(xs, input_bits) if input_scale is None else input_scale
+    xq = fake_quantize(xs, scale, input_bits)
+    wq = fake_quantize_weight(ws, weight_bits, granularity, group_size)
     reference = x @ weight.T
     return float((xq @ wq.T - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
 
 
-def best_alpha(x: torch.Tensor, weight: torch.Tensor, bits: int, alphas: Sequence[float],
-               granularity: str = "channel", group_size: int = 128) -> tuple[float, dict[float, float]]:
-    """Bi-smoothing: the α of ``alphas`` whose smoothing gives the least output error of the quantized product
-    (weight and activation quantization together), and the error of every α."""
-    absmax = x.detach().abs().amax(dim=0)
-    errors = {float(a): product_error(x, weight, bits, granularity, group_size, smoothing_scales(absmax, weight, a))
-              for a in alphas}
+def best_alpha(x: torch.Tensor, weight: torch.Tensor, alphas: Sequence[float], *, weight_bits: int,
+               input_bits: int, granularity: str = "channel", group_size: int = 128,
+               absmax: torch.Tensor | None = None,
+               input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, dict[float, float]]:
+    """Bi-smoothing: the α of ``alphas`` whose smoothing gives the least output error of the quantized product on
+    the rows ``x`` — the weight at ``weight_bits`` and ``granularity``, the input at ``input_bits`` — and the
+    error of every α. ``absmax`` is the per-channel input maximum the smoothing vector is built from (default:
+    that of ``x``); ``input_scale`` maps a smoothing vector s to the input's per-tensor scale after dividing by s
+    (default: the largest magnitude of X/s), so the search scores the quantizer that will be applied."""
+    peak = x.detach().abs().amax(dim=0) if absmax is None else absmax
+    errors = {}
+    for a in alphas:
+        s = smoothing_scales(peak, weight, a)
+        errors[float(a)] = product_error(x, weight, weight_bits=weight_bits, input_bits=input_bits,
+                                         granularity=granularity, group_size=group_size, scales=s,
+                                         input_scale=None if input_scale is None else input_scale(s))
     return min(errors, key=errors.__getitem__), errors
 
 

@@ -22,9 +22,12 @@ head importance (a squeeze-and-excitation MLP on the heads' mean activations).
   highest keep probability (in their original order), ``relative_keep`` being its cumulative target over the
   previous selector's, and runs attention and MLP on the shorter sequence; the MAC counter and the simulator,
   which trace this forward, count and price what runs.
-* Package token: the tokens a selector drops are merged into one token, their mean weighted by keep probability,
-  added to the previous selectors' package token; it is appended at the end of the sequence by the first
-  selector and always kept, so dropped information still reaches later blocks.
+* Package tokens: each selector appends a new token at the end of the sequence, the sum of the patch tokens it
+  drops weighted by their keep probabilities (not normalised), so after three selectors the sequence ends in three
+  package tokens (PeiyanFlying/SPViT ``vit_l2_3keep_senet.py``: ``VisionTransformerDiffPruning.forward``,
+  ``represent_token = sum(spatial_x * softmax_score * hard_drop_decision)`` and ``x = cat(x, represent_token)``).
+  Package tokens are always kept; a later selector scores them with the patch tokens (they count in its global
+  context, as in the authors' ``prev_decision``) and its decision for them is forced to keep.
 
 Every block from the first selector on is switched by a class swap (:class:`SoftTokenBlock` subclasses timm's
 ``Block``), so the unpruned network's parameter names stay; selectors are children ``token_selector`` of their
@@ -128,6 +131,7 @@ class SoftTokenBlock(Block):
     token_pruning_on: bool = True
     token_flow: TokenFlow
     starts_flow: bool
+    packages_in: int  # package tokens at the end of the sequence reaching this block
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -141,41 +145,44 @@ class SoftTokenBlock(Block):
         if selector is not None:
             x = self.soft_select(x, selector)
         policy = self.token_flow.policy
-        ones = policy.new_ones(policy.shape[0], 1)
-        attended = policy_attention(self.attn, self.norm1(x), torch.cat([ones, policy, ones], dim=1))
+        packages = self.packages_in + (1 if selector is not None else 0)
+        attended = policy_attention(self.attn, self.norm1(x), torch.cat(
+            [policy.new_ones(policy.shape[0], 1), policy, policy.new_ones(policy.shape[0], packages)], dim=1))
         x = x + self.drop_path1(self.ls1(attended))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def selector(self) -> TokenSelector | None:
         return self._modules.get("token_selector")
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Class token, patch tokens, and the package token (None before the first selector has made it)."""
-        if self.starts_flow:
-            return x[:, :1], x[:, 1:], None
-        return x[:, :1], x[:, 1:-1], x[:, -1:]
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class token, patch tokens, and the package tokens the selectors before this block appended."""
+        end = x.shape[1] - self.packages_in
+        return x[:, :1], x[:, 1:end], x[:, end:]
 
     def soft_select(self, x: torch.Tensor, selector: TokenSelector) -> torch.Tensor:
-        cls, patches, package = self.split(x)
+        cls, patches, packages = self.split(x)
         previous = patches.new_ones(patches.shape[:2]) if self.starts_flow else self.token_flow.policy
-        log_probs, keep_probs = selector(patches, previous)
-        keep = F.gumbel_softmax(log_probs, tau=float(selector.temperature), hard=True)[..., 0] * previous
-        merged = package_token(patches, keep_probs * (previous - keep))
+        scored = torch.cat([patches, packages], dim=1)
+        log_probs, keep_probs = selector(scored, torch.cat([previous, previous.new_ones(packages.shape[:2])], dim=1))
+        count = patches.shape[1]  # the package tokens' decisions are forced to keep: only the patches' are drawn
+        sample = F.gumbel_softmax(log_probs, tau=float(selector.temperature), hard=True)[:, :count, 0]
+        keep = sample * previous
+        merged = package_token(patches, keep_probs[:, :count] * (previous - keep))
         self.token_flow.policy = keep
         selector.record(keep.mean(1))
-        return torch.cat([cls, patches, merged if package is None else package + merged], dim=1)
+        return torch.cat([cls, patches, packages, merged], dim=1)
 
     def drop_tokens(self, x: torch.Tensor, selector: TokenSelector) -> torch.Tensor:
-        cls, patches, package = self.split(x)
-        _, keep_probs = selector(patches, None)
+        cls, patches, packages = self.split(x)
+        _, keep_probs = selector(torch.cat([patches, packages], dim=1), None)
+        keep_probs = keep_probs[:, :patches.shape[1]]
         order = keep_probs.argsort(dim=1, descending=True)
         kept = kept_count(patches.shape[1], float(selector.relative_keep))
         kept_idx, dropped_idx = order[:, :kept].sort(dim=1).values, order[:, kept:]
         dim = patches.shape[-1]
         merged = package_token(patches.gather(1, dropped_idx[..., None].expand(-1, -1, dim)),
                                keep_probs.gather(1, dropped_idx))
-        parts = [cls, patches.gather(1, kept_idx[..., None].expand(-1, -1, dim))]
-        return torch.cat([*parts, merged if package is None else package + merged], dim=1)
+        return torch.cat([cls, patches.gather(1, kept_idx[..., None].expand(-1, -1, dim)), packages, merged], dim=1)
 
     def prunes_tokens(self) -> bool:
         return self.selector() is not None
@@ -183,8 +190,8 @@ class SoftTokenBlock(Block):
     def token_counts(self, tokens: int) -> dict[str, int]:
         selector = self.selector()
         if selector is not None:
-            patches = tokens - 1 if self.starts_flow else tokens - 2
-            tokens = kept_count(patches, float(selector.relative_keep)) + 2
+            patches = tokens - 1 - self.packages_in
+            tokens = 1 + kept_count(patches, float(selector.relative_keep)) + self.packages_in + 1
         return {"attention": tokens, "links": tokens, "mlp": tokens}
 
 
@@ -194,9 +201,9 @@ def is_selector_parameter(name: str) -> bool:
 
 
 def package_token(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The ``weights``-weighted mean of ``tokens`` (batch, n, dim) as one token (zero where all weights are 0)."""
-    total = weights.sum(1)[:, None, None]
-    return (weights[..., None] * tokens).sum(1, keepdim=True) / total.clamp_min(EPS)
+    """The ``weights``-weighted sum of ``tokens`` (batch, n, dim) as one token (SPViT's package token: the dropped
+    tokens weighted by their keep probabilities, not normalised)."""
+    return (weights[..., None] * tokens).sum(1, keepdim=True)
 
 
 def policy_attention(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
@@ -243,6 +250,7 @@ def attach_soft_token_pruning(model: nn.Module, targets: Mapping[int, float], lo
                              "Block (token pruning of another kind is already attached?)")
         block.__class__ = SoftTokenBlock
         block.token_flow, block.starts_flow, block.token_pruning_on = flow, index == order[0], True
+        block.packages_in = sum(1 for selector_block in order if selector_block < index)
         if index in targets:
             parameter = block.norm1.weight
             block.token_selector = TokenSelector(

@@ -12,9 +12,10 @@ real input at batch 1 (CSR, BSR, gather-scatter or dense; :mod:`compress_run.ker
 follows a conv or linear layer is folded into it (:mod:`compress_run.kernels.fold`, as ONNX Runtime and other
 inference runtimes do; ``latency_host/batchnorm`` says what was folded, or why nothing was).
 
-Sparse attention (a query keeping only its top links, E-ViT's attention level) has two forms with the same
-output (:func:`compress_run.core.tokens.sparse_attention`): ``gathered`` does only the kept links (gathering
-their values), ``masked`` computes every link and masks the others out of the softmax. The MAC count is the
+Masked attention (E-ViT's attention level: patch queries keeping only the links of a mask built at an earlier
+block) has two forms with the same output (:func:`compress_run.core.tokens.linked_attention`): ``gathered`` does
+only the kept links (gathering their keys and values), ``masked`` computes every link and masks the others out of
+the softmax. The MAC count is the
 gathered form's (the kept links); each profile is priced on the form it runs faster
 (``latency_sim/attention_form/<profile>``), and the host latency is measured running the form the host profile
 chose (``latency_host/attention_form``), so the simulated and the measured latency are of the same computation.

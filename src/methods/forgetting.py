@@ -29,12 +29,16 @@ def least_forgotten(forgotten: torch.Tensor, learned: torch.Tensor, n: int, gene
     return order[:n]
 
 
+def train_batches(trainer: L.Trainer) -> int:
+    """Batches an epoch of the train loader now runs (after examples were excluded or included)."""
+    batches = len(trainer.train_dataloader)
+    limit = trainer.limit_train_batches
+    return max(1, min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit))
+
+
 def steps_per_epoch(trainer: L.Trainer) -> int:
     """Optimizer steps an epoch of the train loader now takes (after examples were excluded or included)."""
-    steps = len(trainer.train_dataloader)
-    limit = trainer.limit_train_batches
-    steps = min(steps, int(limit)) if isinstance(limit, int) else int(steps * limit)
-    return max(1, steps // trainer.accumulate_grad_batches)
+    return max(1, train_batches(trainer) // trainer.accumulate_grad_batches)
 
 
 class ForgettingCounter(L.Callback):
@@ -70,6 +74,12 @@ class ForgettingCounter(L.Callback):
         self.forgotten[positions] += (self.last_correct[positions] & ~correct).long()
         self.last_correct[positions] = correct
         self.learned[positions] |= correct
+
+    def reset_counts(self) -> None:
+        """Forget the statistics so far: counting starts again at the next visit of each example."""
+        for counts in (self.forgotten, self.last_correct, self.learned):
+            if counts is not None:
+                counts.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         return {"forgotten": self.forgotten, "last_correct": self.last_correct, "learned": self.learned}

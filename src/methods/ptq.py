@@ -1,21 +1,30 @@
 """Post-training quantization (W8A8 and lower): per-channel or per-group weights, static per-tensor activations
-calibrated on the train split, SmoothQuant smoothing (Xiao et al., "SmoothQuant", ICML 2023) and the two fixes
-of the LLaMA3-70B W8A8 study (Qin, "The Uniqueness of LLaMA3-70B Series with Per-Channel Quantization", 2024):
-mixed granularity (per-group for the few layers whose quantization error is worst) and bi-smoothing (the
-smoothing strength chosen per layer by the error on both sides).
+calibrated on the train split, SmoothQuant smoothing (Xiao et al., "SmoothQuant: Accurate and Efficient
+Post-Training Quantization for Large Language Models", ICML 2023) and the two fixes of the LLaMA3-70B W8A8
+study (Qin, "The Uniqueness of LLaMA3-70B Series with Per-Channel Quantization", arXiv 2408.15301, 2024): mixed
+granularity (per-group for the few layers whose quantization error is worst) and bi-smoothing (the smoothing
+strength chosen per layer by the error on both sides).
+
+Reference code: mit-han-lab/smoothquant — smoothquant/smooth.py: smooth_ln_fcs (s_j = max|X_j|^α /
+max|W_:,j|^(1-α), clamped at 1e-5; the input divided by s, the weight's columns multiplied by s) and
+smoothquant/fake_quant.py: quantize_weight_per_channel_absmax (symmetric absmax scales, round to nearest).
+We found no released code of the study; bi-smoothing appears in its v2, of which only the abstract was
+reachable ("balances quantization errors between weights and activations while maintaining per-channel
+quantization"), which we implement as a per-layer α search (ours).
 
 Algorithm: one pass over ``calib_size`` train images records, for every conv/linear layer, the per-channel
 maximum of its input, a random sample of input rows (one row = one token / pixel across the input channels)
 and the inputs of the first ``error_images`` images. Per layer: (1) smoothing of linear layers (none /
 ``smoothquant`` with one α / ``bi``: the α of ``alphas`` with the least output error of the quantized product
-on the sampled rows), s_j = max|X_j|^α / max|W_:,j|^(1-α), the input divided by s and the weight's columns
-multiplied by s (the float product is unchanged); (2) the input's per-tensor scale from ``calibration``
-(minmax: exact over the whole calibration set; percentile / mse on the sampled rows); (3) the layer's output
-error ‖y_q − y‖² / ‖y‖² on the first images' inputs with weights at ``granularity``. The ``mixed_fraction`` of
-layers with the largest error take per-group weights (``group_size``) instead; then every layer's weight is
-rounded to its grid and its input is rounded at every call (fake quantization: the arithmetic of an int8
-kernel with symmetric scales, run in float). Masks, compacted shapes and factorized layers stay as they are:
-each of their conv/linear layers is quantized like any other (a pruned weight stays exactly zero).
+on the sampled rows, scored with the quantizer that will be applied: weights at ``weight_bits`` and
+``granularity``, inputs at ``input_bits`` with this run's ``calibration`` of X/s), s from the calibration set's
+per-channel maximum as above (the float product is unchanged); (2) the input's per-tensor scale from
+``calibration`` (minmax: exact over the whole calibration set; percentile / mse on the sampled rows); (3) the
+layer's output error ‖y_q − y‖² / ‖y‖² on the first images' inputs with weights at ``granularity``. The
+``mixed_fraction`` of layers with the largest error take per-group weights (``group_size``) instead; then every
+layer's weight is rounded to its grid and its input is rounded at every call (fake quantization: the arithmetic
+of an int8 kernel with symmetric scales, run in float). Masks, compacted shapes and factorized layers stay as
+they are: each of their conv/linear layers is quantized like any other (a pruned weight stays exactly zero).
 
 Config keys (conf/quant/*.yaml; schema base_quant_ptq):
 * ``weight_bits`` (8), ``input_bits`` (8): integer widths, 2..8.
@@ -31,10 +40,16 @@ Config keys (conf/quant/*.yaml; schema base_quant_ptq):
 * ``max_rows`` (4096), ``error_images`` (8): sampled input rows per layer; images whose layer inputs measure
   the error.
 
-Deviations: smoothing applies to linear layers only (SmoothQuant's setting; a conv's input channels would need
-the scale folded into the preceding layer); the study's bi-smoothing is read as the per-layer α search on the
-joint error; the quantized model runs in float with values on the integer grids (the int8 kernels that would
-execute it are priced by the simulator).
+Deviations (all ours): bi-smoothing as a grid search of α on the quantized product's output error (the study's
+method section was unreachable); smoothing applies to linear layers only, one vector per layer, applied by
+dividing the layer's input (SmoothQuant folds s into the preceding LayerNorm and shares one s, built from the
+largest weight maximum, across the layers that read it); inputs take one static per-tensor scale calibrated
+once (SmoothQuant's released fake quantizer also offers dynamic per-token / per-tensor scales); the maxima are
+clamped at 1e-8 before the power (SmoothQuant: the weight's at 1e-5; only channels below 1e-5 differ); the
+mixed-granularity layers are chosen by measured output error (the study chose them from the weight
+distributions); a layer moved to per-group weights keeps the α its per-channel search chose; the quantized
+model runs in float with values on the integer grids (the int8 kernels that would execute it are priced by the
+simulator).
 """
 
 from __future__ import annotations
@@ -195,22 +210,21 @@ class PTQ(LayerQuantizer):
         plans: dict[str, dict[str, Any]] = {}
         for name, module in layers.items():
             rec = records[name]
+            smoothed = self.smoothing != "none" and isinstance(module, nn.Linear)
+            rows = rec.sample() if (smoothed and self.smoothing == "bi") or self.calibration != "minmax" else None
             smooth, alpha = None, None
-            if self.smoothing != "none" and isinstance(module, nn.Linear):
+            if smoothed:
                 weight = module.weight.detach().float().cpu()
+                absmax = rec.absmax.cpu()
                 if self.smoothing == "bi":
-                    alpha, _ = best_alpha(rec.sample(), weight, self.input_bits, self.alphas, self.granularity,
-                                          self.group_size)
+                    alpha, _ = best_alpha(rows, weight, self.alphas, weight_bits=self.weight_bits,
+                                          input_bits=self.input_bits, granularity=self.granularity,
+                                          group_size=self.group_size, absmax=absmax,
+                                          input_scale=lambda s, rec=rec, rows=rows: self.input_scale(rec, rows, s))
                 else:
                     alpha = self.alpha
-                smooth = smoothing_scales(rec.absmax.cpu(), weight, alpha).to(device)
-            if self.calibration == "minmax":
-                peak = (rec.absmax if smooth is None else rec.absmax / smooth).max()
-                scale = torch.clamp(peak / qmax(self.input_bits), min=1e-12)
-            else:
-                rows = rec.sample().to(device)
-                scale = activation_scale(rows if smooth is None else rows / smooth, self.input_bits,
-                                         self.calibration, self.percentile)
+                smooth = smoothing_scales(absmax, weight, alpha).to(device)
+            scale = self.input_scale(rec, rows, smooth)
             inputs = torch.cat(rec.first)
             error = output_error(module, inputs, smooth, scale, self.weight_bits, self.input_bits,
                                  self.granularity, self.group_size)
@@ -237,6 +251,19 @@ class PTQ(LayerQuantizer):
             "calib_images": sum(len(b) for b in batches),
         }
         return model
+
+    def input_scale(self, rec: LayerInputs, rows: torch.Tensor | None, smooth: torch.Tensor | None) -> torch.Tensor:
+        """The input's per-tensor scale once divided by ``smooth``: minmax exact over the calibration set,
+        percentile / mse on the sampled ``rows`` (computed where ``smooth`` lives)."""
+        device = rec.absmax.device if smooth is None else smooth.device
+        if self.calibration == "minmax":
+            peak = rec.absmax.to(device)
+            peak = (peak if smooth is None else peak / smooth).max()
+            return torch.clamp(peak / qmax(self.input_bits), min=1e-12)
+        assert rows is not None
+        rows = rows.to(device)
+        return activation_scale(rows if smooth is None else rows / smooth, self.input_bits, self.calibration,
+                                self.percentile)
 
     def summary(self) -> dict[str, Any]:
         return {"kind": "ptq", "weight_bits": self.weight_bits, "input_bits": self.input_bits,

@@ -1,17 +1,23 @@
 """SPViT — latency-aware soft token pruning of vision transformers (Kong, Dong, Ma, Meng, Niu, Sun, Shen, Yuan,
 Ren, Tang, Qin, Wang, "SPViT: Enabling Faster Vision Transformers via Latency-aware Soft Token Pruning", ECCV 2022).
 
-Algorithm: a trained ViT gets a token selector before each of a few blocks (compress stage); fine-tuning then
-trains the network and the selectors together. Each selector scores the patch tokens per head (a local feature of
-the token and a global one of the tokens still kept, through a small MLP per head, the heads weighted by a
-per-token importance), samples hard keep/drop decisions with Gumbel-softmax, and the blocks from the first
-selector on attend only to the kept tokens (masked attention; nothing leaves the sequence while training). The
-tokens a selector drops are merged into one *package token*, their mean weighted by keep probability, which
-every later block sees. The loss is the task loss (distilled from the unpruned network through the shared
-``distill.*`` path when the run sets it) plus ``ratio_weight`` times the mean squared gap between each selector's
-kept fraction and its cumulative target. At inference each selector really drops tokens: it keeps its share of
-the highest-scoring ones, so the measured latency, the MACs and the simulated latency are those of the shorter
-sequence (:mod:`compress_run.core.soft_tokens`).
+Reference code: PeiyanFlying/SPViT (the paper's method section was not reachable here) —
+``vit_l2_3keep_senet.py``: ``VisionTransformerDiffPruning.forward`` (selectors, Gumbel decisions, package tokens),
+``MultiheadPredictorLG`` (the selector), ``Attention.softmax_with_policy`` (masked attention); ``losses.py``:
+``DistillDiffPruningLoss`` (ratio and distillation terms); ``main_l2_vit_3keep_senet.py`` (learning rates).
+
+Algorithm: a trained ViT gets a token selector before each of a few blocks (compress stage); fine-tuning then trains
+the network and the selectors together. Each selector scores the patch tokens per head (a local feature of the token
+and a global one of the tokens still kept, through a small MLP per head, the heads weighted by a per-token
+importance), samples hard keep/drop decisions with Gumbel-softmax, and the blocks from the first selector on attend
+only to the kept tokens (masked attention; nothing leaves the sequence while training). The tokens a selector drops
+are merged into a new *package token* appended to the sequence, their sum weighted by keep probability (one per
+selector, always kept; PeiyanFlying/SPViT ``vit_l2_3keep_senet.py``: ``VisionTransformerDiffPruning.forward``). The
+loss is the task loss (distilled from the unpruned network through the shared ``distill.*`` path when the run sets
+it) plus ``ratio_weight`` times the mean squared gap between each selector's kept fraction and its cumulative
+target. At inference each selector really drops tokens: it keeps its share of the highest-scoring ones, so the
+measured latency, the MACs and the simulated latency are those of the shorter sequence
+(:mod:`compress_run.core.soft_tokens`).
 
 Config keys (conf/method/spvit.yaml):
 * ``keep_targets`` ([0.617, 0.369, 0.137]): cumulative fraction of the patch tokens kept from each selector on
@@ -30,16 +36,15 @@ Config keys (conf/method/spvit.yaml):
   an image), so the network learned to live with random drops: ranking the tokens at random scored 77.8%,
   the selectors' ranking 74.6%, on 5000 test images.
 
-Distillation: the paper adds 0.5 x a distillation loss to CE; ``distill.teacher=train distill.alpha=0.333``
-weights CE and distillation 2:1, which is the paper's CE + 0.5 x KD up to a factor 1.5 on the loss (the LR
-absorbs it). The paper also distils the kept tokens' features (DynamicViT's token distillation); that term is
-not implemented.
+Distillation: the authors add 0.5 x a per-example KL to CE (``losses.py``: ``DistillDiffPruningLoss``);
+``distill.teacher=train distill.kind=soft_batchmean distill.alpha=0.333`` weights CE and that KL 2:1, which is their
+CE + 0.5 x KD up to a factor 1.5 on the loss (the LR absorbs it). The paper also distils the kept tokens' features
+(DynamicViT's token distillation); that term is not implemented.
 
 Choices where the paper leaves a detail open, and deviations: a new selector starts at its target (its decision
 biases give each token a keep probability near its relative target; see :mod:`compress_run.core.soft_tokens`
 for why); each head has its own scoring MLP (the authors'
-code builds the list from one module, so its heads share weights); the package token is excluded from scoring
-(always kept) instead of being scored and then forced kept; inference keeps a fixed number of tokens per
+code builds the list from one module, so its heads share weights); inference keeps a fixed number of tokens per
 selector, ``ceil(relative x patches reaching it)`` with ``relative`` = its target over the previous selector's
 (DynamicViT's inference; the authors' evaluation keeps the sampled decisions under a mask, which saves nothing),
 so a batch runs one sequence length and the MAC count is per-sample exact. After the freeze the backbone's LR

@@ -79,9 +79,44 @@ def test_smoothing_keeps_the_product_and_balances_the_ranges():
     torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
     smoothed = (x / s).abs().amax(0)
     assert smoothed.max() / smoothed.median() < x.abs().amax(0).max() / x.abs().amax(0).median() / 5
-    alpha, errors = best_alpha(x, w, 8, [0.0, 0.25, 0.5, 0.75, 1.0])
-    assert errors[alpha] < product_error(x, w, 8) / 2  # smoothing halves the W8A8 error at least
+    alpha, errors = best_alpha(x, w, [0.0, 0.25, 0.5, 0.75, 1.0], weight_bits=8, input_bits=8)
+    assert errors[alpha] < product_error(x, w, weight_bits=8, input_bits=8) / 2  # halves the W8A8 error at least
     assert 0.0 < alpha < 1.0  # both sides matter: neither extreme is best
+
+
+def w4a8_error(x: torch.Tensor, w: torch.Tensor, alpha: float, weight_bits: int = 4, input_bits: int = 8) -> float:
+    """The quantized product's relative error, written out independently: SmoothQuant's s (maxima clamped as in
+    smoothing_scales), X/s at ``input_bits`` with its absmax scale, W·s at ``weight_bits`` per output row."""
+    s = (x.abs().amax(0).clamp_min(1e-8) ** alpha / w.abs().amax(0).clamp_min(1e-8) ** (1 - alpha)).clamp_min(1e-5)
+    xs, ws = x / s, w * s
+    top_x, top_w = 2 ** (input_bits - 1) - 1, 2 ** (weight_bits - 1) - 1
+    step_x = xs.abs().max() / top_x
+    step_w = ws.abs().amax(1, keepdim=True) / top_w
+    xq = (xs / step_x).round().clamp(-top_x - 1, top_x) * step_x
+    wq = (ws / step_w).round().clamp(-top_w - 1, top_w) * step_w
+    ref = x @ w.T
+    return float((xq @ wq.T - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def test_bi_smoothing_scores_each_side_at_its_own_width():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 20.0  # activation outlier channels: at W8A8 most of the range moves into the weights
+    w = torch.randn(32, 64, generator=g) * 0.05
+    alphas = [round(0.1 * k, 1) for k in range(11)]
+    w4a8 = {a: w4a8_error(x, w, a) for a in alphas}
+    w8a8 = {a: w4a8_error(x, w, a, weight_bits=8) for a in alphas}
+    alpha, errors = best_alpha(x, w, alphas, weight_bits=4, input_bits=8)
+    assert alpha == min(w4a8, key=w4a8.__getitem__)
+    assert errors == pytest.approx(w4a8, rel=1e-4)
+    # int4 weights cannot take the outliers W8A8 would move into them: a smaller α, and the W8A8 choice (what
+    # the search picked when it quantized the weights at the input width) has over twice the W4A8 error
+    w8a8_alpha = min(w8a8, key=w8a8.__getitem__)
+    assert best_alpha(x, w, alphas, weight_bits=8, input_bits=8)[0] == w8a8_alpha
+    assert alpha <= w8a8_alpha - 0.3 and w4a8[w8a8_alpha] > 2 * w4a8[alpha]
+    # and the other way round: 8-bit weights with 6-bit inputs favour moving more into the weights
+    assert best_alpha(x, w, alphas, weight_bits=8, input_bits=6)[0] > best_alpha(x, w, alphas, weight_bits=6,
+                                                                                   input_bits=6)[0]
 
 
 def test_mixed_granularity_picks_the_worst_layers_within_the_budget():

@@ -1,5 +1,6 @@
-"""SPViT's soft token pruning: masked attention sees only the kept tokens, the package token is the keep-probability
-weighted mean of the dropped ones, inference really drops tokens (MACs equal the analytic count), the ratio
+"""SPViT's soft token pruning: masked attention sees only the kept tokens, each selector appends a new package
+token, the keep-probability weighted sum of the tokens it drops (PeiyanFlying/SPViT vit_l2_3keep_senet.py,
+VisionTransformerDiffPruning.forward), inference really drops tokens (MACs equal the analytic count), the ratio
 penalty trains the selectors toward their targets, and a checkpoint restores the selectors."""
 
 from __future__ import annotations
@@ -36,22 +37,52 @@ def test_masked_attention_of_a_kept_query_is_attention_over_the_kept_tokens_alon
                 assert torch.allclose(out[b, i], attn(x[b:b + 1, seen])[0, -1], atol=1e-5)
 
 
-def test_inference_keeps_the_top_tokens_in_order_and_packs_the_rest_by_keep_probability():
+def test_inference_keeps_the_top_tokens_in_order_and_each_selector_appends_its_own_package_token():
     model = small_vit().eval()
     attach_soft_token_pruning(model, {1: 0.5, 3: 0.25})
-    block = model.blocks[1]
+    first, second = model.blocks[1], model.blocks[3]
     x = torch.randn(2, 1 + PATCHES, DIM)
     with torch.no_grad():
-        _, keep = block.token_selector(x[:, 1:], None)
-        out = block.drop_tokens(x, block.token_selector)
-    assert out.shape == (2, 1 + 8 + 1, DIM)
+        _, keep = first.token_selector(x[:, 1:], None)
+        out = first.drop_tokens(x, first.token_selector)
+        assert out.shape == (2, 1 + 8 + 1, DIM)
+        for b in range(2):
+            order = keep[b].argsort(descending=True)
+            kept, dropped = order[:8].sort().values, order[8:]
+            assert torch.equal(out[b, 0], x[b, 0]) and torch.equal(out[b, 1:9], x[b, 1 + kept])
+            package = (keep[b, dropped][:, None] * x[b, 1 + dropped]).sum(0)  # a sum, not normalised
+            assert torch.allclose(out[b, 9], package, atol=1e-6)
+        # the second selector scores the 8 patches with the package token, keeps 4 patches, passes the first
+        # package on unchanged and appends its own
+        y = torch.randn(2, 1 + 8 + 1, DIM)
+        _, keep2 = second.token_selector(y[:, 1:], None)
+        out2 = second.drop_tokens(y, second.token_selector)
+    assert out2.shape == (2, 1 + 4 + 2, DIM) and torch.equal(out2[:, -2], y[:, -1])
     for b in range(2):
-        order = keep[b].argsort(descending=True)
-        kept, dropped = order[:8].sort().values, order[8:]
-        assert torch.equal(out[b, 0], x[b, 0]) and torch.equal(out[b, 1:9], x[b, 1 + kept])
-        weights = keep[b, dropped]
-        package = (weights[:, None] * x[b, 1 + dropped]).sum(0) / weights.sum()
-        assert torch.allclose(out[b, 9], package, atol=1e-6)
+        dropped = keep2[b, :8].argsort(descending=True)[4:]
+        assert torch.allclose(out2[b, -1], (keep2[b, dropped][:, None] * y[b, 1 + dropped]).sum(0), atol=1e-6)
+
+
+def test_training_appends_a_package_token_per_selector_from_the_tokens_it_drops_alone():
+    """Training form: selector s appends sum_j keep_prob_j x (dropped by s now) x token_j; tokens dropped by an
+    earlier selector and the earlier package tokens do not enter it; the package tokens stay in the sequence."""
+    torch.manual_seed(0)
+    model = small_vit().train()
+    attach_soft_token_pruning(model, {1: 0.5, 3: 0.25})
+    second = model.blocks[3]
+    previous = (torch.rand(2, PATCHES) < 0.6).float()
+    second.token_flow.policy = previous.clone()
+    x = torch.randn(2, 1 + PATCHES + 1, DIM)
+    patches = x[:, 1:1 + PATCHES]
+    torch.manual_seed(1)
+    out = second.soft_select(x, second.token_selector)
+    keep = second.token_flow.policy
+    _, keep_probs = second.token_selector(x[:, 1:], torch.cat([previous, torch.ones(2, 1)], dim=1))
+    assert out.shape == (2, 1 + PATCHES + 2, DIM) and torch.equal(out[:, :-1], x)
+    assert bool((keep <= previous).all())
+    dropped_now = previous - keep
+    expected = (keep_probs[:, :PATCHES, None] * dropped_now[..., None] * patches).sum(1)
+    assert torch.allclose(out[:, -1], expected, atol=1e-5)
 
 
 def test_macs_of_the_dropped_token_forward_equal_the_analytic_count_and_the_dense_view_is_the_plain_vit():
@@ -60,9 +91,9 @@ def test_macs_of_the_dropped_token_forward_equal_the_analytic_count_and_the_dens
     reference, names = model(x), set(model.state_dict())
     attach_soft_token_pruning(model, {1: 0.5, 3: 0.25})
     schedule = token_schedule(model, PATCHES)
-    # 16 patches -> 8 kept + class + package token -> 4 kept (half of the 8 reaching block 3) + 2
-    assert [r["attention"] for r in schedule] == [17, 10, 10, 6]
-    selectors = selector_macs(16) + selector_macs(8)
+    # 16 patches -> 8 kept + class + a package token -> 4 kept (half of the 8 reaching block 3) + class + 2 packages
+    assert [r["attention"] for r in schedule] == [17, 10, 10, 7]
+    selectors = selector_macs(16) + selector_macs(8 + 1)  # the second selector also scores the package token
     assert count_macs(model, (1, 1, 8, 8)).dense == analytic_macs(schedule, set()) + selectors
     assert names < set(model.state_dict())  # the unpruned network's names stay; the selectors are added
     with every_token_kept(model):

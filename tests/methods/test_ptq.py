@@ -10,7 +10,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from compress_run.core.masks import attach_mask, get_mask
-from compress_run.core.quantization import is_quantized, model_bytes
+from compress_run.core.quantization import (
+    activation_scale,
+    is_quantized,
+    model_bytes,
+    product_error,
+    smoothing_scales,
+)
 from compress_run.core.restore import restore_compression
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.simulator import Simulator, layer_bits
@@ -114,6 +120,55 @@ def test_smoothing_and_mixed_granularity_cut_the_error_where_it_is():
         q.quantize(net, Calibration(inputs))
         errors[smoothing] = q.report["layer_error"]["0"]
     assert errors["bi"] < errors["none"] / 2
+
+
+def test_bi_smoothing_picks_the_alpha_best_for_the_run_s_own_widths_and_calibration():
+    from tests.core.test_quantization import w4a8_error
+
+    alphas = [round(0.1 * k, 1) for k in range(11)]
+
+    def quantized(x: torch.Tensor, w: torch.Tensor, **keys) -> tuple[nn.Module, PTQ]:
+        net = nn.Sequential(nn.Linear(64, 32)).eval()
+        with torch.no_grad():
+            net[0].weight.copy_(w), net[0].bias.zero_()
+        q = PTQ(_target_="x", calib_size=512, calib_batch_size=128, smoothing="bi", **keys)
+        q.input_shape = (64,)
+        q.quantize(net, Calibration(x))
+        return net, q
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 20.0  # activation outlier channels
+    w = torch.randn(32, 64, generator=g) * 0.05
+    w4a8 = {a: w4a8_error(x, w, a) for a in alphas}  # all 512 rows calibrate and score (max_rows 4096)
+    net, q = quantized(x, w, weight_bits=4)
+    chosen = q.report["alpha"]["0"]
+    assert chosen == min(w4a8, key=w4a8.__getitem__) == 0.3
+    w8a8 = {a: w4a8_error(x, w, a, weight_bits=8) for a in alphas}
+    assert w4a8[min(w8a8, key=w8a8.__getitem__)] > 2 * w4a8[chosen]  # the α of W8A8, which the old search chose
+    s = (x.abs().amax(0) ** chosen / w.abs().amax(0) ** (1 - chosen)).clamp_min(1e-5)
+    torch.testing.assert_close(net[0].quant_input_smooth, s)
+    torch.testing.assert_close(net[0].quant_input_scale, (x / s).abs().max() / 127)
+
+    # the search scores the input at the run's calibration: with mse on a heavy tail at W4A4, another α
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(512, 64, generator=g) - 0.5
+    x = -u.sign() * torch.log1p(-2 * u.abs())  # Laplace rows
+    x[:, :4] *= 20.0
+    w = torch.randn(32, 64, generator=g) * 0.05
+
+    def errors(calibration: str) -> dict[float, float]:
+        out = {}
+        for a in alphas:
+            s = smoothing_scales(x.abs().amax(0), w, a)
+            out[a] = product_error(x, w, weight_bits=4, input_bits=4, scales=s,
+                                   input_scale=activation_scale(x / s, 4, calibration))
+        return out
+
+    mse, minmax = errors("mse"), errors("minmax")
+    assert min(mse, key=mse.__getitem__) != min(minmax, key=minmax.__getitem__)
+    _, q = quantized(x, w, weight_bits=4, input_bits=4, calibration="mse")
+    assert q.report["alpha"]["0"] == min(mse, key=mse.__getitem__)
 
 
 def test_int8_is_priced_where_the_profile_has_it():

@@ -37,8 +37,9 @@ def small_vit(depth: int = 6) -> torch.nn.Module:
 def test_selectors_sit_at_the_papers_blocks_scaled_to_the_depth_with_cumulative_targets():
     model = SPViT(keep_targets=[0.7, 0.49, 0.343]).compress(small_vit(), None)  # 3, 6, 9 of 12 -> 1, 3, 4 of 6
     assert [i for i, b in enumerate(model.blocks) if "token_selector" in b._modules] == [1, 3, 4]
-    # 16 patches -> ceil(0.7 x 16) = 12 -> ceil(0.7 x 12) = 9 -> ceil(0.7 x 9) = 7, plus class and package token
-    assert [r["attention"] for r in token_schedule(model, 16)] == [17, 14, 14, 11, 9, 9]
+    # 16 patches -> ceil(0.7 x 16) = 12 -> ceil(0.7 x 12) = 9 -> ceil(0.7 x 9) = 7, plus the class token and one
+    # package token per selector so far
+    assert [r["attention"] for r in token_schedule(model, 16)] == [17, 14, 14, 12, 11, 11]
 
 
 @pytest.mark.parametrize(("keys", "model", "message"), [
@@ -75,7 +76,7 @@ def test_pipeline_evaluates_the_dropped_token_network(tmp_path):
                             *VIT, "method=spvit", "method.keep_targets=[0.5,0.25,0.125]"], tmp_path)
     m = results["metrics"]
     assert results["method"]["keep_targets"] == [0.5, 0.25, 0.125]
-    assert m["model/macs_effective"] < 0.6 * m["model/macs_dense"]
+    assert m["model/macs_effective"] < 0.62 * m["model/macs_dense"]  # 3 package tokens beside the kept ones
 
 
 class LearningRateSpy(L.Callback):
