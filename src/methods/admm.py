@@ -1,4 +1,14 @@
-"""ADMM pruning (Zhang et al. 2018 and the library the pattern papers share), for any pattern.
+"""ADMM pruning (Zhang, Ye, Zhang, Tang, Wen, Fardad, Wang, "A Systematic DNN Weight Pruning Framework using
+Alternating Direction Method of Multipliers", ECCV 2018, in the form of the ADMM library the pattern papers
+share), for any pattern.
+
+Reference code: KaiqiZhang/admm-pruning — tensorflow-mnist-code/admm_pruning.py: ``main`` (dense training first,
+then Z = Proj(W), U = 0 and the Z/U updates, hard prune, masked retraining); tensorflow-mnist-code/solver.py:
+``AdmmSolver`` (ρ = 1e-4); tensorflow-mnist-code/prune_utility.py: ``projection``. boone891214/GaP —
+Transformer/prune_utils/admm.py: ``ADMM.init``, ``ADMM.prune_update``, ``ADMM.prune_update_combined_loss``,
+``ADMM.prune_harden``, ``ADMM.weight_pruning_irregular_global``; Transformer/scripts/run_admm_and_mag_prune.sh
+(ADMM resumes a pretrained dense checkpoint); Transformer/profiles/*/*.yaml (``rho: 0.001``).
+Deviations from it, with reasons: docs/fidelity.md (section admm).
 
 Algorithm: during the train stage, every prunable weight W has an auxiliary Z (W's projection onto the
 pattern at the target sparsity) and a scaled dual U. Z = Proj(W), U = 0 at ``start_epoch``; the loss
@@ -8,10 +18,21 @@ gets ρ/2·‖W − Z + U‖² (its gradient ρ(W − Z + U) is added before eac
 Proj is the ``pattern`` projection (``irregular``, ``nm:2:4``, ``block:4:4``, ``gather_scatter:16``, …)
 with the ``distribution`` allocation of densities, scored by magnitude.
 
-Choices where the description leaves details open: Z and U live in the ADMM callback's state (saved in
-every Lightning checkpoint, so a resumed run continues the same iteration); the per-layer densities of
-``global``/``erk`` are computed once, from the weights at ``start_epoch``; the residual ‖W − Z‖/‖W‖ after
-each update is logged (``train/admm_residual``) and the last one is in the summary.
+Our choices, each a deviation from the reference code:
+* Starting point: ADMM starts at ``start_epoch`` (default 0) of our train stage, so without ``init_ckpt`` or
+  ``start_from`` the first Z is the projection of the *random initialisation*, and dense training and ADMM
+  share one schedule. Both reference codes start ADMM from a trained dense model (Z = Proj(W_trained)).
+  (ours; no reason recorded — see docs/fidelity.md)
+* ρ = 1e-3 is the GaP library's profile value; Zhang et al.'s released TF code uses 1e-4. ρ is fixed (the
+  library's optional rising-ρ scheduler is not offered).
+* The per-layer densities of ``global``/``erk`` are computed once, from the weights at ``start_epoch``; the
+  library's ``irregular_global`` recomputes the global threshold at every update.
+* One ``project(pattern, …)`` serves every pattern; the library has one projection per sparsity type (the two
+  agree for irregular magnitude). The first conv and the classifier are excluded by default; the references
+  prune the layers their profile lists.
+* Z and U live in the ADMM callback's state (saved in every Lightning checkpoint, so a resumed run continues
+  the same iteration); the residual ‖W − Z‖/‖W‖ after each update is logged (``train/admm_residual``) and the
+  last one is in the summary.
 
 Config keys (conf/method/admm.yaml), besides those of ``magnitude`` (sparsity, distribution, pattern, exclude,
 mask_grads):

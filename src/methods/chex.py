@@ -1,4 +1,12 @@
-"""CHEX — CHannel EXploration (Hou, Qin, Sun et al., CVPR 2022).
+"""CHEX — CHannel EXploration (Hou, Qin, Sun et al., "CHEX: CHannel EXploration for CNN Model Compression",
+CVPR 2022).
+
+Reference code: zejiangh/Filter-GaP (the CHEX repository) — CLS/image_classification/training.py: ``train_loop``
+(initial masks, the exploration epochs and delta_t) and ``train`` (masks re-applied after every step);
+CLS/image_classification/prune_utils.py: ``init_channel_mask``, ``get_layer_ratio`` (one global |BN gamma|
+threshold), ``CSS`` (leverage scores), ``IS_update_channel_mask`` (keep, restore, sampled regrowth),
+``apply_channel_mask``; CLS/script.sh (the ResNet-50 settings).
+Deviations from it, with reasons: docs/fidelity.md (section chex).
 
 Algorithm: channel pruning *during training from scratch*, repeatedly pruning and regrowing channels.
 At the start every prunable channel group is masked at the uniform channel sparsity S - delta0. At
@@ -10,20 +18,36 @@ are those with the largest leverage scores (row norms of the top-k right singula
 weight matrix with one column per channel, k = kept count; L1 norm when the matrix has fewer rows than
 columns); (3) pruned channels are sampled for regrowth without replacement with probability
 softmax(norm of the residual of their weights after projection onto the kept channels' span), and come
-back with the weights and BN statistics they had when last pruned. Masks are re-applied after every
-optimizer step. After T_max (delta = 0) the sub-network is fixed; the compress stage physically
-compacts it (dependency-aware, :mod:`compress_run.core.compaction`) and finetune trains the small
+back with the producer weights and BN parameters and statistics they had when last pruned. Masks are
+re-applied after every optimizer step. After T_max (delta = 0) the sub-network is fixed; the compress stage
+physically compacts it (dependency-aware, :mod:`compress_run.core.compaction`) and finetune trains the small
 network.
 
-Choices where the paper leaves details open (documented, configurable where it matters):
+Our choices, each a deviation from the released code:
+* Pruning space: with the defaults (``prune_residual: true``, ``exclude: []``) we also prune the stem conv's
+  output channels and every residual stream, as one tied unit per stage (all conv3 outputs of the stage
+  plus its downsample; gamma score = the mean |gamma| over their BNs; leverage matrix = their weights
+  stacked). The authors' code prunes the outputs of conv1 and conv2 of every bottleneck and masks the
+  downsample conv's outputs on their own; it never prunes the stem, the conv3 outputs or the residual
+  stream. (ours; no reason recorded — see docs/fidelity.md) ``prune_residual: false`` with the stem in
+  ``exclude`` comes closest (the downsample outputs then stay whole). Groups fed by an option-A
+  (zero-padding) shortcut, and the network output, are never pruned.
+* A pruned channel's input columns in the consuming conv are neither masked nor snapshotted and restored;
+  the authors' ``apply_channel_mask`` zeroes them and ``IS_update_channel_mask`` restores them with the
+  channel. With weight decay a regrown channel's outgoing weights therefore come back shrunk. (ours; no
+  reason recorded — see docs/fidelity.md)
+* The initial channels are chosen by leverage score; the authors' ``init_channel_mask`` uses the filter L1
+  norm. (ours; no reason recorded — see docs/fidelity.md)
 * T_max itself is always an exploration step (delta = 0 there), so training ends exactly at the budget
   even when T_max is not a multiple of dT; if T_max falls after the last train epoch, compress does
   that final step.
-* A group tied by a residual add is one unit: its gamma score is the mean |gamma| over the BNs of its
-  producers, its leverage matrix stacks their weights. Groups fed by an option-A (zero-padding)
-  shortcut, and the network output, are never pruned.
+* After T_max the authors keep training the masked network in the same run; we compact it at the compress
+  stage and train the small network in the finetune stage (the pipeline's form).
+* Counts come from one global ranking with ``min_channels`` and round(); the authors take int() per layer
+  from the gamma threshold. The residual is a QR projection where the authors use the pseudo-inverse (the
+  same whenever the kept columns have full column rank).
 * ``target: flops`` re-solves S at every exploration step (bisection on the global gamma ranking) so
-  the pruned network has ``flops_reduction`` fewer MACs; ``sparsity`` is ignored then.
+  the pruned network has ``flops_reduction`` fewer MACs; ``sparsity`` is ignored then (an extension).
 * The momentum of regrown weights is kept as the optimizer left it (zero gradients while masked).
 
 Config keys (conf/method/chex.yaml):
@@ -31,14 +55,15 @@ Config keys (conf/method/chex.yaml):
 * ``target`` (channels): ``channels`` or ``flops``; ``flops_reduction`` (0.5): MAC reduction for flops.
 * ``delta0`` (0.2): initial regrowth ratio (paper: 0.2 with S = 0.5, 0.3 with S = 0.7).
 * ``delta_t_epochs`` (2): epochs between exploration steps (dT).
-* ``t_max_fraction`` (0.75): T_max as a fraction of the train epochs (paper: 180 of 250 = 0.72).
+* ``t_max_fraction`` (0.75): T_max as a fraction of the train epochs (the authors' CLS/script.sh: 180 of 250 = 0.72).
 * ``min_channels`` (1): channels every group keeps at least.
 * ``channel_multiple`` (1): round every group's kept count to a multiple of this (8 suits oneDNN/CUDA
   kernels; 1 = the paper's exact global budget).
 * ``prune_residual`` (true): prune residual-tied groups as one unit (false: leave them whole).
 * ``exclude`` ([]): globs of producer layers whose groups stay whole.
-Masked gradients are always zeroed before each optimizer step (no ``mask_grads`` key: in conv-BN-ReLU
-networks a masked channel's gradients are zero anyway, so the key changed nothing there).
+Masked gradients are always zeroed before each optimizer step, where the authors only re-apply the masks
+after it (no ``mask_grads`` key: in conv-BN-ReLU networks a masked channel's gradients are zero anyway, so the
+key changed nothing there).
 """
 
 from __future__ import annotations

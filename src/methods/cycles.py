@@ -1,11 +1,12 @@
 """Stages made of consecutive "cycles": GaP steps, P-GaP workers, lottery-ticket retraining rounds.
 
-A cycle is what the original papers ran as a separate training job. Inside one Lightning fit the
-stage's optimizer steps are split into ``cycles`` equal parts (``total // cycles`` steps each, the last
-one absorbing the remainder, the same split :func:`compress_run.pipeline.lit_module.lr_lambda` uses to
-restart the LR schedule). At the first optimizer step of cycle k >= 1 the callback calls
-``on_boundary(k, trainer, pl_module)`` and, when asked, clears the optimizer state (a fresh optimizer,
-as a new job has).
+A cycle is what the authors' released scripts run as a separate training job (boone891214/GaP: the
+multi_round_gap drivers, one job per step or worker; boone891214/sanity-check-LTH: run_imp_lr0.1.py, one job
+per IMP round). Inside one Lightning fit the stage's optimizer steps are split into ``cycles`` equal parts
+(``total // cycles`` steps each, the last one absorbing the remainder, the same split
+:func:`compress_run.pipeline.lit_module.lr_lambda` uses to restart the LR schedule). At the first optimizer
+step of cycle k >= 1 the callback calls ``on_boundary(k, trainer, pl_module)`` and, when asked, clears the
+optimizer state (a fresh optimizer, as a new job has).
 
 Everything is a function of ``trainer.global_step``, which Lightning restores on resume; a boundary
 falls at a batch start, after any epoch checkpoint of the same step, so a resumed run crosses every

@@ -1,6 +1,9 @@
 """Dense baseline: no compression, the reference row of every table.
 
 Runs ``train`` and ``evaluate`` only; ``compress`` and ``finetune`` are recorded as skipped. No config keys.
+
+Reference code: none (no paper and no method to follow; plain training). Deviations: none known
+(docs/fidelity.md, section dense).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""ELRT — efficient low-rank training of compact CNNs from scratch (Sui et al., 2024).
+"""ELRT — efficient low-rank training of compact CNNs from scratch (Sui, Yin, Gong, Xiao, Phan, Yuan, "ELRT:
+Efficient Low-Rank Training for Compact Convolutional Neural Networks", arXiv 2401.10341, 2024).
+
+Reference code: none found (no release by the authors; only the paper's abstract and introduction were
+reachable, not its method section), so nothing below could be checked against the authors, and every detail
+the abstract does not state is ours. Our choices, with reasons: docs/fidelity.md (section elrt).
 
 Algorithm: the network is built in Tucker-2 form before training — every conv except the first becomes
 1×1 (C_in → r_in) → k×k core (r_in → r_out, original stride/padding) → 1×1 (r_out → C_out)
@@ -8,10 +13,10 @@ never exist. The factor matrices start orthogonal and a soft orthogonality penal
 optimizer step), which keeps the factors well conditioned as weight decay and SGD pull them around.
 There is no compress or finetune stage: the train stage's network is the compressed network.
 
-Choices where the paper leaves details open (documented here, configurable):
+Our choices (the method section was not reachable; documented here, configurable):
 * Ranks: ``target: ratio`` gives every layer r = round(``rank_ratio``·C) per mode; ``target: flops``
   finds the one ratio (bisection) at which the network has ``flops_reduction`` fewer MACs. Uniform
-  ratios, as the spec's "uniform ratio or a FLOPs target" reads.
+  ratios (ours).
 * λ = ``ortho_weight`` 1e-3: the penalty is zero at the orthogonal start and of order λ·r² when a
   factor drifts far, so 1e-3 keeps it small next to the cross-entropy (≈0.1–2) while its gradient
   4λ·U(UᵀU − I) outweighs weight decay's 5e-4·U once the Gram residual exceeds ~0.1. The summary

@@ -1,6 +1,19 @@
 """GaP — scheduled grow-and-prune (Ma, Qin, Sun et al., "Effective model sparsification by scheduled
 grow-and-prune methods", ICLR 2022).
 
+Reference code: boone891214/GaP (only the WMT14 Transformer code is released; the ResNet-50 code is not):
+* the C-GaP driver (one job per step, ``--retrain-mask-pattern random`` for the initial sparse partitions,
+  ``--sp-prune-before-retrain``, ``--restart-training``):
+  Transformer/scripts/multi_round_gap/script_magnitude_sp_0.9_sequential_multi_round/3_part/10_epochs_per_round/sequential_gap_distributed_run_3_partition.py
+* the P-GaP driver:
+  Transformer/scripts/multi_round_gap/script_magnitude_sp_0.9_parallel_multi_round/3_part/10_epochs_per_train/parallel_gap_distributed_run_3_partition_no_finetune.py
+* Transformer/fairseq/ddp_trainer.py: ``DDPTrainer.combine_sparse_block`` (the P-GaP merge);
+  Transformer/prune_utils/retrain.py: ``Retrain.generate_mask``, ``Retrain.update_mask``,
+  ``Retrain.seq_gap_partition``; Transformer/prune_utils/admm.py: ``weight_pruning`` (per-layer magnitude);
+  Transformer/prune_utils/utils_pr.py: ``generate_rand_seq_gap_yaml`` (the random-partition ablation);
+  Transformer/profiles/3_step_sequential_gap_sp_0.9/*.yaml (the partitions).
+Deviations from it, with reasons: docs/fidelity.md (section gap).
+
 Algorithm: a sparse model is trained from scratch while one group of layers at a time is dense. The
 prunable layers are split into ``num_partitions`` (kappa) groups of consecutive layers. The train stage
 is ``rounds * kappa`` GaP steps of equal length (cycles, :mod:`compress_run.methods.cycles`).
@@ -9,20 +22,33 @@ is ``rounds * kappa`` GaP steps of equal length (cycles, :mod:`compress_run.meth
   to dense: its mask is removed, its pruned weights re-enter training at exactly 0. The other masks stay.
   After the last step the compress stage prunes the still-dense partition to s; finetune trains with
   every mask frozen.
-* ``random`` (ablation): each step grows a random 1/kappa of the layers, never last step's ones.
+* ``random`` (ablation): each step grows a random round(L/kappa) of the L layers, never last step's ones.
 * ``parallel`` (P-GaP): each round the sparse model is copied to kappa workers; worker i grows partition
   i and trains one step with a fresh optimizer; the merged model takes partition i's layers (weight,
   bias, mask) from worker i and every other tensor (BN, first conv, classifier) from worker 0; then every
   prunable layer is magnitude-pruned to s. Here the workers of a round run one after another inside the
   train stage (worker i = step k with i = k mod kappa); the compress stage merges the last round.
 
-Choices where the paper leaves a detail open: the original runs reset the optimizer and LR warm-up at
-every step because each step was a separate job; with ``reset_optimizer_each_step`` (default) every
-step therefore restarts the whole LR schedule of ``schedule.train`` over the step's length (warm-up
-included). With ``distribution: global`` the partition being pruned gets one magnitude threshold over
-its layers and keeps exactly its share (1 - s) of its weights, so the model meets the budget after
-every step; ``erk`` prunes every layer to its ERK density among all prunable layers. The initial masks
-of the sparse partitions are magnitude masks of the random init (i.e. random masks).
+Our choices, each a deviation from the released code:
+* The initial masks of the sparse partitions are magnitude masks of the random initialisation: the same
+  uniformly random positions, but the kept values are the init's largest, so those partitions start with a
+  larger RMS. The authors' drivers draw uniformly random masks (``--retrain-mask-pattern random``,
+  ``Retrain.generate_mask`` 'random'). (ours; no reason recorded — see docs/fidelity.md)
+* The P-GaP merge takes only the prunable layers' tensors of partition i from worker i and the norm layers
+  from worker 0; the authors' ``combine_sparse_block`` copies every parameter of partition i's blocks,
+  LayerNorms included, from worker i. (ours; not checked against the paper text — see docs/fidelity.md)
+* ``rounds`` defaults to 1; the authors' drivers run 10 rounds. (ours; no reason recorded — see
+  docs/fidelity.md)
+* Partitions come from ``partitioner`` (default ``equal_params``, balanced by parameter count); the authors'
+  are hand-written consecutive layer groups (their ResNet-50 groups are not released).
+* The authors restart the optimizer and LR warm-up at every step because each step was a separate job; with
+  ``reset_optimizer_each_step`` (default) every step therefore restarts the whole LR schedule of
+  ``schedule.train`` squeezed into the step's length (warm-up included), not their per-job 4000-update
+  warm-up and inverse-sqrt decay.
+* With ``distribution: global`` the partition being pruned gets one magnitude threshold over its layers and
+  keeps exactly its share (1 - s) of its weights, so the model meets the budget after every step; ``erk``
+  prunes every layer to its ERK density among all prunable layers. The authors prune each layer to the
+  ratio of its yaml profile.
 
 Config keys (conf/method/gap.yaml):
 * ``sparsity`` (0.9), ``distribution`` (uniform), ``pattern`` (irregular), ``exclude``

@@ -1,17 +1,31 @@
-"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+"""Gradual magnitude pruning (Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for
+model compression", arXiv 1710.01878, ICLR 2018 workshop).
+
+Reference code: tensorflow/model-optimization (the successor of the TF contrib model_pruning library the paper
+names; the contrib code itself was not read) —
+tensorflow_model_optimization/python/core/sparsity/keras/pruning_schedule.py: ``PolynomialDecay.__call__`` (the
+cubic schedule), ``PruningSchedule._should_prune_in_step``;
+tensorflow_model_optimization/python/core/sparsity/keras/pruning_impl.py: ``Pruning._update_mask`` (per layer,
+top |w|). Deviations from it, with reasons: docs/fidelity.md (section gmp).
 
 Algorithm: from a dense start, during the train stage the target sparsity follows the cubic schedule
 s_t = s * (1 - (1 - (t - t0) / (t_end - t0))^3) for optimizer steps t in [t0, t_end]; every
-``frequency`` steps (and at t_end) the prunable weights are re-masked by |w| to s_t (already-pruned
-weights score 0, so the masks only shrink). Between updates the masks are enforced like in finetuning.
-The compress stage checks the final sparsity; finetune trains with the masks frozen.
+``frequency`` steps the prunable weights are re-masked by |w| to s_t (already-pruned weights score 0, so
+the masks only shrink). Between updates the masks are enforced like in finetuning. The compress stage
+checks the final sparsity; finetune trains with the masks frozen.
+
+Our choices, each a deviation from the reference: a prune also happens at the first step >= t_end and at
+the end of training, so the final sparsity is reached even when t_end - t0 is not a multiple of
+``frequency`` (tfmot prunes only on multiples of ``frequency`` inside [t0, t_end]); the stem conv and the
+classifier are excluded (the project default; tfmot prunes every layer the user wraps);
+``distribution: global | erk`` are extensions (the paper prunes per layer).
 
 Config keys (conf/method/gmp.yaml):
 * ``sparsity`` (0.9), ``distribution`` (uniform), ``pattern`` (irregular), ``exclude``, ``mask_grads``:
   as for ``magnitude``.
 * ``start_epoch`` (0.0): t0, in (fractional) train epochs.
-* ``end_epoch`` (null): t_end in train epochs; null = 3/4 of the train stage, the paper's habit of
-  reaching the final sparsity well before the learning rate has decayed.
+* ``end_epoch`` (null): t_end in train epochs; null = 3/4 of the train stage (ours: tfmot has no default
+  end step; meant to reach the final sparsity well before the learning rate has decayed).
 * ``frequency`` (100): optimizer steps between mask updates (the paper's Delta t).
 """
 

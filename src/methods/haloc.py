@@ -1,4 +1,11 @@
-"""HALOC — hardware-aware automatic low-rank compression (Xiao et al., AAAI 2023).
+"""HALOC — hardware-aware automatic low-rank compression (Xiao, Zhang, Gong, Yin, Sui, Xiang, Tao, Yuan, "HALOC:
+Hardware-Aware Automatic Low-Rank Compression for Compact Neural Networks", AAAI 2023, arXiv 2301.09422).
+
+Reference code: no HALOC release was found; compared with the same authors' rank search in jinqixiao/ComCAT —
+VisionTransformer/engine.py: ``search_rank`` (loss CE·(size/target)^β above the target, β 1.5);
+VisionTransformer/main.py (τ 5 annealed per epoch; the rank logits' AdamW, lr 1e-2, wd 5e-4; one search pass
+per epoch on its own loader); VisionTransformer/SVDLinear4AutoRank.py: ``SVDLinear4AutoRank.forward``
+(Gumbel-softmax over the rank logits). Deviations from it, with reasons: docs/fidelity.md (section haloc).
 
 Algorithm: rank selection as a differentiable architecture search with the target hardware's latency
 in the loss. From the trained dense network, every searched conv l gets candidate Tucker-2 branches at
@@ -13,7 +20,7 @@ Tucker-2 network. LUT_l(r) comes from our latency simulator for the hardware pro
 from timing the branch on this host (``measured``), or is the branch's MACs (``macs``, for equal-MAC
 comparisons).
 
-Choices where the paper leaves details open (documented here, configurable):
+Our choices (documented here, configurable):
 * Searched layers: groups=1 convs with a kernel larger than 1×1 outside ``exclude`` (Tucker-2 of a 1×1
   conv is a chain of 1×1 convs, which two-factor SVD does better). Candidate ranks whose Tucker-2 form
   has no fewer MACs than the conv are dropped, and so are ranks whose branch is not cheaper than the
@@ -27,9 +34,12 @@ Choices where the paper leaves details open (documented here, configurable):
   training (exit 2) with the reachable range, instead of a search that ends above its target.
 * The interference term is the mean over branches of ‖y_r − y_dense‖² / ‖y_dense‖² (scale-free).
 * Weight and architecture steps alternate on consecutive training batches (no held-out split); the
-  batches are normalised like training batches but not augmented.
+  batches are normalised like training batches but not augmented. ComCAT runs a separate search pass per
+  epoch instead, and anneals τ per epoch where we anneal it per step over the whole search.
+* The LUT comes from our latency simulator by default; the paper measures or estimates latency per platform.
 * Optimisers: SGD (momentum 0.9, weight decay 5e-4) at ``weight_lr`` for the weights; AdamW at
-  ``arch_lr`` 1e-2, weight decay 5e-4, for the logits (COMCAT's search settings, same authors); β = 1.5.
+  ``arch_lr`` 1e-2, weight decay 5e-4, for the logits, and β = 1.5 (ComCAT's search settings, same authors:
+  VisionTransformer/main.py and engine.py). ``search_epochs`` 2 is ours (no reason recorded).
 
 Config keys (conf/method/haloc.yaml):
 * ``latency_fraction`` (0.3): target expected latency of the searched layers / their dense latency.

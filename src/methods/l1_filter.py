@@ -1,12 +1,29 @@
-"""L1-norm filter pruning (Li, Kadav, Durdanovic, Samet, Graf; ICLR 2017) — the one-shot structured baseline.
+"""L1-norm filter pruning (Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets", ICLR
+2017) — the one-shot structured baseline.
+
+Reference code: no official code from the authors; compared with the widely used re-implementation
+Eric-mingjie/rethinking-network-pruning — cifar/l1-norm-pruning/res56prune.py (filters ranked by the L1 norm of
+their weights, num_keep = int(C·(1-p)), per-stage ratios, a skip list of sensitive layers; only the first conv
+of each residual block is pruned), cifar/l1-norm-pruning/vggprune.py, imagenet/l1-norm-pruning/prune.py
+(ResNet-34: again only the first conv of each block).
+Deviations from it, with reasons: docs/fidelity.md (section l1_filter).
 
 Algorithm: train the dense model; at the compress stage score every output channel of a prunable
 channel group by the L1 norm of its filter (summed over the group's producers when a residual add ties
 several convs), keep the same fraction of channels in every group (the largest L1 norms), mask the
 rest, compact the network physically (the same dependency-aware compaction CHEX uses,
-:mod:`compress_run.core.compaction`) and finetune the small network. The paper picks per-layer
-ratios by a sensitivity analysis; here the ratio is uniform (documented choice) and, with
-``target: flops``, found by bisection so that the compacted network has ``flops_reduction`` fewer MACs.
+:mod:`compress_run.core.compaction`) and finetune the small network.
+
+Our choices, each a deviation from the reference:
+* Pruning space: with the defaults (``prune_residual: true``, ``exclude: []``) we also prune the stem conv's
+  output and every residual stream (tied groups scored by the L1 norm summed over their producers); the
+  reference re-implementation prunes only the first conv of each residual block and never the stem or the
+  residual stream. (ours; no reason recorded — see docs/fidelity.md) ``prune_residual: false`` with the stem
+  in ``exclude`` leaves those whole.
+* The ratio is one uniform fraction for every group (or, with ``target: flops``, the one found by bisection
+  so that the compacted network has ``flops_reduction`` fewer MACs), where the paper picks per-layer or
+  per-stage ratios by a sensitivity analysis and skips sensitive layers.
+* Kept counts use round() with ``min_channels`` and ``channel_multiple``; the reference uses int(C·(1-p)).
 
 Config keys (conf/method/l1_filter.yaml):
 * ``sparsity`` (0.5): fraction of each prunable group's channels removed (``target: channels``).

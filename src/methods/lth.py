@@ -1,6 +1,15 @@
 """Lottery tickets with the sanity checks (Ma, Yuan, …, Qin et al., "Sanity checks for lottery tickets: does
 your winning ticket really win the jackpot?", NeurIPS 2021) — a protocol on top of global magnitude pruning.
 
+Reference code: boone891214/sanity-check-LTH — cifar/scripts/resnet20/iterative_pruning_lth_setting/run_imp_lr0.1.py
+(IMP: 20% of the remaining weights per round, retrained from the original init for 160 epochs);
+cifar/scripts/resnet20/oneshot_pruning_lth_setting/run_omp_lr_0.1.sh (one-shot ticket);
+cifar/scripts/resnet20/oneshot_pruning_retraining/run_prune_lr_0.1.sh (pruning + retraining from trained weights);
+cifar/prune_utils/prune_main.py: ``update_prune_ratio`` (one global threshold);
+cifar/profiles/resnet20_LTH/irregular/resnet_global.yaml (the layer set: no stem, no classifier). Compared also
+with facebookresearch/open_lth — pruning/sparse_global.py: ``Strategy.prune``.
+Deviations from it, with reasons: docs/fidelity.md (section lth).
+
 Algorithm: the train stage trains the dense network and keeps the *rewind point*: the original init
 (``rewind_epoch: 0``) or the weights after ``rewind_epoch`` epochs. Then
 * ``imp`` (iterative magnitude pruning with rewinding): the compress stage prunes ``prune_rate`` (20%)
@@ -8,12 +17,14 @@ Algorithm: the train stage trains the dense network and keeps the *rewind point*
   ``rounds`` retraining runs of equal length (cycles, with fresh optimizer and restarted LR schedule);
   between runs the next 20% of the remaining weights go (masks only shrink) and the survivors rewind
   again. Sparsity after round r is 1 - 0.8^r; the last round is clamped to exactly ``sparsity``, so
-  rounds = ceil(log(1 - sparsity) / log(1 - prune_rate)).
+  rounds = ceil(log(1 - sparsity) / log(1 - prune_rate)) (ours: the authors run a fixed 15 rounds and
+  report each).
 * ``oneshot``: prune the trained dense model once to ``sparsity``, rewind, retrain once.
 ``init`` picks what the survivors are reset to: ``original`` (the ticket: the rewind point),
 ``random`` (sanity control: the ticket's masks trained from a *different* random init: the pipeline
-builds a fresh network from another seed, so the model's own initializers are used) or ``trained`` (no
-rewinding: retrain from the trained weights, i.e. pruning + fine-tuning).
+builds a fresh network from another seed, seed + 1_000_003, so the model's own initializers are used; the
+authors rerun with another ``--seed``) or ``trained`` (no rewinding: retrain from the trained weights, i.e.
+pruning + fine-tuning).
 
 The random re-init control of IMP must train *the ticket's* masks at every round, not masks found by
 pruning its own randomly re-initialised network (from round 2 on those differ). Every IMP run records
@@ -23,8 +34,8 @@ stage checkpoints): its masks equal the ticket's, bit for bit, at every round. W
 has no train stage (nothing of a trained dense network is used). ``protocol: imp`` with ``init: random``
 and no ticket is refused. For ``oneshot`` the ticket is optional (the control's own dense training with
 the same seed finds the same mask).
-Rewinding restores every parameter and buffer of the network (BN included),
-as the original code rewinds the whole state; masks are kept.
+Rewinding restores every parameter and buffer of the network (BN included) from a stored copy; the
+authors' scripts rebuild the whole initial state from the same seed, which is equivalent. Masks are kept.
 
 The schedule decides the length: ``schedule.finetune`` is the whole retraining stage, split evenly into
 the rounds (the paper's CIFAR recipe retrains 160 epochs per round, so an experiment sets

@@ -1,9 +1,20 @@
-"""One-shot magnitude pruning (the standard post-training baseline; Han et al. 2015, one-shot form).
+"""One-shot magnitude pruning (the standard post-training baseline; Han, Pool, Tran, Dally, "Learning both
+Weights and Connections for Efficient Neural Networks", NeurIPS 2015, in its one-shot form).
+
+Reference code: no released code of the authors for this baseline; compared with pytorch/pytorch —
+torch/nn/utils/prune.py: ``L1Unstructured.compute_mask`` (the round(amount·n) smallest |w| of a tensor) and
+``global_unstructured`` (one threshold over several tensors).
+Deviations from it, with reasons: docs/fidelity.md (section magnitude).
 
 Algorithm: train the dense model; at the compress stage score every prunable weight by |w|, allocate
 the target sparsity over layers (``distribution``), keep the highest scores per layer with the
 ``pattern`` projection, freeze the masks; finetune with masked gradients zeroed and masks re-applied
 after every optimizer step.
+
+Our choices: one-shot and count-based (keep round((1-s)·n) per layer, or one global threshold), where Han et
+al. prune iteratively with a per-layer threshold of a quality parameter times the std of the layer's weights;
+the stem conv and the classifier are excluded by default (Han et al. prune every conv and fc layer; no reason
+recorded — see docs/fidelity.md); ``distribution: erk`` and the structured ``pattern``s are extensions.
 
 Config keys (conf/method/magnitude.yaml):
 * ``sparsity`` (0.9): fraction of the prunable weights set to zero.

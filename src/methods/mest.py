@@ -1,40 +1,58 @@
 """MEST — memory-economic sparse training (Yuan, Ma, …, Qin et al., "MEST: Accurate and fast memory-economic
 sparse training framework on the edge", NeurIPS 2021).
 
-Algorithm: the network is sparse from epoch 0 (random init pruned to the target) and never computes a
-dense gradient. Every ``update_every`` epochs, counting epoch 0, each sparse layer is first pruned to
-the phase's *prune-to* sparsity by importance |w| + lambda·|grad| (lambda = 0: magnitude), then grows
-uniformly random positions, initialised to 0, up to the phase's *grow-to* sparsity. The train stage is
-split into phases at ``phase_epochs``; each phase has its (prune-to, grow-to) pair:
-* ``em`` (hard memory bound), written for the paper's s = 0.9: prune-to 0.92 / 0.91 / 0.90, grow-to 0.90;
-  in general prune-to densities (1-s)·(0.8, 0.9, 1.0) and grow-to density 1-s, so the model never holds
-  more than (1-s) of its weights.
-* ``ems`` (EM&S, soft bound): prune-to s, grow-to densities (1-s)·(1.5, 1.25, 1.0) (0.85 / 0.875 / 0.90
-  at s = 0.9): grown weights get one period of training before the next prune may remove them; the
-  last phase ends exactly at s.
+Reference code: boone891214/MEST — main_sparse_train.py: ``main`` and ``train`` (``prune_init``, then
+``prune_update(epoch)`` before each epoch; masks re-applied after every step); prune_utils/prune_main.py:
+``prune_init``, ``prune_harden`` (the magnitude prune of the random init); prune_utils/retrain.py:
+``SparseTraining.update_mask`` (phases, an update when epoch % freq == 0, prune to the lower bound, grow to the
+upper); prune_utils/utils_pr.py: ``weight_growing`` ('irregular': uniformly random among all zeros after the
+prune, grown at zero), ``irregular_pruning``; scripts/resnet32/EM/run_mag_prune_irr_sp_EM.sh and
+scripts/resnet32/EM_S/run_mag_prune_irr_sp_EM_S.sh (the bounds and phase epochs); main_sparse_train_w_data_efficient.py:
+``compute_forgetting_statistics``, ``sort_examples_by_forgetting``, ``main`` (data removal).
+Deviations from it, with reasons: docs/fidelity.md (section mest).
+
+Algorithm: the network is sparse from epoch 0 (random init pruned to the target by magnitude) and never
+computes a dense gradient. Every ``update_every`` epochs, counting epoch 0, each sparse layer is first pruned
+to the phase's *prune-to* sparsity by importance |w| + lambda·|grad| (lambda = 0: magnitude, the authors'
+score), then grows uniformly random positions, initialised to 0, up to the phase's *grow-to* sparsity. The
+train stage is split into phases at ``phase_epochs``; each phase has its (prune-to, grow-to) pair:
+* ``em`` (hard memory bound): at s = 0.9 prune-to 0.92 / 0.91 / 0.90, grow-to 0.90 (the authors' EM script;
+  their 95% setting is the same rule); in general prune-to densities (1-s)·(0.8, 0.9, 1.0) and grow-to
+  density 1-s, so the model never holds more than (1-s) of its weights.
+* ``ems`` (EM&S, soft bound): prune-to s; at s = 0.9 grow-to 0.85 / 0.875 / 0.90 (the authors' EM&S script).
+  For other s we scale the grow-to densities as (1-s)·(1.5, 1.25, 1.0) (ours; no reason recorded — see
+  docs/fidelity.md): at s = 0.95 that is 0.925 / 0.9375 / 0.95, where the authors' 95% setting uses
+  s - 0.05 / s - 0.025 / s = 0.90 / 0.925 / 0.95. Grown weights get one period of training before the next
+  prune may remove them; the last phase ends exactly at s.
 The optimizer state is not reset at mask updates. Compress checks the final sparsity (prunes to s if
 training stopped early); finetune trains with the masks frozen.
 
-Choices where the paper leaves a detail open: the update is made at the first optimizer step of an
-update epoch, with that step's (masked, i.e. sparse) gradient as |grad|; positions pruned by the same
-update are regrown only when the pattern leaves no other choice (regrowth explores positions that were
-inactive); per-layer counts follow ``distribution`` (uniform or erk) at each sparsity.
+Our choices, each a deviation from the released code:
+* Regrowth draws only from positions that were inactive before the update: positions pruned by the same
+  update are regrown only when the pattern leaves no other choice. The authors' ``weight_growing`` draws from
+  every zero after the prune, so a just-pruned position can come back. (ours; no reason recorded — see
+  docs/fidelity.md)
+* The update is made at the first optimizer step of an update epoch, with that step's (masked, i.e. sparse)
+  gradient as |grad|; the authors update before the epoch from the weights alone (this matters only with
+  ``grad_coefficient`` > 0).
+* Per-layer counts follow ``distribution`` (uniform or erk, the latter an extension) at each sparsity, with
+  round() where the authors use int().
 
 Patterns: with a structured ``pattern`` the prune and the regrowth move whole units of it (blocks,
 filters, input channels, gather-scatter packs), so every mask is a mask of the pattern after every update
 (:func:`~compress_run.core.projections.drop_and_regrow`). N:M fixes the density, so the phase's
 prune-to/grow-to pair cannot be realised as such: each update instead swaps as many entries as the pair
-would regrow (grow-to count − prune-to count), inside their groups of M (a deviation: the paper is
+would regrow (grow-to count − prune-to count), inside their groups of M (ours: the paper and the released code are
 unstructured).
 
 Data efficiency (optional, ``remove_n`` > 0): every train example's forgetting events are counted (a
 forgetting event: classified correctly at its previous visit, wrongly now; Toneva et al. 2019); at the
 start of ``remove_data_epoch`` the ``remove_n`` least-forgotten examples leave the train split for the
 rest of the train stage (never-learned examples count as the most forgotten; ties are broken by a
-seeded shuffle). The epochs get shorter and the LR schedule follows epochs, so it still ends on time.
-The finetune stage uses the full split. Data removal runs in one process: with several data-parallel
-processes (``trainer.devices`` > 1) each sees only its shard, and the run is refused (exit 2) rather than
-counting forgetting on a shard.
+seeded shuffle, ours: the authors' np.argsort keeps dataset order). The epochs get shorter and the LR
+schedule follows epochs, so it still ends on time. The finetune stage uses the full split. Data removal
+runs in one process: with several data-parallel processes (``trainer.devices`` > 1) each sees only its
+shard, and the run is refused (exit 2) rather than counting forgetting on a shard.
 
 Config keys (conf/method/mest.yaml):
 * ``sparsity`` (0.9), ``distribution`` (uniform; erk also allowed), ``pattern`` (irregular), ``exclude``

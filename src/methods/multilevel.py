@@ -1,4 +1,12 @@
-"""Multi-level nested sparsity (Qin, Zhang, Sun et al. 2021): one model, sub-models at s1 > s2 > ….
+"""Multi-level nested sparsity (Qin, Zhang, Sun, Chen, Fardad, Wang, Xie, "Compact Multi-level Sparse Neural
+Networks with Input Independent Dynamic Rerouting", ICTAI 2022, arXiv 2112.10930): one model, sub-models at
+s1 > s2 > ….
+
+Reference code: no release of this paper was found; compared with the same group's pruning library,
+boone891214/GaP — Transformer/prune_utils/multi_level_retrain.py: ``MultiLevelRetrain``;
+Transformer/prune_utils/utils_pr.py: ``get_frozen_weights``, ``update_one_frozen_weight``, ``apply_masks``
+(W·mask + frozen), ``check_hierarchy``; Transformer/prune_utils/prune_main.py: ``prune_init``. The library has
+no rerouting code. Deviations from it, with reasons: docs/fidelity.md (section multilevel).
 
 Algorithm: the dense model is trained (train stage). The compress stage scores every prunable weight by
 |w| and builds nested masks, sparsest first (:func:`~compress_run.core.nesting.nested_level_maps`:
@@ -14,19 +22,26 @@ therefore frozen after phase 0 too. The evaluate stage reports every level (accu
 simulated latency, and ``check_hierarchy`` for every pair); ``evaluate.level=<sparsity>`` picks the
 level reported as the model.
 
-Choices where the description leaves details open: one-shot magnitude pruning per level (on the dense
-trained weights, the same scores for every level, so a level's new entries are the best free ones); the
-phase boundaries follow the LR cycles (optimizer steps, not epochs); with ``per_level_bn`` every BN's
-weight, bias and running statistics are trainable in every phase and snapshot per level at the end of
-its phase (the statistics alone would leave the shared affine parameters un-nested).
+Our choices, each a deviation from the library: one-shot magnitude pruning per level (on the dense trained
+weights, the same scores for every level, so a level's new entries are the best free ones), where the
+library's sparsest level comes from its own ADMM/GaP run; level k's mask is the pattern projection with the
+lower levels' entries lifted, so each level's density is exact (the library unites a denser level's own
+hard-prune mask with the frozen entries); one stored model and one finetune stage split into one LR cycle
+per level, where the library retrains each denser level as a separate run from the sparser level's file;
+the phase boundaries follow the LR cycles (optimizer steps, not epochs); ``per_level_bn`` (default true):
+every BN's weight, bias and running statistics are trainable in every phase and snapshot per level at the
+end of its phase (the statistics alone would leave the shared affine parameters un-nested; the library's
+``check_hierarchy`` skips BN). As in the library, lower-level values are frozen by zeroing their gradients
+and re-imposing them after every step.
 
-Switching level part-way through the network (the paper's input-independent dynamic rerouting): the
-level layers are split into consecutive ``segments`` (by default the network's stages); a per-segment
-level choice runs segment i at its own level (:func:`~compress_run.core.nesting.mixed_view`; a BN follows
-the segment of the layer before it). The evaluate stage reports, next to the pure levels, every two-level
-switch (the first k segments at one level, the rest at another), and ``evaluate.level`` takes a list of
-per-segment sparsities as well as one; ``evaluate.latency_budget_ms`` picks the configuration (pure or
-switched) with the best validation accuracy whose simulated batch-1 latency fits the budget.
+Switching level part-way through the network (the paper's input-independent dynamic rerouting, built from
+the paper's description alone: the library has no rerouting code): the level layers are split into
+consecutive ``segments`` (by default the network's stages); a per-segment level choice runs segment i at its
+own level (:func:`~compress_run.core.nesting.mixed_view`; a BN follows the segment of the layer before it).
+The evaluate stage reports, next to the pure levels, every two-level switch (the first k segments at one
+level, the rest at another), and ``evaluate.level`` takes a list of per-segment sparsities as well as one;
+``evaluate.latency_budget_ms`` picks the configuration (pure or switched) with the best validation accuracy
+whose simulated batch-1 latency fits the budget.
 
 Config keys (conf/method/multilevel.yaml), besides ``distribution``, ``pattern``, ``exclude``, ``mask_grads``:
 * ``levels`` ([0.95, 0.9, 0.8]): the sparsities, strictly decreasing (level 0 = the first = sparsest).

@@ -1,6 +1,8 @@
 """Partitions of the prunable layers into groups of consecutive layers (GaP's grow-and-prune groups).
 
-Partitioners (GaP, Ma et al., ICLR 2022):
+Partitioners (ours; GaP's released partitions, boone891214/GaP Transformer/profiles/3_step_sequential_gap_sp_0.9/
+*.yaml, are hand-written groups of consecutive layers, and its ResNet-50 groups are not released; the glob list
+is the form closest to them):
 * ``by_stage`` — one group per top-level stage (the first component of the module name, e.g.
   ``layer1`` of a ResNet or ``blocks`` ... of a ViT); the model must have exactly ``num_partitions``.
 * ``equal_params`` — cut the ordered layer list into ``num_partitions`` consecutive groups whose

@@ -2,8 +2,20 @@
 their integer grids in the forward pass and gradients passed straight through the rounding (Jacob et al.,
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018; the
 straight-through estimator of Bengio et al., 2013), optionally with the backward pass quantized as well (INT8/INT4
-gradients with stochastic rounding: Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015;
-Zhu et al., "Towards Unified INT8 Training for Convolutional Neural Network", CVPR 2020).
+gradients with stochastic rounding, as in Gupta et al., "Deep Learning with Limited Numerical Precision", ICML
+2015). Zhu et al., "Towards Unified INT8 Training for Convolutional Neural Network", CVPR 2020, is the INT8
+gradient-training line this belongs to, but neither of its mechanisms (Direction Sensitive Gradient Clipping,
+Deviation Counteractive Learning-Rate Scaling) is implemented: ``grad_bits`` is Gupta-style stochastic rounding
+with a per-tensor max-magnitude scale, not Zhu et al.'s method (ours; no reason recorded — see docs/fidelity.md).
+
+Reference code: pytorch/pytorch (the installed torch) — torch/ao/quantization/qconfig.py:
+``get_default_qat_qconfig`` (activations affine uint8 with ``MovingAverageMinMaxObserver``; weights per-channel
+symmetric); torch/ao/quantization/fake_quantize.py: ``FakeQuantize``, ``default_fake_quant``,
+``default_per_channel_weight_fake_quant``. For the hypernetwork variant, csyhhu/MetaQuant — meta-quantize.py,
+meta_utils/helpers.py: ``meta_gradient_generation``, meta_utils/meta_quantized_module.py: ``MetaQuantConv.forward``
+and ``MetaQuantLinear.forward`` (the look-ahead), meta_utils/meta_network.py: ``MetaFC``, ``MetaLSTMFC``. Not
+available: MetaGrad's code (none released), Zhu et al.'s code, Jacob et al.'s TensorFlow rewriter.
+Deviations from it, with reasons: docs/fidelity.md (section qat).
 
 Algorithm: every conv/linear layer that PTQ would quantize becomes fake-quantized. Its weight is rounded at every
 forward to its symmetric grid (per output channel, per group or per tensor; the scale is the current weight's
@@ -28,11 +40,21 @@ Config keys (conf/quant/qat_*.yaml; schema base_quant_qat):
 * ``calib_size`` (512): train images (seeded, no augmentation; in batches of 128) the ranges start from.
 * ``exclude`` ([]): layers kept in float (globs or the aliases first_conv / classifier).
 
-Deviations: torch.ao's symmetric scale for the inputs is range / (qmax + 1/2) where PTQ uses range / qmax (both
-round to the same integer codes -2^(b-1)..2^(b-1)-1); the gradient's scale is per tensor; batch norm is trained
-as it is (not folded into the weights before rounding, as Jacob et al. do for integer-only inference) — the
-simulator prices conv+BN as the fused kernel either way. A multi-level model is refused (its levels share weights;
-training one would change the others): quantize it with PTQ.
+Deviations (ours):
+* Inputs are quantized *symmetric* per tensor (codes -2^(b-1)..2^(b-1)-1), where Jacob et al. and torch.ao's
+  default QAT qconfig quantize activations *affine* (uint8 0..255 with a zero-point); a non-negative
+  post-ReLU input therefore uses only half the codes (7 effective bits at A8, 3 at A4). The only reason
+  recorded: it is the symmetric state PTQ writes, into which the layer is frozen so that evaluation, the
+  simulator and the model bytes treat both alike (see docs/fidelity.md).
+* torch.ao's symmetric scale for the inputs is range / (qmax + 1/2) where PTQ uses range / qmax (both round to
+  the same integer codes). The ranges start from the exact min/max over ``calib_size`` train images; Jacob et
+  al. run EMA ranges from training and delay activation quantization.
+* The weight scale is the current weight's largest magnitude (torch.ao's default per-channel weight
+  fake-quant averages its range over steps); the gradient's scale is per tensor.
+* Batch norm is trained as it is (not folded into the weights before rounding, as Jacob et al. do for
+  integer-only inference) — the simulator prices conv+BN as the fused kernel either way.
+A multi-level model is refused (its levels share weights; training one would change the others): quantize it
+with PTQ.
 
 Hypernetwork variant (``hypernet``; Xu et al., "MetaGrad: Adaptive Gradient Quantization with Hypernetworks",
 ICIP 2023, arXiv 2303.02347): the quantized gradient of each layer's weight is fed into the computation graph of
@@ -52,8 +74,11 @@ zero, so training starts as plain quantized-gradient SGD and departs from it onl
 Keys: ``hypernet`` (false), ``hypernet_hidden`` (16), ``hypernet_lr`` (0.001).
 Deviations and choices: only the paper's abstract and introduction were available; the update rule above is
 the look-ahead of the meta-quantization line the paper builds on (Chen et al., "MetaQuant", NeurIPS 2019),
-applied to gradients. The quantized layers' weights are stepped by that rule in place of the stage's optimizer
-(same arithmetic as torch.optim.SGD; the rest of the network uses the optimizer as usual). Refused with an
+applied to gradients (MetaQuant looks ahead with plain W − lr·meta_grad and then steps its optimizer). The
+quantized layers' weights are stepped by that rule in place of the stage's optimizer (same arithmetic as
+torch.optim.SGD; the rest of the network uses the optimizer as usual). The form of H (16 tanh units, a zero
+output layer, a correction added to g) is ours; MetaQuant's FC-Grad maps g to a new gradient with 100 hidden
+units. Refused with an
 optimizer other than SGD, several processes or gradient accumulation (one gradient per step and process is what
 the next step's graph holds).
 """

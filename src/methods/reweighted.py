@@ -1,16 +1,38 @@
-"""Reweighted dynamic group regularization (Zhang, Ma, …, Qin et al. 2020 / DAC'21), for any pattern.
+"""Reweighted dynamic group regularization (Zhang, Ma, Zhan, Zhou, Qin, Sun, Chen, Ding, Fardad, Wang, "A Unified
+DNN Weight Compression Framework Using Reweighted Optimization Methods", arXiv 2004.05531, 2020 / DAC 2021), for
+any pattern.
 
-Algorithm: during the train stage the loss gets λ·Σ_g P_g·‖W_g‖² over the pattern's groups g of every
-prunable layer, with P_g = 1/(‖W_g‖² + ε) recomputed from the current weights every ``reweight_epochs``
-epochs (its gradient 2λ·P_g·W_g is added before each optimizer step): groups that are already small get
-large penalties and collapse towards zero. At the compress stage each layer is hard-pruned to its rate by
-the smallest ‖W_g‖ with the pattern's projection; finetune retrains with the masks fixed.
+Reference code: uab-fusion-lab/cifar_reweighted_pruning (by the journal version's first author) — main.py:
+``reweighted_training`` (starts from a pretrained dense model; ε = 1e-3; P_g = 1/(‖W_g‖ + ε)), ``train`` (the
+penalty λ·Σ_g P_g·‖W_g‖, λ by group type; P recomputed at epochs 40/80/120/160 of 200), ``masked_retrain``;
+prune_util.py: ``weight_pruning``, ``hard_prune``. The released code settles the penalty form: reweighted ℓ1 /
+group lasso, our ``norm: l1``.
+Deviations from it, with reasons: docs/fidelity.md (section reweighted).
+
+Algorithm (default ``norm: l2sq``): during the train stage the loss gets λ·Σ_g P_g·‖W_g‖² over the pattern's
+groups g of every prunable layer, with P_g = 1/(‖W_g‖² + ε) recomputed from the current weights every
+``reweight_epochs`` epochs (its gradient 2λ·P_g·W_g is added before each optimizer step): groups that are
+already small get large penalties and collapse towards zero. ``norm: l1`` is the authors' form:
+P_g = 1/(‖W_g‖ + ε) and the penalty λ·Σ_g P_g·‖W_g‖ (reweighted ℓ1 for single weights, reweighted group lasso
+for groups; gradient λ·P_g·W_g/‖W_g‖). At the compress stage each layer is hard-pruned to its rate by the
+smallest ‖W_g‖ with the pattern's projection; finetune retrains with the masks fixed.
 
 Groups per pattern: single weights for ``irregular``, ``nm`` and ``gather_scatter`` (their structure comes
 from the projection at the end); R×C blocks of the matrix view for ``block``; output rows for ``filter``;
-input channels for ``channel``. ``norm: l1`` (the spec leaves the original's form open) uses
-P_g = 1/(‖W_g‖ + ε) and the penalty λ·Σ_g P_g·‖W_g‖ (reweighted ℓ1 for single weights, reweighted group
-lasso for groups). The reweighting phase is the whole train stage (its length: ``schedule.train.epochs``).
+input channels for ``channel``.
+
+Our choices, each a deviation from the released code:
+* The default form is the squared one (``norm: l2sq``), not the authors' reweighted ℓ1 / group lasso. (ours;
+  the reason recorded, that the original's form was open, predates reading the released code — see
+  docs/fidelity.md)
+* P is recomputed every epoch (``reweight_epochs`` 1) from epoch 0 of our train stage, i.e. from the random
+  initialisation unless ``init_ckpt``/``start_from`` is given; the authors start from a pretrained dense model
+  and recompute P every 40 epochs. The reweighting phase is the whole train stage (its length:
+  ``schedule.train.epochs``). (ours; no reason recorded — see docs/fidelity.md)
+* One λ for every group type (the authors' λ depends on the group type and, for columns, on the layer);
+  column and kernel groups are not offered and block groups are ours; for single weights P uses |w| (the
+  authors' irregular branch omits the absolute value); the hard prune follows ``distribution`` instead of
+  per-layer ratios from a profile.
 
 Config keys (conf/method/reweighted.yaml), besides those of ``magnitude`` (sparsity, distribution, pattern,
 exclude, mask_grads):

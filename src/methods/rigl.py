@@ -1,4 +1,12 @@
-"""RigL — Rigging the Lottery (Evci, Gale, Menick, Castro, Elsen; ICML 2020).
+"""RigL — Rigging the Lottery (Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets
+Winners", ICML 2020).
+
+Reference code: google-research/rigl — rigl/sparse_optimizers_base.py: ``SparseRigLOptimizerBase.apply_gradients``
+(no weight update at a mask-update step), ``.generic_mask_update`` (drop by |w|, grow by |dense gradient|),
+``.reset_momentum``; ``SparseSETOptimizerBase._get_update_op`` (drop count int(f·active), new connections at
+zero), ``.get_drop_fraction`` (cosine decay); rigl/sparse_utils.py: ``get_sparsities_erdos_renyi`` (ERK);
+rigl/imagenet_resnet/imagenet_train_eval.py: flags and ``build_network`` (the layer set and defaults).
+Deviations from it, with reasons: docs/fidelity.md (section rigl).
 
 Algorithm: the network is sparse from the first step — random masks at the per-layer densities of
 ``distribution`` (ERK by default). Every ``delta_t`` optimizer steps until ``end_fraction`` of the
@@ -7,12 +15,25 @@ of its active weights with the smallest magnitude and regrows the same number at
 positions (after the drop) with the largest *dense* gradient magnitude, initialised to zero; so every
 layer keeps its non-zero count. With a structured ``pattern`` the drop and the regrowth move whole units
 of the pattern (blocks, filters, input channels, gather-scatter packs; N:M swaps entries inside their
-groups of M): :func:`~compress_run.core.projections.drop_and_regrow`, so every mask stays a mask of
-the pattern after every update. Dense gradients are read at update steps only: they are what backward
-produces anyway before the masked entries are zeroed. As in the reference implementation an update
-step applies no weight update (weights and optimizer state are restored after Lightning's step), and
-the momentum of regrown connections starts at zero. Between updates masks are enforced as in
-finetuning; compress leaves the masks unchanged; finetune trains with them frozen.
+groups of M; an extension): :func:`~compress_run.core.projections.drop_and_regrow`, so every mask stays a
+mask of the pattern after every update. Dense gradients are read at update steps only: they are what
+backward produces anyway before the masked entries are zeroed. As in the reference code
+(``apply_gradients``) an update step applies no weight update (weights and optimizer state are restored
+after Lightning's step), and the momentum of regrown connections starts at zero (``reset_momentum``).
+Between updates masks are enforced as in finetuning; compress leaves the masks unchanged; finetune trains
+with them frozen.
+
+Our choices, each a deviation from the released code:
+* Layer set: the classifier is never pruned and the stem stays dense under ERK too (``exclude``
+  [first_conv, classifier], the project-wide default). RigL prunes the final dense layer in its ImageNet
+  and CIFAR code, and its ERK runs spread ERK over every layer, the stem included; so at the same
+  ``sparsity`` our model holds more weights and the other layers get different ERK densities. (ours; no
+  reason recorded — see docs/fidelity.md) ``exclude=[]`` gives the authors' ERK layer set,
+  ``exclude=[first_conv]`` their uniform one.
+* No mask update at step 0 (RigL's first update is at step 0), and updates run while step < T_end (RigL:
+  up to and including its end step).
+* No N(0, 1e-5) tie-break noise on the drop scores.
+* ``end_fraction`` 0.75; RigL's ImageNet default is 25000 of 32000 steps (about 0.78).
 
 Config keys (conf/method/rigl.yaml):
 * ``sparsity`` (0.9), ``distribution`` (erk; uniform and global also allowed), ``pattern``

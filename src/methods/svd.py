@@ -1,5 +1,10 @@
-"""SVD low-rank factorization after training + finetune (the post-training low-rank baseline; e.g.
-Denton et al. 2014, Jaderberg et al. 2014 for the two conv forms).
+"""SVD low-rank factorization after training + finetune (the post-training low-rank baseline; no single paper:
+the two conv forms are those of Denton et al., NeurIPS 2014, and Jaderberg et al., BMVC 2014).
+
+Reference code: no released code of those papers was read; compared with the decomposition baseline of
+yuhuixu1993/Trained-Rank-Pruning — decompose.py: ``EnergyThreshold``, ``channel_decompose`` (the channel form),
+``VH_decompose_model`` (the spatial form; stride-1 convs only); cifar-nuclear-regularization.py (energy-threshold
+decomposition). Deviations from it, with reasons: docs/fidelity.md (section svd).
 
 Algorithm: train the dense model; at the compress stage replace every factorizable layer (convs except
 the first, optionally linear layers except the classifier) by its truncated-SVD two-factor form
@@ -12,6 +17,10 @@ left dense (our choice; reported under ``left_dense``). With ``skip_slower`` a l
 its factorized form at the chosen rank is slower than the dense layer on the run's hardware profile (simulated,
 batch 1, the layer alone on the input it gets): two thin GEMMs can cost more than one wide GEMM though they do
 fewer MACs, and a MAC-driven rank choice alone would keep them. The MAC target then counts such layers as dense.
+Also ours: strided convs are factorized too (the TRP repository's baseline decomposes stride-1 convs only), and
+in the channel form 1×1 convs can be factorized (its layer table leaves them out) — no reason recorded, see
+docs/fidelity.md; the factors split the singular values as U·√S and √S·Vᵀ (the repository puts S on one
+factor; the product is the same).
 
 Config keys (conf/method/svd.yaml):
 * ``form`` (channel): channel | spatial.

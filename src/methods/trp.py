@@ -1,25 +1,48 @@
-"""TRP — Trained Rank Pruning (Xu et al., IJCAI 2020; arXiv 1812.02402), the in-training low-rank baseline.
+"""TRP — Trained Rank Pruning (Xu, Li, Zhang, Wen, Wang, Qi, Chen, Lin, Xiong, "TRP: Trained Rank Pruning for
+Efficient Deep Neural Networks", IJCAI 2020; arXiv 2004.14566, earlier 1812.02402), the in-training low-rank
+baseline.
+
+Reference code: yuhuixu1993/Trained-Rank-Pruning — cifar-TRP.py: ``train`` (truncation at EnergyThreshold(0.9)
+before the forward of every ``--decouple-period``-th batch, default 1; the nuclear subgradient added only on those
+batches), ``low_rank_approx``, ``get_look_up_table`` (the layer set), ``show_low_rank`` (conv FLOPs; stride-1
+convs only), ``main`` (final decomposition with ValueThreshold(5e-2)); decompose.py: ``EnergyThreshold``,
+``ValueThreshold``, ``channel_decompose``, ``VH_decompose_model``; train_TPR.sh (``-dp 5``); README.md.
+Deviations from it, with reasons: docs/fidelity.md (section trp).
 
 Algorithm: train the full-size network, and every ``period`` optimizer steps replace the weight of every
 factorizable layer (convs except the first) by its truncated SVD — the same reshaping as the final
-two-factor form (``channel`` or ``spatial``) — at the ranks of the method's rank rule; between those
-projections add the nuclear-norm subgradient λ·U·Vᵀ of each layer's matrix to its gradient, which keeps
-pushing small singular values towards zero. The weights therefore stay close to low rank, and the final
+two-factor form (``channel`` or ``spatial``) — at the ranks of the method's rank rule; at every optimizer
+step add the nuclear-norm subgradient λ·U·Vᵀ of each layer's matrix to its gradient, which keeps pushing
+small singular values towards zero. The weights therefore stay close to low rank, and the final
 decomposition at the compress stage (the :class:`~compress_run.methods.svd.SVD` factorization at the same
 rule) costs little accuracy; the finetune stage then trains the factorized network (set
 ``schedule.finetune.epochs=0`` for the paper's "no fine-tuning").
 
-Choices where the paper leaves details open:
-* The periodic truncation uses the same rank rule as the final decomposition: with ``target: energy``
-  each layer keeps ``energy`` (0.9) of its singular energy, as in the paper; with ``target: flops`` the
-  per-layer ranks are those of the one energy threshold that removes ``flops_reduction`` of the network's
-  MACs (re-solved at every truncation), so training already lives at the final budget.
-* The subgradient is added after the backward pass, before the optimizer step, on top of weight decay.
+Our choices, each a deviation from the released code:
+* The nuclear-norm subgradient is added at *every* optimizer step (after the backward pass, before the step,
+  on top of weight decay), over all non-zero singular values of the current weight. The authors add it only
+  on truncation steps, from the kept components, so at ``period`` 20 our nuclear term is 20× theirs at the
+  same λ (only their nuclear-norm-only baseline, cifar-nuclear-regularization.py, adds it every step). (ours;
+  no reason recorded — see docs/fidelity.md)
+* ``period`` defaults to 20. The released code's default is 1 (the README's commands) and train_TPR.sh uses
+  5; a paper setting m = 20 could not be confirmed. (ours; no reason recorded — see docs/fidelity.md)
+* We truncate after the optimizer step, plus once at the end of training; the authors truncate before the
+  forward and not at the end.
+* The periodic truncation and the final decomposition use the same rank rule: with ``target: energy``
+  (the default here) each layer keeps ``energy`` (0.9) of its singular energy, as the authors' training
+  does; with ``target: flops`` the per-layer ranks are those of the one energy threshold that removes
+  ``flops_reduction`` of the network's MACs (re-solved at every truncation), so training already lives at
+  the final budget. The authors decompose the trained model with a singular-value threshold of 0.05, keep
+  stride-2 convs dense and count conv FLOPs only; we factorize strided convs too and count every MAC.
+  (ours; no reason recorded — see docs/fidelity.md)
+* 1×1 convs are in the channel form's layer set (the authors leave them out); the ND form is not offered.
 
 Config keys (conf/method/trp.yaml), besides those of ``svd`` (form, target, energy, flops_reduction,
 include_linear, exclude, min_rank, skip_slower):
-* ``period`` (20): optimizer steps between truncations (the paper's CIFAR setting m = 20).
-* ``nuclear_weight`` (3e-4): λ of the nuclear-norm subgradient (paper: 3e-4 on CIFAR-10); 0 disables it.
+* ``target`` (energy): as for ``svd``, but energy by default.
+* ``period`` (20): optimizer steps between truncations (ours; see above).
+* ``nuclear_weight`` (3e-4): λ of the nuclear-norm subgradient (the README's CIFAR-10 commands use 3e-4);
+  0 disables it.
 """
 
 from __future__ import annotations
