@@ -5,12 +5,21 @@ a static subset of them is kept and the layers that read the input shrink to it.
 Both forms live on the network's root as the submodule ``frequency_input``, applied to the input by a forward
 pre-hook (which ``torch.export``, hence the ONNX path, traces):
 
-* :class:`FrequencyGate` (training): per image, a 2-way Gumbel-softmax on/off decision per channel, its logits a
-  learned per-channel bias plus a linear map of the channels' mean magnitudes (the paper's gate: pooled input
-  -> 1x1 conv -> two numbers per channel). Training multiplies each channel by its hard decision (straight-
-  through gradients); evaluation keeps the channels whose on-probability is above 1/2. Each training forward
-  records the penalty ``loss_weight * (mean on-probability - target)^2`` for the training step
-  (:mod:`compress_run.core.auxiliary`).
+* :class:`FrequencyGate` (training): the authors' input gate (kaix90/DCTNet,
+  segmentation/mmdet/models/backbones/gate.py: ``GateModule192``, the ``inp_GM`` of
+  classification/models/imagenet/resnet.py: ``ResNetDCT_Upscaled_Static``). Per image, each channel is averaged
+  over the grid, a 1x1 conv (all channels to all, with bias) + BatchNorm + ReLU mixes the averages, and a grouped
+  1x1 conv gives each channel its own two logits (off, on). Training draws a hard on/off decision per channel and
+  image by Gumbel-softmax (straight-through gradients; segmentation/mmdet/models/backbones/gumbel.py:
+  ``GumbleSoftmax``) and multiplies the channel by it. Initialisation as ``ResNetDCT_Upscaled_Static.
+  _initialize_weights``: the hidden conv Kaiming (fan-out), BatchNorm weight 1 and bias 0, the logit conv's
+  weights N(0, 0.001) and its biases 0.1 (off) and 2 (on), so every channel starts open with probability 0.87.
+  Each training forward records a penalty for the training step (:mod:`compress_run.core.auxiliary`):
+  ``gates`` (the authors', segmentation/mmdet/models/detectors/two_stage.py and single_stage.py:
+  ``forward_train_dct``, ``loss_gate_activations``): ``loss_weight x`` the mean of the hard decisions, the open
+  share; ``target`` (ours): ``loss_weight x (mean on-probability - target)^2``.
+  Evaluation (ours) keeps the channels whose on-logit exceeds the off-logit, where the authors' module samples
+  even in evaluation.
 * :class:`FrequencySelection` (after selection): the input is narrowed to the chosen channels, and every conv
   that reads the input holds only those channels' weights (so MACs, latency and the stored weights shrink).
 """
@@ -24,34 +33,48 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT_NAME = "frequency_input"
+PENALTIES = ("gates", "target")
 
 
 class FrequencyGate(nn.Module):
-    def __init__(self, channels: int, target: float, loss_weight: float, temperature: float) -> None:
+    def __init__(self, channels: int, target: float, loss_weight: float, temperature: float,
+                 penalty: str = "gates") -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.full((channels,), 2.0))  # every channel starts on (p = 0.88)
-        self.magnitude = nn.Linear(channels, channels)
-        nn.init.zeros_(self.magnitude.weight)
-        nn.init.zeros_(self.magnitude.bias)
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty={penalty!r} is not one of {PENALTIES}")
+        self.hidden = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.decide = nn.Conv2d(channels, 2 * channels, 1, groups=channels)  # channel c -> logits (2c, 2c+1)
+        nn.init.kaiming_normal_(self.hidden[0].weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.hidden[0].bias)
+        nn.init.normal_(self.decide.weight, 0.0, 0.001)
+        with torch.no_grad():
+            self.decide.bias[0::2] = 0.1
+            self.decide.bias[1::2] = 2.0
         self.register_buffer("target", torch.tensor(float(target)))
         self.register_buffer("loss_weight", torch.tensor(float(loss_weight)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("aims_at_target", torch.tensor(penalty == "target"))
         self._penalty: torch.Tensor | None = None
 
-    def on_probability(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, channels) probability that each channel of each image is kept."""
-        return torch.sigmoid(self.logits(x))
+    @property
+    def penalty(self) -> str:
+        return "target" if bool(self.aims_at_target) else "gates"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias + self.magnitude(x.abs().mean(dim=(2, 3)))
+        """(batch, channels, 2): each channel's (off, on) logits for each image."""
+        return self.decide(self.hidden(x.mean(dim=(2, 3), keepdim=True))).view(x.shape[0], -1, 2)
+
+    def on_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, channels) probability that each channel of each image is kept (the expected hard decision)."""
+        return self.logits(x).softmax(dim=-1)[..., 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x)
         if not self.training:
-            return x * (logits > 0).to(x.dtype)[:, :, None, None]
-        two_way = torch.stack([logits, torch.zeros_like(logits)], dim=-1)  # (on, off): softmax = sigmoid(logit)
-        on = F.gumbel_softmax(two_way, tau=float(self.temperature), hard=True)[..., 0]
-        self._penalty = self.loss_weight * (torch.sigmoid(logits).mean() - self.target) ** 2
+            return x * (logits[..., 1] > logits[..., 0]).to(x.dtype)[:, :, None, None]
+        on = F.gumbel_softmax(logits, tau=float(self.temperature), hard=True)[..., 1]
+        share = (logits.softmax(dim=-1)[..., 1].mean() - self.target) ** 2 if bool(self.aims_at_target) else on.mean()
+        self._penalty = self.loss_weight * share
         return x * on[:, :, None, None]
 
     def pop_auxiliary_losses(self) -> dict[str, torch.Tensor]:
@@ -90,8 +113,8 @@ def _install(model: nn.Module, part: FrequencyGate | FrequencySelection) -> None
 
 
 def attach_gate(model: nn.Module, channels: int, target: float, loss_weight: float,
-                temperature: float) -> FrequencyGate:
-    gate = FrequencyGate(channels, target, loss_weight, temperature)
+                temperature: float, penalty: str = "gates") -> FrequencyGate:
+    gate = FrequencyGate(channels, target, loss_weight, temperature, penalty)
     _install(model, gate)
     return gate
 
@@ -156,9 +179,11 @@ def restore_frequency_input(model: nn.Module, state: Mapping[str, torch.Tensor],
                 _narrow(module, torch.arange(len(index)))
         _install(model, FrequencySelection(index))
         return 1
-    if f"{prefix}{ROOT_NAME}.bias" in state:
-        attach_gate(model, state[f"{prefix}{ROOT_NAME}.bias"].numel(), float(state[f"{prefix}{ROOT_NAME}.target"]),
-                    float(state[f"{prefix}{ROOT_NAME}.loss_weight"]),
-                    float(state[f"{prefix}{ROOT_NAME}.temperature"]))
+    if f"{prefix}{ROOT_NAME}.decide.weight" in state:
+        def value(name: str) -> torch.Tensor:
+            return state[f"{prefix}{ROOT_NAME}.{name}"]
+
+        attach_gate(model, value("decide.weight").shape[0] // 2, float(value("target")), float(value("loss_weight")),
+                    float(value("temperature")), "target" if bool(value("aims_at_target")) else "gates")
         return 1
     return 0

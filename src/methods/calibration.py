@@ -23,7 +23,7 @@ def calibration_batches(datamodule: L.LightningDataModule, source: str, size: in
         return [b.to(device) for b in images.split(batch_size)]
     if datamodule.train_set is None:
         datamodule.setup("fit")
-    train_set = datamodule.train_set
+    train_set = getattr(datamodule, "unaugmented_train_set", datamodule.train_set)  # no train-time augmentation
     if size > len(train_set):
         raise UserError(f"method.calib_size={size} is larger than the train split ({len(train_set)} images)",
                         f"set method.calib_size <= {len(train_set)}")

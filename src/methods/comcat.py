@@ -1,6 +1,12 @@
 """COMCAT — low-rank multi-head attention for ViTs (Xiao et al., "COMCAT: Towards Efficient Compression and
 Customization of Attention-Based Vision Models", ICML 2023), following the authors' released training code.
 
+Reference code: jinqixiao/ComCAT — VisionTransformer/main.py: ``main`` (search and finetune loops, LR scaling,
+Mixup, criteria); VisionTransformer/engine.py: ``train_one_epoch``, ``append_align_loss``, ``search_rank``;
+VisionTransformer/losses.py: ``DistillationLossWithoutToken``; VisionTransformer/SVDLinear4AutoRank.py;
+VisionTransformer/run.sh and README.md (the recipes). Deviations from it, with reasons: docs/fidelity.md (section
+comcat).
+
 Algorithm: each transformer block's attention is refactored per head through the products W_q·W_kᵀ and
 W_v·W_o (:class:`~compress_run.core.lowrank_attention.LowRankAttention`: truncated SVDs of those
 products give narrower heads computed with plain dense GEMMs); the MLP's two linears and the classifier
@@ -16,7 +22,10 @@ fresh AdamW (cosine LR over the epochs) on the distillation loss of the shared `
 plus an alignment term: the MSE between the outputs of blocks ``align_blocks`` (default the first two and
 last two) and the teacher's, weighted by ``block_weight`` (0.5) multiplied every epoch by
 cos(π/2·epoch/epochs), never below 0.01. The finetune stage then trains the small network (with the
-``distill`` path when ``distill.stages`` includes finetune).
+``distill`` path when ``distill.stages`` includes finetune), plus the same alignment term at the constant weight
+``finetune_block_weight`` against the finetune's teacher when it is set (:class:`FinetuneAlignment`): the
+released finetune sets the decay factor to 0, so the weight sits at its floor 0.01 in every epoch (DeiT-S
+script, ``--with-align``; the DeiT-B script does not align).
 
 Choices where the paper leaves details open (documented here, configurable):
 * Candidate ranks: the released code's tables — attention total ranks (summed over heads) 64…320 step 64
@@ -32,8 +41,6 @@ Known deviations from the released code:
 * The search pass reads the train split (``search_fraction`` of an epoch); the released code searches on
   its evaluation loader (ImageNet val). Ours keeps the validation and test splits out of every decision.
 * Soft distillation uses the batch-mean KL (the released DeiT loss divides the summed KL by numel).
-* The block alignment is applied in the search epochs only, not in the finetune stage (the released
-  finetune script aligns too); the finetune stage distils through ``distill`` alone.
 * Attention q/k biases are kept inside the factorization (the released code drops them); exact at full rank.
 * Weights train with AdamW at ``weight_lr`` (the released code scales DeiT's 5e-4 by batch/512).
 
@@ -43,7 +50,8 @@ Config keys (conf/method/comcat.yaml):
   ``train_fraction`` (1.0): fractions of an epoch in each search and training pass.
 * ``tau_start`` (5.0), ``tau_end`` (0.1); ``params_exponent`` (1.5): β; ``arch_lr`` (0.01),
   ``arch_weight_decay`` (5e-4): AdamW on the logits; ``weight_lr`` (5e-4), ``weight_decay`` (0.05).
-* ``block_weight`` (0.5), ``align_blocks`` ([0, 1, -2, -1]).
+* ``block_weight`` (0.5), ``align_blocks`` ([0, 1, -2, -1]); ``finetune_block_weight`` (0.0 = off; the released
+  DeiT-S finetune: 0.01), which needs a finetune teacher (``distill.teacher`` with finetune in ``distill.stages``).
 * ``factorize_head`` (true); ``attn_ranks``, ``mlp_ranks``, ``head_ranks`` ([]): candidate lists (attention:
   total over heads); empty = the tables above.
 """
@@ -55,6 +63,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -93,6 +102,7 @@ class COMCATConfig(MethodConfig):
     weight_decay: float = 0.05
     block_weight: float = 0.5
     align_blocks: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
+    finetune_block_weight: float = 0.0
     factorize_head: bool = True
     attn_ranks: list[int] = field(default_factory=list)
     mlp_ranks: list[int] = field(default_factory=list)
@@ -108,7 +118,7 @@ class COMCATConfig(MethodConfig):
             check(getattr(self, key) > 0, f"method.{key}", getattr(self, key), "a float > 0 (of an epoch)")
         check(0 < self.tau_end <= self.tau_start, "method.tau_start/tau_end", (self.tau_start, self.tau_end),
               "0 < tau_end <= tau_start")
-        for key in ("block_weight", "arch_weight_decay", "weight_decay"):
+        for key in ("block_weight", "finetune_block_weight", "arch_weight_decay", "weight_decay"):
             check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), "a float >= 0")
         check(self.weight_lr > 0 and self.arch_lr > 0, "method.weight_lr/arch_lr", (self.weight_lr, self.arch_lr),
               "floats > 0")
@@ -125,6 +135,67 @@ def alignment_weights(start: float, epochs: int) -> list[float]:
         weight = max(weight * math.cos(math.pi * 0.5 * epoch / epochs), 0.01)
         weights.append(weight)
     return weights
+
+
+def block_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], weight: float) -> torch.Tensor:
+    """``weight`` × Σ MSE(student block output, teacher block output) (the released ``append_align_loss``)."""
+    return weight * sum(F.mse_loss(s, t) for s, t in zip(student, teacher, strict=True))
+
+
+class FinetuneAlignment(L.Callback):
+    """The finetune stage's block alignment: the outputs of blocks ``align_blocks`` of the network in training
+    against the teacher's on the same (possibly mixed) batch, ``weight`` × their summed MSE added to the loss.
+    The teacher is the finetune's distillation teacher (the released script's align model is its teacher
+    checkpoint); the term reaches the loss as an auxiliary loss of the network, handed over by a
+    ``pop_auxiliary_losses`` attribute on the network's root for the length of the fit (no module is added, so
+    checkpoints are unchanged)."""
+
+    def __init__(self, align_blocks: list[int], weight: float) -> None:
+        self.align_blocks, self.weight = list(align_blocks), weight
+        self.hooks: list[Any] = []
+        self.outputs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+        self.term: torch.Tensor | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.distillation is None:
+            raise UserError("method.finetune_block_weight aligns blocks with the finetune's teacher, but the finetune "
+                            "stage has none", "set distill.teacher with finetune in distill.stages, or "
+                            "method.finetune_block_weight=0")
+        net, teacher = pl_module.net, pl_module.distillation.teacher
+        names = list(transformer_blocks(teacher))  # the factorized network keeps the dense block names
+        picked = [names[i] for i in sorted({i % len(names) for i in self.align_blocks})] if names else []
+        if not picked or any(n not in dict(net.named_modules()) for n in picked):
+            raise UserError(f"COMCAT aligns blocks {self.align_blocks}, but the teacher's transformer blocks "
+                            f"{names[:3]}... are not blocks of the network", "use a teacher of the network's "
+                            "architecture (distill.teacher=train) or method.finetune_block_weight=0")
+
+        def keep(key: str, module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            if key == "teacher" or module.training:
+                self.outputs[key].append(out)
+
+        def align(module: nn.Module, args: tuple, _out: Any) -> None:
+            if module.training:
+                self.outputs["teacher"].clear()
+                with torch.no_grad():
+                    teacher(args[0])
+                self.term = block_alignment(self.outputs["student"], self.outputs["teacher"], self.weight)
+            self.outputs["student"].clear(), self.outputs["teacher"].clear()
+
+        self.hooks = [m.get_submodule(n).register_forward_hook(partial(keep, key))
+                      for key, m in (("student", net), ("teacher", teacher)) for n in picked]
+        self.hooks.append(net.register_forward_hook(align))
+        net.pop_auxiliary_losses = self.pop_auxiliary_losses
+
+    def pop_auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        term, self.term = self.term, None
+        return {} if term is None else {"block_alignment": term}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        if "pop_auxiliary_losses" in vars(pl_module.net):
+            del pl_module.net.pop_auxiliary_losses
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -191,6 +262,11 @@ class COMCAT(Method):
         self.block_names: list[str] = []
 
     def check_applicable(self, model: nn.Module) -> None:
+        distill = self.distill_config
+        if self.finetune_block_weight and not (distill.get("teacher") and "finetune" in distill.get("stages", [])):
+            raise UserError("method.finetune_block_weight aligns blocks with the finetune's teacher, but the run "
+                            "distils no finetune stage", "set distill.teacher=train with distill.stages=[finetune], "
+                            "or method.finetune_block_weight=0")
         blocks = transformer_blocks(model)
         if not blocks:
             raise NotApplicable("no transformer block with attn (qkv, proj) and mlp (fc1, fc2): COMCAT is for ViTs")
@@ -345,8 +421,7 @@ class COMCAT(Method):
                 logits = model(x)
                 loss = distillation_loss(logits, teacher_logits, y, **settings)
                 if names:
-                    loss = loss + align * sum(F.mse_loss(s, t) for s, t in
-                                              zip(outputs["student"], outputs["teacher"], strict=True))
+                    loss = loss + block_alignment(outputs["student"], outputs["teacher"], align)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -354,6 +429,11 @@ class COMCAT(Method):
         finally:
             for h in hooks:
                 h.remove()
+
+    def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
+        if stage == "finetune" and self.finetune_block_weight > 0:
+            return [FinetuneAlignment(self.align_blocks, self.finetune_block_weight)]
+        return []
 
     def summary(self) -> dict[str, Any]:
         return {"params_reduction": self.params_reduction, "target_params": round(self.target_params),

@@ -1,34 +1,48 @@
 """Learned static selection of DCT frequency channels (Xu, Qin, Sun, Wang, Chen, Ren, "Learning in the Frequency
 Domain", CVPR 2020).
 
-Algorithm: the network reads block-DCT coefficients (``dataset.input_domain=dct``; its stem adapted as in the
-paper, :mod:`compress_run.models.frequency_stem`). In the train stage every frequency channel passes through an
-on/off gate: per image, the gate computes a logit per channel from a learned bias and the channels' mean
-magnitudes (pooled input -> linear -> two-way Gumbel-softmax, the paper's gate), and the hard decision multiplies
-the channel (straight-through gradients). The loss adds ``penalty_weight x (mean on-probability - kept
-fraction)^2``, which pulls the number of open channels toward the target count; the Gumbel temperature anneals
-from ``temperature_start`` to ``temperature_end`` over the train stage. The compress stage averages each channel's
-on-probability over ``calib_size`` train images — the paper's heat map of how often a channel is used — keeps the
-``keep_channels`` most used ones, and narrows the network to them: the input is reduced to those channels and the
-convs that read it keep only their weights (:mod:`compress_run.core.frequency_input`). The finetune stage trains
-that network. The run writes ``frequency_selection.json`` (the channels, by index and as (colour, u, v), and
-every channel's probability) and ``frequency_heatmap.png`` into its output dir; the evaluate stage reports the
-input size per image of the selection (``input/values``, ``input/bytes``) beside MACs and latency. Another run
-can train on the selection with ``dataset.dct_channels=<this run's output dir>`` (e.g. ``method=gap``).
+Reference code (kaix90/DCTNet; its classification training code is not in the repository, so the gate's loss is
+read from its detection code): the gate, segmentation/mmdet/models/backbones/gate.py: ``GateModule192`` (the
+``inp_GM`` of classification/models/imagenet/resnet.py: ``ResNetDCT_Upscaled_Static``, initialised by its
+``_initialize_weights``); the Gumbel-softmax, segmentation/mmdet/models/backbones/gumbel.py: ``GumbleSoftmax``;
+the gate's loss, segmentation/mmdet/models/detectors/two_stage.py and single_stage.py: ``forward_train_dct``
+(``loss_gate_activations``); the static selections, classification/main/__init__.py: ``subset_channel_index``;
+the network, :mod:`compress_run.models.frequency_stem`.
+
+Algorithm: the network reads block-DCT coefficients (``dataset.input_domain=dct``; for a torchvision ResNet the
+authors' DCT ResNet). In the train stage every frequency channel passes through an on/off gate
+(:class:`compress_run.core.frequency_input.FrequencyGate`): per image, the channels' grid averages go through a
+1x1 conv + BatchNorm + ReLU and a per-channel 1x1 conv to two logits (off, on), and a hard Gumbel-softmax
+decision multiplies each channel (straight-through gradients). The loss adds ``penalty_weight x`` the share of
+open gates (``penalty=gates``, the authors'), which pushes gates shut where the task does not need them. The
+compress stage averages each channel's on-probability over ``calib_size`` train images — the paper's heat map of
+how often a channel is used — keeps the ``keep_channels`` most used ones, and narrows the network to them: the
+input is reduced to those channels and the convs that read it keep only their weights
+(:mod:`compress_run.core.frequency_input`). The finetune stage trains that network. The run writes
+``frequency_selection.json`` (the channels, by index and as (colour, u, v), and every channel's probability) and
+``frequency_heatmap.png`` into its output dir; the evaluate stage reports the input size per image of the
+selection (``input/values``, ``input/bytes``) beside MACs and latency. Another run can train on the selection with
+``dataset.dct_channels=<this run's output dir>`` (e.g. ``method=gap``), and start it from RGB weights with
+``init_ckpt`` (:func:`compress_run.models.frequency_stem.image_weights_for_frequency_input`).
 
 Config keys (conf/method/freq_select.yaml):
 * ``keep_channels`` (null): frequency channels kept; null = ``keep_fraction`` of them (at least 1).
 * ``keep_fraction`` (0.25): the kept share when ``keep_channels`` is null (the paper's 24 of 192 is 1/8).
-* ``penalty_weight`` (5.0): weight of the squared gap between the mean on-probability and the kept share.
-* ``temperature_start`` (2.0) and ``temperature_end`` (0.5): Gumbel-softmax temperature at the first and the
-  last train epoch, geometric in between.
+* ``penalty`` (gates): ``gates``, the authors' loss on the gates: ``penalty_weight x`` the mean of the hard on
+  decisions; ``target`` (ours): ``penalty_weight x (mean on-probability - kept share)^2``, which pulls the open
+  share to the kept share.
+* ``penalty_weight`` (1.0): the penalty's weight (the authors' detection code adds the gate loss with weight 1).
+* ``temperature_start`` (1.0) and ``temperature_end`` (1.0): Gumbel-softmax temperature at the first and the
+  last train epoch, geometric in between (the authors' ``GumbleSoftmax`` always samples at 1; annealing is ours).
 * ``calib_size`` (2048): train images over which the on-probabilities are averaged for the selection.
 
-Deviations and choices: the paper penalises the number of open gates (an L1 term) and picks its static subsets
-from the heat maps by hand; here the penalty aims at the target count and the selection is the top
-``keep_channels`` by probability, so a run meets its input budget exactly. The gate reads the mean magnitude of
-each channel (the standardised coefficients average to zero, so their plain mean would carry nothing). The
-finetune stage continues from the trained weights; the paper trains the static-selection networks again.
+Deviations (ours): the paper picks its static subsets from the heat maps by hand (``subset_channel_index``: e.g.
+the 4x4 lowest Y frequencies and 2x2 of Cb and Cr for 24 channels); here the selection is the top
+``keep_channels`` channels by on-probability, so a run meets its input budget exactly. Evaluation-mode gates (the
+train stage's validation) take the likelier decision where the authors' module samples. The finetune stage
+continues from the gate-trained weights narrowed to the kept channels; the paper trains the static-selection
+network again from the RGB-pretrained ResNet-50 (here: a second run with ``dataset.dct_channels`` and
+``init_ckpt``).
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ from torch import nn
 
 from compress_run.core.config import check
 from compress_run.core.frequency import channel_frequency
-from compress_run.core.frequency_input import ROOT_NAME, FrequencyGate, attach_gate, select_channels
+from compress_run.core.frequency_input import PENALTIES, ROOT_NAME, FrequencyGate, attach_gate, select_channels
 from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 from compress_run.methods.calibration import calibration_batches
 
@@ -56,15 +70,17 @@ SELECTION_FILE, HEATMAP_FILE = "frequency_selection.json", "frequency_heatmap.pn
 class FreqSelectConfig(MethodConfig):
     keep_channels: int | None = None
     keep_fraction: float = 0.25
-    penalty_weight: float = 5.0
-    temperature_start: float = 2.0
-    temperature_end: float = 0.5
+    penalty: str = "gates"
+    penalty_weight: float = 1.0
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0
     calib_size: int = 2048
 
     def __post_init__(self) -> None:
         check(self.keep_channels is None or self.keep_channels >= 1, "method.keep_channels", self.keep_channels,
               "an integer >= 1, or null")
         check(0.0 < self.keep_fraction <= 1.0, "method.keep_fraction", self.keep_fraction, "a fraction in (0, 1]")
+        check(self.penalty in PENALTIES, "method.penalty", self.penalty, " or ".join(PENALTIES))
         check(self.penalty_weight >= 0.0, "method.penalty_weight", self.penalty_weight, "a float >= 0")
         check(self.temperature_start > 0 and self.temperature_end > 0, "method.temperature_start/end",
               (self.temperature_start, self.temperature_end), "floats > 0")
@@ -119,7 +135,7 @@ class FreqSelect(Method):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         attach_gate(model, self.channels(), self.kept() / self.channels(), self.penalty_weight,
-                    self.temperature_start)
+                    self.temperature_start, self.penalty)
         return model
 
     def training_callbacks(self, stage: str, model: nn.Module) -> list[L.Callback]:
@@ -133,8 +149,12 @@ class FreqSelect(Method):
         device = next(model.parameters()).device
         batches = calibration_batches(datamodule, "train", self.calib_size, 256, self.input_shape, seed=0,
                                       device=device)
-        with torch.no_grad():
-            total = sum(gate.on_probability(batch).sum(dim=0) for batch in batches)
+        was_training = gate.training
+        try:
+            with torch.no_grad():  # the gate's BatchNorm on its running statistics
+                total = sum(gate.eval().on_probability(batch).sum(dim=0) for batch in batches)
+        finally:
+            gate.train(was_training)
         probabilities = (total / self.calib_size).cpu()
         order = sorted(range(self.channels()), key=lambda c: (-float(probabilities[c]), c))
         self.selected = sorted(order[: self.kept()])

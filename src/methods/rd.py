@@ -3,6 +3,11 @@ Li, Lin; "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep 
 with the second-order distortion of its detection variant (Xu et al., "DM3D: Distortion-Minimized Weight
 Pruning for Lossless 3D Object Detection", 2024).
 
+Reference code: Akimoto-Cris/RD_PRUNE — iterate.py (the prune/retrain loop); tools/pruners.py: ``RDPruner``,
+``gen_rd_curves``; tools/algo.py: ``dp_pruning``; tools/modelloaders.py: ``model_and_opt_loader`` (the recipes);
+tools/dataloaders.py: ``get_calib_imagenet_dali_loader``; README.md (the results tables). Deviations from it,
+with reasons: docs/fidelity.md (section rd).
+
 Algorithm: the per-layer sparsities are chosen to minimise the distortion of the network's output under a
 global budget. A calibration set (``calib_size`` images of the train split, or Gaussian-noise images for the
 zero-data variant) is run through the trained network once for the reference output. For every prunable

@@ -7,6 +7,22 @@ unaugmented splits (validation, test, and train without augmentation) are comput
 training data (order and augmentation) is a function of (seed, epoch), so a stage resumed from an
 epoch checkpoint sees exactly the batches an uninterrupted run would.
 The validation split is carved from the train split with ``split_seed`` (same for every run seed).
+
+``recipe`` (the schedule's ``augment`` keys) adds DeiT's training-data recipe (Touvron et al., ICML 2021;
+facebookresearch/deit ``main.py``, ``datasets.py: build_transform``, ``samplers.py: RASampler``), each part
+through timm's implementation where one exists:
+
+* ``rand_augment`` / ``random_erasing``: the train images go through ``timm.data.create_transform`` (random
+  resized crop and flip with bicubic interpolation, the RandAugment policy, normalisation, random erasing in
+  pixel mode with that probability), DeiT's ``build_transform``. Per-image transforms: ImageFolder data
+  (``ImageNetDataModule``) with spatial input only; the in-memory datasets augment whole uint8 batches on the
+  device and refuse them. DeiT's colour jitter (0.3) is inactive whenever RandAugment is on (timm drops it),
+  and we leave it out without RandAugment too (ours).
+* ``mixup`` / ``cutmix``: :class:`BatchMix` (timm's ``Mixup`` in DeiT's setting), applied by the LightningModule
+  to every training batch; the targets become class probabilities.
+* ``repeats``: repeated augmentation: the sampler draws each example ``repeats`` times in a row (each copy
+  augmented on its own) and keeps the epoch at its number of examples, as DeiT's ``RASampler`` (which also
+  rounds the epoch down to a multiple of 256 images: not here).
 """
 
 from __future__ import annotations
@@ -15,13 +31,14 @@ import gzip
 import os
 import pickle
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from compress_run.core.errors import UserError
@@ -32,6 +49,11 @@ FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+
+RECIPE_DEFAULTS: dict[str, Any] = {"rand_augment": None, "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                                   "repeats": 1}
+PER_IMAGE = ("rand_augment", "random_erasing")  # recipe keys that are per-image transforms (ImageFolder data)
 
 
 def _mix(*values: int) -> int:
@@ -48,11 +70,12 @@ class EpochSeededSampler(Sampler[int]):
     ``exclude(positions)`` drops examples from later epochs (data-efficient training), ``include(positions)``
     brings excluded ones back (example swapping); ``order(epoch)``
     is the exact sequence of dataset positions an epoch visits, so callbacks can tell which examples a
-    batch held without the dataset returning indices.
+    batch held without the dataset returning indices. ``repeats`` > 1: repeated augmentation (DeiT's
+    ``RASampler``): every position of the permutation ``repeats`` times in a row, cut to the epoch's length.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+    def __init__(self, num_samples: int, seed: int, repeats: int = 1) -> None:
+        self.num_samples, self.seed, self.epoch, self.repeats = num_samples, seed, 0, repeats
         self.excluded = torch.zeros(num_samples, dtype=torch.bool)
 
     def set_epoch(self, epoch: int) -> None:
@@ -67,7 +90,8 @@ class EpochSeededSampler(Sampler[int]):
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
         perm = torch.randperm(self.num_samples, generator=g)
-        return perm[~self.excluded[perm]]
+        kept = perm[~self.excluded[perm]]
+        return kept.repeat_interleave(self.repeats)[:len(kept)] if self.repeats > 1 else kept
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order(self.epoch).tolist())
@@ -109,18 +133,67 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) 
     return x
 
 
+class BatchMix:
+    """Mixup / CutMix of a training batch: timm's ``Mixup`` as DeiT builds it (one draw per batch, probability 1;
+    with both on, CutMix or Mixup with probability 1/2 each; the cut's lambda corrected to its area). The images
+    are mixed with the batch reversed; the targets become lam·onehot(y) + (1 - lam)·onehot(reversed y), without
+    smoothing (the loss applies label smoothing to them, which equals timm's smoothed mixed targets). timm draws
+    from numpy's global generator: each (seed, epoch, rank) gets its own stream here, and the global state is left
+    as it was, so the mixing of an epoch is a function of the run's seed. A batch of odd size (timm mixes pairs)
+    leaves its last example unmixed."""
+
+    def __init__(self, mixup: float, cutmix: float, num_classes: int, seed: int) -> None:
+        from timm.data import Mixup
+
+        self.mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                           label_smoothing=0.0, num_classes=num_classes)
+        self.num_classes, self.seed = num_classes, seed
+        self._key: tuple[int, int] | None = None
+        self._state: Any = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int, rank: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        even = len(x) - len(x) % 2
+        if even == 0:
+            return x, F.one_hot(y, self.num_classes).float()
+        if self._key != (epoch, rank):
+            self._key = (epoch, rank)
+            self._state = np.random.RandomState(_mix(self.seed, epoch, rank, 5) % 2**32).get_state()
+        outer = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            mixed, targets = self.mixer(x[:even].clone(), y[:even])
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(outer)
+        if even < len(x):
+            mixed = torch.cat([mixed, x[even:]])
+            targets = torch.cat([targets, F.one_hot(y[even:], self.num_classes).to(targets.dtype)])
+        return mixed, targets
+
+
 class BaseDataModule(L.LightningDataModule):
     """Shared logic: split, loaders, batch-wise augmentation/normalisation for uint8 tensors."""
 
     crop_pad = 0
     flip = False
+    per_image_transforms = False  # train images pass per-image transforms (the recipe's PER_IMAGE keys)
 
     def __init__(self, root: str | None, num_classes: int, in_channels: int, image_size: int,
                  val_fraction: float, split_seed: int, num_workers: int, augment: bool, download: bool,
                  mean: list[float], std: list[float], batch_size: int = 128, eval_batch_size: int = 512,
                  seed: int = 0, input_domain: str = "spatial", input_size: int | None = None, dct_block: int = 8,
-                 dct_upsample: int = 1, dct_channels: Any = None) -> None:
+                 dct_upsample: int = 1, dct_channels: Any = None, recipe: Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        self.recipe = {**RECIPE_DEFAULTS, **(dict(recipe) if recipe else {})}
+        per_image = [k for k in PER_IMAGE if self.recipe[k]]
+        if per_image and not self.per_image_transforms:
+            raise UserError(f"schedule.augment.{per_image[0]}={self.recipe[per_image[0]]} is a per-image transform, "
+                            f"but {type(self).__name__} augments whole batches of in-memory images",
+                            "use it with dataset=imagenet (ImageFolder), or set schedule.augment.rand_augment=null "
+                            "schedule.augment.random_erasing=0")
+        mixup, cutmix = float(self.recipe["mixup"]), float(self.recipe["cutmix"])
+        self.batch_mix = BatchMix(mixup, cutmix, num_classes, seed) if mixup > 0 or cutmix > 0 else None
         self.root = root
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -162,6 +235,12 @@ class BaseDataModule(L.LightningDataModule):
             if not (self.augment and (self.crop_pad or self.flip)):
                 self.train_set = self._prepared(x_train[train_idx], y_train[train_idx])
 
+    @property
+    def unaugmented_train_set(self) -> Dataset | None:
+        """The train split as the evaluation splits see their images (calibration data). The in-memory sets hold
+        unaugmented images (they augment batch-wise while training only)."""
+        return self.train_set
+
     def _prepared(self, images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
         """The network inputs of unaugmented images, computed once (float; batches pass through unchanged)."""
         return TensorDataset(torch.cat([self.network_input(chunk) for chunk in images.split(1000)]), labels)
@@ -175,7 +254,7 @@ class BaseDataModule(L.LightningDataModule):
                             "dataset.root at the right dataset")
 
     def _make_sampler(self, num_samples: int, generator: torch.Generator) -> Sampler[int]:
-        return EpochSeededSampler(num_samples, self.seed)
+        return EpochSeededSampler(num_samples, self.seed, int(self.recipe["repeats"]))
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(_mix(self.seed, 2))
@@ -361,6 +440,13 @@ IMAGENET_STATS_IMAGES = 1024  # decoded train images the DCT channel statistics 
 class ImageNetDataModule(BaseDataModule):
     """ImageFolder train/val with per-sample torchvision transforms in worker processes."""
 
+    per_image_transforms = True
+
+    @property
+    def unaugmented_train_set(self) -> Dataset | None:
+        """The train split through the evaluation transform (resize, centre crop), not the train transform."""
+        return getattr(self, "_unaugmented_train", None)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -378,8 +464,11 @@ class ImageNetDataModule(BaseDataModule):
         # DCT inputs: [0, 1] pixels from the workers, the DCT on the batch (on_after_batch_transfer)
         tensor = [T.ToTensor(), T.Normalize(self.mean.flatten().tolist(), self.std.flatten().tolist())] if spatial \
             else [T.ToTensor()]
-        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *tensor]
-                             if self.augment else [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *tensor])
+        if any(self.recipe[k] for k in PER_IMAGE):
+            train_tf = self.recipe_transform(size, spatial)
+        else:
+            train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *tensor]
+                                 if self.augment else [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *tensor])
         eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *tensor])
         train_full = datasets.ImageFolder(str(root / "train"), transform=train_tf)
         eval_full = datasets.ImageFolder(str(root / "train"), transform=eval_tf)
@@ -390,14 +479,35 @@ class ImageNetDataModule(BaseDataModule):
                             "make train/ and val/ hold the same class folders, or set dataset.num_classes")
         train_idx, val_idx = split_indices(len(train_full), self.val_fraction, self.split_seed)
         self.train_set, self.val_set = Subset(train_full, train_idx), Subset(eval_full, val_idx)
+        self._unaugmented_train = Subset(eval_full, train_idx)
         self.test_set = test
         if not spatial:  # per-channel statistics from a seeded sample of unaugmented train images
             pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.split_seed))
             sample = torch.stack([eval_full[train_idx[i]][0] for i in pick[:IMAGENET_STATS_IMAGES].tolist()])
             self.network_input.fit_statistics(sample)
 
+    def recipe_transform(self, size: int, spatial: bool) -> Any:
+        """DeiT's train transform (its ``build_transform``) through timm's ``create_transform``."""
+        from timm.data import create_transform
+
+        policy, erasing = self.recipe["rand_augment"], float(self.recipe["random_erasing"])
+        conflict = None if self.augment else "dataset.augment=false (no train augmentation)"
+        if not spatial:
+            conflict = "dataset.input_domain=dct (the DCT needs raw pixels; the timm transform normalises them)"
+        if conflict:
+            raise UserError(f"schedule.augment asks for per-image transforms (rand_augment={policy}, "
+                            f"random_erasing={erasing}) but the run has {conflict}",
+                            "set schedule.augment.rand_augment=null schedule.augment.random_erasing=0")
+        try:
+            return create_transform(size, is_training=True, auto_augment=policy, interpolation="bicubic",
+                                    color_jitter=None, re_prob=erasing, re_mode="pixel", re_count=1,
+                                    mean=tuple(self.mean.flatten().tolist()), std=tuple(self.std.flatten().tolist()))
+        except (AssertionError, ValueError, KeyError, IndexError) as exc:
+            raise UserError(f"schedule.augment.rand_augment={policy!r} is not a timm augmentation policy ({exc!r})",
+                            "use a timm policy string such as rand-m9-mstd0.5-inc1 (DeiT's), or null") from exc
+
     def _make_sampler(self, num_samples: int, generator: torch.Generator) -> Sampler[int]:
-        return _ReseedingSampler(num_samples, self.seed, generator)
+        return _ReseedingSampler(num_samples, self.seed, generator, int(self.recipe["repeats"]))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, torch.Tensor):  # the model summary's example input
@@ -412,8 +522,8 @@ class ImageNetDataModule(BaseDataModule):
 class _ReseedingSampler(EpochSeededSampler):
     """Also reseeds the loader's generator per epoch, so worker augmentation seeds depend on (seed, epoch)."""
 
-    def __init__(self, num_samples: int, seed: int, generator: torch.Generator) -> None:
-        super().__init__(num_samples, seed)
+    def __init__(self, num_samples: int, seed: int, generator: torch.Generator, repeats: int = 1) -> None:
+        super().__init__(num_samples, seed, repeats)
         self.generator = generator
 
     def set_epoch(self, epoch: int) -> None:

@@ -2,6 +2,10 @@
 
 The network is passed in (not saved as a hyperparameter); masks are buffers of the network, and
 ``on_load_checkpoint`` registers any mask a checkpoint carries before Lightning loads the weights.
+With ``batch_mix`` set (Mixup/CutMix, :class:`compress_run.pipeline.data.BatchMix`) a training batch is mixed
+before the forward pass and the loss is the cross-entropy on the mixed class probabilities, label smoothing
+applied to them (DeiT's soft-target loss on timm's smoothed mixed targets); the train accuracy and the callbacks
+compare the mixed batch's logits with the batch's own labels (as E-ViT's released code counts forgetting).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class ClassifierModule(L.LightningModule):
         self.lr_segments: list[tuple[int, int, int]] = []   # see lr_lambda; saved in checkpoints
         self.last_train_logits: torch.Tensor | None = None  # for callbacks tracking per-example outcomes
         self.distillation: Distillation | None = None        # set by the pipeline: the training loss distils
+        self.batch_mix: Callable | None = None                # set by the pipeline: (x, y, epoch, rank) -> mixed
         self.stage = "train"                                  # set by the pipeline: the stage this module trains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +93,15 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch, prefix: str) -> torch.Tensor:
         x, y = batch
+        targets = y  # class indices, or class probabilities of a mixed batch
+        if prefix == "train" and self.batch_mix is not None:
+            x, targets = self.batch_mix(x, y, self.current_epoch, self.global_rank)
         logits = self(x)
         smoothing = self.hparams.label_smoothing if prefix == "train" else 0.0
         if prefix == "train" and self.distillation is not None:
-            loss = self.distillation.loss(logits, y, x, label_smoothing=smoothing)
+            loss = self.distillation.loss(logits, targets, x, label_smoothing=smoothing)
         else:
-            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         if prefix == "train":
             self.last_train_logits = logits.detach()
             for name, term in auxiliary_losses(self.net).items():  # the network's own goals (token selectors)

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,7 @@ from compress_run.hardware.report import hardware_metrics, plot_breakdown, print
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
+from compress_run.models.frequency_stem import image_weights_for_frequency_input
 from compress_run.pipeline.callbacks import (
     EpochLength,
     EpochLine,
@@ -124,7 +126,8 @@ class Pipeline:
         self.fingerprint = check_output_dir(cfg, self.out)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.datamodule = build(cfg.dataset, "dataset", batch_size=cfg.schedule.batch_size,
-                                eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed)
+                                eval_batch_size=cfg.schedule.eval_batch_size, seed=cfg.seed,
+                                recipe=OmegaConf.to_container(cfg.schedule.augment))
         self.method: Method = build(cfg.method, "method")
         self.method.model_factory = self.new_net
         self.method.input_shape = self.datamodule.network_input.shape
@@ -176,7 +179,8 @@ class Pipeline:
         if cfg.init_ckpt and not self.finished("train"):
             self.load_into(net, Path(cfg.init_ckpt), "init_ckpt",
                            "point init_ckpt at a checkpoint of this model (e.g. checkpoints/train.ckpt of an "
-                           "earlier run with the same model and dataset) or set init_ckpt=null")
+                           "earlier run with the same model and dataset) or set init_ckpt=null",
+                           convert=image_weights_for_frequency_input)
         if cfg.start_from:
             self.take_over_stages(Path(cfg.start_from))
         for stage in STAGES:
@@ -297,9 +301,12 @@ class Pipeline:
                 cfg = compose(config_name="config", overrides=overrides)
         return adapt_network(build(cfg.model, "distill.teacher model"), self.datamodule.network_input, option)
 
-    def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str) -> dict[str, Any]:
+    def load_into(self, net: torch.nn.Module, path: Path, what: str, fix: str,
+                  convert: Callable[[torch.nn.Module, dict], dict] | None = None) -> dict[str, Any]:
         ckpt = load_checkpoint(path, what, fix)
         state = net_state_from_checkpoint(ckpt)
+        if convert is not None:  # init_ckpt: an RGB ResNet's weights initialise its DCT form
+            state = convert(net, state)
         restore_compression(net, state)
         try:
             net.load_state_dict(state, strict=True)
@@ -572,7 +579,10 @@ class Pipeline:
         ``epochs`` and ``lr`` in place of the schedule's when given."""
         sched = self.cfg.schedule
         s = sched[stage] if stage in ("train", "finetune") else sched.finetune
-        return ClassifierModule(net, build(sched.optimizer, "schedule.optimizer"), lr=s.lr if lr is None else lr,
+        optimizer = build(sched.optimizer, "schedule.optimizer")
+        if s.weight_decay is not None:  # the stage's own weight decay in place of the optimizer's
+            optimizer = partial(optimizer, weight_decay=s.weight_decay)
+        return ClassifierModule(net, optimizer, lr=s.lr if lr is None else lr,
                                 epochs=s.epochs if epochs is None else epochs,
                                 lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs,
                                 milestones=list(s.milestones), gamma=s.gamma,
@@ -593,6 +603,7 @@ class Pipeline:
         module.run_meta = self.meta(stage)
         if stage in self.cfg.distill.stages:
             module.distillation = self.distillation()
+        module.batch_mix = self.datamodule.batch_mix  # Mixup/CutMix of the training batches (None: off)
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
         agreement = [RankAgreement(stage, self.method, own)] if several_processes(self.cfg.trainer) else []

@@ -156,15 +156,35 @@ class StageSchedule:
     milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
     epoch_fraction: float = 1.0
+    weight_decay: float | None = None   # this stage's weight decay; null = schedule.optimizer's
 
     def check(self, stage: str) -> None:
         check(self.epochs >= 0, f"schedule.{stage}.epochs", self.epochs, "an integer >= 0")
+        check(self.weight_decay is None or self.weight_decay >= 0, f"schedule.{stage}.weight_decay",
+              self.weight_decay, "a float >= 0, or null (the optimizer's)")
         check(self.lr > 0, f"schedule.{stage}.lr", self.lr, "a float > 0")
         check(self.lr_schedule in ("cosine", "step", "constant"), f"schedule.{stage}.lr_schedule",
               self.lr_schedule, "cosine, step, constant")
         check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"schedule.{stage}.warmup_epochs",
               self.warmup_epochs, f"a float in [0, epochs={self.epochs}]")
         check(0 < self.epoch_fraction <= 1, f"schedule.{stage}.epoch_fraction", self.epoch_fraction, "(0, 1]")
+
+
+@dataclass
+class AugmentConfig:
+    """DeiT's training-data recipe on top of the dataset's own augmentation (``pipeline/data.py``)."""
+    rand_augment: str | None = None     # timm policy, e.g. rand-m9-mstd0.5-inc1 (per image: ImageFolder data only)
+    random_erasing: float = 0.0         # probability per image (timm RandomErasing, pixel mode; ImageFolder only)
+    mixup: float = 0.0                  # Mixup's Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0                 # CutMix's Beta(alpha, alpha); 0 = off (both on: one of the two per batch)
+    repeats: int = 1                    # repeated augmentation: each drawn example this many times (DeiT: 3)
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.random_erasing <= 1.0, "schedule.augment.random_erasing", self.random_erasing,
+              "a probability in [0, 1]")
+        check(self.mixup >= 0 and self.cutmix >= 0, "schedule.augment.mixup/cutmix", (self.mixup, self.cutmix),
+              "Beta alphas >= 0 (0 = off)")
+        check(self.repeats >= 1, "schedule.augment.repeats", self.repeats, "an integer >= 1 (1 = off)")
 
 
 @dataclass
@@ -177,6 +197,7 @@ class ScheduleConfig:
     optimizer: dict[str, Any] = field(default_factory=dict)
     train: StageSchedule = field(default_factory=StageSchedule)
     finetune: StageSchedule = field(default_factory=StageSchedule)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # train and finetune batches
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "schedule.batch_size", self.batch_size, "an integer >= 1")

@@ -4,15 +4,21 @@ expected parameter count to the target, and the pipeline compresses and reloads 
 
 from __future__ import annotations
 
+import copy
 import math
+from functools import partial
 
 import pytest
 import timm
 import torch
 
+from compress_run.core.auxiliary import auxiliary_losses
+from compress_run.core.errors import UserError
 from compress_run.core.factorized import LowRankLinear
 from compress_run.core.lowrank_attention import LowRankAttention, attention_products
 from compress_run.methods.comcat import COMCAT, alignment_weights, transformer_blocks
+from compress_run.methods.distill import Distillation
+from compress_run.pipeline.lit_module import ClassifierModule
 from tests.conftest import run_pipeline
 
 
@@ -106,6 +112,53 @@ def test_alignment_weight_follows_the_released_codes_cumulative_cosine_decay():
         w = max(w * math.cos(math.pi * 0.5 * epoch / 30), 0.01)
         expected.append(w)
     assert weights == expected and weights[0] == 0.5 and weights[-1] == 0.01
+
+
+def _block_outputs(net: torch.nn.Module, x: torch.Tensor, blocks=(0, 1, 10, 11)) -> list[torch.Tensor]:
+    outputs: list[torch.Tensor] = []
+    hooks = [net.get_submodule(f"blocks.{i}").register_forward_hook(lambda _m, _a, out: outputs.append(out))
+             for i in blocks]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return outputs
+
+
+def test_finetune_aligns_blocks_with_its_teacher_at_the_released_constant_weight():
+    teacher = _vit().eval()
+    model = copy.deepcopy(teacher)
+    method = COMCAT(finetune_block_weight=0.01)
+    method.factorize(model)  # the finetune trains the factorized network (its largest candidate ranks here)
+    assert method.training_callbacks("train", model) == [] and COMCAT().training_callbacks("finetune", model) == []
+    [callback] = method.training_callbacks("finetune", model)
+    module = ClassifierModule(model, partial(torch.optim.AdamW), lr=1e-4, epochs=1)
+    module.distillation = Distillation(teacher, kind="hard", alpha=0.5)
+    module.log = lambda *_, **__: None
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    model.train()
+    student_blocks, teacher_blocks = _block_outputs(model, x), _block_outputs(teacher, x)
+    # the released append_align_loss with blocks [0, 1, -2, -1] at weight 0.01 (the finetune's floor)
+    pairs = zip(student_blocks, teacher_blocks, strict=True)
+    expected = 0.01 * sum(torch.nn.functional.mse_loss(s, t) for s, t in pairs)
+    assert expected > 0
+    callback.on_fit_start(None, module)
+    loss = module._step((x, y), "train")
+    with torch.no_grad():
+        distilled = module.distillation.loss(model(x), y, x)
+    assert set(auxiliary_losses(model)) == {"block_alignment"}  # that training-mode forward's own term
+    assert auxiliary_losses(model) == {}  # handed over once
+    assert torch.allclose(loss, distilled + expected, atol=1e-6)
+    model.eval()
+    model(x)
+    assert auxiliary_losses(model) == {}  # evaluation forwards add nothing
+    callback.on_fit_end(None, module)
+    assert "pop_auxiliary_losses" not in vars(model) and not model._forward_hooks
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+    refusing = COMCAT(finetune_block_weight=0.01)
+    refusing.distill_config = {"teacher": None, "stages": ["finetune"]}
+    with pytest.raises(UserError, match="distils no finetune stage"):
+        refusing.check_applicable(_vit())
 
 
 def test_head_is_factorized_when_it_has_rank_candidates():

@@ -101,6 +101,8 @@ COVERED_ELSEWHERE = {
     ("gap", "worker"): "tests/pipeline/test_pgap_jobs.py::test_pgap_jobs_merge_partition_i_from_worker_i",
     ("comcat", "factorize_head"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
     ("comcat", "head_ranks"): "tests/methods/test_comcat.py::test_head_is_factorized_when_it_has_rank_candidates",
+    ("comcat", "finetune_block_weight"):
+        "tests/methods/test_comcat.py::test_finetune_aligns_blocks_with_its_teacher_at_the_released_constant_weight",
     # speed and memory knobs that must *not* change the result: the test checks the curves are the same
     ("rd", "workers"): "tests/methods/test_rd.py::test_worst_case_curves_are_the_measured_worst_sample_mse",
     ("rd", "calib_batch_size"): "tests/methods/test_rd.py::test_worst_case_curves_are_the_measured_worst_sample_mse",

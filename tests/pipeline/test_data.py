@@ -1,19 +1,30 @@
-"""DataModules on tiny files written in the real on-disk formats (IDX, CIFAR pickles, ImageFolder)."""
+"""DataModules on tiny files written in the real on-disk formats (IDX, CIFAR pickles, ImageFolder), and DeiT's
+training-data recipe (schedule.augment): per-image transforms, repeated augmentation, Mixup/CutMix."""
 
 from __future__ import annotations
 
 import gzip
 import pickle
 import struct
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from timm.data.auto_augment import RandAugment
+from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchvision.transforms import InterpolationMode
 
 from compress_run.core.errors import UserError
+from compress_run.methods.calibration import calibration_batches
 from compress_run.pipeline import data as data_mod
 from compress_run.pipeline.data import (
+    BatchMix,
     CIFARDataModule,
     DigitsDataModule,
     EpochSeededSampler,
@@ -24,6 +35,7 @@ from compress_run.pipeline.data import (
     read_idx,
     split_indices,
 )
+from compress_run.pipeline.lit_module import ClassifierModule
 
 COMMON = {"val_fraction": 0.25, "split_seed": 0, "num_workers": 0, "augment": True, "download": False,
           "batch_size": 4, "eval_batch_size": 8, "seed": 0}
@@ -119,14 +131,19 @@ def test_cifar_reads_python_pickle_batches(tmp_path, classes):
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
 
 
-def test_imagenet_image_folder(tmp_path):
+def image_folder(root, n_train: int = 4, n_val: int = 2) -> None:
+    """train/ and val/ ImageFolders of two classes of 40x48 noise JPEGs."""
     rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
+    for split, n in (("train", n_train), ("val", n_val)):
         for cls in ("n01440764", "n01443537"):
-            (tmp_path / split / cls).mkdir(parents=True)
+            (root / split / cls).mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
-                    tmp_path / split / cls / f"{cls}_{i}.JPEG", format="JPEG")
+                    root / split / cls / f"{cls}_{i}.JPEG", format="JPEG")
+
+
+def test_imagenet_image_folder(tmp_path):
+    image_folder(tmp_path)
     dm = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32,
                             mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], **COMMON)
     dm.setup("fit")
@@ -193,3 +210,128 @@ def test_synthetic_shapes():
     dm.setup()
     assert len(dm.train_set) == 30 and len(dm.test_set) == 8
     assert dm.test_set[0][0].shape == (3, 16, 16)
+
+
+IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEIT = {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0, "repeats": 3}
+
+
+def test_deit_recipe_transforms_the_train_images_of_an_image_folder(tmp_path):
+    image_folder(tmp_path, n_train=6)
+    dm = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32, recipe=DEIT,
+                            **IMAGENET_STATS, **COMMON)
+    dm.setup("fit")
+    steps = dm.train_set.dataset.transform.transforms
+    crop, flip, rand_augment, erasing = steps[0], steps[1], steps[2], steps[-1]
+    # DeiT's build_transform through timm: bicubic random resized crop, flip, RandAugment, ..., random erasing
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC and flip.p == 0.5
+    assert isinstance(rand_augment, RandAugment) and rand_augment.num_layers == 2
+    assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in rand_augment.ops)
+    assert "PosterizeIncreasing" in {op.name for op in rand_augment.ops}  # inc1: the increasing variants
+    assert isinstance(erasing, RandomErasing) and erasing.probability == 0.25 and erasing.mode == "pixel"
+    assert (erasing.min_count, erasing.max_count) == (1, 1)
+    assert not any("ColorJitter" in type(t).__name__ for t in steps)  # inactive under RandAugment, as in DeiT
+    assert type(dm.val_set.dataset.transform.transforms[0]).__name__ == "Resize"  # evaluation: resize + crop
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    # repeated augmentation through the sampler that E-ViT's forgetting statistics read (order/exclude/include)
+    sampler = dm.train_dataloader().sampler
+    assert all(hasattr(sampler, a) for a in ("order", "exclude", "include", "num_samples"))
+    order = sampler.order(0)
+    assert len(order) == len(sampler) == len(dm.train_set) and torch.equal(order[0:3], order[0].repeat(3))
+    assert dm.batch_mix is not None
+
+
+def test_deit_recipe_refuses_what_it_cannot_honour(tmp_path):
+    image_folder(tmp_path)
+    with pytest.raises(UserError, match="rand_augment=rand-m9-mstd0.5-inc1 is a per-image transform"):
+        SyntheticDataModule(root=None, num_classes=4, in_channels=3, image_size=16, mean=[0.5] * 3,
+                            std=[0.5] * 3, recipe=DEIT, **COMMON)
+    fine = SyntheticDataModule(root=None, num_classes=4, in_channels=3, image_size=16, mean=[0.5] * 3, std=[0.5] * 3,
+                               recipe={**DEIT, "rand_augment": None, "random_erasing": 0.0}, **COMMON)
+    assert fine.batch_mix is not None and fine._make_sampler(30, torch.Generator()).repeats == 3
+    for kwargs, message in (({"input_domain": "dct"}, "input_domain=dct"), ({"augment": False}, "augment=false"),
+                            ({"recipe": {"rand_augment": "rand-q9"}}, "not a timm augmentation policy")):
+        args = {**IMAGENET_STATS, **COMMON, "recipe": DEIT, **kwargs}
+        dm = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32, **args)
+        with pytest.raises(UserError, match=message):
+            dm.setup("fit")
+
+
+def test_repeated_augmentation_draws_each_example_in_a_row_and_keeps_the_epoch_length():
+    plain = EpochSeededSampler(10, seed=1).order(4)
+    s = EpochSeededSampler(10, seed=1, repeats=3)
+    s.set_epoch(4)
+    # DeiT's RASampler on one replica: the permutation with every entry 3 times, cut to the epoch's length
+    assert list(s) == plain.repeat_interleave(3)[:10].tolist() and len(s) == 10
+    s.exclude(plain[:1])
+    assert list(s) == plain[1:].repeat_interleave(3)[:9].tolist() and len(s) == 9
+    s.include(plain[:1])
+    assert list(s) == plain.repeat_interleave(3)[:10].tolist()
+
+
+def _partner_share(mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per image, the fraction of pixels CutMix took from the reversed batch (every pixel is from one of the two)."""
+    partner = x.flip(0)
+    assert torch.all((mixed == x) | (mixed == partner))
+    return ((mixed == partner) & (mixed != x))[:, 0].flatten(1).float().mean(1)
+
+
+def test_batch_mix_is_timms_mixup_or_cutmix_drawn_per_seed_and_epoch():
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    original = x.clone()
+    mix = BatchMix(0.8, 1.0, num_classes=4, seed=0)
+    np.random.seed(123)
+    outer = np.random.get_state()[1].copy()
+    kinds = set()
+    for epoch in range(16):
+        mixed, targets = mix(x, y, epoch)
+        lam = float(targets[0, 0])  # image 0 (class 0) is mixed with image 5 (class 1)
+        expected = lam * F.one_hot(y, 4).float() + (1 - lam) * F.one_hot(y.flip(0), 4).float()
+        assert torch.allclose(targets, expected, atol=1e-6)
+        if torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0), atol=1e-6):
+            kinds.add("mixup")
+        else:  # CutMix: a box from the partner, lambda corrected to the box's area
+            assert torch.allclose(_partner_share(mixed, x), torch.full((6,), 1 - lam), atol=1e-6)
+            kinds.add("cutmix")
+    assert kinds == {"mixup", "cutmix"} and torch.equal(x, original)
+    assert np.array_equal(np.random.get_state()[1], outer)  # numpy's global stream is left alone
+    again = BatchMix(0.8, 1.0, num_classes=4, seed=0)
+    for epoch in (3, 3, 4):
+        assert all(torch.equal(a, b) for a, b in zip(mix(x, y, epoch), again(x, y, epoch), strict=True))
+    assert not torch.equal(again(x, y, 5)[1], again(x, y, 6)[1])
+    odd_x, odd_targets = mix(x[:5], y[:5], 0)  # an odd batch: the last example stays as it is
+    assert torch.equal(odd_x[4], x[4]) and torch.equal(odd_targets[4], F.one_hot(y[4], 4).float())
+
+
+def test_a_mixed_batch_trains_on_deits_soft_target_loss_and_reports_accuracy_on_its_labels():
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    module = ClassifierModule(net, partial(torch.optim.SGD), lr=0.1, epochs=1, label_smoothing=0.1)
+    logged: dict = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, value)
+    module.batch_mix = BatchMix(0.8, 1.0, num_classes=4, seed=0)
+    loss = module._step((x, y), "train")
+    mixed, targets = BatchMix(0.8, 1.0, num_classes=4, seed=0)(x, y, 0)  # the same draw
+    lam = float(targets[0, 0])
+    with torch.no_grad():
+        logits = net(mixed)
+        # DeiT: SoftTargetCrossEntropy on timm's mixed targets smoothed by 0.1
+        assert torch.allclose(loss, SoftTargetCrossEntropy()(logits, mixup_target(y, 4, lam, smoothing=0.1)))
+        assert torch.equal(module.last_train_logits, logits)
+        assert float(logged["train/acc"]) == float((logits.argmax(1) == y).float().mean())
+        module.batch_mix = None
+        assert torch.allclose(module._step((x, y), "train"), F.cross_entropy(net(x), y, label_smoothing=0.1))
+
+
+def test_calibration_reads_the_train_split_without_train_time_augmentation(tmp_path):
+    image_folder(tmp_path, n_train=6)
+    dm = ImageNetDataModule(root=str(tmp_path), num_classes=2, in_channels=3, image_size=32, recipe=DEIT,
+                            **IMAGENET_STATS, **COMMON)
+    first, again = (calibration_batches(dm, "train", 5, 4, (3, 32, 32), seed=0, device="cpu") for _ in range(2))
+    # RandAugment, erasing or a random crop would differ between the two reads; the evaluation transform does not
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    picked = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(0))[:5].tolist()
+    centre_crops = torch.stack([dm.val_set.dataset[dm.train_set.indices[i]][0] for i in picked])
+    assert torch.equal(torch.cat(first), centre_crops)
