@@ -21,6 +21,12 @@ direction (faster or slower). None of these token-pruned networks is in the host
 (scripts/calibrate_hardware.py times single ops and dense networks); they were chosen before their first
 measurement with this script. Runs at the host profile's thread count by default (``--threads``), so the
 measured and the simulated latency are of the same setting.
+
+Training steps (the quiet measurement behind the training-time column of ``table=fmnist_vit_tokens``): one
+optimizer step (forward, cross-entropy, backward, AdamW) of the Fashion-MNIST ViT at batch 128 on one thread, as
+the table's runs train, for ``dense``, ``evit`` at its final ratios, ``evit_warmup`` (its keep-rate warm-up's
+start: every ratio at 1, the mask-building blocks computing their attention explicitly) and ``spvit`` in
+training mode (the soft, masked form its finetune runs); interleaved rounds, each the median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from compress_run.core.compression_info import compression_infos
-from compress_run.core.tokens import gathered_links
+from compress_run.core.tokens import gathered_links, set_token_anneal
 from compress_run.hardware.macs import count_macs
 from compress_run.hardware.measure import machine_description, model_latency_ms
 from compress_run.hardware.profile import load_profile
@@ -75,6 +82,51 @@ def simulated(model: nn.Module, shape: tuple[int, ...], batches: tuple[int, ...]
     forms = attention_forms(model, shape, batches)
     form, sims = cheapest_form(forms, load_profile("host_cpu"), compression_infos(model), layer_bits(model))
     return (form if len(forms) > 1 else "-"), {b: sims[b].total_ms for b in batches}
+
+
+def train_step_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> float:
+    """Median time of one optimizer step (forward, cross-entropy, backward, AdamW) at ``batch``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, *shape, generator=generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def train_steps(rounds: int, repeats: int, console: Console) -> dict[str, Any]:
+    """Training-step time of the Fashion-MNIST ViT's variants on one thread, interleaved rounds."""
+    build, shape, spvit_keep = MODELS["vit_fmnist"]
+    nets = variants(build, spvit_keep)
+    warm = EViT().prepare(variants(build, spvit_keep)["dense"])
+    set_token_anneal(warm, 1.0)
+    models = {"dense": nets["dense"], "evit": nets["evit"], "evit_warmup": warm, "spvit": nets["spvit"]}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    measured: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for round_ in range(rounds):
+            for name, model in models.items():
+                measured[name].append(train_step_ms(model.train(), shape, 128, repeats))
+            console.log(f"train steps: round {round_ + 1}/{rounds} done")
+    finally:
+        torch.set_num_threads(previous)
+    dense = min(measured["dense"])
+    return {"model": "vit_fmnist", "batch": 128, "threads": 1,
+            "variants": {name: {"step_ms": round(min(times), 2), "speedup": round(dense / min(times), 3),
+                                "rounds_ms": [round(t, 2) for t in times]} for name, times in measured.items()}}
 
 
 def main() -> None:
@@ -123,6 +175,7 @@ def main() -> None:
     checked = [(r, b) for r in rows if r["variant"] != "dense" for b in batches
                if abs(r[f"b{b}"]["measured_speedup"] - 1) > 0.10]
     agree = [(r, b) for r, b in checked if (r[f"b{b}"]["measured_speedup"] > 1) == (r[f"b{b}"]["sim_speedup"] > 1)]
+    training = train_steps(1 if args.quick else rounds, 3 if args.quick else repeats, console)
     result = {"benchmark": "tokens", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_description(), "command": "python scripts/bench_tokens.py" +
               (" --quick" if args.quick else ""), "batches": list(batches), "rounds": rounds, "repeats": repeats,
@@ -132,7 +185,7 @@ def main() -> None:
                       "the same direction",
               "direction_checked": len(checked), "direction_agrees": len(agree),
               "direction_disagrees": [f"{r['model']}/{r['variant']}/b{b}" for r, b in checked if (r, b) not in agree],
-              "variants": rows}
+              "variants": rows, "train_steps": training}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = Table(title=f"token-pruned vs dense, host latency ({args.threads} thread(s)); speedup = dense / variant")
@@ -146,6 +199,12 @@ def main() -> None:
                                                        f"{r[f'b{b}']['measured_speedup']:.2f}x",
                                                        f"{r[f'b{b}']['sim_speedup']:.2f}x")])
     Console(width=200).print(table)
+    steps = Table(title="training step of the Fashion-MNIST ViT (batch 128, 1 thread); speedup = dense / variant")
+    for col in ("variant", "step ms", "speedup"):
+        steps.add_column(col, justify="left" if col == "variant" else "right")
+    for name, entry in training["variants"].items():
+        steps.add_row(name, f"{entry['step_ms']:.1f}", f"{entry['speedup']:.2f}x")
+    Console(width=200).print(steps)
     Console().print(f"direction: simulator agrees on {len(agree)} of {len(checked)} variant/batch cases where the "
                     f"measured speedup is beyond +-10% {result['direction_disagrees'] or ''} -> {args.out}")
 

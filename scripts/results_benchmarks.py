@@ -179,6 +179,14 @@ def tokens(meta: dict[str, Any], path: Path) -> list[str]:
     lines += ["", f"Speedup = dense latency / variant latency in the same run (host_cpu profile for the simulated). "
               f"Goal: {meta['goal']}: **{meta['direction_agrees']} of {meta['direction_checked']}** cases agree"
               + (f"; not: {', '.join(disagree)}" if disagree else " (met)") + ".", ""]
+    steps = meta.get("train_steps")
+    if steps:
+        lines += [f"Training step of the {steps['model']} ViT (batch {steps['batch']}, {steps['threads']} thread, "
+                  "forward + backward + AdamW, fastest of the interleaved rounds):", "",
+                  "| variant | step ms | speedup over dense |", "|---|---|---|"]
+        lines += [f"| {name} | {entry['step_ms']:.1f} | {entry['speedup']:.2f} |"
+                  for name, entry in steps["variants"].items()]
+        lines.append("")
     return lines
 
 
