@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""How much denser Tri-level E-ViT's attention masks are in the authors' code than in ours, on a trained network.
+
+    python scripts/evit_mask_ties.py <run dir of experiment=fmnist_vit_evit> [--images 2000]
+
+Our mask keeps exactly ``k = ceil(attention_keep x r)`` patch links per kept patch query. The authors' code
+(ZLKong/Tri-Level-ViT, ``Block.forward``) keeps every link ``>=`` the k-th largest head-averaged attention; their
+softmax adds ``1e-6 / N`` to every weight, so the links the previous mask dropped all tie at that floor, and a row
+with fewer than k links left open keeps its whole row. For each mask-building block this prints the share of kept
+patch rows with fewer than k open links — the rows the authors' code would run dense — on the first ``--images``
+Fashion-MNIST test images (the small ViT of ``table=fmnist_vit_tokens``; docs/fidelity.md, row evit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+import compress_run.core.tokens as tokens
+from compress_run.core.restore import restore_compression
+from compress_run.models.timm_models import vit
+from compress_run.pipeline.checkpoints import net_state_from_checkpoint
+from compress_run.pipeline.data import DEBIAN_FASHION_MNIST
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--images", type=int, default=2000)
+    args = parser.parse_args()
+    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
+    model = cfg.model
+    net = vit("deit_tiny_patch16_224", 10, 1, 28, patch_size=model.patch_size, embed_dim=model.embed_dim,
+              num_heads=model.num_heads, depth=model.depth, mlp_ratio=model.mlp_ratio)
+    state = net_state_from_checkpoint(torch.load(args.run_dir / "checkpoints" / "train.ckpt", map_location="cpu",
+                                                 weights_only=False))
+    restore_compression(net, state)
+    net.load_state_dict(state)
+    net.eval()
+    shares: dict[int, list[tuple[float, int, int]]] = {}
+    calls = [0]
+    choose = tokens.choose_links
+
+    def probe(probs: torch.Tensor, kept_idx: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+        patch = probs[:, :, 1:, 1:].mean(dim=1)
+        if kept_idx is not None:
+            n, r = patch.shape[1], kept_idx.shape[1]
+            patch = patch.gather(1, kept_idx[..., None].expand(-1, -1, n))
+            patch = patch.gather(2, kept_idx[:, None, :].expand(-1, r, -1))
+        k = tokens.kept_links(patch.shape[-1], fraction)
+        shares.setdefault(calls[0] % len(builders), []).append(
+            (float(((patch > 0).sum(-1) < k).float().mean()), k, patch.shape[-1]))
+        calls[0] += 1
+        return choose(probs, kept_idx, fraction)
+
+    builders = [b for b in net.blocks if isinstance(b, tokens.TokenPruningBlock) and b.builds_links()]
+    tokens.choose_links = probe
+    with gzip.open(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:args.images]
+    x = (torch.tensor(images, dtype=torch.float32) / 255.0 - cfg.dataset.mean[0]) / cfg.dataset.std[0]
+    with torch.no_grad():
+        for chunk in x.split(500):
+            net(chunk)
+    for index, rows in sorted(shares.items()):
+        share = sum(r[0] for r in rows) / len(rows)
+        print(f"mask-building block {index + 1} of {len(builders)}: k = {rows[0][1]} of {rows[0][2]} kept patches; "
+              f"rows the authors' threshold would keep whole: {100 * share:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
