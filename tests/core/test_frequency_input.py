@@ -76,6 +76,17 @@ def test_the_gate_is_the_authors_module_pooled_mean_then_conv_bn_relu_then_two_l
     assert torch.allclose(gate.eval().on_probability(x), torch.full((4, 6), 0.8699), atol=0.005)
 
 
+def train_on_penalty_alone(gate: FrequencyGate, x: torch.Tensor, lr: float, steps: int) -> None:
+    """Adam steps on the gate's own penalty term only."""
+    optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
+    for _ in range(steps):
+        gate(x)
+        loss = gate.pop_auxiliary_losses()["channel_penalty"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def test_the_authors_penalty_is_the_share_of_open_gates_and_alone_shuts_them():
     torch.manual_seed(0)
     gate = FrequencyGate(16, target=0.25, loss_weight=2.0, temperature=1.0).train()
@@ -83,13 +94,7 @@ def test_the_authors_penalty_is_the_share_of_open_gates_and_alone_shuts_them():
     out = gate(x)
     open_share = (out != 0).all(dim=3).all(dim=2).float().mean()
     assert gate.pop_auxiliary_losses()["channel_penalty"].item() == pytest.approx(2.0 * open_share.item())
-    optimizer = torch.optim.Adam(gate.parameters(), lr=0.05)
-    for _ in range(60):
-        gate(x)
-        loss = gate.pop_auxiliary_losses()["channel_penalty"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_penalty_alone(gate, x, lr=0.05, steps=60)
     assert gate.eval().on_probability(x).mean() < 0.1
 
 
@@ -98,13 +103,7 @@ def test_the_target_penalty_alone_pulls_the_open_share_of_the_gates_to_the_targe
     gate = FrequencyGate(64, target=0.25, loss_weight=5.0, temperature=1.0, penalty="target").train()
     x = torch.randn(8, 64, 2, 2)
     start = gate.on_probability(x).mean().item()
-    optimizer = torch.optim.Adam(gate.parameters(), lr=0.02)
-    for _ in range(150):
-        gate(x)
-        loss = gate.pop_auxiliary_losses()["channel_penalty"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_penalty_alone(gate, x, lr=0.02, steps=150)
     assert start > 0.8 and abs(gate.on_probability(x).mean().item() - 0.25) < 0.03
     assert gate.pop_auxiliary_losses() == {}  # handed over once
 
