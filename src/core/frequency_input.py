@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT_NAME = "frequency_input"
+from compress_run.models.frequency_stem import ROOT_NAME
+
 PENALTIES = ("gates", "target")
 
 

@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from compress_run.core.frequency_input import ROOT_NAME
 from compress_run.models.cifar_resnet import CifarResNet
 from compress_run.models.cifar_vgg import CifarVGG
 
+ROOT_NAME = "frequency_input"  # the child module that gates or selects the frequency channels (core)
 STEM = ("conv1.", "bn1.")                                          # the image network's stem parameters
 INPUT_CONVS = ("layer1.0.conv1.weight", "layer1.0.downsample.0.weight")  # the DCT ResNet's convs that read the input
 
