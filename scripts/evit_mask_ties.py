@@ -19,13 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 import compress_run.core.tokens as tokens
-from compress_run.core.restore import restore_compression
-from compress_run.models.timm_models import vit
-from compress_run.pipeline.checkpoints import net_state_from_checkpoint
 from compress_run.pipeline.data import DEBIAN_FASHION_MNIST
+from compress_run.pipeline.network_input import finished_run_network
 
 
 def main() -> None:
@@ -33,15 +30,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--images", type=int, default=2000)
     args = parser.parse_args()
-    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
-    model = cfg.model
-    net = vit("deit_tiny_patch16_224", 10, 1, 28, patch_size=model.patch_size, embed_dim=model.embed_dim,
-              num_heads=model.num_heads, depth=model.depth, mlp_ratio=model.mlp_ratio)
-    state = net_state_from_checkpoint(torch.load(args.run_dir / "checkpoints" / "train.ckpt", map_location="cpu",
-                                                 weights_only=False))
-    restore_compression(net, state)
-    net.load_state_dict(state)
-    net.eval()
+    net, cfg = finished_run_network(args.run_dir, "train.ckpt")
     shares: dict[int, list[tuple[float, int, int]]] = {}
     calls = [0]
     choose = tokens.choose_links

@@ -21,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from compress_run.core.restore import restore_compression
 from compress_run.core.soft_tokens import SoftTokenBlock, TokenSelector, package_token
 from compress_run.core.tokens import kept_count
-from compress_run.models.timm_models import vit
-from compress_run.pipeline.checkpoints import net_state_from_checkpoint
 from compress_run.pipeline.data import DEBIAN_FASHION_MNIST
+from compress_run.pipeline.network_input import finished_run_network
 
 Ranking = Callable[[torch.Tensor], torch.Tensor]  # keep probabilities (batch, n) -> token order, best first
 
@@ -66,15 +63,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--draws", type=int, default=3)
     args = parser.parse_args()
-    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
-    model = cfg.model
-    net = vit("deit_tiny_patch16_224", 10, 1, 28, patch_size=model.patch_size, embed_dim=model.embed_dim,
-              num_heads=model.num_heads, depth=model.depth, mlp_ratio=model.mlp_ratio)
-    state = net_state_from_checkpoint(torch.load(args.run_dir / "checkpoints" / "finetune.ckpt", map_location="cpu",
-                                                 weights_only=False))
-    restore_compression(net, state)
-    net.load_state_dict(state)
-    net.eval()
+    net, cfg = finished_run_network(args.run_dir, "finetune.ckpt")
     with gzip.open(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:args.images]
     with gzip.open(DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:

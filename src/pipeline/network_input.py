@@ -21,11 +21,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from compress_run.core.errors import UserError
 from compress_run.core.frequency import block_dct, padded_size, to_ycbcr
+from compress_run.core.restore import restore_compression
 from compress_run.models.frequency_stem import take_frequency_input
+from compress_run.pipeline.checkpoints import load_checkpoint, net_state_from_checkpoint
 
 DOMAINS = ("spatial", "dct")
 STATS_IMAGES = 20000        # train images the per-channel statistics are computed from (all when fewer)
@@ -177,3 +181,19 @@ def adapt_network(net: nn.Module, network_input: NetworkInput, model_choice: str
                             "or drop dataset.input_size") from exc
         net.train()
     return net
+
+
+def finished_run_network(run_dir: Path, checkpoint: str) -> tuple[nn.Module, Any]:
+    """The network of a finished run in eval mode, and the run's config: the model its ``.hydra/config.yaml``
+    names, made to take the run's input, with the compression and the weights of ``checkpoints/<checkpoint>``."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{run_dir} is not a compress-run run dir (no .hydra/config.yaml)",
+                        "pass the output dir of a finished run")
+    state = net_state_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / checkpoint, "checkpoint",
+                                                      "pass the dir of a run that finished that stage"))
+    cfg = OmegaConf.load(config)
+    net = adapt_network(instantiate(cfg.model), network_input_of(cfg.dataset), str(cfg.model._target_))
+    restore_compression(net, state)
+    net.load_state_dict(state)
+    return net.eval(), cfg

@@ -11,14 +11,18 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from compress_run.core.soft_tokens import SoftTokenBlock
 from compress_run.core.tokens import token_schedule
+from compress_run.hardware.macs import count_macs
 from compress_run.methods.base import NotApplicable
 from compress_run.methods.spvit import SPViT
 from compress_run.models.cifar_resnet import resnet20
 from compress_run.models.timm_models import vit
 from compress_run.pipeline.lit_module import ClassifierModule
-from tests.conftest import run_pipeline
+from compress_run.pipeline.network_input import finished_run_network
+from tests.conftest import compose, run_pipeline
 
 # tests/methods/test_config_keys.py: each key flipped changes the run (digits smoke, a 4-block ViT)
 CONFIG_FLIPS = {
@@ -72,11 +76,17 @@ def test_the_training_step_adds_the_ratio_penalty_to_the_task_loss():
 
 
 def test_pipeline_evaluates_the_dropped_token_network(tmp_path):
-    results = run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false",
-                            *VIT, "method=spvit", "method.keep_targets=[0.5,0.25,0.125]"], tmp_path)
+    args = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", *VIT, "method=spvit",
+            "method.keep_targets=[0.5,0.25,0.125]"]
+    results = run_pipeline(args, tmp_path)
     m = results["metrics"]
     assert results["method"]["keep_targets"] == [0.5, 0.25, 0.125]
     assert m["model/macs_effective"] < 0.62 * m["model/macs_dense"]  # 3 package tokens beside the kept ones
+    # the probe scripts load a finished run this way: the selectors come back, and so does the evaluated network
+    OmegaConf.save(compose(args)[0], tmp_path / ".hydra" / "config.yaml", resolve=True)
+    net, _ = finished_run_network(tmp_path, "finetune.ckpt")
+    assert not net.training and sum(isinstance(b, SoftTokenBlock) and b.prunes_tokens() for b in net.blocks) == 3
+    assert count_macs(net, (1, 1, 8, 8)).effective == pytest.approx(m["model/macs_effective"], abs=1)
 
 
 class LearningRateSpy(L.Callback):

@@ -12,7 +12,7 @@ from compress_run.core.errors import UserError
 from compress_run.core.frequency import block_dct
 from compress_run.models.cifar_resnet import resnet20
 from compress_run.pipeline.data import SyntheticDataModule, _mix, random_crop_flip
-from compress_run.pipeline.network_input import adapt_network, network_input_of
+from compress_run.pipeline.network_input import adapt_network, finished_run_network, network_input_of
 
 COMMON = {"val_fraction": 0.25, "split_seed": 0, "num_workers": 0, "augment": True, "download": False,
           "batch_size": 8, "eval_batch_size": 16, "seed": 0, "num_train": 64, "num_test": 16}
@@ -118,3 +118,12 @@ def test_the_config_describes_the_same_input_as_the_datamodule():
     cfg = OmegaConf.create({"in_channels": 3, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
                             "input_domain": "dct", "dct_block": 8, "dct_upsample": 2, "dct_channels": None})
     assert network_input_of(cfg).shape == (192, 8, 8)
+
+
+def test_loading_a_finished_run_refuses_a_dir_that_is_not_one(tmp_path):
+    with pytest.raises(UserError, match="not a compress-run run dir"):
+        finished_run_network(tmp_path, "train.ckpt")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("model: {_target_: compress_run.models.cifar_resnet.resnet20}\n")
+    with pytest.raises(UserError, match="does not exist"):
+        finished_run_network(tmp_path, "finetune.ckpt")
