@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,6 +28,8 @@ from compress_run.hardware.measure import median_seconds
 
 RUNTIME_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 AGREEMENT_TOLERANCE = 1e-4  # max abs difference of the graph's logits from the network's, relative to their peak
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*m")
+QUALIFIED_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 
 
 def missing_runtime_packages() -> list[str]:
@@ -41,6 +44,16 @@ def export_float(net: nn.Module, sample_shape: tuple[int, ...], path: Path) -> N
         program = torch.onnx.export(net, (torch.randn(2, *sample_shape),), dynamo=True, verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     program.save(str(path))
+
+
+def export_failure(exc: Exception) -> str:
+    """Why the export failed, in one line: torch.onnx's errors open with generic next steps (in terminal colours)
+    and name the cause under "## Exception summary"; that first line is the reason kept."""
+    text = TERMINAL_CODES.sub("", str(exc))
+    _, found, summary = text.partition("## Exception summary")
+    if found:
+        text = QUALIFIED_CLASS.sub(r"\1", next((line for line in summary.splitlines() if line.strip()), ""))
+    return f"ONNX export failed: {type(exc).__name__}: {' '.join(text.split())[:200]}"
 
 
 def session(path: Path, threads: int):
@@ -74,7 +87,7 @@ def deployed_latency_metrics(net: nn.Module, sample_shape: tuple[int, ...], batc
         try:
             export_float(net, sample_shape, path)
         except Exception as exc:  # an op the exporter cannot write: say so instead of timing something else
-            return {"latency_deploy/skipped": f"ONNX export failed: {type(exc).__name__}: {str(exc)[:200]}"}
+            return {"latency_deploy/skipped": export_failure(exc)}
         sess = session(path, threads)
         check = torch.randn(3, *sample_shape, generator=torch.Generator().manual_seed(1))
         got = sess.run(None, {sess.get_inputs()[0].name: check.numpy()})[0]

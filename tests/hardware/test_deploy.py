@@ -38,6 +38,7 @@ class DataDependent(nn.Module):
 def test_what_cannot_be_exported_or_run_is_reported_as_not_measured(monkeypatch):
     failed = deployed_latency_metrics(DataDependent(), (4,), batch=2, warmup=1, repeats=2)
     assert set(failed) == {"latency_deploy/skipped"} and failed["latency_deploy/skipped"].startswith("ONNX export")
+    assert "\x1b" not in failed["latency_deploy/skipped"] and "Next steps" not in failed["latency_deploy/skipped"]
 
     def wrong_export(net, sample_shape, path):  # an exporter that writes another network's graph
         other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
@@ -50,3 +51,13 @@ def test_what_cannot_be_exported_or_run_is_reported_as_not_measured(monkeypatch)
     monkeypatch.setattr(deploy.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else 1)
     missing = deployed_latency_metrics(small_cnn(), (1, 8, 8), batch=2)
     assert missing == {"latency_deploy/skipped": 'onnxruntime not installed (pip install "compress-run[export]")'}
+
+
+def test_an_export_failure_is_reported_by_its_cause_without_terminal_colours():
+    message = ("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m of exporting "
+               "the model to ONNX. Next steps:\n- If there is a missing ONNX function, implement it.\n\n"
+               "## Exception summary\n\n<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX "
+               "function found for <built-in function round>.\n\u2b06\ufe0f\n<class 'x.ConversionError'>: ...")
+    assert deploy.export_failure(RuntimeError(message)) == (
+        "ONNX export failed: RuntimeError: DispatchError: No ONNX function found for <built-in function round>.")
+    assert deploy.export_failure(ValueError("plain\nreason")) == "ONNX export failed: ValueError: plain reason"
