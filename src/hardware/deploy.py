@@ -50,9 +50,9 @@ def export_failure(exc: Exception) -> str:
     """Why the export failed, in one line: torch.onnx's errors open with generic next steps (in terminal colours)
     and name the cause under "## Exception summary"; that first line is the reason kept."""
     text = TERMINAL_CODES.sub("", str(exc))
-    _, found, summary = text.partition("## Exception summary")
+    before, found, summary = text.partition("## Exception summary")
     if found:
-        text = QUALIFIED_CLASS.sub(r"\1", next((line for line in summary.splitlines() if line.strip()), ""))
+        text = QUALIFIED_CLASS.sub(r"\1", next((line for line in summary.splitlines() if line.strip()), before))
     return f"ONNX export failed: {type(exc).__name__}: {' '.join(text.split())[:200]}"
 
 

@@ -195,5 +195,10 @@ def finished_run_network(run_dir: Path, checkpoint: str) -> tuple[nn.Module, Any
     cfg = OmegaConf.load(config)
     net = adapt_network(instantiate(cfg.model), network_input_of(cfg.dataset), str(cfg.model._target_))
     restore_compression(net, state)
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:  # another run's checkpoint, or a config edited since the run
+        first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)[:200]
+        raise UserError(f"checkpoint {run_dir / 'checkpoints' / checkpoint} does not fit the model of "
+                        f"{config}: {first}", "pass the checkpoint of that run, with its config unchanged") from exc
     return net.eval(), cfg

@@ -61,3 +61,5 @@ def test_an_export_failure_is_reported_by_its_cause_without_terminal_colours():
     assert deploy.export_failure(RuntimeError(message)) == (
         "ONNX export failed: RuntimeError: DispatchError: No ONNX function found for <built-in function round>.")
     assert deploy.export_failure(ValueError("plain\nreason")) == "ONNX export failed: ValueError: plain reason"
+    assert deploy.export_failure(ValueError("the cause\n## Exception summary\n\n")) == (
+        "ONNX export failed: ValueError: the cause")

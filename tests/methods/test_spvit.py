@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from compress_run.core.soft_tokens import SoftTokenBlock
 from compress_run.core.tokens import token_schedule
@@ -22,7 +21,7 @@ from compress_run.models.cifar_resnet import resnet20
 from compress_run.models.timm_models import vit
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.network_input import finished_run_network
-from tests.conftest import compose, run_pipeline
+from tests.conftest import run_pipeline
 
 # tests/methods/test_config_keys.py: each key flipped changes the run (digits smoke, a 4-block ViT)
 CONFIG_FLIPS = {
@@ -83,7 +82,6 @@ def test_pipeline_evaluates_the_dropped_token_network(tmp_path):
     assert results["method"]["keep_targets"] == [0.5, 0.25, 0.125]
     assert m["model/macs_effective"] < 0.62 * m["model/macs_dense"]  # 3 package tokens beside the kept ones
     # the probe scripts load a finished run this way: the selectors come back, and so does the evaluated network
-    OmegaConf.save(compose(args)[0], tmp_path / ".hydra" / "config.yaml", resolve=True)
     net, _ = finished_run_network(tmp_path, "finetune.ckpt")
     assert not net.training and sum(isinstance(b, SoftTokenBlock) and b.prunes_tokens() for b in net.blocks) == 3
     assert count_macs(net, (1, 1, 8, 8)).effective == pytest.approx(m["model/macs_effective"], abs=1)

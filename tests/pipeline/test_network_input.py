@@ -127,3 +127,11 @@ def test_loading_a_finished_run_refuses_a_dir_that_is_not_one(tmp_path):
     (tmp_path / ".hydra" / "config.yaml").write_text("model: {_target_: compress_run.models.cifar_resnet.resnet20}\n")
     with pytest.raises(UserError, match="does not exist"):
         finished_run_network(tmp_path, "finetune.ckpt")
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "model: {_target_: compress_run.models.cifar_resnet.resnet20, num_classes: 10, in_channels: 3,"
+        " image_size: 32}\n"
+        "dataset: {in_channels: 3, image_size: 32, mean: [0, 0, 0], std: [1, 1, 1]}\n")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {"net.fc.weight": torch.zeros(3, 64)}}, tmp_path / "checkpoints" / "train.ckpt")
+    with pytest.raises(UserError, match="does not fit the model"):
+        finished_run_network(tmp_path, "train.ckpt")
