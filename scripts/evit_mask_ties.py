@@ -14,15 +14,12 @@ Fashion-MNIST test images (the small ViT of ``table=fmnist_vit_tokens``; docs/fi
 from __future__ import annotations
 
 import argparse
-import gzip
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import compress_run.core.tokens as tokens
-from compress_run.pipeline.data import DEBIAN_FASHION_MNIST
-from compress_run.pipeline.network_input import finished_run_network
+from compress_run.pipeline.network_input import finished_run_network, finished_run_test_set
 
 
 def main() -> None:
@@ -49,9 +46,7 @@ def main() -> None:
 
     builders = [b for b in net.blocks if isinstance(b, tokens.TokenPruningBlock) and b.builds_links()]
     tokens.choose_links = probe
-    with gzip.open(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:args.images]
-    x = (torch.tensor(images, dtype=torch.float32) / 255.0 - cfg.dataset.mean[0]) / cfg.dataset.std[0]
+    x, _ = finished_run_test_set(cfg, args.images)
     with torch.no_grad():
         for chunk in x.split(500):
             net(chunk)

@@ -15,7 +15,6 @@ image (mean over images of their standard deviation): near 0, the selectors bare
 from __future__ import annotations
 
 import argparse
-import gzip
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import torch
 
 from compress_run.core.soft_tokens import SoftTokenBlock, TokenSelector, package_token
 from compress_run.core.tokens import kept_count
-from compress_run.pipeline.data import DEBIAN_FASHION_MNIST
-from compress_run.pipeline.network_input import finished_run_network
+from compress_run.pipeline.network_input import finished_run_network, finished_run_test_set
 
 Ranking = Callable[[torch.Tensor], torch.Tensor]  # keep probabilities (batch, n) -> token order, best first
 
@@ -64,11 +62,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     args = parser.parse_args()
     net, cfg = finished_run_network(args.run_dir, "finetune.ckpt")
-    with gzip.open(DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:args.images]
-    with gzip.open(DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = torch.tensor(np.frombuffer(f.read(), np.uint8, offset=8)[:args.images].astype(np.int64))
-    x = (torch.tensor(images, dtype=torch.float32) / 255.0 - cfg.dataset.mean[0]) / cfg.dataset.std[0]
+    x, labels = finished_run_test_set(cfg, args.images)
     original = SoftTokenBlock.drop_tokens
     spreads: dict[int, list[float]] = {}
     try:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from compress_run.core.errors import UserError
+from compress_run.core.restore import restore_compression
 
 LOCK_FILE = ".lock"
 TEMP_SUFFIX = ".partial.tmp"  # atomic_write_bytes writes .<name>.<random>.partial.tmp, then renames it to <name>
@@ -163,3 +164,14 @@ def net_state_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     if any(k.startswith("net.") for k in state):
         return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or k.endswith("_extra_state")}
+
+
+def load_net_state(net: torch.nn.Module, state: dict[str, torch.Tensor], misfit: str, fix: str) -> None:
+    """Restore the compression ``state`` records into ``net``, then load it strictly; a state that does not fit
+    becomes a :class:`UserError` "``misfit``: <the first mismatch torch names>"."""
+    restore_compression(net, state)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)[:200]
+        raise UserError(f"{misfit}: {first}", fix) from exc

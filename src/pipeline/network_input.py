@@ -27,9 +27,8 @@ from torch import nn
 
 from compress_run.core.errors import UserError
 from compress_run.core.frequency import block_dct, padded_size, to_ycbcr
-from compress_run.core.restore import restore_compression
 from compress_run.models.frequency_stem import take_frequency_input
-from compress_run.pipeline.checkpoints import load_checkpoint, net_state_from_checkpoint
+from compress_run.pipeline.checkpoints import load_checkpoint, load_net_state, net_state_from_checkpoint
 
 DOMAINS = ("spatial", "dct")
 STATS_IMAGES = 20000        # train images the per-channel statistics are computed from (all when fewer)
@@ -194,11 +193,15 @@ def finished_run_network(run_dir: Path, checkpoint: str) -> tuple[nn.Module, Any
                                                       "pass the dir of a run that finished that stage"))
     cfg = OmegaConf.load(config)
     net = adapt_network(instantiate(cfg.model), network_input_of(cfg.dataset), str(cfg.model._target_))
-    restore_compression(net, state)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:  # another run's checkpoint, or a config edited since the run
-        first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)[:200]
-        raise UserError(f"checkpoint {run_dir / 'checkpoints' / checkpoint} does not fit the model of "
-                        f"{config}: {first}", "pass the checkpoint of that run, with its config unchanged") from exc
+    load_net_state(net, state, f"checkpoint {run_dir / 'checkpoints' / checkpoint} does not fit the model of {config}",
+                   "pass the checkpoint of that run, with its config unchanged")
     return net.eval(), cfg
+
+
+def finished_run_test_set(cfg: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` test images of a finished run's dataset (found as the run found them: ``dataset.root``,
+    the Debian package, ...) normalized with the dataset's mean and std, and their labels."""
+    _, _, images, labels = instantiate(cfg.dataset).load_arrays()
+    mean = torch.tensor(list(cfg.dataset.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.dataset.std)).view(1, -1, 1, 1)
+    return (images[:count].float() / 255.0 - mean) / std, labels[:count]

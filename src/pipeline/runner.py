@@ -42,7 +42,6 @@ from compress_run.core.frequency_input import selected_input_channels
 from compress_run.core.masks import sparsity_report
 from compress_run.core.nesting import level_count
 from compress_run.core.quantization import model_bytes, quantization_report
-from compress_run.core.restore import restore_compression
 from compress_run.hardware.deploy import deployed_latency_metrics
 from compress_run.hardware.int8_host import int8_host_metrics
 from compress_run.hardware.profile import load_profile
@@ -67,6 +66,7 @@ from compress_run.pipeline.checkpoints import (
     atomic_write_json,
     disk_full,
     load_checkpoint,
+    load_net_state,
     lock_output_dir,
     net_state_from_checkpoint,
     unlock_output_dir,
@@ -307,16 +307,11 @@ class Pipeline:
         state = net_state_from_checkpoint(ckpt)
         if convert is not None:  # init_ckpt: an RGB ResNet's weights initialise its DCT form
             state = convert(net, state)
-        restore_compression(net, state)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            made_for = ckpt.get("compress_run", {}).get("choices", {})
-            hint = f" (it was written for model={made_for.get('model')}, dataset={made_for.get('dataset')})" \
-                if made_for else ""
-            first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)[:200]
-            raise UserError(f"{what} {path} does not fit model={self.choices.get('model')} with "
-                            f"dataset={self.choices.get('dataset')}{hint}: {first}", fix) from exc
+        made_for = ckpt.get("compress_run", {}).get("choices", {})
+        hint = f" (it was written for model={made_for.get('model')}, dataset={made_for.get('dataset')})" \
+            if made_for else ""
+        load_net_state(net, state, f"{what} {path} does not fit model={self.choices.get('model')} with "
+                                   f"dataset={self.choices.get('dataset')}{hint}", fix)
         return ckpt
 
     # ------------------------------------------------------------------------------- stages

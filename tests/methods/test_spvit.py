@@ -75,9 +75,8 @@ def test_the_training_step_adds_the_ratio_penalty_to_the_task_loss():
 
 
 def test_pipeline_evaluates_the_dropped_token_network(tmp_path):
-    args = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", *VIT, "method=spvit",
-            "method.keep_targets=[0.5,0.25,0.125]"]
-    results = run_pipeline(args, tmp_path)
+    results = run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false",
+                            *VIT, "method=spvit", "method.keep_targets=[0.5,0.25,0.125]"], tmp_path)
     m = results["metrics"]
     assert results["method"]["keep_targets"] == [0.5, 0.25, 0.125]
     assert m["model/macs_effective"] < 0.62 * m["model/macs_dense"]  # 3 package tokens beside the kept ones
