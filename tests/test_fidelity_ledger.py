@@ -18,7 +18,7 @@ from tests.conftest import REPO
 LEDGER = REPO / "docs" / "fidelity.md"
 FIELDS = ("Paper:", "Reference code read:", "Pinned by:", "Deviations:")
 # paths outside conf/method that are methods of the line too: the quantizers and distillation
-OTHER_ROWS = {"ptq": "compress_run.methods.ptq", "qat": "compress_run.methods.qat",
+OTHER_ROWS = {"ptq": "compress_run.methods.ptq", "gptq": "compress_run.methods.gptq", "qat": "compress_run.methods.qat",
               "distill": "compress_run.methods.distill"}
 
 

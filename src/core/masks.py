@@ -96,16 +96,21 @@ def prunable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ALI
     """Conv/linear layers to prune, in registration order, minus ``exclude``.
 
     ``exclude`` holds fnmatch globs over module names plus two aliases: ``first_conv`` (the first
-    conv layer registered, i.e. the stem) and ``classifier`` (the last linear layer registered).
-    An exclude entry that matches nothing is an error (a typo would silently prune too much).
+    conv layer registered, i.e. the stem; nothing in a model without conv layers, such as a language model) and
+    ``classifier`` (the last linear layer registered). An exclude entry that matches nothing is an error (a typo
+    would silently prune too much). A layer whose weight is another module's too (a language model's output
+    head tied to its token embedding: :func:`tied_layers`) is never returned: changing it would change that
+    module as well.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
     convs = [n for n, m in layers.items() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)]
     linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-    excluded: set[str] = set()
+    excluded: set[str] = set(tied_layers(model))
     for pattern in exclude:
         if pattern == "first_conv":
             hits = convs[:1]
+            if not convs:
+                continue
         elif pattern == "classifier":
             hits = linears[-1:]
         else:
@@ -114,6 +119,16 @@ def prunable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ALI
             raise LayerSelectionError(f"exclude pattern {pattern!r} matches no conv/linear layer", layers)
         excluded.update(hits)
     return {n: m for n, m in layers.items() if n not in excluded}
+
+
+def tied_layers(model: nn.Module) -> list[str]:
+    """Conv/linear layers whose weight is also a parameter of another module (tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)
+            and len(set(holders.get(id(m.weight), []))) > 1]
 
 
 class LayerSelectionError(ValueError):

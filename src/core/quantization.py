@@ -51,6 +51,14 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return quantize(x, scale, bits) * scale
 
 
+def fake_quantize_per_token(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """``x`` rounded with one scale per token (per row along ``dim``, the channel dimension): its largest magnitude
+    / (2^(b-1) - 1), computed at every call (dynamic), as SmoothQuant's ``quantize_activation_per_token_absmax``
+    (mit-han-lab/smoothquant, smoothquant/fake_quant.py: scales clamped at 1e-5 before dividing by q_max)."""
+    scale = x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1e-5) / qmax(bits)
+    return fake_quantize(x, scale, bits)
+
+
 def stochastic_fake_quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` on a ``bits``-integer grid with one scale per tensor (its largest magnitude / (2^(b-1) - 1)) and
     stochastic rounding: a value goes to the grid point above with probability equal to its distance from the
@@ -128,14 +136,17 @@ def smoothing_scales(activation_absmax: torch.Tensor, weight: torch.Tensor, alph
 
 def product_error(x: torch.Tensor, weight: torch.Tensor, *, weight_bits: int, input_bits: int,
                   granularity: str = "channel", group_size: int = 128, scales: torch.Tensor | None = None,
-                  input_scale: torch.Tensor | None = None) -> float:
+                  input_scale: torch.Tensor | None = None, dynamic: bool = False) -> float:
     """Relative squared error of the quantized product Q(X/s)·Q(W·s)ᵀ against X·Wᵀ (``x`` [N, in], ``weight``
     [out, in]; s = 1 without ``scales``): the input at ``input_bits`` with one per-tensor scale (``input_scale``;
     by default the largest magnitude of X/s), the weight at ``weight_bits`` with scales at ``granularity``."""
     s = torch.ones(weight.shape[1], dtype=x.dtype, device=x.device) if scales is None else scales
     xs, ws = x / s, weight * s
-    scale = activation_scale(xs, input_bits) if input_scale is None else input_scale
-    xq = fake_quantize(xs, scale, input_bits)
+    if dynamic:  # one scale per row (token), at run time
+        xq = fake_quantize_per_token(xs, input_bits)
+    else:
+        scale = activation_scale(xs, input_bits) if input_scale is None else input_scale
+        xq = fake_quantize(xs, scale, input_bits)
     wq = fake_quantize_weight(ws, weight_bits, granularity, group_size)
     reference = x @ weight.T
     return float((xq @ wq.T - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
@@ -144,20 +155,38 @@ def product_error(x: torch.Tensor, weight: torch.Tensor, *, weight_bits: int, in
 def best_alpha(x: torch.Tensor, weight: torch.Tensor, alphas: Sequence[float], *, weight_bits: int,
                input_bits: int, granularity: str = "channel", group_size: int = 128,
                absmax: torch.Tensor | None = None,
-               input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, dict[float, float]]:
+               input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               dynamic: bool = False) -> tuple[float, dict[float, float]]:
     """Bi-smoothing: the α of ``alphas`` whose smoothing gives the least output error of the quantized product on
     the rows ``x`` — the weight at ``weight_bits`` and ``granularity``, the input at ``input_bits`` — and the
     error of every α. ``absmax`` is the per-channel input maximum the smoothing vector is built from (default:
     that of ``x``); ``input_scale`` maps a smoothing vector s to the input's per-tensor scale after dividing by s
-    (default: the largest magnitude of X/s), so the search scores the quantizer that will be applied."""
+    (default: the largest magnitude of X/s), so the search scores the quantizer that will be applied; with
+    ``dynamic`` the input takes one scale per row (token) instead."""
     peak = x.detach().abs().amax(dim=0) if absmax is None else absmax
     errors = {}
     for a in alphas:
         s = smoothing_scales(peak, weight, a)
         errors[float(a)] = product_error(x, weight, weight_bits=weight_bits, input_bits=input_bits,
                                          granularity=granularity, group_size=group_size, scales=s,
-                                         input_scale=None if input_scale is None else input_scale(s))
+                                         input_scale=None if input_scale is None or dynamic else input_scale(s),
+                                         dynamic=dynamic)
     return min(errors, key=errors.__getitem__), errors
+
+
+def weight_outlier_stats(weight: torch.Tensor) -> dict[str, float]:
+    """How far a weight's largest entries stand out, per output channel (a row of its matrix view): the largest
+    |w| over the weight; ``outlier_ratio`` = the largest, over rows, of max|w_row| / std(w_row) (what sets the
+    rounding step of every other weight of that row under per-channel scales); ``kurtosis`` = the weight's excess
+    kurtosis over all its entries (0 for a Gaussian)."""
+    matrix = as_matrix(weight.detach()).float()
+    std = matrix.std(dim=1).clamp_min(1e-12)
+    flat = matrix.flatten()
+    centred = flat - flat.mean()
+    variance = centred.pow(2).mean().clamp_min(1e-30)
+    return {"max_abs": float(matrix.abs().max()),
+            "outlier_ratio": float((matrix.abs().amax(dim=1) / std).max()),
+            "kurtosis": float(centred.pow(4).mean() / variance.pow(2) - 3.0)}
 
 
 def worst_layers(errors: dict[str, float], fraction: float) -> list[str]:
@@ -175,6 +204,7 @@ def worst_layers(errors: dict[str, float], fraction: float) -> list[str]:
 QUANT_BUFFERS = ("quant_weight_scale", "quant_weight_bits", "quant_group_size", "quant_input_scale",
                  "quant_input_bits")
 SMOOTH_BUFFER = "quant_input_smooth"
+DYNAMIC_BUFFER = "quant_input_dynamic"  # present (True): the input takes one scale per token at every call
 
 
 _rounding = threading.local()
@@ -205,6 +235,9 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
             x = x / (smooth.view(1, -1, *([1] * (x.dim() - 2))) if isinstance(module, nn.Conv2d) else smooth)
         if getattr(_rounding, "unrounded", 0):
             return (x, *args[1:])
+        if DYNAMIC_BUFFER in module._buffers:
+            dim = 1 if isinstance(module, nn.Conv2d) else -1
+            return (fake_quantize_per_token(x, int(module.quant_input_bits), dim), *args[1:])
         return (fake_quantize(x, module.quant_input_scale, int(module.quant_input_bits)), *args[1:])
     finally:
         _rounding.depth -= 1
@@ -227,18 +260,23 @@ def is_quantized(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def attach_quantization(module: nn.Module, weight_bits: int, input_bits: int, input_scale: torch.Tensor,
-                        granularity: str, group_size: int = 128, smooth: torch.Tensor | None = None) -> None:
+                        granularity: str, group_size: int = 128, smooth: torch.Tensor | None = None,
+                        dynamic: bool = False, on_grid: torch.Tensor | None = None) -> None:
     """Quantize ``module`` (conv/linear) in place: the weight (times ``smooth`` per input channel, if given) is
     rounded to its grid at ``granularity``, the input is rounded at every call to ``input_scale`` (after
-    dividing by ``smooth``)."""
+    dividing by ``smooth``), or with ``dynamic`` to one scale per token computed at that call. ``on_grid``: the
+    weight already sits on a grid of these scales ([rows, groups], e.g. GPTQ's), kept as it is."""
     weight = module.weight
     if smooth is not None:
         shape = (1, -1, *([1] * (weight.dim() - 2)))
         weight.mul_(smooth.to(weight).view(shape))
     matrix = as_matrix(weight)
     size = group_size if granularity == "group" else matrix.shape[1]
-    scales = weight_scales(matrix, weight_bits, granularity, group_size)
-    weight.copy_(fake_quantize_weight(weight, weight_bits, granularity, group_size))
+    if on_grid is not None:
+        scales = on_grid.to(weight).reshape(matrix.shape[0], -1, 1)
+    else:
+        scales = weight_scales(matrix, weight_bits, granularity, group_size)
+        weight.copy_(fake_quantize_weight(weight, weight_bits, granularity, group_size))
     device = weight.device
     buffers = {"quant_weight_scale": scales.reshape(scales.shape[0], -1).expand(matrix.shape[0], -1).clone(),
                "quant_weight_bits": torch.tensor(weight_bits, device=device),
@@ -247,6 +285,8 @@ def attach_quantization(module: nn.Module, weight_bits: int, input_bits: int, in
                "quant_input_bits": torch.tensor(input_bits, device=device)}
     if smooth is not None:
         buffers[SMOOTH_BUFFER] = smooth.detach().to(device).clone()
+    if dynamic:
+        buffers[DYNAMIC_BUFFER] = torch.tensor(True, device=device)
     _register(module, buffers)
 
 
@@ -263,7 +303,7 @@ def attach_quantization_from_state_dict(model: nn.Module, state_dict: Mapping[st
         module = modules.get(name)
         if module is None:
             continue
-        names = [*QUANT_BUFFERS, SMOOTH_BUFFER]
+        names = [*QUANT_BUFFERS, SMOOTH_BUFFER, DYNAMIC_BUFFER]
         found = {b: state_dict[f"{prefix}{name}.{b}"].clone() for b in names if f"{prefix}{name}.{b}" in state_dict}
         _register(module, found)
         count += 1
@@ -274,7 +314,8 @@ def quantization_report(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per quantized layer: weight and input bits, the weight's group size (its row length when per channel)
     and whether the input is smoothed."""
     return {name: {"weight_bits": int(m.quant_weight_bits), "input_bits": int(m.quant_input_bits),
-                   "group_size": int(m.quant_group_size), "smoothed": SMOOTH_BUFFER in m._buffers}
+                   "group_size": int(m.quant_group_size), "smoothed": SMOOTH_BUFFER in m._buffers,
+                   "input_scale": "per token" if DYNAMIC_BUFFER in m._buffers else "per tensor"}
             for name, m in model.named_modules() if is_quantized(m)}
 
 
@@ -285,8 +326,12 @@ def model_bytes(model: nn.Module) -> dict[str, float]:
     from compress_run.core.masks import MASK_SUFFIX
 
     total = weights = 0.0
+    counted: set[int] = set()  # a tied parameter (an LM head sharing its embedding's matrix) is stored once
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in counted:
+                continue
+            counted.add(id(param))
             bits = int(module.quant_weight_bits) if name == "weight" and is_quantized(module) else 32
             dense = param.numel() * bits / 8
             mask = module._buffers.get(name + MASK_SUFFIX)

@@ -30,6 +30,7 @@ conv/linear layers own their GEMMs and attention modules their QK^T / AV product
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,9 +242,18 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dty
     """Run ``model`` once in eval mode on a zero batch of ``input_shape`` (batch included) and record it.
     Sparse attention runs in its gather form (the kept links alone, the work the MAC count reports), or with
     ``gathered=False`` in its masked form (every link computed, the others masked out of the softmax)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.zeros(input_shape, device=device, dtype=dtype)
+    return trace_call(model, lambda: model(x), input_shape, gathered)
+
+
+@torch.no_grad()
+def trace_call(model: nn.Module, call: Callable[[], Any], input_shape: tuple[int, ...],
+               gathered: bool = True) -> ModelTrace:
+    """Record ``call()`` — a forward of ``model`` or of a part of it, e.g. one decode step of a causal LM
+    against its KV cache — with ``model``'s modules named as in :func:`trace_model`."""
     was_training = model.training
     model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     stack = [""]
     calls = [0]
     params = {_storage(t) for t in [*model.parameters(), *model.buffers()]}
@@ -263,14 +273,13 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dty
             handles.append(module.register_forward_pre_hook(push(name)))
             handles.append(module.register_forward_hook(pop))
     recorder = _Recorder(stack, params)
-    x = torch.zeros(input_shape, device=device, dtype=dtype)
     # nn.MultiheadAttention / TransformerEncoderLayer take a fused eval-mode kernel that no MAC formula prices
     # (torchvision's vit_b_16 counted 11.3 of its 17.6 GMACs); trace the path training takes, op by op
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with recorder, gathered_links(gathered):
-            model(x)
+            call()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:

@@ -141,6 +141,10 @@ class Method:
     hardware: Any = None                                   # set by the pipeline: the run's HardwareConfig
     distill: Any = None          # set by the pipeline: a Distillation when distill.teacher is given, else None
     distill_config: dict[str, Any] = {"kind": "soft", "alpha": 0.5, "temperature": 1.0}  # the run's distill.*
+    # the kinds of network the method acts on (classification: image models; causal_lm: language models), and
+    # what the pipeline says when a run pairs it with another kind
+    tasks: tuple[str, ...] = ("classification",)
+    task_note: str = "it is built for image classifiers and has not been made to act on language models"
 
     def __init__(self, **keys: Any) -> None:
         self.config = self.Config(**{k: _plain(v) for k, v in keys.items()})
@@ -233,6 +237,9 @@ class Quantizer(ABC):
 
     Config: type = MethodConfig
     input_shape: tuple[int, ...] = (3, 32, 32)  # set by the pipeline: one sample's (C, H, W)
+    tasks: tuple[str, ...] = ("classification",)  # as Method.tasks
+    task_note: str = "it is built for image classifiers and has not been made to act on language models"
+    task: str = "classification"                  # set by the pipeline: the run's kind (one of tasks)
 
     def __init__(self, **keys: Any) -> None:
         self.config = self.Config(**{k: _plain(v) for k, v in keys.items()})
@@ -264,6 +271,10 @@ class Quantizer(ABC):
         """The quantized network (``model`` changed in place)."""
 
     def summary(self) -> dict[str, Any]:
+        return {}
+
+    def artifacts(self) -> dict[str, bytes]:
+        """Files the quantize stage leaves in the run's output dir (file name -> content), e.g. a plot."""
         return {}
 
 

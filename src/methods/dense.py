@@ -15,3 +15,4 @@ class Dense(Method):
     plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = method_config("dense")(MethodConfig)
     stages = ("train", "evaluate")
+    tasks = ("classification", "causal_lm")

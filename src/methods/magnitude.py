@@ -21,7 +21,9 @@ Config keys (conf/method/magnitude.yaml):
 * ``distribution`` (uniform): ``uniform`` = same sparsity per layer, ``global`` = one magnitude
   threshold over all prunable weights, ``erk`` = Erdos-Renyi-kernel allocation.
 * ``pattern`` (irregular): mask projection (see ``compress_run.core.projections``).
-* ``exclude`` ([first_conv, classifier]): module-name globs kept dense.
+* ``exclude`` ([first_conv, classifier]): module-name globs kept dense. On a causal LM (no conv layers)
+  ``first_conv`` selects nothing; the output head tied to the token embedding is never pruned (it is the
+  embedding), so every linear layer of the blocks is pruned and the embeddings stay dense.
 * ``mask_grads`` (true): zero gradients of pruned weights before each optimizer step.
 """
 
@@ -36,6 +38,7 @@ from compress_run.methods.base import MaskPruningConfig, MaskPruningMethod, meth
 class Magnitude(MaskPruningMethod):
     plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = method_config("magnitude")(MaskPruningConfig)
+    tasks = ("classification", "causal_lm")  # a causal LM: every linear layer but the tied head (embeddings stay)
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         self.prune_to(model, self.sparsity)

@@ -318,6 +318,7 @@ def input_fake_quant(bits: int, ema: float, absmax: torch.Tensor) -> FakeQuantiz
 
 class QAT(LayerQuantizer):
     Config = QATConfig
+    tasks = ("classification", "causal_lm")  # a causal LM trains with its next-token loss; its tied head stays float
 
     def __init__(self, **keys: Any) -> None:
         super().__init__(**keys)
@@ -341,7 +342,8 @@ class QAT(LayerQuantizer):
         layers = self.layers(model)
         self.check_applicable(model)
         device = next(model.parameters()).device
-        batches = calibration_batches(datamodule, "train", self.calib_size, CALIB_BATCH,
+        batch = CALIB_BATCH if self.task != "causal_lm" else 8  # windows: a forward's logits are T x vocab each
+        batches = calibration_batches(datamodule, "train", self.calib_size, batch,
                                       tuple(self.input_shape), self.seed + 104729, device)
         absmax: dict[str, torch.Tensor] = {}
 

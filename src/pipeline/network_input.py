@@ -27,6 +27,7 @@ from torch import nn
 
 from compress_run.core.errors import UserError
 from compress_run.core.frequency import block_dct, padded_size, to_ycbcr
+from compress_run.models.causal_lm import is_causal_lm
 from compress_run.models.frequency_stem import take_frequency_input
 from compress_run.pipeline.checkpoints import load_checkpoint, load_net_state, net_state_from_checkpoint
 
@@ -163,6 +164,14 @@ def adapt_network(net: nn.Module, network_input: NetworkInput, model_choice: str
     stem (:mod:`compress_run.models.frequency_stem`); an input of another shape than the image is checked with
     one forward pass, so a model that cannot take it is refused here and not in the middle of training."""
     shape = network_input.shape
+    language_model, text = is_causal_lm(net), network_input.domain == "tokens"
+    if language_model != text:
+        raise UserError(f"model={model_choice} is {'a causal language model' if language_model else 'an image model'}"
+                        f" but the dataset holds {'text' if text else 'images'}",
+                        "pair a causal LM (model=tiny_llama, smollm2_135m, hf_causal_lm) with a text dataset "
+                        "(dataset=shakespeare, text) and an image model with an image dataset")
+    if text:
+        return net
     if network_input.domain == "dct":
         try:
             take_frequency_input(net, shape[0])

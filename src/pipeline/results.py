@@ -20,7 +20,8 @@ from rich.table import Table
 
 from compress_run.hardware.report import print_hardware_table
 
-PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy")
+PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy",
+            "transformers", "gguf")
 
 
 def host_info() -> dict[str, Any]:
@@ -70,7 +71,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         metrics[f"time/{stage}_s"] = rec.get("wall_s")
         if "cpu_s" in rec:
             metrics[f"time/{stage}_cpu_s"] = rec["cpu_s"]
-        for key in ("test/acc", "val/acc"):
+        for key in ("test/acc", "val/acc", "test/ppl", "ood/ppl"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
     scalar = (int, float, str)
@@ -99,6 +100,8 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "quant": {**records.get("quantize", {}).get("metrics", {}).get("quant", {}),
                   "bits_per_layer": evaluate.get("quant_bits_per_layer", {})}
         if evaluate.get("quant_bits_per_layer") else {},
+        # causal LMs: what was loaded or built, and what the text splits hold
+        "llm": {"model": evaluate["llm/model"], "data": evaluate.get("llm/data")} if "llm/model" in evaluate else {},
         "levels": evaluate.get("levels", []),  # multi-level models: one row per level
         "level_mixes": evaluate.get("level_mixes", []),  # ... and one per switch of level part-way
         "stages": records,
@@ -114,6 +117,44 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return f"{value:.1f}s" if isinstance(value, float) else str(value)
 
 
+def _number(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_language_model(m: dict[str, Any], console: Console) -> None:
+    """A causal LM's evaluation: perplexity and agreement with the uncompressed model, bytes, per-token cost."""
+    for split in ("test", "ood"):
+        if f"{split}/ppl" in m:
+            line = (f"{split}: perplexity {m[f'{split}/ppl']:.3f} (mean NLL {m[f'{split}/nll']:.4f} nats over "
+                    f"{int(m[f'{split}/tokens']):,} tokens), next-token accuracy {100 * m[f'{split}/token_acc']:.2f}%")
+            if f"{split}/kl" in m:
+                line += (f"; against the uncompressed model: KL {m[f'{split}/kl']:.4f} nats/token, top-1 agreement "
+                         f"{100 * m[f'{split}/top1_agreement']:.2f}%")
+            console.print(line)
+    if "model/macs_per_token/prefill" in m:
+        context = m["llm/context_tokens"]
+        console.print(f"MACs per token: {m['model/macs_per_token/prefill'] / 1e6:,.2f} M prefill (a {context}-token "
+                      f"prompt), {m['model/macs_per_token/decode'] / 1e6:,.2f} M decode (at {context} tokens of "
+                      f"context); weights {m.get('model/weight_bytes', 0) / 2**20:,.1f} MiB stored")
+        rows = [k.removeprefix("sim_tokens_per_s/").removesuffix("/decode") for k in m
+                if k.startswith("sim_tokens_per_s/") and k.endswith("/decode")]
+        table = Table(title="tokens per second, batch 1 (simulated per profile; measured on this host)",
+                      title_justify="left")
+        for col in ("hardware", "prefill", "decode", "decode ms/token"):
+            table.add_column(col, justify="left" if col == "hardware" else "right")
+        for name in rows:
+            table.add_row(name, _number(m[f"sim_tokens_per_s/{name}/prefill"], 1),
+                          _number(m[f"sim_tokens_per_s/{name}/decode"], 1),
+                          _number(m[f"latency_sim_ms/{name}/decode_token"], 3))
+        if "host_tokens_per_s/decode" in m:
+            table.add_row(f"measured on this host ({m['latency_host/threads']} threads)",
+                          _number(m["host_tokens_per_s/prefill"], 1), _number(m["host_tokens_per_s/decode"], 1),
+                          _number(m["latency_host_ms/decode_token"], 3))
+        console.print(table)
+        if m.get("latency_host/quantized_layers_run_as"):
+            console.print(f"(the host ran the quantized layers as {m['latency_host/quantized_layers_run_as']})")
+
+
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console(file=sys.stdout, highlight=False,
                                  width=None if sys.stdout.isatty() else 120)
@@ -122,15 +163,20 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
              f"schedule={c.get('schedule')}")
     console.print(title)
     table = Table()
-    for col in ("stage", "status", "wall time", "val acc", "test acc", "sparsity"):
+    language_model = "test/ppl" in results["metrics"]
+    columns = ("test ppl", "ood ppl", "test KL") if language_model else ("val acc", "test acc")
+    for col in ("stage", "status", "wall time", *columns, "sparsity"):
         table.add_column(col, justify="left" if col in ("stage", "status") else "right")
     for stage, rec in results["stages"].items():
         m = rec.get("metrics", {})
         status = rec["status"] if rec["status"] == "done" else f"skipped ({rec.get('reason', '')})"
-        table.add_row(stage, status, _fmt(rec.get("wall_s")), _fmt(m.get("val/acc"), True),
-                      _fmt(m.get("test/acc"), True), _fmt(m.get("model/prunable_sparsity"), True))
+        scores = (_number(m.get("test/ppl")), _number(m.get("ood/ppl")), _number(m.get("test/kl"), 4)) \
+            if language_model else (_fmt(m.get("val/acc"), True), _fmt(m.get("test/acc"), True))
+        table.add_row(stage, status, _fmt(rec.get("wall_s")), *scores, _fmt(m.get("model/prunable_sparsity"), True))
     console.print(table)
     m = results["metrics"]
+    if language_model:
+        print_language_model(m, console)
     if "model/params_dense" in m:
         console.print(f"params: {m['model/params_dense']:,} dense, {m['model/params_nonzero']:,} non-zero "
                       f"(model sparsity {100 * m['model/sparsity']:.2f}%, prunable-layer sparsity "
@@ -143,7 +189,7 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     if kernels:
         counts = ", ".join(f"{kernels.count(k)} {k}" for k in sorted(set(kernels)))
         console.print(f"host kernels (fastest measured per masked layer): {counts}")
-    if "model/macs_dense" in m:
+    if "model/macs_dense" in m and not language_model:
         dense, effective = m["model/macs_dense"], m["model/macs_effective"]
         console.print(f"MACs (batch 1): {dense / 1e6:,.2f} M dense, {effective / 1e6:,.2f} M effective "
                       f"({dense / max(effective, 1):.2f}x fewer; FLOPs = 2 x MACs)")

@@ -44,11 +44,13 @@ from compress_run.core.nesting import level_count
 from compress_run.core.quantization import model_bytes, quantization_report
 from compress_run.hardware.deploy import deployed_latency_metrics
 from compress_run.hardware.int8_host import int8_host_metrics
+from compress_run.hardware.llm_cost import llm_hardware_metrics
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
 from compress_run.methods.base import Method, NotApplicable, Quantizer
 from compress_run.methods.calibration import calibration_batches
 from compress_run.methods.distill import Distillation
+from compress_run.models.causal_lm import is_causal_lm, pretrained_original
 from compress_run.models.frequency_stem import image_weights_for_frequency_input
 from compress_run.pipeline.callbacks import (
     EpochLength,
@@ -74,6 +76,7 @@ from compress_run.pipeline.checkpoints import (
 from compress_run.pipeline.export import export_onnx
 from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
+from compress_run.pipeline.lm_module import LM_KEYS, CausalLMModule, lm_metrics
 from compress_run.pipeline.network_input import adapt_network
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
@@ -116,6 +119,7 @@ class Pipeline:
         self.fit_clocks: list[TrainingClock] = []  # the clocks of the current stage's fits
         self.loaded_from: str | None = None  # the stage whose checkpoint the current net was loaded from
         self.redo: set[str] = set()          # finished stages to run again (evaluate after settings changed)
+        self.stage: str | None = None        # the stage running now
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -137,8 +141,20 @@ class Pipeline:
         self.quantizer: Quantizer | None = build(cfg.quant, "quant") if cfg.quant is not None else None
         if self.quantizer is not None:
             self.quantizer.input_shape = self.method.input_shape
+            self.quantizer.task = getattr(self.datamodule, "task", "classification")
         self.check_teacher()
         net = self.new_net()
+        self.causal_lm = is_causal_lm(net)
+        task = "causal_lm" if self.causal_lm else "classification"
+        kind = "a causal language model" if self.causal_lm else "an image classifier"
+        for what, part in (("method", self.method), ("quant", self.quantizer)):
+            if part is not None and task not in part.tasks:
+                model = self.choices.get("model")
+                raise UserError(f"{what}={self.choices.get(what)} cannot be applied to model={model}, {kind}: "
+                                f"{part.task_note}", f"choose a {what} that applies to {kind.split(' ', 1)[1]}s "
+                                "(docs/llm.md lists the ones for causal LMs)")
+        if self.causal_lm:
+            self.bind_language_model(net)
         try:
             self.method.check_applicable(net)
         except NotApplicable as exc:
@@ -163,16 +179,20 @@ class Pipeline:
                                 f"{self.choices.get('method')} makes a multi-level model whose levels share their "
                                 "weights: training one level would change the others unseen",
                                 "quantize a multi-level model after training (quant=w8a8), or train a single sparsity")
+        self.pretrained = bool(getattr(net, "pretrained", False))
+        # the pretrained LM as loaded, sharing the process's cached weights (KL and agreement compare with it)
+        self.original = pretrained_original(net) if self.causal_lm and self.pretrained else None
         self.plain_train = self.method.trains_plainly()
         self.train_inputs = train_inputs(cfg, self.plain_train)
         net = self.method.prepare(net)
         check_choice(self.cfg.evaluate.get("level"), self.cfg.evaluate.get("latency_budget_ms"), self.method, net,
                      self.choices.get("method"))
         self.datamodule.setup("fit")
+        calibration_split = getattr(self.datamodule, "unaugmented_train_set", None) or self.datamodule.train_set
         for what, part in (("method", self.method), ("quant", self.quantizer)):
             try:
                 if part is not None:
-                    part.check_data(len(self.datamodule.train_set))
+                    part.check_data(len(calibration_split))
             except NotApplicable as exc:
                 raise UserError(f"{what}={self.choices.get(what)} cannot use dataset={self.choices.get('dataset')}: "
                                 f"{exc}", f"lower {what}.calib_size or use a larger train split") from exc
@@ -193,6 +213,40 @@ class Pipeline:
         pending = [s for s in STAGES if not self.finished(s) and not self.skip_reason(s)]
         # load the first pending stage's input now: a bad checkpoint is rejected before anything is written
         self.start_net = self.net_for(pending[0], net) if pending else net
+
+    def bind_language_model(self, net: torch.nn.Module) -> None:
+        """A causal LM: the text is tokenized with its tokenizer; methods, quantizers and settings that cannot act
+        on a language model are refused here."""
+        model = self.choices.get("model")
+        self.datamodule.bind_tokenizer(net.tokenizer, net.context_length, net.vocab_size, model)
+        if self.cfg.distill.teacher:
+            raise UserError(f"distill.teacher={self.cfg.distill.teacher}: distillation is built for classifiers and "
+                            f"model={model} is a causal language model", "set distill.teacher=null")
+        if self.cfg.evaluate.get("export") == "onnx":
+            raise UserError(f"evaluate.export=onnx exports image networks; model={model} is a causal language model",
+                            "set evaluate.export=null")
+        self.log(f"model {net.describe()['source']}: {net.describe()['params'] / 1e6:.1f} M parameters, "
+                 f"{'pretrained' if net.pretrained else 'built from scratch'}")
+
+    def lm_device(self) -> torch.device:
+        """Where a causal LM is calibrated and evaluated outside Lightning's fits: the trainer's GPU if it has one."""
+        gpu = str(self.cfg.trainer.accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        return torch.device("cuda" if gpu else "cpu")
+
+    def reference_net(self) -> torch.nn.Module | None:
+        """The uncompressed causal LM that KL and top-1 agreement compare against: this run's trained network
+        (its train-stage checkpoint) or the pretrained one; None before either exists."""
+        if getattr(self, "_reference", None) is None:
+            if self.records.get("train", {}).get("status") == "done":
+                net = self.new_net()
+                self.load_into(net, self.ckpt_dir / "train.ckpt", "the train checkpoint",
+                               "rerun with a new output_dir")
+            elif getattr(self, "pretrained", False):
+                net = self.original
+            else:
+                return None
+            self._reference = net.eval().requires_grad_(False)
+        return self._reference
 
     def take_over_stages(self, base: Path) -> None:
         """Copy (hard-link) the finished stages of the run in ``base`` that this run would repeat: its train,
@@ -334,6 +388,7 @@ class Pipeline:
         write_run_config(self.cfg, self.out, self.overrides, self.fingerprint)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         net, first = self.start_net, True
+        self.start_net = None  # the stages own it now (a second reference would keep a replaced network alive)
         for stage in STAGES:
             if self.finished(stage):
                 if self.records[stage]["status"] == "done":
@@ -350,6 +405,7 @@ class Pipeline:
             first = False
             t0, cpu0 = time.perf_counter(), time.process_time()
             self.fit_clocks = []
+            self.stage = stage
             self.log(f"stage {stage}: start")
             if stage != "train":  # the stage's random draws must not depend on whether train ran in this process
                 reseed(self.cfg.seed, stage)
@@ -387,6 +443,8 @@ class Pipeline:
     def skip_reason(self, stage: str) -> str | None:
         if stage not in self.cfg.stages:
             return f"not in stages={list(self.cfg.stages)}"
+        if stage == "train" and self.pretrained:
+            return f"model={self.choices.get('model')} is pretrained: nothing to train"
         if stage == "quantize":  # not a method's stage: it runs for any method when quant= is chosen
             return None if self.quantizer is not None else "no quant= chosen (e.g. quant=w8a8)"
         if stage not in self.method.stages:
@@ -444,7 +502,11 @@ class Pipeline:
             net = self.quantizer.prepare_training(net, self.datamodule)
             self.fit("quantize", net, epochs=epochs, lr=lr_scale * float(self.cfg.schedule.finetune.lr),
                      callbacks=self.quantizer.training_callbacks(net))
+        if self.causal_lm:  # calibrate where the model evaluates (a GPU when the trainer has one)
+            net = net.to(self.lm_device())
         net = self.quantizer.quantize(net, self.datamodule)
+        for name, content in self.quantizer.artifacts().items():
+            atomic_write_bytes(self.out / name, lambda f, content=content: f.write(content))
         state = {f"net.{k}": v for k, v in net.state_dict().items()}
         atomic_torch_save({"state_dict": state, "compress_run": self.meta("quantize")},
                           self.ckpt_dir / "quantize.ckpt")
@@ -461,8 +523,8 @@ class Pipeline:
             chosen = level_metrics.pop("levels/metrics")
             metrics = {k: chosen[k] for k in ACCURACY_KEYS}
             metrics.update(level_metrics)
-        elif all(k in source for k in ACCURACY_KEYS):
-            metrics = {k: source[k] for k in ACCURACY_KEYS}
+        elif all(k in source for k in self.accuracy_keys()):
+            metrics = {k: v for k, v in source.items() if k.split("/")[0] in ("test", "val", "ood")}
             metrics["accuracy_from"] = f"{self.loaded_from} stage checkpoint"
         else:
             metrics = self.evaluate_metrics(net)
@@ -479,9 +541,9 @@ class Pipeline:
                 widths = {row[key] for row in bits.values()}
                 metrics[f"quant/{key}"] = widths.pop() if len(widths) == 1 else "mixed"
             metrics["quant/layers"] = len(bits)
-            if self.cfg.evaluate.int8_host:
+            if self.cfg.evaluate.int8_host and not self.causal_lm:
                 metrics.update(self.int8_host_report(net))
-        elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency:
+        elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency and not self.causal_lm:
             metrics.update(self.deploy_report(net, metrics))
         if self.cfg.evaluate.get("export") == "onnx":
             metrics.update(export_onnx(net, self.datamodule.network_input.shape,
@@ -491,6 +553,9 @@ class Pipeline:
             metrics.update({"model/params_original": original,
                             "model/params_reduction": 1.0 - report.params_dense / original})
         return metrics, net
+
+    def accuracy_keys(self) -> tuple[str, ...]:
+        return LM_KEYS if self.causal_lm else ACCURACY_KEYS
 
     def int8_host_report(self, net: torch.nn.Module) -> dict[str, Any]:
         """The quantized network as ONNX Runtime's int8 graph: its test accuracy and host latency."""
@@ -535,6 +600,18 @@ class Pipeline:
         profiles = [primary, *(load_profile(n) for n in cfg.hardware or [] if n != primary.name)]
         host = primary if primary.name == "host_cpu" else load_profile("host_cpu")
         net = net.cpu().eval()
+        if self.causal_lm:
+            self.log("stage evaluate: prefill and decode cost (traced, simulated"
+                     + (", timed on this host)" if cfg.measure_latency else ")"))
+            metrics, per_layer = llm_hardware_metrics(net, self.datamodule.network_input.shape[0], profiles,
+                                                      measure=cfg.measure_latency, warmup=min(cfg.warmup, 2),
+                                                      repeats=min(cfg.repeats, 5))
+            if cfg.breakdown:
+                print_breakdown(per_layer, cfg.breakdown)
+            metrics["latency_per_layer"] = per_layer
+            metrics["llm/model"] = net.describe()
+            metrics["llm/data"] = self.datamodule.describe()
+            return metrics
         metrics, per_layer = hardware_metrics(net, self.datamodule.network_input.shape, profiles,
                                               host, batch=cfg.batch_size, measure=cfg.measure_latency,
                                               warmup=cfg.warmup, repeats=cfg.repeats, kernels=cfg.kernels)
@@ -577,7 +654,8 @@ class Pipeline:
         optimizer = build(sched.optimizer, "schedule.optimizer")
         if s.weight_decay is not None:  # the stage's own weight decay in place of the optimizer's
             optimizer = partial(optimizer, weight_decay=s.weight_decay)
-        return ClassifierModule(net, optimizer, lr=s.lr if lr is None else lr,
+        module_type = CausalLMModule if getattr(self, "causal_lm", False) else ClassifierModule
+        return module_type(net, optimizer, lr=s.lr if lr is None else lr,
                                 epochs=s.epochs if epochs is None else epochs,
                                 lr_schedule=s.lr_schedule, warmup_epochs=s.warmup_epochs,
                                 milestones=list(s.milestones), gamma=s.gamma,
@@ -585,7 +663,8 @@ class Pipeline:
                                 decay_norm_and_bias=sched.decay_norm_and_bias,
                                 lr_cycles=self.method.lr_cycles(stage),
                                 lr_scale=partial(self.method.lr_scale, stage),
-                                example_input_shape=(1, *self.datamodule.network_input.shape))
+                                example_input_shape=None if getattr(self, "causal_lm", False)
+                                else (1, *self.datamodule.network_input.shape))
 
     def fit(self, stage: str, net: torch.nn.Module, epochs: int | None = None, lr: float | None = None,
             callbacks: list[L.Callback] | None = None):
@@ -622,7 +701,17 @@ class Pipeline:
         return {**self.sparsity_metrics(net), **self.evaluate_metrics(net)}, net
 
     def evaluate_metrics(self, net: torch.nn.Module) -> dict[str, float]:
-        """Validation and test accuracy/loss of ``net`` (no logger, no checkpoints)."""
+        """Validation and test accuracy/loss of ``net`` (no logger, no checkpoints); of a causal LM, the test
+        splits' perplexity, NLL, token accuracy, and KL and top-1 agreement against the uncompressed model."""
+        if self.causal_lm:
+            changed = self.stage in ("compress", "finetune", "quantize") or any(
+                self.records.get(s, {}).get("status") == "done" for s in ("compress", "finetune", "quantize"))
+            reference = self.reference_net() if changed else None  # an unchanged network is its own reference
+            self.datamodule.setup("test")
+            device = self.lm_device()
+            return lm_metrics(net.to(device).eval(), self.datamodule.eval_sets(),
+                              int(self.cfg.schedule.eval_batch_size),
+                              None if reference is None else reference.to(device), log=self.log, device=device)
         module = self.module(net, "evaluate")
         trainer = self.trainer("evaluate", 1, [], logger=False)
         out: dict[str, float] = {}

@@ -81,6 +81,41 @@ class VitModelConfig(ModelConfig):
         check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "[0, 1)")
 
 
+@dataclass
+class CausalLMModelConfig:
+    """model=hf_causal_lm / smollm2_135m: a pretrained causal LM (models/causal_lm.py)."""
+    _target_: str = MISSING
+    name: str = MISSING
+    gguf_file: str | None = None
+    offline: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from compress_run.models.causal_lm import DTYPES
+
+        check(self.dtype in DTYPES, "model.dtype", self.dtype, ", ".join(DTYPES))
+
+
+@dataclass
+class TinyLlamaModelConfig:
+    """model=tiny_llama: a LLaMA built from scratch over bytes (models/causal_lm.py)."""
+    _target_: str = MISSING
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 384
+    context_length: int = 1024
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "context_length"):
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        check(self.hidden_size % self.heads == 0 and self.heads % self.kv_heads == 0, "model.heads",
+              (self.hidden_size, self.heads, self.kv_heads),
+              "hidden_size a multiple of heads, heads a multiple of kv_heads")
+
+
 # --------------------------------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
@@ -123,6 +158,47 @@ class SyntheticDatasetConfig(DatasetConfig):
         super().__post_init__()
         check(self.num_train >= 8 and self.num_test >= 1, "dataset.num_train/num_test",
               (self.num_train, self.num_test), "num_train >= 8 and num_test >= 1")
+
+
+@dataclass
+class TextDatasetConfig:
+    """dataset=text / shakespeare: token windows of text files split by work (pipeline/text_data.py)."""
+    _target_: str = MISSING
+    root: str | None = None
+    works: dict[str, list[str]] = field(default_factory=dict)
+    seq_len: int = 512
+    calib_stride: int | None = None     # calibration windows every this many tokens; null = seq_len / 4
+    max_eval_sequences: int | None = 64  # test / ood windows evaluated (evenly spaced); null = all
+    num_workers: int = 0
+    encoding: str = "utf-8"
+
+    def __post_init__(self) -> None:
+        from compress_run.pipeline.text_data import SPLITS
+
+        check(self.seq_len >= 2, "dataset.seq_len", self.seq_len, "an integer >= 2")
+        check(self.calib_stride is None or self.calib_stride >= 1, "dataset.calib_stride", self.calib_stride,
+              "an integer >= 1, or null (seq_len / 4)")
+        check(self.max_eval_sequences is None or self.max_eval_sequences >= 1, "dataset.max_eval_sequences",
+              self.max_eval_sequences, "an integer >= 1, or null (every window)")
+        check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
+        unknown = [k for k in self.works if k not in SPLITS]
+        check(not unknown, "dataset.works", dict(self.works), f"a mapping of {list(SPLITS)} to lists of works")
+        held_out = [w for split in ("test", "ood") for w in self.works.get(split, [])]
+        seen = [w for split in ("train", "calibration") for w in set(self.works.get(split, []))]
+        shared = sorted({w for w in held_out if held_out.count(w) > 1 or w in seen})
+        check(not shared, "dataset.works", shared,
+              "test and ood works in one split only (a test work in another split leaks it; train and calibration "
+              "may share works)")
+
+
+@dataclass
+class ShakespeareDatasetConfig(TextDatasetConfig):
+    editions: str = "modern"   # modern | all (each play's First Folio edition too, in its play's split)
+    data_dir: str = "data"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.editions in ("modern", "all"), "dataset.editions", self.editions, "modern or all")
 
 
 # --------------------------------------------------------------------------------------- distill
@@ -328,8 +404,12 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("model", "base_model_torchvision"): TorchvisionModelConfig,
     ("model", "base_model_vit"): VitModelConfig,
     ("model", "base_model_any"): AnyModelConfig,
+    ("model", "base_model_causal_lm"): CausalLMModelConfig,
+    ("model", "base_model_tiny_llama"): TinyLlamaModelConfig,
     ("dataset", "base_dataset"): DatasetConfig,
     ("dataset", "base_dataset_synthetic"): SyntheticDatasetConfig,
+    ("dataset", "base_dataset_text"): TextDatasetConfig,
+    ("dataset", "base_dataset_shakespeare"): ShakespeareDatasetConfig,
     ("hardware", "base_hardware"): HardwareConfig,
     ("schedule", "base_schedule"): ScheduleConfig,
     ("trainer", "base_trainer"): TrainerConfig,

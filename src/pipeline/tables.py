@@ -21,7 +21,9 @@ the mean and the sample standard deviation over its seeds.
 ``orderings`` state the papers' claims about rows (``rows: [a, b, c]`` claims a ≥ b ≥ c on ``metric``;
 with ``within: x`` the claim is |a − b| ≤ x for every b after a). A "≥" claim *holds* only when the
 means differ by more than the sum of the two standard deviations (the ±1 std intervals do not overlap),
-is *reversed* when the same holds the other way, and is *not resolved* otherwise.
+is *reversed* when the same holds the other way, and is *not resolved* otherwise. On a metric where less is
+better (perplexity, KL, bytes, latency: ``LOWER_IS_BETTER``) "a ≥ b" claims a is the lower, and Δ is counted in
+the claimed direction (positive when the claim's order shows).
 """
 
 from __future__ import annotations
@@ -70,7 +72,18 @@ METRICS: dict[str, tuple[str, Any]] = {
     "input_values": ("input values / image", lambda m: m.get("input/values")),
     "input_bytes": ("input bytes / image", lambda m: m.get("input/bytes")),
     "macs_m": ("MACs (M, b1)", lambda m: _div(m.get("model/macs_effective"), 1e6)),
+    # causal LMs
+    "ppl": ("test perplexity", lambda m: m.get("test/ppl")),
+    "ood_ppl": ("out-of-domain perplexity", lambda m: m.get("ood/ppl")),
+    "nll": ("test NLL (nats/token)", lambda m: m.get("test/nll")),
+    "kl": ("KL to the uncompressed model (nats/token)", lambda m: m.get("test/kl")),
+    "agreement": ("top-1 agreement with the uncompressed model (%)", lambda m: _pct(m.get("test/top1_agreement"))),
+    "weight_mb": ("weights (MiB)", lambda m: _div(m.get("model/weight_bytes"), 2.0 ** 20)),
+    "host_decode_tok_s": ("host decode (tokens/s, b1)", lambda m: m.get("host_tokens_per_s/decode")),
 }
+# metrics where less is better: an ordering "a >= b" on them claims a's value is the lower one
+LOWER_IS_BETTER = {"ppl", "ood_ppl", "nll", "kl", "weight_mb", "weight_kb", "latency_ms", "host_ms", "deploy_ms",
+                   "int8_host_ms", "train_cpu_s", "input_values", "input_bytes", "macs_m"}
 
 
 def _training_cpu_seconds(metrics: dict[str, Any]) -> float | None:
@@ -88,6 +101,9 @@ def metric_spec(name: str) -> tuple[str, Any] | None:
     if name.startswith("latency_ms/") and name.count("/") == 1:
         profile = name.partition("/")[2]
         return f"sim latency {profile} (ms)", lambda m: m.get(f"latency_sim_ms/{profile}")
+    if name.startswith("decode_tok_s/") and name.count("/") == 1:
+        profile = name.partition("/")[2]
+        return f"sim decode {profile} (tokens/s, b1)", lambda m: m.get(f"sim_tokens_per_s/{profile}/decode")
     return METRICS.get(name)
 
 
@@ -448,7 +464,8 @@ def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]]) -> list[d
             if ma is None or mb is None:
                 entry["verdict"] = "not run"
             else:
-                delta = entry["delta"] = ma - mb
+                lower = metric in LOWER_IS_BETTER or metric.startswith("latency_ms/")
+                delta = entry["delta"] = (mb - ma) if lower else (ma - mb)  # > 0: in the claimed direction
                 margin = (sa or 0.0) + (sb or 0.0)
                 if ordering.within is not None:
                     entry["verdict"] = "holds" if abs(delta) <= ordering.within else "does not hold"

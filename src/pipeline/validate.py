@@ -25,6 +25,14 @@ EVALUATE_KEYS = ("hardware", "evaluate")
 
 def validate(cfg: DictConfig) -> None:
     """Convert every group to its dataclass schema (running the range checks) and cross-check groups."""
+    language_model = "num_classes" not in cfg.model  # before resolving: an image model reads ${dataset.num_classes}
+    text = "seq_len" in cfg.dataset
+    if language_model != text:
+        raise UserError(f"model={_target(cfg.model)} is "
+                        f"{'a causal language model' if language_model else 'an image model'} but "
+                        f"dataset={_target(cfg.dataset)} holds {'text' if text else 'images'}",
+                        "pair a causal LM (model=tiny_llama, smollm2_135m, hf_causal_lm) with a text dataset "
+                        "(dataset=shakespeare, text) and an image model with an image dataset")
     try:
         OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as exc:
@@ -39,7 +47,7 @@ def validate(cfg: DictConfig) -> None:
 
         check_export_available()
     model, data = cfg.model, cfg.dataset
-    for key in ("num_classes", "in_channels", "image_size"):
+    for key in () if language_model else ("num_classes", "in_channels", "image_size"):
         if model[key] != data[key]:
             raise UserError(f"model.{key}={model[key]} does not match dataset.{key}={data[key]}",
                             f"drop the model.{key} override (it follows the dataset by default) or choose "
@@ -80,6 +88,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} was requested but this machine has "
                         "no usable CUDA device", "use trainer=cpu (or trainer=ddp_cpu) here")
+
+
+def _target(node: DictConfig) -> str:
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
 
 
 def several_processes(trainer: DictConfig) -> bool:

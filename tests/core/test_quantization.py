@@ -123,3 +123,26 @@ def test_mixed_granularity_picks_the_worst_layers_within_the_budget():
     errors = {f"layer{i}": e for i, e in enumerate([0.01, 0.5, 0.02, 0.03, 0.9] + [0.01] * 95)}
     assert worst_layers(errors, 0.03) == ["layer4", "layer1", "layer3"]
     assert worst_layers(errors, 0.005) == []
+
+
+def test_per_token_inputs_follow_smoothquants_absmax_formula():
+    """mit-han-lab/smoothquant, smoothquant/fake_quant.py: quantize_activation_per_token_absmax — per token,
+    scale = max|x| over the channels, clamped at 1e-5, / 127; round(x / scale) * scale."""
+    from compress_run.core.quantization import fake_quantize_per_token
+
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 1] = 0.0  # an all-zero token keeps the 1e-5 floor
+    scales = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
+    torch.testing.assert_close(fake_quantize_per_token(x, 8), (x / scales).round() * scales)
+    assert torch.all(fake_quantize_per_token(x, 8)[0, 1] == 0)
+
+
+def test_weight_outlier_stats_find_the_planted_outlier_row():
+    from compress_run.core.quantization import weight_outlier_stats
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    plain = weight_outlier_stats(w)
+    w[7, 3] = 40.0
+    planted = weight_outlier_stats(w)
+    assert planted["max_abs"] == 40.0 and planted["outlier_ratio"] > 2 * plain["outlier_ratio"]
+    assert planted["kurtosis"] > 10 > abs(plain["kurtosis"])

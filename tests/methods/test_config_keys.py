@@ -4,16 +4,18 @@ is covered by a named test instead (checked to exist). A key that changed nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, run_pipeline
+from tests.conftest import REPO, TINY_LLM, run_pipeline, write_text_corpus
 from tests.pipeline.test_adding_a_method import TOY_METHOD
 
 BASE = ["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false", "evaluate.kernels=simulated",
@@ -168,7 +170,7 @@ def outcome(overrides: list[str], out: Path) -> str:
     digest.update(repr([m.get("test/acc") for m in results.get("level_mixes", [])]).encode())
     digest.update(json.dumps(method_report(results), sort_keys=True, default=str).encode())
     quant_config = results.get("config", {}).get("quant") or {}
-    quant = {k: v for k, v in results.get("quant", {}).items() if k not in quant_config}
+    quant = {k: v for k, v in results.get("quant", {}).items() if k not in quant_config and k != "resolved"}
     digest.update(json.dumps(quant, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -229,7 +231,16 @@ def quant_keys() -> list[tuple[str, str]]:
             for f in dataclasses.fields(schema) if f.name != "_target_"]
 
 
-QUANT_OPTION = {"ptq": "w8a8", "qat": "qat_w8a8"}  # a conf/quant option of each quantizer
+QUANT_OPTION = {"ptq": "w8a8", "qat": "qat_w8a8", "gptq": "gptq_w4a8"}  # a conf/quant option of each quantizer
+
+
+LANGUAGE_MODEL_QUANTIZERS = ("gptq",)
+
+
+@functools.cache
+def knob_corpus() -> Path:
+    """One small text corpus per test process (the baseline run is cached by its overrides, the root among them)."""
+    return write_text_corpus(Path(tempfile.mkdtemp(prefix="knob_corpus_")) / "shakespeare")
 
 
 def test_every_quant_key_has_a_flip_and_a_docstring_entry():
@@ -245,7 +256,10 @@ def test_flipping_a_quant_key_changes_the_run(tmp_path, quantizer, key):
     value, context = method_test_flips(quantizer)[key]
     # the int8 ONNX Runtime check at evaluate (tests/hardware/test_int8_host.py) is most of a run's time and
     # reads what the quantize stage wrote, which the digest already holds
-    common = [*BASE, "evaluate.int8_host=false", "method=dense", f"quant={QUANT_OPTION[quantizer]}", *context]
+    base = BASE
+    if quantizer in LANGUAGE_MODEL_QUANTIZERS:  # a causal LM on a small corpus (GPTQ quantizes decoder blocks)
+        base = [*TINY_LLM, f"dataset.root={knob_corpus()}", "evaluate.measure_latency=false"]
+    common = [*base, "evaluate.int8_host=false", "method=dense", f"quant={QUANT_OPTION[quantizer]}", *context]
     cache_key = tuple(common)
     if cache_key not in _BASELINES:
         _BASELINES[cache_key] = outcome(common, tmp_path / "base")

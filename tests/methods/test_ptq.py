@@ -33,6 +33,8 @@ CONFIG_FLIPS = {
     "smoothing": ("smoothquant", []), "alpha": ("0.9", ["quant.smoothing=smoothquant"]),
     "alphas": ("[0.0,1.0]", ["quant.smoothing=bi"]), "mixed_fraction": ("0.5", ["quant.group_size=4"]),
     "exclude": ("[classifier]", []), "max_rows": ("16", ["quant.calibration=mse"]), "error_images": ("1", []),
+    "activations": ("dynamic", []),
+    "mixed_select": ("weight_outliers", ["quant.mixed_fraction=0.5", "quant.group_size=4"]),
 }
 
 

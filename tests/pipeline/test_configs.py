@@ -25,6 +25,29 @@ def options(group: str) -> list[str]:
 
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
+# causal-LM options: composed with a text dataset (or a causal LM); the pretrained ones pointed at an empty data dir
+LANGUAGE_OPTIONS = {("model", "tiny_llama"): [], ("model", "smollm2_135m"): ["paths.data_dir=/nonexistent"],
+                    ("model", "hf_causal_lm"): ["model.name=/nonexistent/model"],
+                    ("dataset", "shakespeare"): ["model=tiny_llama"],
+                    ("dataset", "text"): ["model=tiny_llama", "dataset.root=/nonexistent"]}
+
+
+def check_language_option(group: str, option: str, cfg, tmp_path) -> None:
+    """A causal LM runs on token ids; a pretrained one that is not there is refused naming how to get it; a text
+    dataset builds (its files are read once the pipeline binds the model's tokenizer)."""
+    from compress_run.models.causal_lm import is_causal_lm
+    from compress_run.pipeline.text_data import TextDataModule
+
+    if group == "model" and option == "tiny_llama":
+        net = instantiate(cfg.model)
+        assert is_causal_lm(net) and net.eval()(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
+    elif group == "model":
+        with pytest.raises(Exception, match="could not be loaded") as caught:
+            instantiate(cfg.model)
+        assert "make llm-data" in str(caught.value.__cause__ or caught.value) or option == "hf_causal_lm"
+    else:
+        dm = instantiate(cfg.dataset, batch_size=4, eval_batch_size=4, seed=0)
+        assert isinstance(dm, TextDataModule) and dm.network_input.shape == (cfg.dataset.seq_len,)
 
 
 def test_every_group_has_options():
@@ -41,17 +64,20 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
 def test_option_composes_validates_and_instantiates(group, option, tmp_path):
+    language = LANGUAGE_OPTIONS.get((group, option))
     if group in ("hydra", "paths"):
         cfg, _ = compose([])  # single-option groups, composed by default
     else:
-        cfg, choices = compose([f"{group}={option}"])
+        cfg, choices = compose([f"{group}={option}", *(language or [])])
         assert choices[group] == option
     needs_cuda = group == "trainer" and cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available()
     if needs_cuda:
         OmegaConf.to_object(cfg.trainer)  # schema checks only
     else:
         validate(cfg)
-    if group == "model":
+    if language is not None:
+        check_language_option(group, option, cfg, tmp_path)
+    elif group == "model":
         net = instantiate(cfg.model)
         x = torch.zeros(2, cfg.dataset.in_channels, cfg.dataset.image_size, cfg.dataset.image_size)
         assert net.eval()(x).shape == (2, cfg.dataset.num_classes)

@@ -18,7 +18,7 @@ from compress_run.pipeline.network_input import adapt_network, network_input_of
 from compress_run.pipeline.runner import Pipeline
 from compress_run.pipeline.tables import load_table, table_names
 from compress_run.pipeline.validate import validate
-from tests.conftest import compose, run_pipeline
+from tests.conftest import compose, run_pipeline, write_text_corpus
 
 EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -63,6 +63,9 @@ def test_every_paper_row_has_an_experiment():
 def test_experiment_composes_and_names_its_source(name):
     text = files("compress_run.conf").joinpath("experiment", f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_")
+    if name.startswith(LANGUAGE_RUNS):
+        check_language_experiment(name)
+        return
     if not name.startswith(("fmnist_", "digits_")):  # small-scale runs here reproduce no paper row
         assert re.search(r"# Reproduces: [^\n]*\(\w[^)]*\d{4}[^)]*\)[^\n]*, row", text)  # cites the paper
         published_or_reason(text)
@@ -86,6 +89,23 @@ def test_experiment_composes_and_names_its_source(name):
         assert net.eval()(x).shape[1] == cfg.dataset.num_classes
 
 
+LANGUAGE_RUNS = ("smollm2_", "tiny_llama_")  # small-scale causal-LM runs: they reproduce no paper row
+
+
+def check_language_experiment(name: str) -> None:
+    """A causal-LM experiment composes with its text dataset and a method that acts on causal LMs; a model built
+    here runs on token ids."""
+    from compress_run.models.causal_lm import is_causal_lm
+
+    cfg, _ = compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.task_name == name and "seq_len" in cfg.dataset
+    assert "causal_lm" in type(instantiate(cfg.method)).tasks
+    if name.startswith("tiny_llama_"):
+        net = instantiate(cfg.model)
+        assert is_causal_lm(net) and net.eval()(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 256)
+
+
 def test_a_paper_row_may_lack_its_published_value_only_with_the_reason():
     header = "# Reproduces: X (A et al., ECCV 2022), row {model: m}\n"
     assert published_or_reason(header + "# Published: top-1 79.9% at 50% of the MACs\n") == "value"
@@ -99,7 +119,7 @@ def test_a_paper_row_may_lack_its_published_value_only_with_the_reason():
     for name in table_names():
         table = load_table(name)
         for row in table.rows:
-            if row.experiment.startswith(("fmnist_", "digits_")) or table.metrics[0] in row.paper:
+            if row.experiment.startswith(("fmnist_", "digits_", *LANGUAGE_RUNS)) or table.metrics[0] in row.paper:
                 continue
             text = files("compress_run.conf").joinpath("experiment", f"{row.experiment}.yaml").read_text()
             assert published_or_reason(text) == "reason", (name, row.name)
@@ -150,6 +170,14 @@ def test_a_stage_weight_decay_replaces_the_optimizers(tmp_path):
 
 
 def _smoke(name, tmp_path):
+    if name.startswith(LANGUAGE_RUNS):  # a small text corpus; SmolLM2 itself needs `make llm-data`
+        corpus = write_text_corpus(tmp_path / "c")
+        results = run_pipeline([f"experiment={name}", "debug=smoke", f"dataset.root={corpus}", "dataset.seq_len=32",
+                                "dataset.max_eval_sequences=2", "logger=none",
+                                "evaluate.repeats=2", "evaluate.warmup=1", "quant=w8a8", "quant.calib_size=4"],
+                               tmp_path / "run")
+        assert results["status"] == "ok" and results["metrics"]["test/kl"] >= 0
+        return
     extra = [o for prefix, overrides in SMOKE_OVERRIDES.items() if name.startswith(prefix) for o in overrides]
     results = run_pipeline([f"experiment={name}", "debug=smoke", "dataset=synthetic", "logger=none",
                             "evaluate.repeats=2", "evaluate.warmup=1", *extra], tmp_path)
