@@ -153,6 +153,13 @@ def print_language_model(m: dict[str, Any], console: Console) -> None:
         console.print(table)
         if m.get("latency_host/quantized_layers_run_as"):
             console.print(f"(the host ran the quantized layers as {m['latency_host/quantized_layers_run_as']})")
+    if "int8_host/int8_decode_ms" in m:
+        console.print(
+            f"int8 kernels on the host ({m['int8_host/runtime']}, {m['int8_host/layers']} layers): decode "
+            f"{m['int8_host/decode_tokens_per_s']:.1f} tokens/s against {m['int8_host/float_decode_tokens_per_s']:.1f} "
+            f"in float ({m['int8_host/speedup/decode']:.2f}x), prefill {m['int8_host/speedup/prefill']:.2f}x; "
+            f"perplexity on {m['int8_host/test_windows_tokens']:,} test tokens {m['int8_host/test_windows_ppl']:.3f} "
+            f"(fake-quantized {m['int8_host/fake_quant_test_windows_ppl']:.3f})")
 
 
 def print_summary(results: dict[str, Any], console: Console | None = None) -> None:

@@ -45,6 +45,7 @@ from compress_run.core.quantization import model_bytes, quantization_report
 from compress_run.hardware.deploy import deployed_latency_metrics
 from compress_run.hardware.int8_host import int8_host_metrics
 from compress_run.hardware.llm_cost import llm_hardware_metrics
+from compress_run.hardware.llm_int8 import llm_int8_metrics
 from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import hardware_metrics, plot_breakdown, print_breakdown
 from compress_run.methods.base import Method, NotApplicable, Quantizer
@@ -543,6 +544,12 @@ class Pipeline:
             metrics["quant/layers"] = len(bits)
             if self.cfg.evaluate.int8_host and not self.causal_lm:
                 metrics.update(self.int8_host_report(net))
+            elif self.cfg.evaluate.int8_host and self.reference_net() is not None:
+                self.log("stage evaluate: the quantized layers as int8 kernels (perplexity, speed against float)")
+                self.datamodule.setup("test")
+                metrics.update(llm_int8_metrics(net, self.reference_net(), self.datamodule.test_set,
+                                                self.datamodule.network_input.shape[0],
+                                                measure=self.cfg.evaluate.measure_latency))
         elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency and not self.causal_lm:
             metrics.update(self.deploy_report(net, metrics))
         if self.cfg.evaluate.get("export") == "onnx":

@@ -42,6 +42,11 @@ def test_tiny_llama_trains_quantizes_and_reports_perplexity_kl_and_cost(tmp_path
     assert m["llm/context_tokens"] == 32 and m["model/macs_per_token/decode"] > 0
     assert m["sim_tokens_per_s/host_cpu/decode"] > 0 and m["host_tokens_per_s/decode"] > 0
     assert results["llm"]["data"]["tokenizer"] == "bytes" and results["llm"]["model"]["layers"] == 2
+    # the per-channel layers also ran as int8 kernels (the 3 per-group ones stay fake-quantized), timed against
+    # the float model; the integer network computes nearly what the fake-quantized one does
+    assert m["int8_host/layers"] == 11 and m["int8_host/float_layers_per_group"] == 3
+    assert m["int8_host/speedup/decode"] > 0 and m["int8_host/float_decode_ms"] > 0
+    assert m["int8_host/test_windows_ppl"] == pytest.approx(m["int8_host/fake_quant_test_windows_ppl"], rel=1e-3)
 
 
 def test_quantization_aware_training_of_a_causal_lm(tmp_path, text_corpus):
