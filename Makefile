@@ -24,7 +24,8 @@ CI_SLOW_TESTS := tests/pipeline/test_fault_matrix.py tests/pipeline/test_faults.
                  tests/test_wheel.py tests/hardware/test_calibrate.py::test_tiny_calibration_writes_a_valid_profile \
                  tests/pipeline/test_pipeline.py::test_wandb_logger_offline_no_network \
                  tests/methods/test_freq_select.py::test_the_run_keeps_the_most_used_channels_and_reads_only_them \
-                 tests/pipeline/test_llm_pipeline.py::test_the_real_smollm2_quantizes_end_to_end_at_small_sizes
+                 tests/pipeline/test_llm_pipeline.py::test_the_real_smollm2_quantizes_end_to_end_at_small_sizes \
+                 tests/pipeline/test_llm_paper_rows.py::test_the_llama3_rows_smoke_run_on_a_small_hugging_face_llama
 # every method key flipped in a real run (a dead knob fails it): the slow set's other half, on both cores
 CI_KNOB_TESTS := tests/methods/test_config_keys.py
 

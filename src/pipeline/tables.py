@@ -141,6 +141,7 @@ class TableConfig:
     source: str = ""                    # where the published values come from
     metrics: list[str] = field(default_factory=lambda: ["top1"])  # compared metrics, the first is the headline
     smoke_overrides: list[str] = field(default_factory=list)     # added to SMOKE_OVERRIDES at scale=smoke
+    smoke_base: list[str] | None = None  # replaces SMOKE_OVERRIDES (their image data: a causal-LM table's own)
     seeds: list[int] = field(default_factory=list)  # every row once per seed (empty: one run, the config's seed)
     orderings: list[Ordering] = field(default_factory=list)
     discussion: str = ""                # what the table shows, and the investigation of a claim that does not hold
@@ -279,7 +280,8 @@ def launched_runs(table: TableConfig) -> list[tuple[TableRow, int | None]]:
 
 def row_overrides(table: TableConfig, row: TableRow, smoke: bool, seed: int | None = None) -> list[str]:
     """The overrides that define a run's job (without where it runs)."""
-    extra = [*SMOKE_OVERRIDES, *table.smoke_overrides] if smoke else []
+    base = SMOKE_OVERRIDES if table.smoke_base is None else list(table.smoke_base)
+    extra = [*base, *table.smoke_overrides] if smoke else []
     return [f"experiment={row.experiment}", *row.overrides, *([f"seed={seed}"] if seed is not None else []), *extra]
 
 

@@ -29,7 +29,8 @@ ALL = [(g, o) for g in GROUPS for o in options(g)]
 LANGUAGE_OPTIONS = {("model", "tiny_llama"): [], ("model", "smollm2_135m"): ["paths.data_dir=/nonexistent"],
                     ("model", "hf_causal_lm"): ["model.name=/nonexistent/model"],
                     ("dataset", "shakespeare"): ["model=tiny_llama"],
-                    ("dataset", "text"): ["model=tiny_llama", "dataset.root=/nonexistent"]}
+                    ("dataset", "text"): ["model=tiny_llama", "dataset.root=/nonexistent"],
+                    ("dataset", "wikitext2"): ["model=tiny_llama", "dataset.root=/nonexistent"]}
 
 
 def check_language_option(group: str, option: str, cfg, tmp_path) -> None:

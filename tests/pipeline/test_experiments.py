@@ -25,7 +25,7 @@ EXPERIMENTS = sorted(p.name[:-5] for p in files("compress_run.conf").joinpath("e
 FAST = ("fmnist_gap",)  # the default method's small-scale row; every other experiment runs in the slow set
 PAPER_ROWS = {"gap_resnet50_imagenet": 6, "rigl_resnet50_imagenet": 12, "chex_": 8, "haloc_": 3, "trp_": 3,
               "comcat_": 2, "rd_": 3, "lpvit_": 3, "evit_": 2, "spvit_": 2,
-              "freq_": 2}
+              "freq_": 2, "llama3_": 10}
 # smaller method settings the tiny synthetic split needs (its train split is smaller than a paper's calibration set)
 SMOKE_OVERRIDES = {("rd_", "fmnist_rd"): ["method.calib_size=16", "method.levels=5", "method.round_fraction=0.6",
                                           "model.width_mult=0.25"],
@@ -36,7 +36,7 @@ SMOKE_OVERRIDES = {("rd_", "fmnist_rd"): ["method.calib_size=16", "method.levels
                    ("evit_", "lpvit_", "comcat_", "spvit_"): ["schedule.augment.rand_augment=null",
                                                               "schedule.augment.random_erasing=0"]}
 # a published value: absolute, or a published change
-PUBLISHED = re.compile(r"top-1 \d+\.\d+%|[+-]\d+\.\d+% top-1")
+PUBLISHED = re.compile(r"top-1 \d+\.\d+%|[+-]\d+\.\d+% top-1|perplexity \d+\.\d+")
 # a row without one says so, and why (the rest of the line at least, more lines may follow)
 NO_PUBLISHED = re.compile(r"^# Published: null; reason: \S.{30,}$", re.MULTILINE)
 
@@ -63,7 +63,10 @@ def test_every_paper_row_has_an_experiment():
 def test_experiment_composes_and_names_its_source(name):
     text = files("compress_run.conf").joinpath("experiment", f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_")
-    if name.startswith(LANGUAGE_RUNS):
+    if name.startswith((*LANGUAGE_RUNS, "llama3_")):
+        if name.startswith("llama3_"):  # paper rows for GPU users: a pretrained LLaMA-3 that is not here
+            assert re.search(r"# Reproduces: [^\n]*\(\w[^)]*\d{4}[^)]*\)[^\n]*, row", text)
+            published_or_reason(text)
         check_language_experiment(name)
         return
     if not name.startswith(("fmnist_", "digits_")):  # small-scale runs here reproduce no paper row
@@ -199,6 +202,7 @@ def test_experiment_runs_at_smoke_scale(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e not in FAST])
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e not in FAST and not e.startswith("llama3_")])
 def test_every_other_experiment_runs_at_smoke_scale(name, tmp_path):
+    # (the llama3_ rows need a Hugging Face model dir: tests/pipeline/test_llm_paper_rows.py smoke-runs them)
     _smoke(name, tmp_path)
