@@ -293,6 +293,7 @@ def taylor_curves(model: nn.Module, names: list[str], batches: list[torch.Tensor
 class RD(Method):
     plain_train = True  # its train stage is ordinary training (see Method.trains_plainly)
     Config = RDConfig
+    tasks = ("classification", "causal_lm")  # a causal LM: its block linear layers, distortion on the logits
     state_attributes = ("chosen", "round", "report")
 
     def __init__(self, **keys: Any) -> None:

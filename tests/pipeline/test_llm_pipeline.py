@@ -49,6 +49,21 @@ def test_tiny_llama_trains_quantizes_and_reports_perplexity_kl_and_cost(tmp_path
     assert m["int8_host/test_windows_ppl"] == pytest.approx(m["int8_host/fake_quant_test_windows_ppl"], rel=1e-3)
 
 
+@pytest.mark.parametrize("method", [["method=magnitude", "method.pattern=nm:2:4", "method.sparsity=0.5"],
+                                    ["method=rd", "method.sparsity=0.8", "method.calib_size=8", "method.levels=11"]],
+                         ids=["magnitude_2_4", "rate_distortion"])
+def test_one_shot_pruning_of_a_causal_lm_prunes_the_block_layers_and_keeps_the_embedding(tmp_path, text_corpus,
+                                                                                        method):
+    results = run_pipeline([*TINY_LLM, f"dataset.root={text_corpus}", *method, "stages=[train,compress,evaluate]"],
+                           tmp_path / "run")
+    m, layers = results["metrics"], results["sparsity_per_layer"]
+    target = 0.5 if "method=magnitude" in method else 0.8
+    assert m["model/prunable_sparsity"] == pytest.approx(target, abs=0.01)
+    assert len(layers) == 14 and all(name.startswith("lm.model.layers.") for name in layers)  # head and embedding
+    assert m["model/macs_per_token/decode"] < m["model/macs_per_token/decode_dense"]      # are not in the list
+    assert m["test/kl"] > 0 and m["test/ppl"] > 1
+
+
 def test_quantization_aware_training_of_a_causal_lm(tmp_path, text_corpus):
     results = run_pipeline([*TINY_LLM, f"dataset.root={text_corpus}", "quant=qat_w4a8", "quant.epochs=1",
                             "quant.calib_size=16"], tmp_path / "run")
