@@ -37,9 +37,10 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600,
-                   env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run compress-run's ``main()`` in a forked child of this test process.
+def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None,
+                   entry=None, program: str = "compress-run") -> subprocess.CompletedProcess:
+    """Run compress-run's ``main()`` (or ``entry``, the main of ``program``, e.g. compress-table's) in a forked child
+    of this test process.
 
     The child is a separate process (own cwd, Hydra and logging state, exit code, stdout/stderr), like the
     installed script, but it inherits the already imported torch + Lightning instead of paying their ~6 s
@@ -70,12 +71,12 @@ def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600,
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
                 os.chdir(cwd)
                 os.environ.update({"PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env or {})})
-                sys.argv = ["compress-run", *args]
+                sys.argv = [program, *args]
                 from hydra.core.global_hydra import GlobalHydra
 
                 GlobalHydra.instance().clear()
                 try:
-                    cli_module.main()
+                    (entry or cli_module.main)()
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -95,9 +96,9 @@ def run_cli_forked(args: list[str], cwd: Path, timeout: float = 600,
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise subprocess.TimeoutExpired(["compress-run", *args], timeout)
+                raise subprocess.TimeoutExpired([program, *args], timeout)
             time.sleep(0.02)
-        return subprocess.CompletedProcess(["compress-run", *args], os.waitstatus_to_exitcode(status),
+        return subprocess.CompletedProcess([program, *args], os.waitstatus_to_exitcode(status),
                                            out_path.read_text(), err_path.read_text())
 
 

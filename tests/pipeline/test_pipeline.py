@@ -141,11 +141,11 @@ def test_a_stage_draws_the_same_random_numbers_whether_or_not_train_ran_in_the_s
     assert resumed["metrics"]["test/acc"] == uninterrupted["metrics"]["test/acc"]
 
 
-def test_help_and_cfg(cli):
-    help_text = cli("--help").stdout
-    for word in ("model:", "resnet20", "method:", "gmp", "compress-run -m"):
+def test_help_and_cfg(cli_forked):
+    help_text = cli_forked("--help").stdout
+    for word in ("model:", "resnet20", "method:", "gmp", "compress-run -m", "smollm2_135m", "shakespeare"):
         assert word in help_text
-    job = cli("--cfg", "job", "method=gmp").stdout
+    job = cli_forked("--cfg", "job", "method=gmp").stdout
     assert "_target_: compress_run.methods.gmp.GMP" in job
 
 

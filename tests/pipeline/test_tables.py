@@ -16,12 +16,20 @@ import pytest
 from omegaconf import OmegaConf
 
 from compress_run.pipeline.tables import experiment_names, load_table, metric_spec, table_names
-from tests.conftest import read_json
+from tests.conftest import read_json, run_cli_forked
 
 TINY_ROWS = [{"name": "magnitude", "experiment": "fmnist_magnitude"},
              {"name": "gmp", "experiment": "fmnist_gmp", "overrides": ["method.sparsity=0.5"]},
              {"name": "dense", "experiment": "fmnist_dense"}]
 FAST = ["evaluate.measure_latency=false"]
+
+
+def compress_table_forked(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """compress-table's main() in a forked child (no second import of torch and Lightning): for the bad-input
+    checks that end before any run; test_the_forked_table_cli_matches_the_installed_script checks it is the same."""
+    from compress_run.pipeline import table_cli
+
+    return run_cli_forked(args, cwd, timeout=120, entry=table_cli.main, program="compress-table")
 
 
 def compress_table(args: list[str], cwd: Path, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
@@ -152,10 +160,16 @@ def test_changed_table_marks_row_stale_and_collect_only_gathers(tmp_path):
     (["scale=smoke"], "no table given"),
 ])
 def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, args, message):
-    proc = compress_table(args, tmp_path, timeout=120)
+    proc = compress_table_forked(args, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("compress-table: error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_forked_table_cli_matches_the_installed_script(tmp_path):
+    args = ["table=nope"]
+    forked, installed = compress_table_forked(args, tmp_path), compress_table(args, tmp_path, timeout=120)
+    assert (forked.returncode, forked.stderr) == (installed.returncode, installed.stderr) and forked.returncode == 2
 
 
 def test_slurm_launcher_config_composes(tmp_path, monkeypatch):
@@ -350,7 +364,7 @@ def test_committed_results_carry_no_path_of_the_machine_that_made_them():
 def test_bad_seeds_and_orderings_are_refused(tmp_path, change, message):
     path = seeded_table(tmp_path)
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(path), OmegaConf.create(change)), path)
-    proc = compress_table([f"table={path}", f"output_dir={tmp_path / 'out'}", "--collect"], tmp_path, timeout=120)
+    proc = compress_table_forked([f"table={path}", f"output_dir={tmp_path / 'out'}", "--collect"], tmp_path)
     assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr[-2000:]
 
 
