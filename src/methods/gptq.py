@@ -40,7 +40,7 @@ ranking needs every layer quantized before any is). Only decoder models with a l
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -51,41 +51,26 @@ from torch import nn
 from compress_run.core.config import check
 from compress_run.core.masks import tied_layers
 from compress_run.core.quantization import attach_quantization, qmax, weight_outlier_stats, worst_layers
-from compress_run.methods.base import MethodConfig, NotApplicable, quant_config
+from compress_run.methods.base import NotApplicable, quant_config
 from compress_run.methods.calibration import calibration_batches
-from compress_run.methods.ptq import PTQ, LayerInputs, PTQConfig
+from compress_run.methods.ptq import PTQ, LayerInputs, LayerQuantConfig
 
 
 @quant_config("gptq")
 @dataclass
-class GPTQConfig(MethodConfig):
+class GPTQConfig(LayerQuantConfig):
     weight_bits: int = 4
-    input_bits: int = 8
-    granularity: str = "channel"
-    group_size: int = 128
-    calibration: str = "minmax"
-    percentile: float = 99.99
-    activations: str = "static"
-    calib_size: int | None = None
-    calib_batch_size: int | None = None
-    mixed_fraction: float = 0.0
-    exclude: list[str] = field(default_factory=list)
-    max_rows: int | None = None
-    error_images: int | None = None
     blocksize: int = 128
     percdamp: float = 0.01
     act_order: bool = False
 
     def __post_init__(self) -> None:
-        PTQConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in PTQ_KEYS})  # the shared checks
+        super().__post_init__()
         check(self.granularity in ("channel", "group"), "quant.granularity", self.granularity, "channel or group")
         check(not (self.act_order and self.granularity == "group"), "quant.granularity", self.granularity,
               "channel with quant.act_order=true (groups in that order are not built)")
         check(self.blocksize >= 1, "quant.blocksize", self.blocksize, "an integer >= 1")
         check(0.0 <= self.percdamp < 1.0, "quant.percdamp", self.percdamp, "a float in [0, 1)")
-
-
-PTQ_KEYS = {f.name for f in fields(PTQConfig)} - {"_target_"}
 
 
 def symmetric_scale(columns: torch.Tensor, bits: int) -> torch.Tensor:

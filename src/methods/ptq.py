@@ -111,9 +111,10 @@ TASK_DEFAULTS = {"classification": {"calib_size": 512, "calib_batch_size": 128, 
                  "causal_lm": {"calib_size": 128, "calib_batch_size": 4, "max_rows": 512, "error_images": 1}}
 
 
-@quant_config("ptq")
 @dataclass
-class PTQConfig(MethodConfig):
+class LayerQuantConfig(MethodConfig):
+    """The keys every layer quantizer calibrated on samples has (PTQ's, GPTQ's): widths, weight grid, input grid,
+    calibration sample, mixed granularity, excluded layers."""
     weight_bits: int = 8
     input_bits: int = 8
     granularity: str = "channel"
@@ -123,11 +124,7 @@ class PTQConfig(MethodConfig):
     activations: str = "static"
     calib_size: int | None = None
     calib_batch_size: int | None = None
-    smoothing: str = "none"
-    alpha: float = 0.5
-    alphas: list[float] = field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)])
     mixed_fraction: float = 0.0
-    mixed_select: str = "error"
     exclude: list[str] = field(default_factory=list)
     max_rows: int | None = None
     error_images: int | None = None
@@ -144,14 +141,26 @@ class PTQConfig(MethodConfig):
         for key in ("calib_size", "calib_batch_size", "error_images"):
             value = getattr(self, key)
             check(value is None or value >= 1, f"quant.{key}", value, "an integer >= 1, or null (the task's default)")
+        check(0.0 <= self.mixed_fraction <= 1.0, "quant.mixed_fraction", self.mixed_fraction, "a float in [0, 1]")
+        check(self.max_rows is None or self.max_rows >= 16, "quant.max_rows", self.max_rows,
+              "an integer >= 16, or null (the task's default)")
+
+
+@quant_config("ptq")
+@dataclass
+class PTQConfig(LayerQuantConfig):
+    smoothing: str = "none"
+    alpha: float = 0.5
+    alphas: list[float] = field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)])
+    mixed_select: str = "error"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.mixed_select in MIXED_SELECTS, "quant.mixed_select", self.mixed_select, " | ".join(MIXED_SELECTS))
         check(self.smoothing in SMOOTHINGS, "quant.smoothing", self.smoothing, " | ".join(SMOOTHINGS))
         check(0.0 <= self.alpha <= 1.0, "quant.alpha", self.alpha, "a float in [0, 1]")
         check(len(self.alphas) >= 1 and all(0.0 <= a <= 1.0 for a in self.alphas), "quant.alphas", self.alphas,
               "a non-empty list of floats in [0, 1]")
-        check(0.0 <= self.mixed_fraction <= 1.0, "quant.mixed_fraction", self.mixed_fraction, "a float in [0, 1]")
-        check(self.max_rows is None or self.max_rows >= 16, "quant.max_rows", self.max_rows,
-              "an integer >= 16, or null (the task's default)")
 
 
 def input_rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

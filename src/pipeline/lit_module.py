@@ -104,15 +104,20 @@ class ClassifierModule(L.LightningModule):
             loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         if prefix == "train":
             self.last_train_logits = logits.detach()
-            for name, term in auxiliary_losses(self.net).items():  # the network's own goals (token selectors)
+        return self.finish_step(prefix, loss, "acc", (logits.argmax(1) == y).float().mean(), len(y))
+
+    def finish_step(self, prefix: str, loss: torch.Tensor, accuracy_name: str, accuracy: torch.Tensor,
+                    batch_size: int) -> torch.Tensor:
+        """Add the network's own training goals (token selectors) to a training loss, log loss and accuracy."""
+        if prefix == "train":
+            for name, term in auxiliary_losses(self.net).items():
                 loss = loss + term
-                self.log(f"train/{name}", term, on_step=True, on_epoch=True, batch_size=len(y))
-        acc = (logits.argmax(1) == y).float().mean()
+                self.log(f"train/{name}", term, on_step=True, on_epoch=True, batch_size=batch_size)
         on_step = prefix == "train"
         self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=prefix != "test",
-                 batch_size=len(y), sync_dist=not on_step)
-        self.log(f"{prefix}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
-                 sync_dist=True)
+                 batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{prefix}/{accuracy_name}", accuracy, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size, sync_dist=True)
         return loss
 
     def on_fit_start(self) -> None:

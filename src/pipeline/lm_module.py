@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from compress_run.core.auxiliary import auxiliary_losses
 from compress_run.pipeline.lit_module import ClassifierModule
 
 LM_KEYS = ("test/ppl", "test/nll")
@@ -34,16 +33,7 @@ class CausalLMModule(ClassifierModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         if prefix == "train":
             self.last_train_logits = None  # per-example callbacks (forgetting) do not apply to token streams
-            for name, term in auxiliary_losses(self.net).items():
-                loss = loss + term
-                self.log(f"train/{name}", term, on_step=True, on_epoch=True, batch_size=len(y))
-        acc = (logits.argmax(-1) == y).float().mean()
-        on_step = prefix == "train"
-        self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=prefix != "test",
-                 batch_size=len(y), sync_dist=not on_step)
-        self.log(f"{prefix}/token_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
-                 sync_dist=True)
-        return loss
+        return self.finish_step(prefix, loss, "token_acc", (logits.argmax(-1) == y).float().mean(), len(y))
 
 
 @torch.no_grad()
