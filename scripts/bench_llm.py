@@ -51,7 +51,8 @@ def main() -> None:
     results = json.loads((run_dir / "results.json").read_text())
     m = results["metrics"]
     record = {
-        "what": "compress-run " + " ".join(COMMAND), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "what": "compress-run " + " ".join(COMMAND),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(), "host": host_info(), "versions": versions(), "load_before": load_before,
         "load_after": os.getloadavg(), "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
         "stage_s": {s: r.get("wall_s") for s, r in results["stages"].items() if r.get("status") == "done"},

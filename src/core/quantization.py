@@ -55,8 +55,9 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int, dim: int = -1) -> torch.
     """``x`` rounded with one scale per token (per row along ``dim``, the channel dimension): its largest magnitude
     / (2^(b-1) - 1), computed at every call (dynamic), as SmoothQuant's ``quantize_activation_per_token_absmax``
     (mit-han-lab/smoothquant, smoothquant/fake_quant.py: scales clamped at 1e-5 before dividing by q_max)."""
-    scale = x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1e-5) / qmax(bits)
-    return fake_quantize(x, scale, bits)
+    rows = x.float()  # the rounding in fp32 whatever the model's dtype (a bfloat16 mantissa misplaces codes)
+    scale = rows.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1e-5) / qmax(bits)
+    return fake_quantize(rows, scale, bits).to(x.dtype)
 
 
 def stochastic_fake_quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -238,7 +239,8 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
         if DYNAMIC_BUFFER in module._buffers:
             dim = 1 if isinstance(module, nn.Conv2d) else -1
             return (fake_quantize_per_token(x, int(module.quant_input_bits), dim), *args[1:])
-        return (fake_quantize(x, module.quant_input_scale, int(module.quant_input_bits)), *args[1:])
+        rounded = fake_quantize(x.float(), module.quant_input_scale.float(), int(module.quant_input_bits))
+        return (rounded.to(x.dtype), *args[1:])
     finally:
         _rounding.depth -= 1
 
@@ -332,7 +334,8 @@ def model_bytes(model: nn.Module) -> dict[str, float]:
             if id(param) in counted:
                 continue
             counted.add(id(param))
-            bits = int(module.quant_weight_bits) if name == "weight" and is_quantized(module) else 32
+            bits = int(module.quant_weight_bits) if name == "weight" and is_quantized(module) \
+                else param.element_size() * 8  # a bfloat16 model's float weights at 16 bits
             dense = param.numel() * bits / 8
             mask = module._buffers.get(name + MASK_SUFFIX)
             if mask is not None:
@@ -345,5 +348,5 @@ def model_bytes(model: nn.Module) -> dict[str, float]:
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and not name.endswith(MASK_SUFFIX) and not name.startswith("quant_") \
                     and buf.is_floating_point():
-                total += buf.numel() * 4
+                total += buf.numel() * buf.element_size()
     return {"model/bytes": total, "model/weight_bytes": weights}

@@ -286,8 +286,9 @@ class LayerQuantizer(Quantizer):
     calib_size: int
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        exclude = self.exclude if self.exclude is not None else (["classifier"] if self.task == "causal_lm" else [])
         try:
-            layers = prunable_layers(model, self.exclude)
+            layers = prunable_layers(model, exclude)
         except LayerSelectionError as exc:
             raise NotApplicable(f"quant.exclude: {exc}") from exc
         return {n: m for n, m in layers.items() if isinstance(m, nn.Linear | nn.Conv2d)}

@@ -22,7 +22,7 @@ Config keys (conf/quant/gptq_*.yaml; schema base_quant_gptq): PTQ's ``weight_bit
 ``granularity`` (channel | group), ``group_size`` (128), ``calibration`` (minmax), ``percentile`` (99.99),
 ``activations`` (static), ``calib_size``, ``calib_batch_size``, ``max_rows``, ``error_images`` (null: the task's
 defaults), ``mixed_fraction`` (0.0: the layers with the largest weight outlier ratio take per-group weights),
-``exclude`` ([]), as in :mod:`compress_run.methods.ptq` (no smoothing keys), plus
+``exclude`` (null: the output head), as in :mod:`compress_run.methods.ptq` (no smoothing keys), plus
 * ``blocksize`` (128): columns per lazy-update block (the authors' default).
 * ``percdamp`` (0.01): damping, as a fraction of the mean diagonal of H (the authors' default).
 * ``act_order`` (false): quantize columns in order of decreasing diag(H) (the authors' ``--act-order``); per
@@ -33,8 +33,9 @@ Deviations (ours): the weight grid is symmetric absmax, scale = max|w| / (2^(b�
 and their ``--sym`` grid uses scale 2·max|w| / (2^b − 1) with zero point 2^(b−1)); the activations are quantized as
 well (the authors' GPTQ is weight-only), so each block's inputs come from blocks whose inputs are rounded too;
 smoothing is refused (it would change H); mixed granularity picks its layers by weight outliers only (the error
-ranking needs every layer quantized before any is). Only decoder models with a list of blocks are supported
-(a classifier is refused with the reason).
+ranking needs every layer quantized before any is); a pruned layer keeps its mask: a masked weight is quantized to 0
+and its whole value propagates as error (SparseGPT's treatment of a fixed mask; the authors' GPTQ has no masks).
+Only decoder models with a list of blocks are supported (a classifier is refused with the reason).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from rich.progress import Progress
 from torch import nn
 
 from compress_run.core.config import check
-from compress_run.core.masks import tied_layers
+from compress_run.core.errors import UserError
+from compress_run.core.masks import get_mask, tied_layers
 from compress_run.core.quantization import attach_quantization, qmax, weight_outlier_stats, worst_layers
 from compress_run.methods.base import NotApplicable, quant_config
 from compress_run.methods.calibration import calibration_batches
@@ -67,8 +69,9 @@ class GPTQConfig(LayerQuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.granularity in ("channel", "group"), "quant.granularity", self.granularity, "channel or group")
-        check(not (self.act_order and self.granularity == "group"), "quant.granularity", self.granularity,
-              "channel with quant.act_order=true (groups in that order are not built)")
+        check(not (self.act_order and (self.granularity == "group" or self.mixed_fraction > 0)), "quant.act_order",
+              self.act_order, "false with per-group weights (quant.granularity=group or quant.mixed_fraction > 0): "
+              "groups in that order are not built")
         check(self.blocksize >= 1, "quant.blocksize", self.blocksize, "an integer >= 1")
         check(0.0 <= self.percdamp < 1.0, "quant.percdamp", self.percdamp, "a float in [0, 1)")
 
@@ -86,12 +89,15 @@ def round_to(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
-                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` [rows, cols] on its GPTQ grid, and its scales [rows, groups] (IST-DASLab/gptq,
-    ``GPTQ.fasterquant``: module docstring)."""
+    ``GPTQ.fasterquant``: module docstring). With ``mask`` (a pruned layer's) a masked weight is quantized to 0 and
+    its whole value is the error propagated to the columns after it, so the mask still holds (as SparseGPT does
+    with a fixed mask); without it the propagation would fill the pruned positions."""
     W = weight.detach().clone().float()
-    H = hessian.detach().clone().float()
+    H = hessian.detach().clone().float().to(W.device)
+    keep = None if mask is None else mask.to(W.device).bool()
     rows, cols = W.shape
     scale = symmetric_scale(W, bits)  # per channel, from the weight before the loop (find_params)
     dead = torch.diag(H) == 0
@@ -101,8 +107,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        keep = None if keep is None else keep[:, perm]
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise UserError(f"GPTQ: the layer's input Hessian is not positive definite with quant.percdamp={percdamp} "
+                        "(too few calibration tokens for its width, or no damping)",
+                        "raise quant.percdamp (the authors' default is 0.01) or quant.calib_size") from exc
     Q = torch.zeros_like(W)
     group_scales: list[torch.Tensor] = []
     for i1 in range(0, cols, blocksize):
@@ -115,6 +127,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 group_scales.append(scale)
             w, d = W1[:, i], Hinv1[i, i]
             q = round_to(w.unsqueeze(1), scale, bits).flatten()
+            if keep is not None:
+                q = q * keep[:, i1 + i]
             Q[:, i1 + i] = q
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -191,7 +205,8 @@ class GPTQ(PTQ):
                          ) -> tuple[dict[str, torch.Tensor], dict[str, LayerInputs]]:
         """One pass of ``inputs`` through ``block``: each linear layer's H (``GPTQ.add_batch``: the running mean of
         2·XXᵀ, n counting sequences) and the statistics of its input the activation quantizer needs."""
-        hessians = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1]) for n, m in names.items()}
+        hessians = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=m.weight.device)
+                    for n, m in names.items()}
         records = {n: LayerInputs(self.setting("max_rows"), self.setting("error_images"), generator, rows_per_sample)
                    for n in names}
         seen = dict.fromkeys(names, 0)
@@ -251,7 +266,7 @@ class GPTQ(PTQ):
         original = module.weight.detach().clone()
         quantized, scales = gptq_quantize(original, hessian, self.weight_bits,
                                           self.group_size if granularity == "group" else None, self.blocksize,
-                                          self.percdamp, self.act_order)
+                                          self.percdamp, self.act_order, mask=get_mask(module))
         module.weight.copy_(quantized)
         attach_quantization(module, self.weight_bits, self.input_bits, scale, granularity, self.group_size,
                             on_grid=scales, dynamic=dynamic)

@@ -47,7 +47,8 @@ Config keys (conf/quant/*.yaml; schema base_quant_ptq):
 * ``mixed_fraction`` (0.0): fraction of the quantized layers moved to per-group weights (the study: fewer than 3%),
   ranked by ``mixed_select`` (error | weight_outliers; error); rounded down to whole layers (a fraction that
   selects no layer warns and says so in the summary, ``mixed_fraction_selects_none``).
-* ``exclude`` ([]): layers kept in float (globs or the aliases first_conv / classifier).
+* ``exclude`` (null: none for a classifier, the output head ``classifier`` for a causal LM, as SmoothQuant's and
+  GPTQ's LLaMA scripts leave lm_head in float): layers kept in float (globs or the aliases first_conv / classifier).
 * ``max_rows`` (null: 4096 / 512), ``error_images`` (null: 8 images / 1 window): sampled input rows per layer;
   samples whose layer inputs measure the error. A causal LM keeps its rows in one buffer per layer, an equal
   share from every batch.
@@ -125,7 +126,7 @@ class LayerQuantConfig(MethodConfig):
     calib_size: int | None = None
     calib_batch_size: int | None = None
     mixed_fraction: float = 0.0
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] | None = None  # null: nothing for a classifier; a causal LM's output head (the alias classifier)
     max_rows: int | None = None
     error_images: int | None = None
 

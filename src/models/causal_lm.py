@@ -142,7 +142,7 @@ def hf_causal_lm(name: str, gguf_file: str | None = None, offline: bool = True, 
         raise ValueError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     key = (str(name), gguf_file, bool(offline), dtype)
     lm, tokenizer = _pretrained(*key)
-    net = CausalLM(copy.deepcopy(lm), tokenizer, pretrained=True,
+    net = CausalLM(copy.deepcopy(lm).requires_grad_(True), tokenizer, pretrained=True,
                    source=str(name) + (f" ({gguf_file})" if gguf_file else ""))
     net.load_key = key
     return net
@@ -156,7 +156,7 @@ def pretrained_original(net: CausalLM) -> CausalLM | None:
         return None
     lm, tokenizer = _pretrained(*key)
     original = CausalLM(lm, tokenizer, pretrained=True, source=net.source)
-    return original.eval().requires_grad_(False)
+    return original.eval()  # its parameters keep requires_grad: every later copy of the cache must train
 
 
 def tiny_llama(hidden_size: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,

@@ -246,7 +246,7 @@ class Pipeline:
                 net = self.original
             else:
                 return None
-            self._reference = net.eval().requires_grad_(False)
+            self._reference = net.eval()  # read under no_grad; the pretrained one shares the process's cached weights
         return self._reference
 
     def take_over_stages(self, base: Path) -> None:
@@ -566,6 +566,11 @@ class Pipeline:
 
     def int8_host_report(self, net: torch.nn.Module) -> dict[str, Any]:
         """The quantized network as ONNX Runtime's int8 graph: its test accuracy and host latency."""
+        if any(row["input_scale"] == "per token" for row in quantization_report(net).values()):
+            reason = ("per-token inputs (quant.activations=dynamic): the int8 graph takes one static scale per "
+                      "tensor, so it would not run the quantizer this run evaluated")
+            self.log(f"int8 host run skipped: {reason}")
+            return {"int8_host/skipped": reason}
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
         if missing:
             self.log(f"int8 host run skipped: {', '.join(missing)} not installed "

@@ -4,7 +4,8 @@ out-of-domain test set) and ``dataset=text`` (a user's own files).
 Each split is a list of *works* (files). A split's works are read, each tokenized with the model's tokenizer
 (bound by the pipeline once the model is built: :meth:`TextDataModule.bind_tokenizer`) and joined, separated by a
 blank line, into one token stream; the stream is cut into fixed-length windows of ``seq_len + 1`` tokens (input =
-the first ``seq_len``, target = the same shifted by one). A split never shares a work with another.
+the first ``seq_len``, target = the same shifted by one). A test or ood work is in no other split (checked on the
+resolved files); train and calibration may share works (WikiText-2 calibrates on its train file).
 
 * train: non-overlapping windows of the train works (the stream's tail shorter than a window is dropped);
 * calibration (``val`` too: it is the held-out split training reports on): windows every ``calib_stride`` tokens
@@ -184,6 +185,13 @@ class TextDataModule(L.LightningDataModule):
         for split in SPLITS:
             if split != "ood" and not self.works[split]:
                 raise UserError(f"dataset.works.{split} is empty", f"name the works of the {split} split")
+        seen = {p.resolve() for split in ("train", "calibration") for p in self.files(split)}
+        for split in ("test", "ood"):
+            shared = sorted(str(p) for p in self.files(split) if p.resolve() in seen)
+            if shared:  # e.g. a train glob that also matches a test file
+                raise UserError(f"dataset.works.{split} reads {shared[0]}, which the train or calibration split reads "
+                                "too: the test text would leak into what the model is fitted or calibrated on",
+                                "name the train and calibration files so that they leave the test files out")
         self.calibration_set = self.split_set("calibration")
         self.test_set = self.split_set("test")
         self.ood_set = self.split_set("ood")

@@ -30,6 +30,19 @@ def tiny() -> nn.Module:
                          nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+def test_a_module_registered_under_two_names_is_not_tied_but_a_shared_matrix_is():
+    from compress_run.core.masks import prunable_layers, tied_layers
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net.alias = net[0]  # one module, two names
+    assert tied_layers(net) == [] and set(prunable_layers(net, [])) == {"0", "1"}
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight  # an LM head tied to its embedding
+    lm = nn.ModuleDict({"embed": embedding, "head": head})
+    assert tied_layers(lm) == ["head"] and prunable_layers(lm, []) == {}
+
+
 def test_masks_are_buffers_that_travel_with_the_state_dict():
     model = tiny()
     mask = torch.rand(model[2].weight.shape) > 0.5

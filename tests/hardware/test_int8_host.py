@@ -183,3 +183,13 @@ def test_uint8_weight_codes_give_the_exact_integer_sum_where_int8_codes_saturate
         assert clipped > 0.05 * np.abs(evaluated).max()  # this host's int8 kernels clip: the reason for uint8
     else:
         assert clipped <= 1e-3 * np.abs(evaluated).max()
+
+
+def test_per_token_inputs_skip_the_static_int8_graph_with_the_reason(tmp_path):
+    from tests.conftest import run_pipeline
+
+    results = run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "method=dense", "quant=w8a8",
+                            "quant.activations=dynamic", "quant.calib_size=64", "evaluate.measure_latency=false"],
+                           tmp_path / "run")
+    assert "per-token inputs" in results["metrics"]["int8_host/skipped"]
+    assert "int8_host/test/acc" not in results["metrics"]

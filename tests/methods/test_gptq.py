@@ -72,6 +72,18 @@ def test_blocks_are_lazy_updates_that_leave_a_per_channel_result_unchanged():
     assert (whole != blocked).float().mean() < 0.01  # the same but for float rounding at a grid boundary
 
 
+def test_a_pruned_layer_keeps_its_mask_and_the_pruned_values_are_propagated_as_error():
+    x = correlated_inputs(cols=64)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    mask = (torch.rand(8, 64, generator=torch.Generator().manual_seed(6)) > 0.5).float()
+    pruned = w * mask
+    hessian = 2 * x.T @ x / len(x)
+    q, _ = gptq_quantize(pruned, hessian, bits=4, mask=mask)
+    assert torch.all(q[mask == 0] == 0)
+    unmasked, _ = gptq_quantize(pruned, hessian, bits=4)
+    assert (unmasked[mask == 0] != 0).any()  # without the mask, compensation fills the pruned positions
+
+
 def test_dead_inputs_zero_their_weights():
     hessian = torch.eye(8)
     hessian[3, 3] = 0
@@ -81,7 +93,8 @@ def test_dead_inputs_zero_their_weights():
 
 @pytest.mark.parametrize("keys, fragment", [
     ({"granularity": "tensor"}, "quant.granularity"),
-    ({"act_order": True, "granularity": "group"}, "quant.granularity"),
+    ({"act_order": True, "granularity": "group"}, "quant.act_order"),
+    ({"act_order": True, "mixed_fraction": 0.1}, "quant.act_order"),
     ({"weight_bits": 9}, "quant.weight_bits"),
     ({"percdamp": 1.5}, "quant.percdamp"),
 ])

@@ -49,3 +49,19 @@ def test_a_missing_model_names_how_to_get_it(tmp_path):
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple of model.heads"):
         tiny_llama(hidden_size=30, heads=4)
+
+
+def test_a_saved_hugging_face_model_loads_offline_and_every_copy_trains(tmp_path):
+    """hf_causal_lm reads a local dir without a hub; the shared original (the KL reference) leaves later copies of
+    the cached load trainable (a finetune after pruning trains them)."""
+    from compress_run.models.causal_lm import pretrained_original
+    from tests.pipeline.test_llm_paper_rows import tiny_hf_llama
+
+    tiny_hf_llama(tmp_path / "m")
+    first = hf_causal_lm(str(tmp_path / "m"))
+    assert first.pretrained and first.tokenizer.encode("the king")
+    original = pretrained_original(first)
+    assert original is not None and original.lm is not first.lm
+    second = hf_causal_lm(str(tmp_path / "m"))
+    assert all(p.requires_grad for p in second.parameters())
+    torch.testing.assert_close(second(torch.tensor([[1, 2, 3]])), original(torch.tensor([[1, 2, 3]])))

@@ -67,6 +67,16 @@ def test_seq_len_beyond_the_context_and_image_augmentation_are_refused(tmp_path)
         TextDataModule(root=str(tmp_path), works={}, recipe={"mixup": 0.8})
 
 
+def test_a_train_glob_that_reads_a_test_file_is_refused(tmp_path):
+    for name in ("a.txt", "test.txt", "valid.txt"):
+        (tmp_path / name).write_text("to be or not to be " * 60)
+    data = TextDataModule(root=str(tmp_path), works={"train": ["*.txt"], "calibration": ["valid.txt"],
+                                                     "test": ["test.txt"]}, seq_len=16)
+    data.bind_tokenizer(ByteTokenizer(), 1024, 256, "tiny_llama")
+    with pytest.raises(UserError, match="would leak"):
+        data.setup("fit")
+
+
 def test_a_users_text_files_by_glob(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"train_{name}.txt").write_text("to be or not to be " * 60)
