@@ -26,7 +26,7 @@ from compress_run.hardware.simulator import Simulator, layer_bits
 from compress_run.hardware.trace import ModelTrace, trace_call, trace_model
 
 
-def _tokens(count: int, vocab: int, seed: int = 0) -> torch.Tensor:
+def random_tokens(count: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (1, count), generator=torch.Generator().manual_seed(seed))
 
 
@@ -35,8 +35,8 @@ def decode_trace(net: nn.Module, context: int) -> ModelTrace:
     """One decode step of ``net`` (a :class:`compress_run.models.causal_lm.CausalLM`) with ``context - 1``
     tokens in its cache."""
     net.eval()
-    cache = net.prefill(_tokens(context - 1, net.vocab_size))
-    token = _tokens(1, net.vocab_size, seed=1)
+    cache = net.prefill(random_tokens(context - 1, net.vocab_size))
+    token = random_tokens(1, net.vocab_size, seed=1)
     return trace_call(net, lambda: net.decode_step(token, cache), (1, 1))
 
 
@@ -45,8 +45,8 @@ def decode_ms(net: nn.Module, context: int, steps: int) -> float:
     """Median host time of one decode step over ``steps`` successive steps that end at ``context`` tokens."""
     net.eval()
     steps = max(1, min(steps, context - 1))
-    cache = net.prefill(_tokens(context - steps, net.vocab_size))
-    token = _tokens(1, net.vocab_size, seed=1)
+    cache = net.prefill(random_tokens(context - steps, net.vocab_size))
+    token = random_tokens(1, net.vocab_size, seed=1)
     times = []
 
     def step() -> None:
@@ -99,7 +99,7 @@ def llm_hardware_metrics(net: nn.Module, context: int, profiles: list[HardwareCo
         metrics[f"sim_tokens_per_s/{profile.name}/decode"] = round(1e3 / sim_decode.total_ms, 1)
         per_layer[profile.name] = layer_rows(sim_decode)
     if measure:
-        tokens = _tokens(context, net.vocab_size)
+        tokens = random_tokens(context, net.vocab_size)
         with torch.inference_mode():
             prefill_ms = median_seconds(lambda: net(tokens), warmup=min(warmup, 1), repeats=repeats) * 1e3
         step_ms = decode_ms(net, context, decode_tokens)

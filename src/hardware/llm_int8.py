@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from compress_run.core.quantization import DYNAMIC_BUFFER, SMOOTH_BUFFER, is_quantized, qmax
-from compress_run.hardware.llm_cost import _tokens, decode_ms
+from compress_run.hardware.llm_cost import decode_ms, random_tokens
 from compress_run.hardware.measure import median_seconds
 
 
@@ -101,7 +101,7 @@ def llm_int8_metrics(net: nn.Module, reference: nn.Module, test: Dataset, contex
                     "int8_host/fake_quant_test_windows_ppl": math.exp(fake)})
     if not measure:
         return metrics
-    tokens = _tokens(context, reference.vocab_size)
+    tokens = random_tokens(context, reference.vocab_size)
     times: dict[str, dict[str, list[float]]] = {"int8": {"prefill": [], "decode": []},
                                                 "float": {"prefill": [], "decode": []}}
     for _ in range(rounds):

@@ -185,8 +185,8 @@ class GPTQ(PTQ):
                 names = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{k}.")}
                 hessians, records = self.block_statistics(block, names, inputs, generator, max_rows / calib_size)
                 for name, module in names.items():
-                    plans[name] = self.quantize_layer(name, module, hessians.pop(name), records[name],
-                                                      name in finer, dynamic)
+                    plans[name] = self.quantize_layer(module, hessians.pop(name), records[name], name in finer,
+                                                      dynamic)
                 inputs = [((self.block_output(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
                 progress.advance(task)
         self.report = {
@@ -257,7 +257,7 @@ class GPTQ(PTQ):
             hook.remove()
         return kept
 
-    def quantize_layer(self, name: str, module: nn.Module, hessian: torch.Tensor, rec: LayerInputs, per_group: bool,
+    def quantize_layer(self, module: nn.Module, hessian: torch.Tensor, rec: LayerInputs, per_group: bool,
                        dynamic: bool) -> dict[str, Any]:
         granularity = "group" if per_group or self.granularity == "group" else "channel"
         rows = rec.sample() if self.calibration != "minmax" else None
