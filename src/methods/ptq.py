@@ -23,9 +23,11 @@ calibration set's per-channel maximum as above (the float product is unchanged);
 from ``calibration`` (minmax: exact over the whole calibration set; percentile / mse on the sampled rows), or with
 ``activations: dynamic`` one scale per token computed at every call (SmoothQuant's
 ``quantize_activation_per_token_absmax``, smoothquant/fake_quant.py: |x| max over the channels, clamped at 1e-5,
-/ 127); (3) the layer's output error ‖y_q − y‖² / ‖y‖² on the first samples' inputs with weights at
-``granularity``; (4) the weight's outlier statistics (:func:`weight_outlier_stats`: max|w|; the largest, over output
-channels, of max|w_row| / std(w_row); excess kurtosis). The ``mixed_fraction`` of layers ranked worst by
+/ 127; with no smoothing and minmax, nothing reads the calibration set's statistics, so only the batches that hold
+the first ``error_images`` samples run, and the per-tensor scale kept in the layer is theirs and unused); (3) the
+layer's output error ‖y_q − y‖² / ‖y‖² on the first samples' inputs with weights at ``granularity``; (4) the weight's
+outlier statistics (:func:`weight_outlier_stats`: max|w|; the largest, over output channels, of
+max|w_row| / std(w_row); excess kurtosis). The ``mixed_fraction`` of layers ranked worst by
 ``mixed_select`` take per-group weights (``group_size``) instead — ``weight_outliers``: the largest outlier ratio,
 a weight statistic as the study chose its layers; ``error``: the largest measured output error — and
 ``weight_outliers.png`` plots the ratio across the network with the chosen layers marked. Then every layer's weight
@@ -212,6 +214,17 @@ class LayerInputs:
         return rows[keep]
 
 
+def batches_holding(batches: list[torch.Tensor], samples: int) -> list[torch.Tensor]:
+    """The leading batches that hold the first ``samples`` samples (at least one batch)."""
+    kept, seen = [], 0
+    for batch in batches:
+        if kept and seen >= samples:
+            break
+        kept.append(batch)
+        seen += len(batch)
+    return kept
+
+
 def record_inputs(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor], max_rows: int,
                   error_images: int, seed: int, rows_per_sample: float | None = None) -> dict[str, LayerInputs]:
     generator = torch.Generator().manual_seed(seed)
@@ -283,6 +296,9 @@ class PTQ(LayerQuantizer):
         dynamic = self.activations == "dynamic"
         batches = calibration_batches(datamodule, "train", calib_size, self.setting("calib_batch_size"),
                                       tuple(self.input_shape), self.seed + 104729, device)
+        statistics_read = not dynamic or self.smoothing != "none" or self.calibration != "minmax"
+        if not statistics_read:  # only the output-error report reads the inputs: its first samples are enough
+            batches = batches_holding(batches, self.setting("error_images"))
         records = record_inputs(model, layers, batches, max_rows, self.setting("error_images"), self.seed,
                                 rows_per_sample=max_rows / calib_size if self.task == "causal_lm" else None)
         plans: dict[str, dict[str, Any]] = {}
@@ -316,6 +332,8 @@ class PTQ(LayerQuantizer):
             "weight_outliers": {n: p["weight"] for n, p in plans.items()},
             "kept_float_tied": tied_layers(model),
             "calib_images": sum(len(b) for b in batches),
+            "calibration_statistics": "recorded" if statistics_read else
+            "not needed (per-token inputs, no smoothing): only the error report's first samples ran",
             "resolved": {k: self.setting(k) for k in TASK_DEFAULTS[self.task]},
         }
         return model

@@ -93,6 +93,26 @@ def test_a_quantized_checkpoint_reloads_to_the_same_outputs():
     torch.testing.assert_close(fresh(x), net(x))
 
 
+def test_per_token_inputs_without_smoothing_run_only_the_samples_the_error_report_reads(monkeypatch):
+    import compress_run.methods.ptq as ptq_module
+
+    net, x = net_and_data()
+    quick = ptq(activations="dynamic", error_images=4)
+    quick.quantize(net, Calibration(x))
+    assert quick.report["calib_images"] == 16  # one batch of 16 holds the 4 samples, not all 32
+    assert quick.report["calibration_statistics"].startswith("not needed")
+    monkeypatch.setattr(ptq_module, "batches_holding", lambda batches, samples: batches)
+    full_net, _ = net_and_data()
+    full = ptq(activations="dynamic", error_images=4)
+    full.quantize(full_net, Calibration(x))
+    assert full.report["calib_images"] == 32
+    torch.testing.assert_close(net(x), full_net(x), rtol=0, atol=0)  # the same network either way
+    assert quick.report["layer_error"] == full.report["layer_error"]
+    static = ptq(error_images=4)
+    static.quantize(net_and_data()[0], Calibration(x))
+    assert static.report["calib_images"] == 32 and static.report["calibration_statistics"] == "recorded"
+
+
 def test_smoothing_and_mixed_granularity_cut_the_error_where_it_is():
     net, x = net_and_data()
     with torch.no_grad():
