@@ -22,7 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from compress_run.pipeline.results import git_commit, host_info, versions
+from compress_run.pipeline.provenance import code_version, host_info
+from compress_run.pipeline.results import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = ["model=smollm2_135m", "dataset=shakespeare", "quant=w8a8_mixed", "logger=none"]
@@ -53,7 +54,7 @@ def main() -> None:
     record = {
         "what": "compress-run " + " ".join(COMMAND),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": git_commit(), "host": host_info(), "versions": versions(), "load_before": load_before,
+        "git": code_version(), "host": host_info(), "versions": versions(), "load_before": load_before,
         "load_after": os.getloadavg(), "wall_s": round(wall, 1), "peak_rss_gib": round(peak_gib, 3),
         "stage_s": {s: r.get("wall_s") for s, r in results["stages"].items() if r.get("status") == "done"},
         "calibration_windows": results["quant"].get("resolved", {}).get("calib_size"),

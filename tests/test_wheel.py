@@ -25,7 +25,8 @@ def test_wheel_install_runs_outside_the_repository(tmp_path):
                      "compress_run/conf/method/gmp.yaml", "compress_run/pipeline/cli.py",
                      "compress_run/core/masks.py", "compress_run/conf/experiment/fmnist_gap.yaml",
                      "compress_run/conf/experiment_base/fmnist_small.yaml",
-                     "compress_run/pipeline/pgap_jobs.py", "compress_run/kernels/csrc/gather_scatter.cpp"):
+                     "compress_run/pipeline/pgap_jobs.py", "compress_run/kernels/csrc/gather_scatter.cpp",
+                     "compress_run/_build_info.json"):
         assert expected in names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
@@ -50,5 +51,10 @@ def test_wheel_install_runs_outside_the_repository(tmp_path):
                             "output_dir=sweep"], cwd=elsewhere, env=env, capture_output=True, text=True,
                            timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     for job_dir in ("0", "1"):
-        assert json.loads((elsewhere / "sweep" / job_dir / "results.json").read_text())["status"] == "ok"
+        results = json.loads((elsewhere / "sweep" / job_dir / "results.json").read_text())
+        assert results["status"] == "ok"
+        # no git where the wheel runs: the commit is the one stamped into the wheel when it was built
+        assert results["git"]["source"] == "install stamp" and results["git"]["commit"] == head

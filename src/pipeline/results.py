@@ -2,53 +2,43 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
-import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from compress_run.core.errors import UserError
+from compress_run.hardware.profile import load_profile
 from compress_run.hardware.report import print_hardware_table
+from compress_run.pipeline.provenance import code_version, host_info, run_load
+from compress_run.pipeline.validate import fingerprint
 
 PACKAGES = ("compress-run", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "timm", "numpy",
             "transformers", "gguf")
-
-
-def host_info() -> dict[str, Any]:
-    """Where the run ran: OS, architecture, CPU model and the number of CPUs this process may use."""
-    model = platform.processor()
-    with contextlib.suppress(OSError):
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), model)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"machine": platform.machine(), "processor": model, "system": platform.system(), "cpus": cpus, "gpu": gpu}
 
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def git_commit() -> dict[str, Any]:
-    src = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-        return {"commit": head, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+def profile_dates(cfg: DictConfig) -> dict[str, str | None]:
+    """When and where each hardware profile the run priced with was fitted (None: a spec-sheet profile)."""
+    primary = cfg.get("hardware") or {}
+    found: dict[str, str | None] = {str(primary.get("name")): primary.get("calibrated")} if primary else {}
+    for name in dict.fromkeys(cfg.get("evaluate", {}).get("hardware") or []):
+        if name in found:
+            continue
+        try:
+            found[str(name)] = load_profile(str(name)).calibrated
+        except (UserError, OSError, KeyError, ValueError):  # a record is still written without the date
+            found[str(name)] = None
+    return found
 
 
 def versions() -> dict[str, str | None]:
@@ -74,6 +64,10 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         for key in ("test/acc", "val/acc", "test/ppl", "ood/ppl"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
+    done = [rec for rec in records.values() if rec.get("status") == "done"]
+    metrics["time/total_s"] = round(sum(rec.get("wall_s") or 0.0 for rec in done), 3)
+    metrics["time/total_cpu_s"] = round(sum(rec.get("cpu_s") or 0.0 for rec in done), 3)
+    first = min((rec["started_at"] for rec in done if rec.get("started_at")), default=started)
     scalar = (int, float, str)
     metrics.update({k: v for k, v in evaluate.items() if k != "accuracy_from" and (
         isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)))})
@@ -83,10 +77,15 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "choices": choices,
         "overrides": list(overrides),
         "seed": cfg.seed,
-        "git": git_commit(),
+        "git": code_version(),
+        "config_digest": fingerprint(cfg),
         "versions": versions(),
         "host": host_info(),
-        "started_at": started,
+        "load": run_load(records),
+        "hardware_profiles": profile_dates(cfg),
+        # the first stage's first start (a later evaluate-only re-run or a resume keeps it); this process's start
+        "started_at": first,
+        "process_started_at": started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,
         "sparsity_per_layer": evaluate.get("sparsity_per_layer", {}),

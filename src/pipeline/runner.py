@@ -16,8 +16,10 @@ the same command skips finished stages and resumes an unfinished fit from its ``
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import json
 import math
 import os
 import shutil
@@ -79,6 +81,7 @@ from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.lm_module import LM_KEYS, CausalLMModule, lm_metrics
 from compress_run.pipeline.network_input import adapt_network
+from compress_run.pipeline.provenance import LoadMonitor
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
 from compress_run.pipeline.validate import (
@@ -410,10 +413,16 @@ class Pipeline:
             self.log(f"stage {stage}: start")
             if stage != "train":  # the stage's random draws must not depend on whether train ran in this process
                 reseed(self.cfg.seed, stage)
-            metrics, net = getattr(self, f"run_{stage}")(net)
+            monitor = self.load_monitor(stage)
+            try:
+                metrics, net = getattr(self, f"run_{stage}")(net)
+            finally:
+                load = monitor.stop()
             record = {"stage": stage, "status": "done",
+                      "started_at": monitor.started_at,
                       "wall_s": round(self.stage_wall_seconds(time.perf_counter() - t0), 3),
                       "cpu_s": round(self.stage_cpu_seconds(time.process_time() - cpu0), 3),
+                      "load": load,
                       "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "checkpoint": str(self.ckpt_dir / f"{stage}.ckpt") if stage != "evaluate" else None,
                       "evaluated": str(self.ckpt_dir / f"{self.loaded_from}.ckpt")
@@ -425,11 +434,28 @@ class Pipeline:
                 record["train_inputs"] = self.train_inputs
             atomic_write_json(self.stage_dir / f"{stage}.json", record)
             (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)
+            self.load_partial(stage).unlink(missing_ok=True)
             self.records[stage] = record
         results = build_results(self.cfg, self.out, self.records, self.overrides, self.choices, started)
         atomic_write_json(self.out / "results.json", results)
         print_summary(results)
         return results
+
+    def load_partial(self, stage: str) -> Path:
+        return self.stage_dir / f"{stage}.load-partial.json"
+
+    def load_monitor(self, stage: str) -> LoadMonitor:
+        """The other processes' CPU share while ``stage`` runs; a train stage resumed from its last epoch
+        checkpoint adds the measure of the part before the crash (kept in a partial file as it ran)."""
+        partial, before = self.load_partial(stage), None
+        if (self.ckpt_dir / f"{stage}-last.ckpt").is_file():
+            with contextlib.suppress(OSError, ValueError):
+                before = json.loads(partial.read_text())
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        monitor = LoadMonitor(partial=partial, before=before)
+        monitor.started_at = (before or {}).get("started_at") or datetime.now(timezone.utc).isoformat(
+            timespec="seconds")
+        return monitor.start()
 
     def stage_cpu_seconds(self, measured: float) -> float:
         """The process CPU seconds of a stage: when it trained, those of its train epochs as the fits' clocks

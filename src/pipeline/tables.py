@@ -110,7 +110,8 @@ def metric_spec(name: str) -> tuple[str, Any] | None:
 EXTRA = ("macs_effective_M", "macs_dense_M", "latency_sim_ms")  # aggregated beside the compared metrics
 SMOKE_OVERRIDES = ["debug=smoke", "dataset=synthetic", "logger=none", "evaluate.repeats=2", "evaluate.warmup=1"]
 ROW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-RECORD_KEYS = ("status", "choices", "overrides", "seed", "started_at", "finished_at", "git", "host", "versions")
+RECORD_KEYS = ("status", "choices", "overrides", "seed", "started_at", "finished_at", "git", "host", "versions",
+               "config_digest", "load", "hardware_profiles", "process_started_at")
 
 
 @dataclass

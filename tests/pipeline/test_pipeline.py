@@ -76,6 +76,20 @@ def test_changed_evaluate_settings_rerun_only_evaluate(tmp_path, capsys):
     assert (tmp_path / "latency_breakdown.png").stat().st_size > 1000
     assert "MACs and latency per hardware profile" in out and "a100" in out
     assert second["metrics"]["test/acc"] == first["metrics"]["test/acc"]
+    # provenance: the first start and the train stage's own record are kept; every stage says its load
+    assert second["started_at"] == first["started_at"] == second["stages"]["train"]["started_at"]
+    assert second["stages"]["train"] == first["stages"]["train"]
+    assert second["stages"]["evaluate"]["started_at"] >= first["stages"]["evaluate"]["started_at"]
+    assert second["metrics"]["time/total_s"] == round(sum(r.get("wall_s") or 0 for r in second["stages"].values()
+                                                          if r["status"] == "done"), 3)
+    for results in (first, second):
+        assert results["git"]["source"] == "git" and results["config_digest"] and results["host"]["key"]
+        assert all("load" in r and r["load"]["started_at"] == r["started_at"]
+                   for r in results["stages"].values() if r["status"] == "done")
+        assert set(results["load"]) >= {"measured", "stages_without"}
+    assert set(second["hardware_profiles"]) == {"host_cpu", "a100", "systolic_asic"}
+    assert second["hardware_profiles"]["host_cpu"]  # a fitted profile says when and where
+    assert not (tmp_path / "stages" / "evaluate.load-partial.json").exists()
 
 
 def test_magnitude_global_meets_budget_with_unequal_layers(tmp_path):

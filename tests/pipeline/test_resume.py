@@ -82,6 +82,9 @@ def test_sigkill_during_train_then_rerun_matches_uninterrupted_run(tmp_path, met
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"stage {stage}: resuming from" in resumed.stdout
     ref, res = read_json(tmp_path / "reference" / "results.json"), read_json(out / "results.json")
+    resumed_load = res["stages"][stage]["load"]  # the part before the kill is in the stage's measure
+    assert resumed_load["parts"] == 2 and resumed_load["started_at"] == res["stages"][stage]["started_at"]
+    assert res["started_at"] <= res["stages"][stage]["started_at"] < res["process_started_at"]
     for key in ("test/acc", "test/loss", "val/acc", "val/loss", "train/test/acc", "model/sparsity"):
         assert res["metrics"][key] == ref["metrics"][key], key
     final = next(s for s in ("quantize", "finetune", "train")

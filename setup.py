@@ -1,0 +1,35 @@
+"""Only a build step on top of pyproject.toml: a built copy of the package (a wheel, `pip install .`) carries the
+commit and dirty flag of the tree it was built from in compress_run/_build_info.json, so a run from an installed
+copy, where no git is found, still records its code (src/pipeline/provenance.py: code_version)."""
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+def tree_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no") != ""}
+    except (OSError, subprocess.SubprocessError):  # an sdist without .git: nothing to stamp
+        return {"commit": None, "dirty": None}
+
+
+class BuildWithStamp(build_py):
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # an editable install runs from the checkout: git answers there
+            return
+        target = Path(self.build_lib) / "compress_run" / "_build_info.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({**tree_state(),
+                                      "stamped_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+
+
+setup(cmdclass={"build_py": BuildWithStamp})
