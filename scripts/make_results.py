@@ -37,17 +37,71 @@ def section(path: Path) -> list[str]:
                               ("title", "source", "metrics", "seeds", "discussion")})
     body = render_markdown(table, meta["name"], meta["rows"], meta["smoke"], meta.get("orderings")).splitlines()
     lines = [f"## {meta['title']}", "", f"* Command: `{meta['command']}`"]
+    cpus = meta.get("cpus") or {}
+    counted = "; ".join(f"{c}: {n} run(s)" for c, n in cpus.items())
+    lines.append(f"* CPU (from the runs' records): {counted or 'unknown'}")
     lines.append(f"* Machine: {'; '.join(meta['hosts']) or 'unknown'}")
     dates = sorted({d[:10] for d in meta["finished"]})
     lines.append(f"* Date: {' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'not run'}")
     lines.append(f"* Files: `{path.parent.relative_to(ROOT)}/` (TABLE.md, table.csv, runs.csv, table.json)")
-    if meta.get("commits"):
-        lines.append(f"* Code: commit(s) {', '.join(c[:10] for c in meta['commits'])}")
+    lines.append(f"* Code: {code_line(meta)}")
+    loaded = meta.get("loaded_runs") or []
+    if loaded:
+        lines.append(f"* Load: other processes used ≥ 5% of the CPUs during {len(loaded)} run(s) "
+                     f"({', '.join(loaded[:6])}{' ...' if len(loaded) > 6 else ''}); no timing column of this table "
+                     "is read from them")
     body = [ln for ln in body[1:] if not ln.startswith("`compress-table")]
     body = [ln for i, ln in enumerate(body) if ln or (i > 0 and body[i - 1])]  # no double blank lines
     while body and not body[0]:
         body.pop(0)
     return [*lines, "", *body]
+
+
+def code_line(meta: dict) -> str:
+    """The commits of the runs that have one; the runs without one named, never given another run's commit."""
+    unknown = meta.get("code_unknown") or []
+    total = sum((meta.get("cpus") or {}).values()) or len(meta.get("runs", []))
+    parts = []
+    if meta.get("commits"):
+        parts.append(f"commit(s) {', '.join(c[:10] for c in meta['commits'])} for {total - len(unknown)} of "
+                     f"{total} runs")
+    if unknown:
+        parts.append(f"unknown for {len(unknown)} run(s) ({meta.get('unknown_code_reason') or 'no reason given'})")
+    return "; ".join(parts) or "unknown"
+
+
+CLAIM_MARK = {"holds": "holds", "reversed": "**reversed**", "does not hold": "**does not hold**",
+              "not resolved": "not resolved", "not judged": "not judged", "one seed": "one seed", "not run": "not run"}
+
+
+def readme_line(meta: dict) -> str:
+    """One README line for a published table: its claims and their verdicts, every one of them."""
+    claims = []
+    for o in meta.get("orderings", []):
+        relation = f"within {o['within']:g} of" if o["within"] is not None else "≥"
+        short = next((mark for key, mark in CLAIM_MARK.items() if o["verdict"].startswith(key)), o["verdict"])
+        short += " (code unknown)" if "code unknown" in o["verdict"] else \
+            " (hosts differ)" if "hosts differ" in o["verdict"] else ""
+        claims.append(f"{o['better']} {relation} {o['worse']} ({o['metric']}): {short}")
+    cpus = ", ".join(c.split(" (")[0] for c in meta.get("cpus") or {}) or "unknown CPU"
+    seeds = f"{len(meta['seeds'])} seeds" if meta.get("seeds") else "1 run per row"
+    judged = "; ".join(claims) if claims else "no claim judged"
+    return (f"* [{meta['title']}](RESULTS.md#{_anchor(meta['title'])}) ({seeds}; {cpus}) — {judged}.")
+
+
+README_START, README_END = "<!-- tables:start (make results) -->", "<!-- tables:end -->"
+
+
+def update_readme(metas: list[dict]) -> None:
+    """Replace the README's generated block of table lines (between the two markers)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        sys.exit(f"make_results: README.md lacks the markers {README_START} ... {README_END}")
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    block = "\n".join(readme_line(m) for m in metas)
+    readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
 
 
 def publish(table_dir: Path) -> None:
@@ -99,6 +153,7 @@ def main() -> None:
                 where = f" (points: `{points.relative_to(ROOT)}`)" if points.is_file() else ""
                 lines += [f"Drawn by `{cmd.read_text().strip()}`{where}.", ""]
     (ROOT / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
+    update_readme(metas)
     print(f"wrote {ROOT / 'RESULTS.md'} ({len(tables)} tables, {len(figures)} figures)")
 
 

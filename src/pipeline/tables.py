@@ -19,11 +19,18 @@ original parameters removed), ``latency_ms`` (simulated batch-1 latency on the r
 the mean and the sample standard deviation over its seeds.
 
 ``orderings`` state the papers' claims about rows (``rows: [a, b, c]`` claims a ≥ b ≥ c on ``metric``;
-with ``within: x`` the claim is |a − b| ≤ x for every b after a). A "≥" claim *holds* only when the
-means differ by more than the sum of the two standard deviations (the ±1 std intervals do not overlap),
-is *reversed* when the same holds the other way, and is *not resolved* otherwise. On a metric where less is
-better (perplexity, KL, bytes, latency: ``LOWER_IS_BETTER``) "a ≥ b" claims a is the lower, and Δ is counted in
-the claimed direction (positive when the claim's order shows).
+with ``within: x`` the claim is |a − b| ≤ x for every b after a). One rule judges every claim
+(:func:`verdict`): the difference must clear the sum of the two rows' standard deviations — a "≥" claim
+*holds* when Δ > s_a + s_b, is *reversed* when −Δ > s_a + s_b; a "within x" claim holds when
+|Δ| + s_a + s_b ≤ x and does not hold when |Δ| − s_a − s_b > x; anything else is *not resolved*. Where the two
+rows ran the same seeds, a paired verdict (the same rule on the per-seed differences and their std) stands
+beside it. A claim is not judged when a row has a run of unknown code, and not resolved when its rows ran on
+different CPUs (:func:`hosts_of`). On a metric where less is better (perplexity, KL, bytes, latency:
+``LOWER_IS_BETTER``) "a ≥ b" claims a is the lower, and Δ is counted in the claimed direction (positive when the
+claim's order shows).
+
+Provenance: each run's CPU (``host_key``), commit, dirty flag and the other processes' CPU share come from its
+record; a finished run without a commit is refused unless the table sets ``unknown_code`` (the reason).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from compress_run.core.errors import UserError
 from compress_run.pipeline.checkpoints import atomic_write_text
+from compress_run.pipeline.provenance import QUIET_SHARE, host_key, host_model
 from compress_run.pipeline.sweeps import simulated_latency
 
 
@@ -147,6 +155,9 @@ class TableConfig:
     orderings: list[Ordering] = field(default_factory=list)
     discussion: str = ""                # what the table shows, and the investigation of a claim that does not hold
     rows: list[TableRow] = field(default_factory=list)
+    # non-empty: the reason runs whose code is unknown (records without a commit) may be collected; they are
+    # shown as such and the claims on their rows are not judged. Empty: such a record is refused.
+    unknown_code: str = ""
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -400,12 +411,17 @@ def collect_runs(table: TableConfig, table_dir: Path, records_dir: Path | None,
                 previous = _read(record) if record.is_file() else None
                 if previous != small_record(results):
                     write_record(record, results)
+            done = state == "done"
             entry = {"row": row.name, "seed": seed, "status": state, "source": source,
                      "error": results.get("error", "") if state == "failed" else "",
                      "run_dir": str(run_dir.relative_to(table_dir)), "finished_at": results.get("finished_at"),
-                     "host": _host(results) if state == "done" else None,
-                     "commit": (results.get("git") or {}).get("commit") if state == "done" else None,
-                     "method": results.get("choices", {}).get("method") if state == "done" else None}
+                     "host": _host(results) if done else None,
+                     "host_key": host_key(results.get("host")) if done else None,
+                     "cpu": host_model(results.get("host")) if done else None,
+                     "commit": (results.get("git") or {}).get("commit") if done else None,
+                     "dirty": (results.get("git") or {}).get("dirty") if done else None,
+                     "load_share": (results.get("load") or {}).get("others_share") if done else None,
+                     "method": results.get("choices", {}).get("method") if done else None}
             entry.update(run_values(table, row, results if state == "done" else {}))
             runs.append(entry)
     return runs
@@ -435,7 +451,11 @@ def aggregate(table: TableConfig, runs: list[dict[str, Any]], smoke: bool) -> li
                                   "hardware": next((r["hardware"] for r in done if r["hardware"]), None),
                                   "finished_at": max((r["finished_at"] for r in done if r["finished_at"]),
                                                      default=None),
-                                  "host": next((r["host"] for r in done if r["host"]), None)}
+                                  "host": next((r["host"] for r in done if r["host"]), None),
+                                  "hosts": sorted({r["host_key"] or "unknown" for r in done}),
+                                  "cpus": sorted({r["cpu"] or "unknown" for r in done}),
+                                  "commits": sorted({r["commit"] for r in done if r["commit"]}),
+                                  "code_unknown": sum(r["commit"] is None for r in done)}
         for metric in [*table.metrics, *EXTRA]:
             mean, std = mean_std([r[metric] for r in done if r.get(metric) is not None])
             key = metric if metric in EXTRA else f"{metric}_ours"
@@ -449,9 +469,34 @@ def aggregate(table: TableConfig, runs: list[dict[str, Any]], smoke: bool) -> li
     return rows
 
 
-def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The verdict on every claimed ordering (see the module docstring for the rule)."""
+def verdict(delta: float, spread: float | None, within: float | None) -> str:
+    """One rule for every claim: the difference must clear the ±1 std band (``spread``: the two rows' stds
+    summed, or the std of the paired differences). "a ≥ b": Δ > spread holds, −Δ > spread is reversed. "|a − b|
+    ≤ x": |Δ| + spread ≤ x holds, |Δ| − spread > x does not hold. Anything else is not resolved."""
+    if spread is None:
+        return "one seed: no std to judge by"
+    if within is None:
+        if delta > spread:
+            return "holds (beyond one std)"
+        return "reversed (beyond one std)" if -delta > spread else "not resolved (within one std)"
+    if abs(delta) + spread <= within:
+        return "holds (|Δ| + std within the bound)"
+    return "does not hold (beyond one std)" if abs(delta) - spread > within else "not resolved (within one std)"
+
+
+def hosts_of(*rows: dict[str, Any]) -> list[str]:
+    """The hosts two rows ran on: full host keys when every run has one, else the CPU models (records written
+    before the key existed name only the model)."""
+    keys = sorted({k for r in rows for k in r.get("hosts", [])})
+    return keys if not any(" (" not in k for k in keys) else sorted({c for r in rows for c in r.get("cpus", [])})
+
+
+def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]],
+                       runs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The verdict on every claimed ordering (see the module docstring and :func:`verdict`), unpaired and, where
+    the rows share seeds, paired; not judged where a row's code is unknown or the rows ran on different hosts."""
     by_name = {r["row"]: r for r in rows}
+    per_seed = {(r["row"], r["seed"]): r for r in runs or [] if r["status"] == "done"}
     verdicts = []
     for ordering in table.orderings:
         names = list(ordering.rows)
@@ -463,25 +508,43 @@ def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]]) -> list[d
             sa, sb = ra[f"{metric}_std"], rb[f"{metric}_std"]
             entry = {"better": a, "worse": b, "metric": metric, "within": ordering.within, "claim": ordering.claim,
                      "mean_a": ma, "std_a": sa, "n_a": ra["seeds_done"], "mean_b": mb, "std_b": sb,
-                     "n_b": rb["seeds_done"], "delta": None}
+                     "n_b": rb["seeds_done"], "delta": None, "paired": None}
+            lower = metric in LOWER_IS_BETTER or metric.startswith("latency_ms/")
+            hosts = hosts_of(ra, rb)
             if ma is None or mb is None:
                 entry["verdict"] = "not run"
             else:
-                lower = metric in LOWER_IS_BETTER or metric.startswith("latency_ms/")
                 delta = entry["delta"] = (mb - ma) if lower else (ma - mb)  # > 0: in the claimed direction
-                margin = (sa or 0.0) + (sb or 0.0)
-                if ordering.within is not None:
-                    entry["verdict"] = "holds" if abs(delta) <= ordering.within else "does not hold"
-                elif sa is None or sb is None:
-                    entry["verdict"] = "one seed: no std to judge by"
-                elif delta > margin:
-                    entry["verdict"] = "holds (beyond one std)"
-                elif -delta > margin:
-                    entry["verdict"] = "reversed (beyond one std)"
-                else:
-                    entry["verdict"] = "not resolved (within one std)"
+                spread = None if sa is None or sb is None else sa + sb
+                entry["verdict"] = verdict(delta, spread, ordering.within)
+                entry["paired"] = paired_verdict(per_seed, a, b, metric, lower, ordering.within)
+                unknown = ra.get("code_unknown", 0) + rb.get("code_unknown", 0)
+                blocked = f"not judged (code unknown for {unknown} run(s))" if unknown else \
+                    f"not resolved (hosts differ: {' vs '.join(hosts)})" if len(hosts) > 1 else None
+                if blocked:
+                    entry["verdict"] = blocked
+                    if entry["paired"]:
+                        entry["paired"]["verdict"] = blocked
+            entry["hosts"] = hosts
             verdicts.append(entry)
     return verdicts
+
+
+def paired_verdict(per_seed: dict[tuple[str, Any], dict[str, Any]], a: str, b: str, metric: str, lower: bool,
+                   within: float | None) -> dict[str, Any] | None:
+    """The claim judged on per-seed differences where both rows ran the same seeds (at least two): each seed's
+    rows share their data order and, with base/train_from, their trained network."""
+    seeds = sorted({s for (row, s) in per_seed if row == a} & {s for (row, s) in per_seed if row == b},
+                   key=lambda s: (s is None, s))
+    diffs = []
+    for seed in seeds:
+        va, vb = per_seed[(a, seed)].get(metric), per_seed[(b, seed)].get(metric)
+        if va is not None and vb is not None:
+            diffs.append((vb - va) if lower else (va - vb))
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    return {"n": len(diffs), "delta": mean, "std": std, "verdict": verdict(mean, std, within)}
 
 
 # ------------------------------------------------------------------------------------ output
@@ -490,27 +553,62 @@ def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool,
     """Collect every run (run dir, else record) into ``table.csv``, ``runs.csv``, ``TABLE.md`` and
     ``table.json``; writes the record of every finished run dir that lacks an up-to-date one."""
     runs = collect_runs(table, table_dir, records_dir, smoke)
+    unknown = [run_key(r["row"], r["seed"]) for r in runs if r["status"] == "done" and r["commit"] is None]
+    if unknown and not smoke and not table.unknown_code:
+        raise UserError(f"{len(unknown)} finished run(s) of table {name} do not say which code produced them (no "
+                        f"commit in their record): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}",
+                        "run them again from a git checkout or an installed copy built by this version (both record "
+                        "the commit), or set `unknown_code: <reason>` in the table config to publish them marked "
+                        "as such, with the claims on their rows left unjudged")
     rows = aggregate(table, runs, smoke)
-    orderings = evaluate_orderings(table, rows)
+    orderings = evaluate_orderings(table, rows, runs)
     columns = ["row", "experiment", "method", "status", "seeds_done", "seeds"]
     for metric in table.metrics:
         columns += [f"{metric}_paper", f"{metric}_ours", f"{metric}_std", f"{metric}_diff"]
     columns += ["macs_effective_M", "macs_dense_M", "latency_sim_ms", "hardware", "error", "run_dir", "note"]
     _write_csv(table_dir / "table.csv", columns, rows)
     run_columns = ["row", "seed", "status", "source", *table.metrics, *EXTRA, "hardware", "error", "run_dir",
-                   "finished_at", "commit"]
+                   "finished_at", "commit", "dirty", "cpu", "host_key", "load_share"]
     _write_csv(table_dir / "runs.csv", run_columns, runs)
     atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke, orderings))
     meta = {"name": name, "title": table.title, "source": table.source, "metrics": list(table.metrics),
             "discussion": table.discussion,
             "seeds": list(table.seeds), "smoke": smoke,
-            "command": f"compress-table table={name}{' scale=smoke' if smoke else ''}",
+            "command": table_command(name, table_dir, records_dir, smoke),
             "hosts": sorted({r["host"] for r in runs if r["host"]}),
+            "cpus": cpu_counts(runs),
             "finished": sorted(r["finished_at"] for r in runs if r["finished_at"]),
             "commits": sorted({r["commit"] for r in runs if r["commit"]}),
+            "code_unknown": unknown, "unknown_code_reason": table.unknown_code,
+            "loaded_runs": sorted(run_key(r["row"], r["seed"]) for r in runs
+                                  if r["load_share"] is not None and r["load_share"] >= QUIET_SHARE),
             "rows": rows, "runs": runs, "orderings": orderings}
     atomic_write_text(table_dir / "table.json", json.dumps(meta, indent=1) + "\n")
     return rows
+
+
+def table_command(name: str, table_dir: Path, records_dir: Path | None, smoke: bool) -> str:
+    """The command that rebuilds this table from its records (paths relative to the working directory when they
+    lie below it, so a command printed for a repository's records works pasted in that repository)."""
+    def shown(path: Path) -> str:
+        try:
+            return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
+    if records_dir is None:
+        return f"compress-table table={name}{' scale=smoke' if smoke else ''} output_dir={shown(table_dir)}"
+    return (f"compress-table table={name}{' scale=smoke' if smoke else ''} records={shown(records_dir)} "
+            f"output_dir={shown(table_dir)} --collect")
+
+
+def cpu_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """How many finished runs ran on each CPU (model, with its key where the records have one)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        if r["status"] == "done":
+            label = r["host_key"] or "unknown"
+            counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -559,6 +657,9 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     if seeds:
         lines += [f"Every row ran with seeds {', '.join(map(str, seeds))}; values are mean ± sample standard "
                   "deviation over the seeds that finished.", ""]
+    hosts = sorted({h for r in rows for h in r.get("hosts", []) if h != "unknown"})
+    if hosts:
+        lines += [f"Ran on: {'; '.join(hosts)} (from the runs' records).", ""]
     compared = [m for m in table.metrics if any(r.get(f"{m}_paper") is not None for r in rows)]
     header = ["row", "experiment"]
     for metric in table.metrics:  # paper and difference columns only where a published value exists
@@ -573,20 +674,26 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
             cells += [_fmt(r[f"{metric}_paper"]), ours, _fmt(r[f"{metric}_diff"], -2)] if metric in compared else [ours]
         latency = f"{r['latency_sim_ms']:.3f} ({r['hardware']})" if r["latency_sim_ms"] is not None else "–"
         status = r["status"] + (f" ({r['seeds_done']}/{r['seeds']} seeds)" if seeds else "")
+        status += f", code unknown for {r['code_unknown']}" if r.get("code_unknown") else ""
         status += f": {r['error']}" if r["error"] else ""
         cells += [_fmt(r["macs_effective_M"]), latency, status.replace("|", "\\|"), f"`{r['run_dir']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     if orderings:
-        lines += ["", "Claimed orderings (a claim holds only when the ±1 std intervals of the two rows do not "
-                  "overlap):", ""]
+        lines += ["", "Claimed orderings (one rule for every claim: the difference must clear the rows' two stds "
+                  "summed — a ≥ claim holds when Δ > s_a + s_b, a within-x claim when |Δ| + s_a + s_b ≤ x; the paired "
+                  "verdict uses the std of the per-seed differences; rows from different CPUs or of unknown code "
+                  "are not judged):", ""]
         for o in orderings:
             relation = f"|Δ| ≤ {o['within']:g}" if o["within"] is not None else "≥"
             detail = "" if o["delta"] is None else (
                 f": {_fmt_mean(o['mean_a'], o['std_a'])} vs {_fmt_mean(o['mean_b'], o['std_b'])}, "
                 f"Δ = {o['delta']:+.2f}")
             claim = f" ({o['claim']})" if o["claim"] else ""
+            paired = o.get("paired")
+            pairing = "" if not paired else (f"; paired over {paired['n']} seeds: Δ = {paired['delta']:+.2f} ± "
+                                             f"{paired['std']:.2f} — {paired['verdict']}")
             lines.append(f"* {o['better']} {relation} {o['worse']} on {o['metric']}{claim}{detail} — "
-                         f"**{o['verdict']}**")
+                         f"**{o['verdict']}**{pairing}")
     notes = [f"* {r['row']}: {r['note']}" for r in rows if r["note"]]
     if notes:
         lines += ["", "Notes:", *notes]

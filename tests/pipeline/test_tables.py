@@ -236,11 +236,13 @@ def test_level_rows_read_one_multilevel_run(tmp_path):
     assert bad.returncode == 2 and "is not another row" in " ".join(bad.stderr.split())
 
 
-def _fake_run(run_dir: Path, overrides: list[str], acc: float, seed: int) -> None:
+def _fake_run(run_dir: Path, overrides: list[str], acc: float, seed: int, commit: str | None = "abc",
+              host: dict | None = None) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({
         "status": "ok", "overrides": overrides, "seed": seed, "choices": {"method": "magnitude"},
-        "finished_at": "2026-12-01T10:00:00+00:00", "git": {"commit": "abc", "dirty": False},
+        "finished_at": "2026-12-01T10:00:00+00:00", "git": {"commit": commit, "dirty": False},
+        "host": host or {"processor": "AMD EPYC", "cpus": 2},
         "metrics": {"test/acc": acc, "model/prunable_sparsity": 0.9, "model/macs_dense": 4e6,
                     "model/macs_effective": 1e6, "latency_per_layer_unused": 1.0},
         "latency_per_layer": {"big": [1, 2, 3]}}))
@@ -273,13 +275,60 @@ def test_seeded_table_reports_mean_std_and_judges_each_ordering(tmp_path):
     verdicts = {(o["better"], o["worse"]): o["verdict"] for o in meta["orderings"]}
     assert verdicts[("a", "b")] == "holds (beyond one std)"        # 91 - 85 > 1 + 1
     assert verdicts[("b", "c")] == "not resolved (within one std)"  # 85 vs 85.83 +- 1.25
-    assert verdicts[("a", "c")] == "does not hold"                  # |91 - 85.83| > 1
+    assert verdicts[("a", "c")] == "does not hold (beyond one std)"  # |91 - 85.83| - 1 - 1.25 > 1
     text = (out / "TABLE.md").read_text()
     assert "91.00 ± 1.00" in text and "holds (beyond one std)" in text and "a beats b" in text
     assert str(tmp_path) not in text and str(tmp_path) not in (out / "table.json").read_text()  # no machine paths
     assert len((out / "runs.csv").read_text().splitlines()) == 10
     record = read_json(out / "records" / "a" / "seed1.json")  # written for every finished run
     assert record["metrics"]["test/acc"] == 0.91 and "latency_per_layer" not in record
+
+
+def _judged(tmp_path: Path, accs: dict[str, list[float]], orderings: list[dict], **run_keys) -> dict:
+    out, path = tmp_path / "judged", tmp_path / "judged.yaml"
+    rows = [{"name": n, "experiment": "fmnist_dense", "overrides": [f"method.sparsity={i / 10}"]}
+            for i, n in enumerate(accs)]
+    OmegaConf.save(OmegaConf.create({"title": "judged", "metrics": ["top1"], "seeds": [0, 1, 2],
+                                     "orderings": orderings, "rows": rows,
+                                     "unknown_code": run_keys.pop("unknown_code", "")}), path)
+    for i, (row, values) in enumerate(accs.items()):
+        for seed, acc in enumerate(values):
+            keys = {k: v(row, seed) for k, v in run_keys.items()}
+            _fake_run(out / "rows" / row / f"seed{seed}", ["experiment=fmnist_dense", f"method.sparsity={i / 10}",
+                                                           f"seed={seed}"], acc, seed, **keys)
+    proc = compress_table([f"table={path}", f"output_dir={out}", f"records={tmp_path / 'records'}", "--collect"],
+                          tmp_path)
+    shutil.rmtree(out / "rows")
+    shutil.rmtree(tmp_path / "records", ignore_errors=True)
+    return {"proc": proc, "meta": read_json(out / "table.json") if proc.returncode != 2 else None}
+
+
+def test_one_rule_for_every_claim_paired_seeds_hosts_and_unknown_code(tmp_path):
+    # within 1.0: the means differ by 0.5, but the stds (0.5 each) put the band past the bound
+    accs = {"a": [0.900, 0.905, 0.910], "b": [0.893, 0.899, 0.905]}
+    within = _judged(tmp_path, {"a": [0.900, 0.905, 0.910], "b": [0.895, 0.900, 0.905]},
+                     [{"rows": ["a", "b"], "within": 1.0}])["meta"]["orderings"][0]
+    assert within["delta"] == pytest.approx(0.5) and within["verdict"] == "not resolved (within one std)"
+    # the rows' stds (0.5, 0.6) hide a difference the paired seeds show: +0.7, +0.6, +0.5
+    claim = _judged(tmp_path, accs, [{"rows": ["a", "b"]}])["meta"]["orderings"][0]
+    assert claim["verdict"] == "not resolved (within one std)"
+    assert claim["paired"]["n"] == 3 and claim["paired"]["delta"] == pytest.approx(0.6)
+    assert claim["paired"]["std"] == pytest.approx(0.1) and claim["paired"]["verdict"] == "holds (beyond one std)"
+    # rows on two CPUs are not compared; a run without a commit is refused, or kept out of the claims
+    intel = {"processor": "Intel Xeon", "cpus": 2}
+    hosts = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, [{"rows": ["a", "b"]}],
+                    host=lambda row, seed: intel if row == "b" else None)["meta"]
+    assert hosts["orderings"][0]["verdict"] == "not resolved (hosts differ: AMD EPYC vs Intel Xeon)"
+    assert hosts["cpus"] == {"AMD EPYC": 3, "Intel Xeon": 3}
+    refused = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, [{"rows": ["a", "b"]}],
+                      commit=lambda row, seed: None if (row, seed) == ("b", 1) else "abc")["proc"]
+    assert refused.returncode == 2 and "b/seed1" in refused.stderr and "unknown_code" in refused.stderr
+    allowed = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, [{"rows": ["a", "b"]}],
+                      commit=lambda row, seed: None if (row, seed) == ("b", 1) else "abc",
+                      unknown_code="runs from an installed copy before commits were stamped")["meta"]
+    assert allowed["orderings"][0]["verdict"] == "not judged (code unknown for 1 run(s))"
+    assert allowed["code_unknown"] == ["b/seed1"] and allowed["commits"] == ["abc"]
+    assert allowed["command"].endswith("--collect") and "records=" in allowed["command"]
 
 
 @pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)

@@ -1,1 +1,0 @@
-compress-table table=digits_pareto plot=true
