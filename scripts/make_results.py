@@ -35,7 +35,8 @@ def section(path: Path) -> list[str]:
     meta = json.loads(path.read_text())
     table = OmegaConf.create({k: meta.get(k, "" if k == "discussion" else []) for k in
                               ("title", "source", "metrics", "seeds", "discussion")})
-    body = render_markdown(table, meta["name"], meta["rows"], meta["smoke"], meta.get("orderings")).splitlines()
+    body = render_markdown(table, meta["name"], meta["rows"], meta["smoke"], meta.get("orderings"),
+                           meta.get("timing")).splitlines()
     lines = [f"## {meta['title']}", "", f"* Command: `{meta['command']}`"]
     cpus = meta.get("cpus") or {}
     counted = "; ".join(f"{c}: {n} run(s)" for c, n in cpus.items())

@@ -7,6 +7,7 @@
     compress-table table=gap_imagenet hydra/launcher=slurm                # one SLURM job per row (submitit)
 
     compress-table table=fmnist_sparse records=docs/records/fmnist_small --collect   # rebuild from records
+    compress-table table=fmnist_vit_block --time        # time the finished runs apart, on a quiet machine
 
 Options (key=value): ``table`` (a conf/table option or a YAML path), ``scale`` (full | smoke),
 ``force`` (false: finished rows are reused; true: they are moved to ``replaced/`` and run again),
@@ -18,6 +19,9 @@ dataset root, trainer settings). Runs (rows, times seeds for a table with ``seed
 multirun with the rows sweeper (``hydra_plugins.compress_run_rows``), each in ``<output_dir>/rows/<row>``
 (``rows/<row>/seed<s>``); a killed table is completed by running the same command again (unfinished
 runs resume from their checkpoints, runs with a record are not run again).
+``--time`` (implies ``--collect``): the timing pass (:mod:`compress_run.pipeline.timing`) — every finished run
+whose run dir is here, rebuilt and timed in ``time_rounds`` (5) interleaved rounds, refused when other processes
+use more than ``time_max_load`` (0.05) of the CPUs; the table's timing columns come from it alone.
 Exit status: 0 when every row is done, 1 when a row failed or is still missing, 2 for bad input.
 """
 
@@ -39,6 +43,7 @@ from rich.table import Table
 from compress_run.core.errors import EXIT_BAD_INPUT, UserError
 from compress_run.pipeline.checkpoints import atomic_write_text
 from compress_run.pipeline.tables import (
+    TIMING_COLUMNS,
     TableConfig,
     TableRow,
     launched_runs,
@@ -53,17 +58,21 @@ from compress_run.pipeline.tables import (
     write_table,
 )
 
-OPTIONS = {"table": None, "scale": "full", "force": "false", "plot": "false", "output_dir": None, "records": None}
+OPTIONS = {"table": None, "scale": "full", "force": "false", "plot": "false", "output_dir": None, "records": None,
+           "time_rounds": "5", "time_max_load": "0.05"}
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]:
-    options, passthrough, collect = dict(OPTIONS), [], False
+def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool, bool]:
+    options, passthrough, collect, timing = dict(OPTIONS), [], False, False
     for arg in argv:
         if arg == "--collect":
             collect = True
+        elif arg == "--time":
+            collect = timing = True
         elif arg.startswith("-"):
-            raise UserError(f"unknown flag '{arg}'", "the only flags are --collect and --help; options are "
-                            "key=value (table=, scale=, force=, plot=, output_dir=, records=)")
+            raise UserError(f"unknown flag '{arg}'", "the only flags are --collect, --time and --help; options are "
+                            "key=value (table=, scale=, force=, plot=, output_dir=, records=, time_rounds=, "
+                            "time_max_load=)")
         elif "=" not in arg:
             raise UserError(f"argument '{arg}' is not key=value", "write e.g. table=gap_imagenet scale=smoke")
         else:
@@ -79,7 +88,14 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool]
     for key in ("force", "plot"):
         if str(options[key]).lower() not in ("true", "false"):
             raise UserError(f"{key}={options[key]} is not a boolean", f"use {key}=true or {key}=false")
-    return options, passthrough, collect
+    try:
+        rounds, max_load = int(str(options["time_rounds"])), float(str(options["time_max_load"]))
+    except ValueError:
+        rounds, max_load = 0, -1.0
+    if rounds < 1 or not 0.0 <= max_load <= 1.0:
+        raise UserError(f"time_rounds={options['time_rounds']} / time_max_load={options['time_max_load']} out of "
+                        "range", "use time_rounds=<an integer >= 1> and time_max_load=<a share of the CPUs in [0, 1]>")
+    return options, passthrough, collect, timing
 
 
 def launch(table: TableConfig, todo: list[tuple[TableRow, int | None]], table_dir: Path, records_dir: Path,
@@ -108,7 +124,7 @@ def launch(table: TableConfig, todo: list[tuple[TableRow, int | None]], table_di
 
 
 def run(argv: list[str], console: Console) -> int:
-    options, passthrough, collect = parse_args(argv)
+    options, passthrough, collect, timing = parse_args(argv)
     name, smoke = str(options["table"]), options["scale"] == "smoke"
     table = load_table(name)
     name = Path(name).stem
@@ -155,6 +171,9 @@ def run(argv: list[str], console: Console) -> int:
     elif collect and todo:
         console.print(f"--collect: {len(todo)} runs not done ({', '.join(todo_names)}); not running them")
     table_dir.mkdir(parents=True, exist_ok=True)
+    if timing:
+        time_table(table, table_dir, records_dir, int(str(options["time_rounds"])),
+                   float(str(options["time_max_load"])), console)
     rows = write_table(table, name, table_dir, smoke, records_dir)
     summarize(rows, console)
     if str(options["plot"]).lower() == "true":
@@ -167,6 +186,32 @@ def run(argv: list[str], console: Console) -> int:
     if bad_input:  # every job that failed was rejected as bad input (its paragraph is printed above)
         return EXIT_BAD_INPUT
     return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+def time_table(table: TableConfig, table_dir: Path, records_dir: Path, rounds: int, max_load: float,
+               console: Console) -> None:
+    """The timing pass: every finished run whose run dir is here, timed apart (:mod:`compress_run.pipeline.timing`);
+    timing.json goes into the table dir and beside the records."""
+    from compress_run.pipeline.timing import time_runs
+
+    if not set(table.metrics) & set(TIMING_COLUMNS):
+        raise UserError(f"table {table.title!r} has no timing column ({', '.join(TIMING_COLUMNS)})",
+                        "time a table whose metrics include host_ms or host_decode_tok_s")
+    run_dirs = {run_key(row.name, seed): run_dir_of(table_dir, row, seed) for row, seed in launched_runs(table)
+                if (run_dir_of(table_dir, row, seed) / "results.json").is_file()}
+    missing = [key for row, seed in launched_runs(table) if (key := run_key(row.name, seed)) not in run_dirs]
+    if not run_dirs:
+        raise UserError(f"no finished run dir of the table under {table_dir / 'rows'}",
+                        "the timing pass rebuilds each run's network from its run dir: run the table here first")
+    if missing:
+        console.print(f"[yellow]timing: {len(missing)} runs have no run dir here and are not timed: "
+                      f"{', '.join(missing)}")
+    console.print(f"timing {len(run_dirs)} runs, {rounds} interleaved rounds")
+    timing = time_runs(run_dirs, rounds, max_load, console)
+    text = json.dumps(timing, indent=1) + "\n"
+    for folder in (table_dir, records_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "timing.json", text)
 
 
 def summarize(rows: list[dict], console: Console) -> None:

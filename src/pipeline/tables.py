@@ -89,6 +89,10 @@ METRICS: dict[str, tuple[str, Any]] = {
     "weight_mb": ("weights (MiB)", lambda m: _div(m.get("model/weight_bytes"), 2.0 ** 20)),
     "host_decode_tok_s": ("host decode (tokens/s, b1)", lambda m: m.get("host_tokens_per_s/decode")),
 }
+# host timing columns: read from the table's timing pass (compress-table --time), never from the runs themselves,
+# which shared the cores with whatever else ran; deploy_ms and int8_host_ms have no timing pass yet (empty)
+TIMING_COLUMNS = ("host_ms", "host_decode_tok_s", "deploy_ms", "int8_host_ms")
+TIMED_BY_PASS = ("host_ms", "host_decode_tok_s")
 # metrics where less is better: an ordering "a >= b" on them claims a's value is the lower one
 LOWER_IS_BETTER = {"ppl", "ood_ppl", "nll", "kl", "weight_mb", "weight_kb", "latency_ms", "host_ms", "deploy_ms",
                    "int8_host_ms", "train_cpu_s", "input_values", "input_bytes", "macs_m"}
@@ -395,9 +399,19 @@ def _div(value: float | None, by: float) -> float | None:
     return None if value is None else value / by
 
 
+def read_timing(table_dir: Path, records_dir: Path | None) -> dict[str, Any] | None:
+    """The table's timing pass (``timing.json`` beside its records, else in the table dir), if it had one."""
+    for folder in (records_dir, table_dir):
+        if folder is not None and (folder / "timing.json").is_file():
+            return _read(folder / "timing.json")
+    return None
+
+
 def collect_runs(table: TableConfig, table_dir: Path, records_dir: Path | None,
                  smoke: bool) -> list[dict[str, Any]]:
-    """One entry per (row, seed): its state, values, where it lives, and (for a run dir) a fresh record."""
+    """One entry per (row, seed): its state, values, where it lives, and (for a run dir) a fresh record. The
+    timing columns (:data:`TIMING_COLUMNS`) come from the table's timing pass only."""
+    timed = (read_timing(table_dir, records_dir) or {}).get("runs", {})
     runs = []
     for row in table.rows:
         owner = next(r for r in table.rows if r.name == (row.run or row.name))
@@ -423,6 +437,9 @@ def collect_runs(table: TableConfig, table_dir: Path, records_dir: Path | None,
                      "load_share": (results.get("load") or {}).get("others_share") if done else None,
                      "method": results.get("choices", {}).get("method") if done else None}
             entry.update(run_values(table, row, results if state == "done" else {}))
+            for metric in set(table.metrics) & set(TIMING_COLUMNS):
+                found = timed.get(run_key(row.run or row.name, seed), {})
+                entry[metric] = found.get("value") if done and found.get("metric") == metric else None
             runs.append(entry)
     return runs
 
@@ -570,7 +587,8 @@ def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool,
     run_columns = ["row", "seed", "status", "source", *table.metrics, *EXTRA, "hardware", "error", "run_dir",
                    "finished_at", "commit", "dirty", "cpu", "host_key", "load_share"]
     _write_csv(table_dir / "runs.csv", run_columns, runs)
-    atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke, orderings))
+    timing = timing_summary(table, read_timing(table_dir, records_dir))
+    atomic_write_text(table_dir / "TABLE.md", render_markdown(table, name, rows, smoke, orderings, timing))
     meta = {"name": name, "title": table.title, "source": table.source, "metrics": list(table.metrics),
             "discussion": table.discussion,
             "seeds": list(table.seeds), "smoke": smoke,
@@ -580,6 +598,7 @@ def write_table(table: TableConfig, name: str, table_dir: Path, smoke: bool,
             "finished": sorted(r["finished_at"] for r in runs if r["finished_at"]),
             "commits": sorted({r["commit"] for r in runs if r["commit"]}),
             "code_unknown": unknown, "unknown_code_reason": table.unknown_code,
+            "timing": timing,
             "loaded_runs": sorted(run_key(r["row"], r["seed"]) for r in runs
                                   if r["load_share"] is not None and r["load_share"] >= QUIET_SHARE),
             "rows": rows, "runs": runs, "orderings": orderings}
@@ -599,6 +618,20 @@ def table_command(name: str, table_dir: Path, records_dir: Path | None, smoke: b
         return f"compress-table table={name}{' scale=smoke' if smoke else ''} output_dir={shown(table_dir)}"
     return (f"compress-table table={name}{' scale=smoke' if smoke else ''} records={shown(records_dir)} "
             f"output_dir={shown(table_dir)} --collect")
+
+
+def timing_summary(table: TableConfig, timing: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the table's timing columns come from (None: the table has none)."""
+    columns = [m for m in table.metrics if m in TIMING_COLUMNS]
+    if not columns:
+        return None
+    if timing is None:
+        return {"columns": columns, "measured": False}
+    load = timing.get("load") or {}
+    return {"columns": columns, "measured": True, "date": str(timing.get("finished_at", ""))[:10],
+            "rounds": timing.get("rounds"), "cpu": host_key(timing.get("host")),
+            "threads": timing.get("torch_threads"), "others_share": load.get("others_share"),
+            "commit": (timing.get("git") or {}).get("commit"), "runs": len(timing.get("runs", {}))}
 
 
 def cpu_counts(runs: list[dict[str, Any]]) -> dict[str, int]:
@@ -643,7 +676,7 @@ def _fmt_mean(mean: Any, std: Any) -> str:
 
 
 def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bool,
-                    orderings: list[dict[str, Any]] | None = None) -> str:
+                    orderings: list[dict[str, Any]] | None = None, timing: dict[str, Any] | None = None) -> str:
     """TABLE.md of a table (a TableConfig, or the same keys read back from table.json)."""
     seeds = list(table.get("seeds", []) if isinstance(table, dict | DictConfig) else table.seeds)
     done = sum(r["status"] == "done" for r in rows)
@@ -660,6 +693,21 @@ def render_markdown(table: Any, name: str, rows: list[dict[str, Any]], smoke: bo
     hosts = sorted({h for r in rows for h in r.get("hosts", []) if h != "unknown"})
     if hosts:
         lines += [f"Ran on: {'; '.join(hosts)} (from the runs' records).", ""]
+    if timing and timing.get("measured"):
+        share = timing.get("others_share")
+        lines += [f"Timing columns ({', '.join(timing['columns'])}): the timing pass of {timing['date']} on "
+                  f"{timing['cpu']}, {timing['threads']} thread(s), median of {timing['rounds']} interleaved rounds"
+                  + (f", other processes {100 * share:.1f}% of the CPUs" if share is not None else "") + ".", ""]
+    elif timing:
+        passable = [c for c in timing["columns"] if c in TIMED_BY_PASS]
+        others = [c for c in timing["columns"] if c not in TIMED_BY_PASS]
+        if passable:
+            lines += [f"Timing columns ({', '.join(passable)}): not measured apart yet (`compress-table table={name} "
+                      "... --time` on a quiet machine with the run dirs); the runs' own timings shared the cores and "
+                      "are not shown.", ""]
+        if others:
+            lines += [f"Timing columns ({', '.join(others)}): no timing pass measures them yet; the runs' own timings "
+                      "shared the cores and are not shown.", ""]
     compared = [m for m in table.metrics if any(r.get(f"{m}_paper") is not None for r in rows)]
     header = ["row", "experiment"]
     for metric in table.metrics:  # paper and difference columns only where a published value exists
