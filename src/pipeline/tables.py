@@ -25,7 +25,8 @@ with ``within: x`` the claim is |a − b| ≤ x for every b after a). One rule j
 |Δ| + s_a + s_b ≤ x and does not hold when |Δ| − s_a − s_b > x; anything else is *not resolved*. Where the two
 rows ran the same seeds, a paired verdict (the same rule on the per-seed differences and their std) stands
 beside it. A claim is not judged when a row has a run of unknown code, and not resolved when its rows ran on
-different CPUs (:func:`hosts_of`). On a metric where less is better (perplexity, KL, bytes, latency:
+different CPUs (:func:`hosts_of`) or, on training CPU time, on different commits. On a metric where less is
+better (perplexity, KL, bytes, latency:
 ``LOWER_IS_BETTER``) "a ≥ b" claims a is the lower, and Δ is counted in the claimed direction (positive when the
 claim's order shows).
 
@@ -93,6 +94,8 @@ METRICS: dict[str, tuple[str, Any]] = {
 # which shared the cores with whatever else ran; deploy_ms and int8_host_ms have no timing pass yet (empty)
 TIMING_COLUMNS = ("host_ms", "host_decode_tok_s", "deploy_ms", "int8_host_ms")
 TIMED_BY_PASS = ("host_ms", "host_decode_tok_s")
+# training CPU time compares only runs of one commit (and one host): a change of code changes the work per step
+SAME_COMMIT_METRICS = ("train_cpu_s",)
 # metrics where less is better: an ordering "a >= b" on them claims a's value is the lower one
 LOWER_IS_BETTER = {"ppl", "ood_ppl", "nll", "kl", "weight_mb", "weight_kb", "latency_ms", "host_ms", "deploy_ms",
                    "int8_host_ms", "train_cpu_s", "input_values", "input_bytes", "macs_m"}
@@ -536,8 +539,11 @@ def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]],
                 entry["verdict"] = verdict(delta, spread, ordering.within)
                 entry["paired"] = paired_verdict(per_seed, a, b, metric, lower, ordering.within)
                 unknown = ra.get("code_unknown", 0) + rb.get("code_unknown", 0)
+                commits = set(ra.get("commits", [])) | set(rb.get("commits", []))
                 blocked = f"not judged (code unknown for {unknown} run(s))" if unknown else \
-                    f"not resolved (hosts differ: {' vs '.join(hosts)})" if len(hosts) > 1 else None
+                    f"not resolved (hosts differ: {' vs '.join(hosts)})" if len(hosts) > 1 else \
+                    f"not resolved (training time from {len(commits)} commits)" \
+                    if metric in SAME_COMMIT_METRICS and len(commits) > 1 else None
                 if blocked:
                     entry["verdict"] = blocked
                     if entry["paired"]:

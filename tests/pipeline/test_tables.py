@@ -237,14 +237,14 @@ def test_level_rows_read_one_multilevel_run(tmp_path):
 
 
 def _fake_run(run_dir: Path, overrides: list[str], acc: float, seed: int, commit: str | None = "abc",
-              host: dict | None = None) -> None:
+              host: dict | None = None, extra: dict | None = None) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({
         "status": "ok", "overrides": overrides, "seed": seed, "choices": {"method": "magnitude"},
         "finished_at": "2026-12-01T10:00:00+00:00", "git": {"commit": commit, "dirty": False},
         "host": host or {"processor": "AMD EPYC", "cpus": 2},
         "metrics": {"test/acc": acc, "model/prunable_sparsity": 0.9, "model/macs_dense": 4e6,
-                    "model/macs_effective": 1e6, "latency_per_layer_unused": 1.0},
+                    "model/macs_effective": 1e6, "latency_per_layer_unused": 1.0, **(extra or {})},
         "latency_per_layer": {"big": [1, 2, 3]}}))
 
 
@@ -284,11 +284,12 @@ def test_seeded_table_reports_mean_std_and_judges_each_ordering(tmp_path):
     assert record["metrics"]["test/acc"] == 0.91 and "latency_per_layer" not in record
 
 
-def _judged(tmp_path: Path, accs: dict[str, list[float]], orderings: list[dict], **run_keys) -> dict:
+def _judged(tmp_path: Path, accs: dict[str, list[float]], orderings: list[dict], metrics: tuple = ("top1",),
+            **run_keys) -> dict:
     out, path = tmp_path / "judged", tmp_path / "judged.yaml"
     rows = [{"name": n, "experiment": "fmnist_dense", "overrides": [f"method.sparsity={i / 10}"]}
             for i, n in enumerate(accs)]
-    OmegaConf.save(OmegaConf.create({"title": "judged", "metrics": ["top1"], "seeds": [0, 1, 2],
+    OmegaConf.save(OmegaConf.create({"title": "judged", "metrics": list(metrics), "seeds": [0, 1, 2],
                                      "orderings": orderings, "rows": rows,
                                      "unknown_code": run_keys.pop("unknown_code", "")}), path)
     for i, (row, values) in enumerate(accs.items()):
@@ -329,6 +330,13 @@ def test_one_rule_for_every_claim_paired_seeds_hosts_and_unknown_code(tmp_path):
     assert allowed["orderings"][0]["verdict"] == "not judged (code unknown for 1 run(s))"
     assert allowed["code_unknown"] == ["b/seed1"] and allowed["commits"] == ["abc"]
     assert allowed["command"].endswith("--collect") and "records=" in allowed["command"]
+    # training CPU time compares only runs of one commit; top-1 across commits is judged
+    across = [{"rows": ["a", "b"]}, {"rows": ["a", "b"], "metric": "train_cpu_s"}]
+    timed = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, across, metrics=["top1", "train_cpu_s"],
+                    commit=lambda row, seed: "def" if row == "b" else "abc",
+                    extra=lambda row, seed: {"time/train_s": 9.0, "time/train_cpu_s": 5.0 if row == "a" else 9.0})
+    verdicts = [o["verdict"] for o in timed["meta"]["orderings"]]
+    assert verdicts == ["holds (beyond one std)", "not resolved (training time from 2 commits)"]
 
 
 @pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
