@@ -10,7 +10,8 @@
     compress-table table=fmnist_vit_block --time        # time the finished runs apart, on a quiet machine
 
 Options (key=value): ``table`` (a conf/table option or a YAML path), ``scale`` (full | smoke),
-``force`` (false: finished rows are reused; true: they are moved to ``replaced/`` and run again),
+``force`` (false: finished rows are reused; true: they are moved to ``replaced/`` and run again;
+unknown_code: only the finished runs whose record names no commit),
 ``plot`` (false; true writes the Pareto figures next to the table), ``output_dir`` (default
 ``logs/tables/<table>``, ``logs/tables/<table>-smoke`` at smoke scale), ``records`` (default
 ``<output_dir>/records``: where every finished run's small record is written as it completes, and read
@@ -85,7 +86,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool,
         raise UserError("no table given", "add table=<name>; the tables are the files of conf/table/")
     if options["scale"] not in ("full", "smoke"):
         raise UserError(f"scale={options['scale']} is not a scale", "use scale=full (default) or scale=smoke")
-    for key in ("force", "plot"):
+    if str(options["force"]).lower() not in ("true", "false", "unknown_code"):
+        raise UserError(f"force={options['force']} is not a choice", "use force=false (default), force=true (run every "
+                        "finished run again) or force=unknown_code (only the runs whose record names no commit)")
+    for key in ("plot",):
         if str(options[key]).lower() not in ("true", "false"):
             raise UserError(f"{key}={options[key]} is not a boolean", f"use {key}=true or {key}=false")
     try:
@@ -131,13 +135,21 @@ def run(argv: list[str], console: Console) -> int:
     table_dir = Path(options["output_dir"] or f"logs/tables/{name}{'-smoke' if smoke else ''}").absolute()
     records_dir = Path(options["records"]).absolute() if options["records"] else table_dir / "records"
     runs = launched_runs(table)
-    states = {run_key(row.name, seed): run_state(run_dir_of(table_dir, row, seed), record_path(records_dir, row, seed),
-                                                 row_overrides(table, row, smoke, seed))[0]
-              for row, seed in runs}
-    force = str(options["force"]).lower() == "true"
+    found = {run_key(row.name, seed): run_state(run_dir_of(table_dir, row, seed), record_path(records_dir, row, seed),
+                                                row_overrides(table, row, smoke, seed))
+             for row, seed in runs}
+    states = {key: state for key, (state, _, _) in found.items()}
+    unknown_code = {key for key, (state, results, _) in found.items()
+                    if state == "done" and not (results.get("git") or {}).get("commit")}
+    force_all = str(options["force"]).lower() == "true"
+    force_unknown = str(options["force"]).lower() == "unknown_code"
+
+    def forced(key: str) -> bool:
+        return (force_all and states[key] in ("done", "stale")) or (force_unknown and key in unknown_code)
+
     todo = [(row, seed) for row, seed in runs
-            if states[run_key(row.name, seed)] in ("missing", "failed")
-            or (force and states[run_key(row.name, seed)] in ("done", "stale"))]
+            if states[run_key(row.name, seed)] in ("missing", "failed") or forced(run_key(row.name, seed))]
+    force = force_all
     stale = [key for key, s in states.items() if s == "stale" and not force]
     bad_input = False
     console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows "
@@ -151,7 +163,7 @@ def run(argv: list[str], console: Console) -> int:
         table_dir.mkdir(parents=True, exist_ok=True)
         for row, seed in todo:
             key = run_key(row.name, seed)
-            if force and states[key] in ("done", "stale"):
+            if forced(key):
                 stamp = time.strftime('%Y%m%d-%H%M%S')
                 for source in (run_dir_of(table_dir, row, seed), record_path(records_dir, row, seed)):
                     if source.exists():

@@ -339,6 +339,19 @@ def test_one_rule_for_every_claim_paired_seeds_hosts_and_unknown_code(tmp_path):
     assert verdicts == ["holds (beyond one std)", "not resolved (training time from 2 commits)"]
 
 
+def test_force_unknown_code_selects_only_the_runs_without_a_commit(tmp_path):
+    out, path = tmp_path / "out", tmp_path / "t.yaml"
+    OmegaConf.save(OmegaConf.create({"title": "t", "metrics": ["top1"], "seeds": [0, 1], "unknown_code": "old runs",
+                                     "rows": [{"name": "a", "experiment": "fmnist_dense"}]}), path)
+    for seed in (0, 1):
+        _fake_run(out / "rows" / "a" / f"seed{seed}", ["experiment=fmnist_dense", f"seed={seed}"], 0.9, seed,
+                  commit=None if seed == 1 else "abc")
+    proc = compress_table([f"table={path}", f"output_dir={out}", "force=unknown_code", "--collect"], tmp_path)
+    assert "1 runs not done (a/seed1)" in " ".join(proc.stdout.split())
+    bad = compress_table_forked([f"table={path}", f"output_dir={out}", "force=maybe"], tmp_path)
+    assert bad.returncode == 2 and "force=unknown_code" in " ".join(bad.stderr.split())
+
+
 @pytest.mark.slow  # a multi-run integration test: CI runs it in its slow set (Makefile CI_SLOW_TESTS)
 def test_a_table_is_rebuilt_from_its_records_alone_and_runs_only_what_has_none(tmp_path):
     out, records = tmp_path / "out", tmp_path / "records"
