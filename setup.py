@@ -16,6 +16,8 @@ def tree_state() -> dict:
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                               timeout=30, check=True).stdout.strip()
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(__file__).parent.resolve():
+            return {"commit": None, "dirty": None}  # a copy inside some other repository: not our history
         return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no") != ""}
     except (OSError, subprocess.SubprocessError):  # an sdist without .git: nothing to stamp
         return {"commit": None, "dirty": None}

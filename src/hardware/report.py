@@ -88,16 +88,11 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
             if i == 0:
                 metrics["lowrank_per_layer"] = costs
     if measure:
-        sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
-        executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute
-        metrics["latency_host/batchnorm"] = folding
         host_form, host_sims = priced.get(host.name) or cheapest_form(forms, host, infos, bits)
-        if kernels == "measured":
-            choice = choose_kernels(executed, sample_shape)
-            deployed = to_fastest(executed, choice)
+        deployed, folding, choice = host_deployment(net, sample_shape, kernels, host_sims)
+        metrics["latency_host/batchnorm"] = folding
+        if choice is not None:
             metrics["kernels_per_layer"] = choice
-        else:
-            deployed = to_fastest(executed, {name: {"kernel": fmt} for name, fmt in host_sims[1].formats().items()})
         with gathered_links(host_form == "gathered"):  # the attention form the host profile prices cheaper
             metrics["latency_host_ms/b1"] = round(model_latency_ms(deployed, (1, *sample_shape), warmup, repeats), 4)
             metrics[f"latency_host_ms/b{batch}"] = round(
@@ -111,6 +106,25 @@ def hardware_metrics(net: nn.Module, sample_shape: tuple[int, ...], profiles: li
         if bits:  # the host runs the integer grids in float: its time is not an int8 kernel's
             metrics["latency_host/quantized_layers_run_as"] = "fake-quant float kernels"
     return metrics, per_layer
+
+
+def host_deployment(net: nn.Module, sample_shape: tuple[int, ...], kernels: str, host_sims: dict[int, Simulation]
+                    ) -> tuple[nn.Module, str, dict[str, Any] | None]:
+    """The network as the host runs it: batch norm folded, each masked layer on the kernel measured fastest
+    (``kernels: measured``) or on the format the host profile prices cheapest; and the measured choice, if any."""
+    sample = torch.randn(2, *sample_shape, generator=torch.Generator().manual_seed(0))
+    executed, folding = fold_batchnorm(net, sample)  # the inference form runtimes execute
+    if kernels == "measured":
+        choice = choose_kernels(executed, sample_shape)
+        return to_fastest(executed, choice), folding, choice
+    return to_fastest(executed, {name: {"kernel": fmt} for name, fmt in host_sims[1].formats().items()}), folding, None
+
+
+def host_form(net: nn.Module, sample_shape: tuple[int, ...], host: HardwareConfig
+              ) -> tuple[str, dict[int, Simulation]]:
+    """The attention form (masked or gathered) the host profile prices cheaper at batch 1, and its simulations."""
+    forms = attention_forms(net, sample_shape, (1,))
+    return cheapest_form(forms, host, compression_infos(net), layer_bits(net))
 
 
 def attention_forms(net: nn.Module, sample_shape: tuple[int, ...], batches: tuple[int, ...]

@@ -59,8 +59,9 @@ def code_version() -> dict[str, Any]:
         return {**found, "source": "git"}
     with contextlib.suppress(OSError, ValueError, KeyError):
         stamp = json.loads((PACKAGE_DIR / STAMP_NAME).read_text())
-        return {"commit": stamp["commit"], "dirty": stamp["dirty"], "source": "install stamp",
-                "stamped_at": stamp.get("stamped_at")}
+        if stamp.get("commit"):  # a copy built where no history of ours was found stamps nothing
+            return {"commit": stamp["commit"], "dirty": stamp["dirty"], "source": "install stamp",
+                    "stamped_at": stamp.get("stamped_at")}
     return {"commit": None, "dirty": None, "source": "unknown"}
 
 
@@ -146,11 +147,14 @@ class LoadMonitor:
         idle = values[3] + (values[4] if len(values) > 4 else 0)
         return (sum(values[:8]) - idle) / ticks  # guest time is already inside user/nice
 
-    def _mark(self) -> tuple[float, float, float]:
-        return time.perf_counter(), self._busy_seconds() or 0.0, time.process_time()
+    def _mark(self) -> tuple[float, float, float] | None:
+        busy = self._busy_seconds()
+        return None if busy is None else (time.perf_counter(), busy, time.process_time())
 
     def _sample(self) -> None:
         now = self._mark()
+        if now is None:  # a failed read: skipped (a difference from nothing would be "since boot")
+            return
         if self._last is not None:
             wall = now[0] - self._last[0]
             others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2]))
@@ -190,6 +194,7 @@ class LoadMonitor:
             self._thread.join()
             self._sample()
             self._thread = None
+            self._save_partial()  # a stage that failed resumes with this part counted (removed after success)
         if hasattr(os, "getloadavg"):
             self.load_average.append(round(os.getloadavg()[0], 2))
         return self.summary()

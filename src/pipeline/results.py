@@ -64,10 +64,12 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         for key in ("test/acc", "val/acc", "test/ppl", "ood/ppl"):
             if key in rec.get("metrics", {}):
                 metrics[f"{stage}/{key}"] = rec["metrics"][key]
-    done = [rec for rec in records.values() if rec.get("status") == "done"]
+    # this run's own stages: a stage taken over from another run (start_from) is that run's time and start
+    done = [rec for rec in records.values() if rec.get("status") == "done" and not rec.get("taken_from")]
     metrics["time/total_s"] = round(sum(rec.get("wall_s") or 0.0 for rec in done), 3)
     metrics["time/total_cpu_s"] = round(sum(rec.get("cpu_s") or 0.0 for rec in done), 3)
-    first = min((rec["started_at"] for rec in done if rec.get("started_at")), default=started)
+    starts = [rec.get("started_at") for rec in done]
+    first = min(starts) if starts and None not in starts else started if not starts else None
     scalar = (int, float, str)
     metrics.update({k: v for k, v in evaluate.items() if k != "accuracy_from" and (
         isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)))})
@@ -81,7 +83,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "config_digest": fingerprint(cfg),
         "versions": versions(),
         "host": host_info(),
-        "load": run_load(records),
+        "load": run_load({s: r for s, r in records.items() if not r.get("taken_from")}),
         "hardware_profiles": profile_dates(cfg),
         # the first stage's first start (a later evaluate-only re-run or a resume keeps it); this process's start
         "started_at": first,

@@ -184,7 +184,7 @@ def run(argv: list[str], console: Console) -> int:
         console.print(f"--collect: {len(todo)} runs not done ({', '.join(todo_names)}); not running them")
     table_dir.mkdir(parents=True, exist_ok=True)
     if timing:
-        time_table(table, table_dir, records_dir, int(str(options["time_rounds"])),
+        time_table(table, table_dir, records_dir, smoke, int(str(options["time_rounds"])),
                    float(str(options["time_max_load"])), console)
     rows = write_table(table, name, table_dir, smoke, records_dir)
     summarize(rows, console)
@@ -200,7 +200,7 @@ def run(argv: list[str], console: Console) -> int:
     return 0 if all(r["status"] == "done" for r in rows) else 1
 
 
-def time_table(table: TableConfig, table_dir: Path, records_dir: Path, rounds: int, max_load: float,
+def time_table(table: TableConfig, table_dir: Path, records_dir: Path, smoke: bool, rounds: int, max_load: float,
                console: Console) -> None:
     """The timing pass: every finished run whose run dir is here, timed apart (:mod:`compress_run.pipeline.timing`);
     timing.json goes into the table dir and beside the records."""
@@ -210,7 +210,8 @@ def time_table(table: TableConfig, table_dir: Path, records_dir: Path, rounds: i
         raise UserError(f"table {table.title!r} has no timing column ({', '.join(TIMING_COLUMNS)})",
                         "time a table whose metrics include host_ms or host_decode_tok_s")
     run_dirs = {run_key(row.name, seed): run_dir_of(table_dir, row, seed) for row, seed in launched_runs(table)
-                if (run_dir_of(table_dir, row, seed) / "results.json").is_file()}
+                if run_state(run_dir_of(table_dir, row, seed), None, row_overrides(table, row, smoke, seed))[0]
+                == "done"}  # finished and made with the table's settings: not a failed or stale run
     missing = [key for row, seed in launched_runs(table) if (key := run_key(row.name, seed)) not in run_dirs]
     if not run_dirs:
         raise UserError(f"no finished run dir of the table under {table_dir / 'rows'}",

@@ -442,7 +442,8 @@ def collect_runs(table: TableConfig, table_dir: Path, records_dir: Path | None,
             entry.update(run_values(table, row, results if state == "done" else {}))
             for metric in set(table.metrics) & set(TIMING_COLUMNS):
                 found = timed.get(run_key(row.run or row.name, seed), {})
-                entry[metric] = found.get("value") if done and found.get("metric") == metric else None
+                same_run = found.get("finished_at") == results.get("finished_at")  # not a run made again since
+                entry[metric] = found.get("value") if done and same_run and found.get("metric") == metric else None
             runs.append(entry)
     return runs
 
@@ -541,7 +542,8 @@ def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]],
                 unknown = ra.get("code_unknown", 0) + rb.get("code_unknown", 0)
                 commits = set(ra.get("commits", [])) | set(rb.get("commits", []))
                 blocked = f"not judged (code unknown for {unknown} run(s))" if unknown else \
-                    f"not resolved (hosts differ: {' vs '.join(hosts)})" if len(hosts) > 1 else \
+                    f"not resolved (hosts differ: {' vs '.join(hosts)})" \
+                    if len(hosts) > 1 and metric not in TIMED_BY_PASS else \
                     f"not resolved (training time from {len(commits)} commits)" \
                     if metric in SAME_COMMIT_METRICS and len(commits) > 1 else None
                 if blocked:

@@ -9,7 +9,8 @@ rounds in a row, so that a drift of the host (clock, cache, a short burst of loa
 each run's value is the median over the rounds. What is timed:
 
 * an image classifier: ``host_ms``, batch-1 latency of the network as the evaluate stage deploys it on the host
-  (batch norm folded, each masked layer on the kernel measured fastest), eager PyTorch;
+  (batch norm folded, each masked layer on the kernel ``evaluate.kernels`` picks, attention in the form the host
+  profile prices cheaper: :func:`host_deployment`), eager PyTorch;
 * a causal LM: ``host_decode_tok_s``, decode tokens/s at batch 1 with the run's context in the cache, its
   per-channel quantized linear layers run as int8 GEMMs (:func:`integer_network`) and everything else in float.
 
@@ -31,12 +32,12 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from compress_run.core.errors import UserError
-from compress_run.hardware.kernel_choice import choose_kernels
+from compress_run.core.tokens import gathered_links
 from compress_run.hardware.llm_cost import decode_ms
 from compress_run.hardware.llm_int8 import integer_network
 from compress_run.hardware.measure import model_latency_ms
-from compress_run.kernels.fold import fold_batchnorm
-from compress_run.kernels.select import to_fastest
+from compress_run.hardware.profile import load_profile
+from compress_run.hardware.report import host_deployment, host_form
 from compress_run.pipeline.checkpoints import unlock_output_dir
 from compress_run.pipeline.provenance import LoadMonitor, code_version, host_info
 from compress_run.pipeline.results import read_json
@@ -70,10 +71,15 @@ def timer(net: torch.nn.Module, pipe: Pipeline, warmup: int, repeats: int) -> tu
         integer, info = integer_network(net)
         model = integer if info["int8_layers"] else net
         return "host_decode_tok_s", lambda: 1e3 / decode_ms(model, shape[0], DECODE_STEPS)
-    sample = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    executed, _ = fold_batchnorm(net, sample)
-    deployed = to_fastest(executed, choose_kernels(executed, shape))
-    return "host_ms", lambda: model_latency_ms(deployed, (1, *shape), warmup, repeats)
+    cfg = pipe.cfg
+    host = load_profile(cfg.hardware.name if cfg.hardware.name == "host_cpu" else "host_cpu")
+    form, sims = host_form(net, shape, host)
+    deployed, _, _ = host_deployment(net, shape, cfg.evaluate.kernels, sims)
+
+    def measure() -> float:
+        with gathered_links(form == "gathered"):  # the attention form the evaluate stage timed
+            return model_latency_ms(deployed, (1, *shape), warmup, repeats)
+    return "host_ms", measure
 
 
 def quiet_check(max_load: float, seconds: float = 3.0) -> dict[str, Any]:
@@ -116,9 +122,16 @@ def time_runs(run_dirs: dict[str, Path], rounds: int, max_load: float, console: 
             console.print(f"timing round {round_index + 1}/{rounds}: {len(run_dirs)} runs")
     finally:
         during = monitor.stop()
+    if during.get("measured") and during["others_share"] > max_load:
+        raise UserError(f"the machine did not stay quiet: other processes used {100 * during['others_share']:.0f}% "
+                        f"of its CPUs during the timing pass (allowed: {100 * max_load:.0f}%); nothing was written",
+                        "run the timing pass again when nothing else runs, or raise time_max_load=<share>")
+    finished = {key: read_json(run_dir / "results.json") for key, run_dir in run_dirs.items()}
     return {"rounds": rounds, "started_at": started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git": code_version(), "host": host_info(), "torch_threads": torch.get_num_threads(),
             "load_before": before, "load": during,
+            # each value belongs to the run that was timed: a run made again later (force=) does not take it
             "runs": {key: {"metric": metric_of[key], "value": round(statistics.median(v), 4),
-                           "per_round": [round(x, 4) for x in v]} for key, v in values.items()}}
+                           "per_round": [round(x, 4) for x in v], "finished_at": finished[key].get("finished_at"),
+                           "config_digest": finished[key].get("config_digest")} for key, v in values.items()}}

@@ -30,7 +30,11 @@ def test_the_code_comes_from_git_in_a_checkout_and_from_the_stamp_in_an_installe
                               "stamped_at": "2026-12-07T00:00:00+00:00"}
     # a copy installed inside some other repository does not take that repository's commit
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "another project"], check=True)
     assert code_version()["source"] == "install stamp"
+    (installed / "_build_info.json").write_text(json.dumps({"commit": None, "dirty": None}))
+    assert code_version()["source"] == "unknown"
 
 
 def test_the_host_names_its_cpu_model_flags_and_threads():

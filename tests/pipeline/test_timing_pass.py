@@ -4,6 +4,7 @@ interleaved rounds, refused on a busy machine; the table's timing columns come f
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -56,6 +57,14 @@ def test_classifier_rows_get_host_latency_from_the_timing_pass_only(tmp_path):
     assert table["dense"]["host_ms_ours"] == timing["runs"]["dense"]["value"] > 0
     assert read_json(out / "records" / "timing.json") == timing  # kept beside the records
     assert "the timing pass of" in (out / "TABLE.md").read_text()
+    # a run made again after the pass does not take the old network's timing
+    remade = out / "rows" / "magnitude" / "results.json"
+    results = read_json(remade)
+    remade.write_text(json.dumps({**results, "finished_at": "2030-01-01T00:00:00+00:00"}))
+    (out / "records" / "magnitude.json").unlink()
+    run([*args, "--collect"], QUIET)
+    table = {r["row"]: r for r in read_json(out / "table.json")["rows"]}
+    assert table["magnitude"]["host_ms_ours"] is None and table["dense"]["host_ms_ours"] is not None
 
 
 def test_a_causal_lm_row_is_timed_in_decode_tokens_per_second(tmp_path, text_corpus):
