@@ -51,8 +51,18 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def code_at_end(at_start: dict[str, Any] | None) -> dict[str, Any]:
+    """The code a run ran: read when it started (a commit made while it ran is not its code); if the code read now
+    differs, the record says so."""
+    now = code_version()
+    if at_start is None:
+        return now
+    changed = (now.get("commit"), now.get("dirty")) != (at_start.get("commit"), at_start.get("dirty"))
+    return {**at_start, "changed_during_run": changed} if changed else at_start
+
+
 def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]], overrides: list[str],
-                  choices: dict[str, str], started: str) -> dict[str, Any]:
+                  choices: dict[str, str], started: str, code: dict[str, Any] | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     evaluate = records.get("evaluate", {}).get("metrics", {})
     for stage, rec in records.items():
@@ -79,7 +89,7 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         "choices": choices,
         "overrides": list(overrides),
         "seed": cfg.seed,
-        "git": code_version(),
+        "git": code_at_end(code),
         "config_digest": fingerprint(cfg),
         "versions": versions(),
         "host": host_info(),

@@ -81,7 +81,7 @@ from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.lm_module import LM_KEYS, CausalLMModule, lm_metrics
 from compress_run.pipeline.network_input import adapt_network
-from compress_run.pipeline.provenance import LoadMonitor
+from compress_run.pipeline.provenance import LoadMonitor, code_version
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
 from compress_run.pipeline.validate import (
@@ -129,6 +129,7 @@ class Pipeline:
     def setup(self) -> None:
         """Everything that can reject the command, before anything is written."""
         cfg = self.cfg
+        self.code = code_version()  # the code this process runs, read before it runs
         validate(cfg)
         lock_output_dir(self.out)
         self.fingerprint = check_output_dir(cfg, self.out)
@@ -436,7 +437,7 @@ class Pipeline:
             (self.ckpt_dir / f"{stage}-last.ckpt").unlink(missing_ok=True)
             self.load_partial(stage).unlink(missing_ok=True)
             self.records[stage] = record
-        results = build_results(self.cfg, self.out, self.records, self.overrides, self.choices, started)
+        results = build_results(self.cfg, self.out, self.records, self.overrides, self.choices, started, self.code)
         atomic_write_json(self.out / "results.json", results)
         print_summary(results)
         return results

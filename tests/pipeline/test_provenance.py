@@ -75,3 +75,13 @@ def test_the_load_monitor_counts_other_processes_and_not_its_own(tmp_path):
     run = run_load(stages)
     assert run["measured"] and run["stages_without"] == [] and run["peak_share"] == added["peak_share"]
     assert run_load({"train": {"status": "done"}}) == {"measured": False, "stages_without": ["train"]}
+
+
+def test_a_commit_made_while_a_run_ran_is_not_its_code(monkeypatch):
+    from compress_run.pipeline import results
+
+    start = {"commit": "a" * 40, "dirty": False, "source": "git"}
+    monkeypatch.setattr(results, "code_version", lambda: {"commit": "b" * 40, "dirty": False, "source": "git"})
+    assert results.code_at_end(start) == {**start, "changed_during_run": True}
+    monkeypatch.setattr(results, "code_version", lambda: dict(start))
+    assert results.code_at_end(start) == start
