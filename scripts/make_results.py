@@ -83,8 +83,11 @@ def readme_line(meta: dict) -> str:
         short = next((mark for key, mark in CLAIM_MARK.items() if o["verdict"].startswith(key)), o["verdict"])
         short += " (code unknown)" if "code unknown" in o["verdict"] else \
             " (hosts differ)" if "hosts differ" in o["verdict"] else ""
+        paired = o.get("paired") or {}
+        if paired and not paired["verdict"].startswith(("not judged", "not resolved (hosts")):
+            short += f", paired over seeds: {paired['verdict'].split(' (')[0]}"
         claims.append(f"{o['better']} {relation} {o['worse']} ({o['metric']}): {short}")
-    cpus = ", ".join(c.split(" (")[0] for c in meta.get("cpus") or {}) or "unknown CPU"
+    cpus = ", ".join(dict.fromkeys(c.split(" (")[0] for c in meta.get("cpus") or {})) or "unknown CPU"
     seeds = f"{len(meta['seeds'])} seeds" if meta.get("seeds") else "1 run per row"
     judged = "; ".join(claims) if claims else "no claim judged"
     return (f"* [{meta['title']}](RESULTS.md#{_anchor(meta['title'])}) ({seeds}; {cpus}) — {judged}.")
