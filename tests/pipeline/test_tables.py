@@ -3,6 +3,7 @@ two ImageNet paper tables at smoke scale (slow, in `make test-slow`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from rich.console import Console
 
+from compress_run.core.errors import UserError
+from compress_run.pipeline.table_cli import run as run_table
 from compress_run.pipeline.tables import experiment_names, load_table, metric_spec, table_names
 from tests.conftest import read_json, run_cli_forked
 
@@ -297,11 +301,15 @@ def _judged(tmp_path: Path, accs: dict[str, list[float]], orderings: list[dict],
             keys = {k: v(row, seed) for k, v in run_keys.items()}
             _fake_run(out / "rows" / row / f"seed{seed}", ["experiment=fmnist_dense", f"method.sparsity={i / 10}",
                                                            f"seed={seed}"], acc, seed, **keys)
-    proc = compress_table([f"table={path}", f"output_dir={out}", f"records={tmp_path / 'records'}", "--collect"],
-                          tmp_path)
+    try:  # in-process: the collect path starts no run
+        run_table([f"table={path}", f"output_dir={out}", f"records={tmp_path / 'records'}", "--collect"],
+                  Console(file=io.StringIO()))
+        error = None
+    except UserError as exc:
+        error = exc.paragraph()
     shutil.rmtree(out / "rows")
     shutil.rmtree(tmp_path / "records", ignore_errors=True)
-    return {"proc": proc, "meta": read_json(out / "table.json") if proc.returncode != 2 else None}
+    return {"error": error, "meta": read_json(out / "table.json") if error is None else None}
 
 
 def test_one_rule_for_every_claim_paired_seeds_hosts_and_unknown_code(tmp_path):
@@ -322,8 +330,8 @@ def test_one_rule_for_every_claim_paired_seeds_hosts_and_unknown_code(tmp_path):
     assert hosts["orderings"][0]["verdict"] == "not resolved (hosts differ: AMD EPYC vs Intel Xeon)"
     assert hosts["cpus"] == {"AMD EPYC": 3, "Intel Xeon": 3}
     refused = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, [{"rows": ["a", "b"]}],
-                      commit=lambda row, seed: None if (row, seed) == ("b", 1) else "abc")["proc"]
-    assert refused.returncode == 2 and "b/seed1" in refused.stderr and "unknown_code" in refused.stderr
+                      commit=lambda row, seed: None if (row, seed) == ("b", 1) else "abc")["error"]
+    assert "b/seed1" in refused and "unknown_code" in refused
     allowed = _judged(tmp_path, {"a": [0.95] * 3, "b": [0.80] * 3}, [{"rows": ["a", "b"]}],
                       commit=lambda row, seed: None if (row, seed) == ("b", 1) else "abc",
                       unknown_code="runs from an installed copy before commits were stamped")["meta"]
@@ -346,8 +354,9 @@ def test_force_unknown_code_selects_only_the_runs_without_a_commit(tmp_path):
     for seed in (0, 1):
         _fake_run(out / "rows" / "a" / f"seed{seed}", ["experiment=fmnist_dense", f"seed={seed}"], 0.9, seed,
                   commit=None if seed == 1 else "abc")
-    proc = compress_table([f"table={path}", f"output_dir={out}", "force=unknown_code", "--collect"], tmp_path)
-    assert "1 runs not done (a/seed1)" in " ".join(proc.stdout.split())
+    printed = io.StringIO()
+    run_table([f"table={path}", f"output_dir={out}", "force=unknown_code", "--collect"], Console(file=printed))
+    assert "1 runs not done (a/seed1)" in " ".join(printed.getvalue().split())
     bad = compress_table_forked([f"table={path}", f"output_dir={out}", "force=maybe"], tmp_path)
     assert bad.returncode == 2 and "force=unknown_code" in " ".join(bad.stderr.split())
 
