@@ -78,8 +78,8 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
     done = [rec for rec in records.values() if rec.get("status") == "done" and not rec.get("taken_from")]
     metrics["time/total_s"] = round(sum(rec.get("wall_s") or 0.0 for rec in done), 3)
     metrics["time/total_cpu_s"] = round(sum(rec.get("cpu_s") or 0.0 for rec in done), 3)
-    starts = [rec.get("started_at") for rec in done]
-    first = min(starts) if starts and None not in starts else started if not starts else None
+    starts = [rec.get("started_at") for rec in done]  # None in it: a stage recorded before starts were kept
+    first = started if not starts else None if None in starts else min(starts)
     scalar = (int, float, str)
     metrics.update({k: v for k, v in evaluate.items() if k != "accuracy_from" and (
         isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v)))})

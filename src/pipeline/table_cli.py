@@ -89,9 +89,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str | None], list[str], bool,
     if str(options["force"]).lower() not in ("true", "false", "unknown_code"):
         raise UserError(f"force={options['force']} is not a choice", "use force=false (default), force=true (run every "
                         "finished run again) or force=unknown_code (only the runs whose record names no commit)")
-    for key in ("plot",):
-        if str(options[key]).lower() not in ("true", "false"):
-            raise UserError(f"{key}={options[key]} is not a boolean", f"use {key}=true or {key}=false")
+    if str(options["plot"]).lower() not in ("true", "false"):
+        raise UserError(f"plot={options['plot']} is not a boolean", "use plot=true or plot=false")
     try:
         rounds, max_load = int(str(options["time_rounds"])), float(str(options["time_max_load"]))
     except ValueError:
@@ -149,8 +148,7 @@ def run(argv: list[str], console: Console) -> int:
 
     todo = [(row, seed) for row, seed in runs
             if states[run_key(row.name, seed)] in ("missing", "failed") or forced(run_key(row.name, seed))]
-    force = force_all
-    stale = [key for key, s in states.items() if s == "stale" and not force]
+    stale = [key for key, s in states.items() if s == "stale" and not force_all]
     bad_input = False
     console.print(f"[bold]{table.title}[/bold]{' (smoke scale)' if smoke else ''}: {len(table.rows)} rows "
                   f"({len(states)} runs), {sum(s == 'done' for s in states.values())} runs done; "

@@ -509,7 +509,7 @@ def hosts_of(*rows: dict[str, Any]) -> list[str]:
     """The hosts two rows ran on: full host keys when every run has one, else the CPU models (records written
     before the key existed name only the model)."""
     keys = sorted({k for r in rows for k in r.get("hosts", [])})
-    return keys if not any(" (" not in k for k in keys) else sorted({c for r in rows for c in r.get("cpus", [])})
+    return keys if all(" (" in k for k in keys) else sorted({c for r in rows for c in r.get("cpus", [])})
 
 
 def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]],
