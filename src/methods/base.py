@@ -7,6 +7,7 @@
   that trains in another form from scratch (ELRT's Tucker-2 network) builds it here. Deterministic in
   the model's shapes, so a resumed train stage rebuilds the same structure.
 * ``training_callbacks(stage, model)`` — Lightning callbacks acting during train/finetune.
+* ``training_noise()`` — the noisy computation the train stage runs under (noise-injected training), if any.
 * ``lr_cycles(stage)`` — how many times the LR schedule (warm-up included) restarts within a stage
   (default 1): a method whose stage is a sequence of separate training runs says so here.
 * ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
@@ -180,6 +181,11 @@ class Method:
         """The LR of the parameter named ``parameter`` (a name in the network) in ``stage``, relative to the
         stage's schedule (default: the schedule's LR)."""
         return LRScale()
+
+    def training_noise(self) -> Any:
+        """The noisy analog computation (a ``core.analog_noise.NoiseSpec``) the method trains its train stage under,
+        or None; a run's evaluation under noise defaults to it when no ``noise`` group is chosen."""
+        return None
 
     def trains_plainly(self) -> bool:
         """True when the method leaves its train stage to ordinary training of the unchanged model (it declares

@@ -113,6 +113,9 @@ def build_results(cfg: DictConfig, out: Path, records: dict[str, dict[str, Any]]
         if evaluate.get("quant_bits_per_layer") else {},
         # causal LMs: what was loaded or built, and what the text splits hold
         "llm": {"model": evaluate["llm/model"], "data": evaluate.get("llm/data")} if "llm/model" in evaluate else {},
+        # accuracy under noisy analog computation (evaluate.noise_snr_db): the noise model and one row per SNR and K
+        "noise": {"model": evaluate["noise/model"], "curve": evaluate.get("noise_curve", [])}
+        if "noise/model" in evaluate else {},
         "levels": evaluate.get("levels", []),  # multi-level models: one row per level
         "level_mixes": evaluate.get("level_mixes", []),  # ... and one per switch of level part-way
         "stages": records,
@@ -228,4 +231,26 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(line)
     elif "latency_deploy/skipped" in m:
         console.print(f"deployed latency not measured: {m['latency_deploy/skipped']}")
+    if results.get("noise", {}).get("curve"):
+        print_noise_curve(results["noise"], console)
     console.print(f"results: {Path(results['output_dir']) / 'results.json'}")
+
+
+def print_noise_curve(noise: dict[str, Any], console: Console) -> None:
+    """Test top-1 under noise: one row per SNR, one column per vote count."""
+    curve = noise["curve"]
+    votes = sorted({row["votes"] for row in curve})
+    model = noise["model"]
+    parts = [f"{model['site']} noise", *([f"weight noise {model['weight_noise']:g}"] if model["weight_noise"] else []),
+             *(f"{k.split('_')[0].upper()} {model[k]} bits" for k in ("dac_bits", "adc_bits") if model[k] is not None)]
+    table = Table(title=f"test top-1 under noise ({', '.join(parts)}; {curve[0]['rule']} vote of K passes)",
+                  title_justify="left")
+    for col in ("SNR (dB)", *(f"K={k}" for k in votes), "single pass (mean ± std)"):
+        table.add_column(col, justify="right")
+    for snr in dict.fromkeys(row["snr_db"] for row in curve):
+        rows = {row["votes"]: row for row in curve if row["snr_db"] == snr}
+        first = next(iter(rows.values()))
+        single = f"{100 * first['pass_top1_mean']:.2f} ± {100 * first['pass_top1_std']:.2f}%" \
+            if first["passes_run"] > 1 else "-"
+        table.add_row(f"{snr:g}", *(_fmt(rows[k]["top1"], True) for k in votes), single)
+    console.print(table)

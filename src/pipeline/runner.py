@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -81,6 +81,7 @@ from compress_run.pipeline.levels import check_choice, evaluate_levels
 from compress_run.pipeline.lit_module import ClassifierModule
 from compress_run.pipeline.lm_module import LM_KEYS, CausalLMModule, lm_metrics
 from compress_run.pipeline.network_input import adapt_network
+from compress_run.pipeline.noise_eval import RunNoise, fitting_stages
 from compress_run.pipeline.provenance import LoadMonitor, code_version
 from compress_run.pipeline.results import build_results, print_summary, read_json
 from compress_run.pipeline.schema import STAGES
@@ -184,6 +185,8 @@ class Pipeline:
                                 f"{self.choices.get('method')} makes a multi-level model whose levels share their "
                                 "weights: training one level would change the others unseen",
                                 "quantize a multi-level model after training (quant=w8a8), or train a single sparsity")
+        self.noise = RunNoise(cfg, self.method.training_noise(), self.causal_lm)
+        self.noise.check(net, self.choices.get("noise"), fitting_stages(cfg, self.method.stages, self.quantizer))
         self.pretrained = bool(getattr(net, "pretrained", False))
         # the pretrained LM as loaded, sharing the process's cached weights (KL and agreement compare with it)
         self.original = pretrained_original(net) if self.causal_lm and self.pretrained else None
@@ -579,6 +582,8 @@ class Pipeline:
                                                 measure=self.cfg.evaluate.measure_latency))
         elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency and not self.causal_lm:
             metrics.update(self.deploy_report(net, metrics))
+        if self.noise.snrs:
+            metrics.update(self.noise.report(net, self.test_batches, self.out, self.log))
         if self.cfg.evaluate.get("export") == "onnx":
             metrics.update(export_onnx(net, self.datamodule.network_input.shape,
                                        self.out / "model.onnx"))
@@ -606,13 +611,16 @@ class Pipeline:
         cfg = self.cfg.evaluate
         shape = self.datamodule.network_input.shape
         calib = calibration_batches(self.datamodule, "train", INT8_CALIB_IMAGES, 128, shape, self.cfg.seed, "cpu")
+        return int8_host_metrics(net, shape, calib, self.test_batches(), batch=cfg.batch_size, warmup=cfg.warmup,
+                                 repeats=cfg.repeats, measure=cfg.measure_latency)
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The test batches test/acc is measured on (``trainer.limit_test_batches`` included), ready for the net."""
         self.datamodule.setup("test")
         loader = self.datamodule.test_dataloader()
-        limit = self.cfg.trainer.get("limit_test_batches")  # the batches test/acc was measured on
+        limit = self.cfg.trainer.get("limit_test_batches")
         count = len(loader) if limit is None else limit if isinstance(limit, int) else math.ceil(limit * len(loader))
-        tests = (self.datamodule.on_after_batch_transfer(batch, 0) for batch in itertools.islice(loader, count))
-        return int8_host_metrics(net, shape, calib, tests, batch=cfg.batch_size, warmup=cfg.warmup,
-                                 repeats=cfg.repeats, measure=cfg.measure_latency)
+        return (self.datamodule.on_after_batch_transfer(batch, 0) for batch in itertools.islice(loader, count))
 
     def deploy_report(self, net: torch.nn.Module, eager: dict[str, Any]) -> dict[str, Any]:
         """The network run by ONNX Runtime at batch 1 and N, and its speed-up over the eager measurement."""
@@ -719,6 +727,7 @@ class Pipeline:
         module.batch_mix = self.datamodule.batch_mix  # Mixup/CutMix of the training batches (None: off)
         last = self.ckpt_dir / f"{stage}-last.ckpt"
         own = self.method.training_callbacks(stage, net) if callbacks is None else callbacks
+        own = [*own, *self.noise.training_callbacks(stage)]
         agreement = [RankAgreement(stage, self.method, own)] if several_processes(self.cfg.trainer) else []
         clock = TrainingClock()
         self.fit_clocks.append(clock)

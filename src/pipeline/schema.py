@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from compress_run.core.analog_noise import NoiseSpec, at_snr, check_noise_fields, spec_from
 from compress_run.core.config import check
 from compress_run.hardware.profile import HardwareConfig, available_profiles
 
@@ -38,6 +39,31 @@ class ModelConfig:
         check(self.in_channels >= 1, "model.in_channels", self.in_channels, "an integer >= 1")
         check(self.image_size >= 4, "model.image_size", self.image_size, "an integer >= 4")
         check(self.width_mult > 0, "model.width_mult", self.width_mult, "a float > 0")
+
+
+@dataclass
+class MlpModelConfig(ModelConfig):
+    hidden: list[int] = field(default_factory=lambda: [512, 256])  # hidden widths (times width_mult)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(all(isinstance(h, int) and h >= 1 for h in self.hidden), "model.hidden", list(self.hidden),
+              "a list of hidden widths >= 1 ([] = a linear classifier)")
+
+
+@dataclass
+class RecurrentModelConfig(ModelConfig):
+    cell: str = "lstm"          # rnn (tanh) or lstm
+    hidden_size: int = 128      # units per layer (times width_mult)
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from compress_run.models.recurrent import CELLS
+
+        check(self.cell in CELLS, "model.cell", self.cell, ", ".join(CELLS))
+        check(self.hidden_size >= 1, "model.hidden_size", self.hidden_size, "an integer >= 1")
+        check(self.num_layers >= 1, "model.num_layers", self.num_layers, "an integer >= 1")
 
 
 @dataclass
@@ -222,6 +248,37 @@ class DistillConfig:
               "[finetune] with distill.teacher=train (the train stage cannot distil from its own result)")
 
 
+# ----------------------------------------------------------------------------------------- noise
+@dataclass
+class NoiseConfig(NoiseSpec):
+    """The ``noise`` group: noisy analog computation of the matrix products (core/analog_noise.py) at evaluation
+    (``evaluate.noise_snr_db`` sweeps ``snr_db``) and, in ``train_stages``, in the training forward passes."""
+    train_stages: list[str] = field(default_factory=list)  # stages that train under the noise (noise injection)
+    train_snr_db: float | None = None   # SNR of the training noise; null: snr_db
+    seed: int = 0                       # seed of the evaluation noise
+
+    def __post_init__(self) -> None:
+        check_noise_fields(self, "noise")
+        check(all(s in ("train", "finetune", "quantize") for s in self.train_stages), "noise.train_stages",
+              list(self.train_stages), "a subset of [train, finetune, quantize]")
+        snr = self.train_snr_db
+        check(snr is None or (isinstance(snr, int | float) and snr == snr and snr != float("-inf")),
+              "noise.train_snr_db", snr, "null (= noise.snr_db), inf, or a number of dB")
+        check(not self.train_stages or self.training_spec().active(), "noise.train_stages", list(self.train_stages),
+              "[] unless the noise does something: set noise.train_snr_db (or snr_db), weight_noise or bits")
+
+    def spec(self) -> NoiseSpec:
+        """The noise model without the training and seed keys."""
+        return spec_from(self)
+
+    def training_spec(self) -> NoiseSpec:
+        """The noise model of the training forward passes (``train_snr_db`` in place of ``snr_db``)."""
+        return at_snr(self.spec(), self.training_snr())
+
+    def training_snr(self) -> float | None:
+        return self.snr_db if self.train_snr_db is None else self.train_snr_db
+
+
 # -------------------------------------------------------------------------------------- schedule
 @dataclass
 class StageSchedule:
@@ -341,6 +398,9 @@ class EvaluateConfig:
     kernels: str = "measured"           # measured: fastest kernel per layer by timing; simulated: simulator's pick
     int8_host: bool = True              # quantized models: run the int8 graph through ONNX Runtime (acc + latency)
     deploy_latency: bool = True         # with measure_latency: also time the network run by ONNX Runtime
+    noise_snr_db: list[float] | None = None  # accuracy under the `noise` model at each SNR (dB; inf: none)
+    noise_votes: list[int] = field(default_factory=lambda: [1])  # K noisy passes voted per prediction
+    noise_vote: str = "majority"        # majority (argmax counts) or mean_logit
 
     def __post_init__(self) -> None:
         known = available_profiles()
@@ -358,6 +418,13 @@ class EvaluateConfig:
               "null (the densest level), one of method.levels, or a list of them, one per segment")
         check(self.latency_budget_ms is None or self.latency_budget_ms > 0, "evaluate.latency_budget_ms",
               self.latency_budget_ms, "null or a float > 0 (milliseconds, simulated batch 1)")
+        snrs = list(self.noise_snr_db or [])
+        check(self.noise_snr_db is None or (snrs and all(v == v and v != float("-inf") for v in snrs)),
+              "evaluate.noise_snr_db", self.noise_snr_db, "null or a non-empty list of SNRs in dB (numbers or inf)")
+        check(bool(self.noise_votes) and all(isinstance(k, int) and 1 <= k <= 1000 for k in self.noise_votes),
+              "evaluate.noise_votes", list(self.noise_votes), "a non-empty list of pass counts from 1 to 1000")
+        check(self.noise_vote in ("majority", "mean_logit"), "evaluate.noise_vote", self.noise_vote,
+              "majority or mean_logit")
 
 
 # ------------------------------------------------------------------------------------------ root
@@ -381,6 +448,7 @@ class RootConfig:
     method: Any = MISSING
     hardware: Any = MISSING
     quant: Any = None
+    noise: Any = None
     schedule: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
@@ -403,6 +471,8 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("model", "base_model"): ModelConfig,
     ("model", "base_model_torchvision"): TorchvisionModelConfig,
     ("model", "base_model_vit"): VitModelConfig,
+    ("model", "base_model_mlp"): MlpModelConfig,
+    ("model", "base_model_recurrent"): RecurrentModelConfig,
     ("model", "base_model_any"): AnyModelConfig,
     ("model", "base_model_causal_lm"): CausalLMModelConfig,
     ("model", "base_model_tiny_llama"): TinyLlamaModelConfig,
@@ -415,6 +485,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("trainer", "base_trainer"): TrainerConfig,
     ("logger", "base_logger"): LoggerConfig,
     ("logger", "base_logger_wandb"): WandbLoggerConfig,
+    ("noise", "base_noise"): NoiseConfig,
 }
 
 

@@ -119,6 +119,11 @@ def metric_spec(name: str) -> tuple[str, Any] | None:
     if name.startswith("decode_tok_s/") and name.count("/") == 1:
         profile = name.partition("/")[2]
         return f"sim decode {profile} (tokens/s, b1)", lambda m: m.get(f"sim_tokens_per_s/{profile}/decode")
+    noise = re.fullmatch(r"noise_top1/snr(inf|-?\d+(?:\.\d+)?)/k([1-9]\d*)", name)
+    if noise and (noise.group(1) == "inf" or f"{float(noise.group(1)):g}" == noise.group(1)):
+        # top-1 under noise (evaluate.noise_snr_db), K votes; the SNR written as the runs' keys write it (20, 2.5)
+        snr, votes = noise.groups()
+        return (f"top-1 at SNR {snr} dB, K={votes} (%)", lambda m: _pct(m.get(f"noise/top1/snr{snr}/k{votes}")))
     return METRICS.get(name)
 
 
@@ -201,7 +206,8 @@ def check_table(table: DictConfig, path: Path) -> None:
     unknown = [m for m in table.metrics if metric_spec(m) is None]
     if unknown or not table.metrics:
         raise UserError(f"table {path}: unknown metric(s) {unknown or '(none given)'}",
-                        f"use metrics from: {', '.join(METRICS)}, latency_ms/<profile>")
+                        f"use metrics from: {', '.join(METRICS)}, latency_ms/<profile>, decode_tok_s/<profile>, "
+                        "noise_top1/snr<dB or inf>/k<votes>")
     experiments, seen = experiment_names(), set()
     for row in table.rows:
         if not ROW_NAME.match(row.name) or row.name in seen:

@@ -16,11 +16,15 @@ from compress_run.pipeline.checkpoints import atomic_write_json, atomic_write_te
 
 # Keys that do not change what a run computes; they may differ when a run is resumed.
 NON_RESULT_KEYS = ("output_dir", "stages", "tags", "logger", "paths", "dataset.num_workers",
-                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "hardware", "evaluate", "start_from")
+                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "hardware", "evaluate", "start_from",
+                   "noise")
 # Keys a run may differ in from the run whose stages it takes over (start_from): they act after finetune
 AFTER_FINETUNE_KEYS = ("quant", "task_name")
 # Keys that only change what the evaluate stage reports: a change re-runs that stage alone.
-EVALUATE_KEYS = ("hardware", "evaluate")
+# (the noise group is one of them unless noise.train_stages trains under it: result_config keeps it then)
+EVALUATE_KEYS = ("hardware", "evaluate", "noise")
+# evaluate keys added after runs were recorded, with their defaults (a finished run is not evaluated again for them)
+LATER_EVALUATE_DEFAULTS = {"noise_snr_db": None, "noise_votes": [1], "noise_vote": "majority"}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -148,13 +152,22 @@ def _drop(container: dict[str, Any], dotted: str) -> None:
 
 def result_config(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    noise = resolved.get("noise")
     for key in NON_RESULT_KEYS:
         _drop(resolved, key)
+    if noise and noise.get("train_stages"):  # what the training noise is; the evaluation's keys stay out
+        training = {k: v for k, v in noise.items() if k not in ("seed", "train_snr_db")}
+        training["snr_db"] = noise["snr_db"] if noise.get("train_snr_db") is None else noise["train_snr_db"]
+        resolved["noise"] = training
     return resolved
 
 
 def evaluate_fingerprint(cfg: DictConfig) -> str:
-    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in EVALUATE_KEYS if k in cfg}
+    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in EVALUATE_KEYS
+            if k in cfg and cfg[k] is not None}
+    for key, default in LATER_EVALUATE_DEFAULTS.items():  # at its default, a later key leaves old runs' prints
+        if part["evaluate"].get(key) == default:
+            part["evaluate"].pop(key)
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -209,6 +222,9 @@ def train_inputs(cfg: DictConfig, method_trains_plainly: bool) -> dict[str, Any]
     distill = part.pop("distill", None) or {}
     if distill.get("teacher") and "train" in (distill.get("stages") or []):
         part["distill"] = distill
+    noise = part.pop("noise", None) or {}
+    if "train" in (noise.get("train_stages") or []):
+        part["noise"] = noise
     return part
 
 

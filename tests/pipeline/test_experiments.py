@@ -86,7 +86,8 @@ def test_experiment_composes_and_names_its_source(name):
     net = adapt_network(instantiate(cfg.model), network_input, name)
     method.check_applicable(net)
     with torch.no_grad():
-        size = cfg.dataset.image_size if cfg.model._target_.endswith(".vit") else 32  # ViTs fix their input size
+        fixed = cfg.model._target_.rsplit(".", 1)[-1] in ("vit", "mlp", "recurrent")  # they fix their input size
+        size = cfg.dataset.image_size if fixed else 32
         x = torch.zeros(1, network_input.shape[0], *([size, size] if network_input.domain == "spatial"
                                                       else network_input.shape[1:]))
         assert net.eval()(x).shape[1] == cfg.dataset.num_classes

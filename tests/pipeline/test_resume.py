@@ -33,13 +33,14 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "chex": ["method=chex", "method.delta_t_epochs=1", "method.t_max_fraction=0.75"],
            "multilevel": ["method=multilevel", "method.levels=[0.9,0.7,0.5]", "schedule.finetune.epochs=6"],
            "qat": ["method=magnitude", "quant=qat_w8a8", "quant.grad_bits=8", "quant.hypernet=true", "quant.epochs=4"],
-           "evit": ["method=evit", "method.swap_every=2", "model=vit_fmnist", "model.embed_dim=32", "model.depth=2",
-                    "model.num_heads=2", "model.patch_size=2"],
+           "evit": ["method=evit", "method.swap_epochs=[100,200]", "model=vit_fmnist", "model.embed_dim=32",
+                    "model.depth=2", "model.num_heads=2", "model.patch_size=2"],
+           "noise_injection": ["method=noise_injection", "method.snr_db=10"],
            "freq_select": ["method=freq_select", "dataset.input_domain=dct", "dataset.dct_block=4",
                            "method.calib_size=64"],
            "spvit": ["method=spvit", "model=vit_fmnist", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
                      "model.patch_size=2", "schedule.train.epochs=1", "schedule.finetune.epochs=4"]}
-NO_SPARSITY_KEY = {"multilevel", "evit", "spvit", "freq_select"}  # levels only; tokens; input channels
+NO_SPARSITY_KEY = {"multilevel", "evit", "spvit", "freq_select", "noise_injection"}  # levels; tokens; input; dense
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
 # inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
 # optimizer and the kept gradients restored before the resume)
