@@ -10,12 +10,15 @@ every K. The test batches are those the evaluate stage tests (``trainer.limit_te
 
 Writes ``noise_curve.csv`` and ``noise_curve.png`` (test top-1 against SNR, one line per K) into the run dir and
 returns the flat metrics ``noise/top1/snr<S>/k<K>`` (S as in the config: ``inf``, ``20``, ``0``, ``-5``, ``2.5``)
-plus the mean and std of the single passes' top-1 (``noise/top1_pass_mean|std/snr<S>``).
+plus the mean and std of the single passes' top-1 (``noise/top1_pass_mean|std/snr<S>``). A causal language model
+is scored by its test (and out-of-domain) perplexity under one noisy pass per SNR: ``noise/test_ppl/snr<S>``,
+``noise/test_nll/snr<S>``, ``noise/ood_ppl/snr<S>``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import zlib
@@ -95,11 +98,32 @@ def noise_sweep(net: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tenso
     return rows
 
 
+@torch.no_grad()
+def lm_noise_sweep(net: nn.Module, evaluate: Callable[[], dict[str, Any]], spec: NoiseSpec, snrs: list[float],
+                   seed: Callable[[float], int], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """A causal language model's test (and out-of-domain) perplexity with one noisy pass at each SNR;
+    ``evaluate()`` gives the run's language-model metrics of ``net``."""
+    rows = []
+    for snr in snrs:
+        with noisy(net, at_snr(spec, snr), torch.Generator().manual_seed(seed(snr))):
+            metrics = evaluate()
+        row = {"snr_db": snr, "votes": 1, "rule": "one pass", **{
+            key: metrics[f"{split}/{name}"] for split in ("test", "ood") for key, name in
+            ((f"{split}_ppl", "ppl"), (f"{split}_nll", "nll")) if f"{split}/{name}" in metrics}}
+        rows.append(row)
+        log(f"noise at SNR {snr_tag(snr)} dB: test perplexity {row['test_ppl']:.3f}"
+            + (f", out-of-domain {row['ood_ppl']:.3f}" if "ood_ppl" in row else ""))
+    return rows
+
+
 def curve_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The flat metrics of a curve (see the module docstring)."""
     out: dict[str, float] = {}
     for row in rows:
         tag = snr_tag(row["snr_db"])
+        if "test_ppl" in row:  # a language model
+            out.update({f"noise/{key}/snr{tag}": value for key, value in row.items() if key.endswith(("ppl", "nll"))})
+            continue
         out[f"noise/top1/snr{tag}/k{row['votes']}"] = row["top1"]
         out[f"noise/top1_pass_mean/snr{tag}"] = row["pass_top1_mean"]
         out[f"noise/top1_pass_std/snr{tag}"] = row["pass_top1_std"]
@@ -120,16 +144,20 @@ def write_curve(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
 
     finite = [r["snr_db"] for r in rows if not math.isinf(r["snr_db"])]
     inf_at = (max(finite) + 5.0) if finite else 0.0  # SNR inf drawn right of the finite points
+    language = "test_ppl" in rows[0]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for k in sorted({r["votes"] for r in rows}):
-        points = sorted((inf_at if math.isinf(r["snr_db"]) else r["snr_db"], 100 * r["top1"])
-                        for r in rows if r["votes"] == k)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"K={k} ({rows[0]['rule']})")
+        points = sorted((inf_at if math.isinf(r["snr_db"]) else r["snr_db"],
+                         r["test_ppl"] if language else 100 * r["top1"]) for r in rows if r["votes"] == k)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label="test perplexity" if language else f"K={k} ({rows[0]['rule']})")
     if any(math.isinf(r["snr_db"]) for r in rows):
         ticks = sorted(set(finite)) + [inf_at]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["inf"])
     ax.set_xlabel("SNR (dB)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel("test perplexity" if language else "test top-1 (%)")
+    if language:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -161,7 +189,7 @@ class RunNoise:
         evaluate = cfg.evaluate
         self.asked = bool(evaluate.get("noise_snr_db"))
         self.snrs = [float(v) for v in evaluate.noise_snr_db] if self.asked else []
-        if not self.snrs and not causal_lm and self.config is not None and self.config.snr_db is not None:
+        if not self.snrs and self.config is not None and self.config.snr_db is not None:
             self.snrs = [float(self.config.snr_db)]  # the group alone: accuracy at its own SNR
         self.votes = sorted({int(k) for k in evaluate.get("noise_votes") or [1]})
         self.rule = str(evaluate.get("noise_vote", "majority"))
@@ -175,11 +203,10 @@ class RunNoise:
 
     def check(self, net: nn.Module, choice: str | None, fits: set[str]) -> None:
         """Exit 2 before any stage if the noise covers no layer or names one that is not there, trains in a stage
-        that does not train, comes twice into one stage, or a sweep asks for a language model's accuracy."""
-        if self.causal_lm and self.asked:
-            raise UserError("evaluate.noise_snr_db scores a classifier's top-1 under noise; for a causal language "
-                            "model the noisy perplexity is not built", "drop evaluate.noise_snr_db (noise."
-                            "train_stages still trains a language model under noise)")
+        that does not train, comes twice into one stage, or asks a language model for votes."""
+        if self.causal_lm and self.votes != [1]:
+            raise UserError(f"evaluate.noise_votes={self.votes}: a causal language model is scored by its perplexity "
+                            "under one noisy pass; votes over passes are a classifier's", "drop evaluate.noise_votes")
         if self.config is None and not self.snrs:
             return
         try:
@@ -208,17 +235,21 @@ class RunNoise:
         return [NoiseInjection(self.config.training_spec())]
 
     def report(self, net: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-               out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-        """The evaluate stage's sweep: metrics, the curve's rows, and its files in ``out_dir``."""
+               out_dir: Path, log: Callable[[str], None],
+               lm_evaluate: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The evaluate stage's sweep: metrics, the curve's rows, and its files in ``out_dir``; a causal LM's
+        (``lm_evaluate``: its metrics) is scored by perplexity."""
         if not self.snrs:
             return {}
         model = self.model
         noise_seed = self.config.seed if self.config is not None else 0
-        log(f"stage evaluate: accuracy under noise at SNR {', '.join(snr_tag(s) for s in self.snrs)} dB, "
-            f"K = {', '.join(map(str, self.votes))} ({self.rule} vote)")
+        seed = functools.partial(draw_seed, self.run_seed, noise_seed)
+        log(f"stage evaluate: {'perplexity' if self.causal_lm else 'accuracy'} under noise at SNR "
+            f"{', '.join(snr_tag(s) for s in self.snrs)} dB"
+            + ("" if self.causal_lm else f", K = {', '.join(map(str, self.votes))} ({self.rule} vote)"))
         try:
-            rows = noise_sweep(net, batches, model, self.snrs, self.votes, self.rule,
-                               lambda snr: draw_seed(self.run_seed, noise_seed, snr), log)
+            rows = lm_noise_sweep(net, lm_evaluate, model, self.snrs, seed, log) if self.causal_lm else \
+                noise_sweep(net, batches, model, self.snrs, self.votes, self.rule, seed, log)
         except ValueError as exc:  # the finished network no longer has what the noise names (checked at the start)
             raise UserError(f"the evaluation under noise cannot run on the finished network: {exc}",
                             "change noise.include/exclude (or weight_noise) for the compressed network") from exc

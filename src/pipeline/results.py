@@ -237,12 +237,22 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
 
 
 def print_noise_curve(noise: dict[str, Any], console: Console) -> None:
-    """Test top-1 under noise: one row per SNR, one column per vote count."""
+    """Test top-1 under noise: one row per SNR, one column per vote count (a language model: its perplexities)."""
     curve = noise["curve"]
+    language = "test_ppl" in curve[0]
     votes = sorted({row["votes"] for row in curve})
     model = noise["model"]
     parts = [f"{model['site']} noise", *([f"weight noise {model['weight_noise']:g}"] if model["weight_noise"] else []),
              *(f"{k.split('_')[0].upper()} {model[k]} bits" for k in ("dac_bits", "adc_bits") if model[k] is not None)]
+    if language:
+        table = Table(title=f"perplexity under noise ({', '.join(parts)}; one pass)", title_justify="left")
+        splits = [key for key in ("test_ppl", "ood_ppl") if key in curve[0]]
+        for col in ("SNR (dB)", *(key.replace("_ppl", " perplexity") for key in splits)):
+            table.add_column(col, justify="right")
+        for row in curve:
+            table.add_row(f"{row['snr_db']:g}", *(_number(row[key]) for key in splits))
+        console.print(table)
+        return
     table = Table(title=f"test top-1 under noise ({', '.join(parts)}; {curve[0]['rule']} vote of K passes)",
                   title_justify="left")
     for col in ("SNR (dB)", *(f"K={k}" for k in votes), "single pass (mean ± std)"):

@@ -583,7 +583,8 @@ class Pipeline:
         elif self.cfg.evaluate.measure_latency and self.cfg.evaluate.deploy_latency and not self.causal_lm:
             metrics.update(self.deploy_report(net, metrics))
         if self.noise.snrs:
-            metrics.update(self.noise.report(net, self.test_batches, self.out, self.log))
+            metrics.update(self.noise.report(net, self.test_batches, self.out, self.log,
+                                             lambda: self.evaluate_metrics(net)))
         if self.cfg.evaluate.get("export") == "onnx":
             metrics.update(export_onnx(net, self.datamodule.network_input.shape,
                                        self.out / "model.onnx"))

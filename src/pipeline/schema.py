@@ -142,6 +142,23 @@ class TinyLlamaModelConfig:
               "hidden_size a multiple of heads, heads a multiple of kv_heads")
 
 
+@dataclass
+class RecurrentLMModelConfig:
+    """model=lstm_lm: a character-level recurrent language model over bytes (models/recurrent.py)."""
+    _target_: str = MISSING
+    cell: str = "lstm"
+    hidden_size: int = 256
+    num_layers: int = 2
+    embed_dim: int = 64
+
+    def __post_init__(self) -> None:
+        from compress_run.models.recurrent import CELLS
+
+        check(self.cell in CELLS, "model.cell", self.cell, ", ".join(CELLS))
+        for key in ("hidden_size", "num_layers", "embed_dim"):
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+
+
 # --------------------------------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
@@ -255,6 +272,7 @@ class NoiseConfig(NoiseSpec):
     (``evaluate.noise_snr_db`` sweeps ``snr_db``) and, in ``train_stages``, in the training forward passes."""
     train_stages: list[str] = field(default_factory=list)  # stages that train under the noise (noise injection)
     train_snr_db: float | None = None   # SNR of the training noise; null: snr_db
+    train_weight_noise: float | None = None  # weight noise in training; null: weight_noise
     seed: int = 0                       # seed of the evaluation noise
 
     def __post_init__(self) -> None:
@@ -264,6 +282,9 @@ class NoiseConfig(NoiseSpec):
         snr = self.train_snr_db
         check(snr is None or (isinstance(snr, int | float) and snr == snr and snr != float("-inf")),
               "noise.train_snr_db", snr, "null (= noise.snr_db), inf, or a number of dB")
+        noise = self.train_weight_noise
+        check(noise is None or (isinstance(noise, int | float) and 0 <= noise < float("inf")),
+              "noise.train_weight_noise", noise, "null (= noise.weight_noise) or a float >= 0")
         check(not self.train_stages or self.training_spec().active(), "noise.train_stages", list(self.train_stages),
               "[] unless the noise does something: set noise.train_snr_db (or snr_db), weight_noise or bits")
 
@@ -272,8 +293,12 @@ class NoiseConfig(NoiseSpec):
         return spec_from(self)
 
     def training_spec(self) -> NoiseSpec:
-        """The noise model of the training forward passes (``train_snr_db`` in place of ``snr_db``)."""
-        return at_snr(self.spec(), self.training_snr())
+        """The noise model of the training forward passes (``train_snr_db`` / ``train_weight_noise`` in place of
+        ``snr_db`` / ``weight_noise`` where set)."""
+        spec = at_snr(self.spec(), self.training_snr())
+        if self.train_weight_noise is not None:
+            spec.weight_noise = self.train_weight_noise
+        return spec
 
     def training_snr(self) -> float | None:
         return self.snr_db if self.train_snr_db is None else self.train_snr_db
@@ -473,6 +498,7 @@ SCHEMAS: dict[tuple[str | None, str], type] = {
     ("model", "base_model_vit"): VitModelConfig,
     ("model", "base_model_mlp"): MlpModelConfig,
     ("model", "base_model_recurrent"): RecurrentModelConfig,
+    ("model", "base_model_recurrent_lm"): RecurrentLMModelConfig,
     ("model", "base_model_any"): AnyModelConfig,
     ("model", "base_model_causal_lm"): CausalLMModelConfig,
     ("model", "base_model_tiny_llama"): TinyLlamaModelConfig,

@@ -124,6 +124,11 @@ def metric_spec(name: str) -> tuple[str, Any] | None:
         # top-1 under noise (evaluate.noise_snr_db), K votes; the SNR written as the runs' keys write it (20, 2.5)
         snr, votes = noise.groups()
         return (f"top-1 at SNR {snr} dB, K={votes} (%)", lambda m: _pct(m.get(f"noise/top1/snr{snr}/k{votes}")))
+    noisy_lm = re.fullmatch(r"noise_(ppl|ood_ppl)/snr(inf|-?\d+(?:\.\d+)?)", name)
+    if noisy_lm and (noisy_lm.group(2) == "inf" or f"{float(noisy_lm.group(2)):g}" == noisy_lm.group(2)):
+        split, snr = noisy_lm.groups()  # a language model's perplexity under noise
+        key = "test_ppl" if split == "ppl" else "ood_ppl"
+        return f"{key.replace('_ppl', '')} perplexity at SNR {snr} dB", lambda m: m.get(f"noise/{key}/snr{snr}")
     return METRICS.get(name)
 
 
@@ -207,7 +212,7 @@ def check_table(table: DictConfig, path: Path) -> None:
     if unknown or not table.metrics:
         raise UserError(f"table {path}: unknown metric(s) {unknown or '(none given)'}",
                         f"use metrics from: {', '.join(METRICS)}, latency_ms/<profile>, decode_tok_s/<profile>, "
-                        "noise_top1/snr<dB or inf>/k<votes>")
+                        "noise_top1/snr<dB or inf>/k<votes>, noise_ppl/snr<dB or inf>")
     experiments, seen = experiment_names(), set()
     for row in table.rows:
         if not ROW_NAME.match(row.name) or row.name in seen:
@@ -536,7 +541,7 @@ def evaluate_orderings(table: TableConfig, rows: list[dict[str, Any]],
             entry = {"better": a, "worse": b, "metric": metric, "within": ordering.within, "claim": ordering.claim,
                      "mean_a": ma, "std_a": sa, "n_a": ra["seeds_done"], "mean_b": mb, "std_b": sb,
                      "n_b": rb["seeds_done"], "delta": None, "paired": None}
-            lower = metric in LOWER_IS_BETTER or metric.startswith("latency_ms/")
+            lower = metric in LOWER_IS_BETTER or metric.startswith(("latency_ms/", "noise_ppl/", "noise_ood_ppl/"))
             hosts = hosts_of(ra, rb)
             if ma is None or mb is None:
                 entry["verdict"] = "not run"

@@ -156,8 +156,10 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     for key in NON_RESULT_KEYS:
         _drop(resolved, key)
     if noise and noise.get("train_stages"):  # what the training noise is; the evaluation's keys stay out
-        training = {k: v for k, v in noise.items() if k not in ("seed", "train_snr_db")}
-        training["snr_db"] = noise["snr_db"] if noise.get("train_snr_db") is None else noise["train_snr_db"]
+        training = {k: v for k, v in noise.items() if k not in ("seed", "train_snr_db", "train_weight_noise")}
+        for key in ("snr_db", "weight_noise"):
+            if noise.get(f"train_{key}") is not None:
+                training[key] = noise[f"train_{key}"]
         resolved["noise"] = training
     return resolved
 

@@ -47,3 +47,16 @@ def test_mlp_flattens_the_image_and_scales_its_hidden_widths():
     assert [layer.out_features for layer in model.hidden] == [256, 128]
     assert count_macs(model, (1, 1, 28, 28)).dense == 784 * 256 + 256 * 128 + 128 * 10
     assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_the_language_model_decodes_step_by_step_what_it_computes_at_once():
+    from compress_run.models.recurrent import recurrent_lm
+
+    torch.manual_seed(0)
+    lm = recurrent_lm("lstm", hidden_size=24, num_layers=2, embed_dim=8).eval()
+    tokens = torch.randint(0, 256, (2, 12))
+    full = lm(tokens)
+    cache = lm.prefill(tokens[:, :-1])
+    step = lm.decode_step(tokens[:, -1:], cache)
+    torch.testing.assert_close(step[:, -1], full[:, -1])
+    assert full.shape == (2, 12, 256) and lm.describe()["layers"] == 2

@@ -26,7 +26,8 @@ def options(group: str) -> list[str]:
 
 ALL = [(g, o) for g in GROUPS for o in options(g)]
 # causal-LM options: composed with a text dataset (or a causal LM); the pretrained ones pointed at an empty data dir
-LANGUAGE_OPTIONS = {("model", "tiny_llama"): [], ("model", "smollm2_135m"): ["paths.data_dir=/nonexistent"],
+LANGUAGE_OPTIONS = {("model", "tiny_llama"): [], ("model", "lstm_lm"): [],
+                    ("model", "smollm2_135m"): ["paths.data_dir=/nonexistent"],
                     ("model", "hf_causal_lm"): ["model.name=/nonexistent/model"],
                     ("dataset", "shakespeare"): ["model=tiny_llama"],
                     ("dataset", "text"): ["model=tiny_llama", "dataset.root=/nonexistent"],
@@ -39,7 +40,7 @@ def check_language_option(group: str, option: str, cfg, tmp_path) -> None:
     from compress_run.models.causal_lm import is_causal_lm
     from compress_run.pipeline.text_data import TextDataModule
 
-    if group == "model" and option == "tiny_llama":
+    if group == "model" and option in ("tiny_llama", "lstm_lm"):  # built here, byte tokens
         net = instantiate(cfg.model)
         assert is_causal_lm(net) and net.eval()(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
     elif group == "model":

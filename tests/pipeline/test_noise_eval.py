@@ -87,16 +87,16 @@ def test_a_run_writes_the_curve_and_a_new_sweep_re_runs_only_evaluate(tmp_path):
     assert again["noise"]["model"]["weight_noise"] == 0.05 and again["noise"]["model"]["from"] == "noise group"
 
 
-def test_a_language_model_sweep_and_idle_or_double_training_noise_are_refused():
+def test_votes_for_a_language_model_and_idle_or_double_training_noise_are_refused():
     from omegaconf import OmegaConf
 
     from compress_run.core.errors import UserError
     from compress_run.pipeline.noise_eval import RunNoise
     from compress_run.pipeline.schema import NoiseConfig
 
-    cfg = OmegaConf.create({"seed": 0, "noise": None, "evaluate": {"noise_snr_db": [0.0], "noise_votes": [1]}})
+    cfg = OmegaConf.create({"seed": 0, "noise": None, "evaluate": {"noise_snr_db": [0.0], "noise_votes": [1, 5]}})
     net = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(UserError, match="noisy perplexity is not built"):
+    with pytest.raises(UserError, match="scored by its perplexity under one noisy pass"):
         RunNoise(cfg, None, causal_lm=True).check(net, None, {"train"})
     noise = OmegaConf.structured(NoiseConfig(snr_db=0.0, train_stages=["finetune"]))
     cfg = OmegaConf.create({"seed": 0, "noise": noise, "evaluate": {"noise_snr_db": None}})
