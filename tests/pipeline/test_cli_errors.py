@@ -71,6 +71,7 @@ CASES = [
      ["names ['quantize'], which does not train", "quant=, e.g. qat_w8a8"]),
     ("noise_injected_twice", ["method=noise_injection", "noise=analog", "noise.train_stages=[train]"],
      ["already trains its train stage under noise", "second noise on the same products"]),
+    ("disco_one_node", ["method=disco", "method.nodes=1"], ["method.nodes=1 is not allowed", "an integer >= 2"]),
     ("corrupt_init_ckpt", ["init_ckpt={garbage}"], ["is corrupt or not a PyTorch checkpoint", "init_ckpt=null"]),
     ("mismatched_init_ckpt", ["init_ckpt={foreign}"], ["does not fit model=resnet20", "init_ckpt"]),
     ("unknown_hardware", ["hardware=tpu9"], ["unknown option 'tpu9'", "config group 'hardware'", "a100"]),

@@ -36,11 +36,12 @@ METHODS = {"gmp": ["method=gmp", "method.frequency=3"], "rigl": ["method=rigl", 
            "evit": ["method=evit", "method.swap_epochs=[100,200]", "model=vit_fmnist", "model.embed_dim=32",
                     "model.depth=2", "model.num_heads=2", "model.patch_size=2"],
            "noise_injection": ["method=noise_injection", "method.snr_db=10"],
+           "disco": ["method=disco", "schedule.finetune.epochs=2"],
            "freq_select": ["method=freq_select", "dataset.input_domain=dct", "dataset.dct_block=4",
                            "method.calib_size=64"],
            "spvit": ["method=spvit", "model=vit_fmnist", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
                      "model.patch_size=2", "schedule.train.epochs=1", "schedule.finetune.epochs=4"]}
-NO_SPARSITY_KEY = {"multilevel", "evit", "spvit", "freq_select", "noise_injection"}  # levels; tokens; input; dense
+NO_SPARSITY_KEY = {"multilevel", "evit", "spvit", "freq_select", "noise_injection", "disco"}
 # IMP: kill inside the retraining rounds (4 rounds over 6 epochs); multilevel: inside the level phases; QAT:
 # inside the quantize stage's training (fake-quant layers, their input ranges, the gradient hypernetwork, its
 # optimizer and the kept gradients restored before the resume)
