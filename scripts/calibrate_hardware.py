@@ -28,6 +28,8 @@ from compress_run.hardware.measure import machine_description
 from compress_run.hardware.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
+# the link between two hosts splitting a network (DISCO): 10 Gigabit Ethernet (IEEE 802.3ae); stated, not measured
+HOST_LINK_GBPS = 10.0
 
 
 def simd_fp32_lanes() -> int:
@@ -91,6 +93,7 @@ def main() -> None:
                "kind": "cpu", "dtype": "fp32", "rank_granularity": simd_fp32_lanes(),
                "threads": torch.get_num_threads(), **fitted,
                "fuse_epilogue": False,
+               "link_gbps": HOST_LINK_GBPS,
                "calibrated": f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} on {machine['cpu']} "
                              f"(torch {machine['torch']}, {torch.get_num_threads()} threads)"}
     load_profile(OmegaConf.create(profile))  # validate before writing

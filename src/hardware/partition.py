@@ -52,6 +52,7 @@ class LayerSplit:
     dense_received_values: list[float]  # per node, if every cross channel were sent
     sent_channels: int                 # cross (channel, node) pairs sent
     cross_channels: int                # cross (channel, node) pairs there are
+    dense_macs: float = 0.0            # the whole layer's, every weight counted
 
 
 @dataclass
@@ -138,5 +139,32 @@ def split_report(model: nn.Module, input_shape: tuple[int, ...], nodes: int, byt
             dense.append(cross_k * positions_in)
             sent += sent_k
             cross += cross_k
-        report.layers.append(LayerSplit(name, macs, weight_bytes, received, dense, sent, cross))
+        report.layers.append(LayerSplit(name, macs, weight_bytes, received, dense, sent, cross,
+                                        float(weight.numel()) * positions_out))
     return report
+
+
+def split_latency_ms(report: SplitReport, layer_ms: dict[str, float], total_ms: float, link_gbps: float,
+                     link_latency_us: float = 0.0) -> dict[str, float]:
+    """Simulated batch-1 latency of the split network (ours: no overlap of computing and sending). A split layer
+    takes, on each node, its one-device time ``layer_ms`` scaled by the node's MACs over the layer's dense MACs (a
+    node stores only the weight columns it reads, so it runs them as a smaller dense layer) plus the time to
+    receive the node's values over the link (bandwidth ``link_gbps`` each way, ``link_latency_us`` per
+    transfer); the layer waits for its slowest node. Everything else (norms, activations, pools: channel-local)
+    is shared evenly by the nodes. Returned: the split network's latency, the dense split's (every cross channel
+    sent), and the one-device latency ``total_ms``."""
+    bytes_per_ms = link_gbps * 1e9 / 8 / 1e3
+
+    def transfer(values: float) -> float:
+        return (values * report.bytes_per_value / bytes_per_ms + link_latency_us / 1e3) if values else 0.0
+
+    split_ms = sum(layer_ms.get(layer.name, 0.0) for layer in report.layers)
+    rest = max(total_ms - split_ms, 0.0) / report.nodes
+    sparse, dense = rest, rest
+    for layer in report.layers:
+        t = layer_ms.get(layer.name, 0.0)
+        compute = [t * m / (layer.dense_macs or 1.0) for m in layer.macs]
+        sparse += max(c + transfer(v) for c, v in zip(compute, layer.received_values, strict=True))
+        dense_compute = [t / report.nodes] * report.nodes  # the dense split: even rows, every weight kept
+        dense += max(c + transfer(v) for c, v in zip(dense_compute, layer.dense_received_values, strict=True))
+    return {"latency_ms": sparse, "dense_split_latency_ms": dense, "one_device_latency_ms": total_ms}

@@ -92,6 +92,10 @@ class HardwareConfig:
     rank_granularity: int = 8
     sparse_formats: dict[str, SparseFormatConfig] = field(default_factory=dict)
     systolic: SystolicConfig | None = None
+    # the link between two devices of this kind running one network split across them (DISCO's within-layer
+    # parallelism): gigabits per second in each direction, and the latency of one transfer; 0: no link described
+    link_gbps: float = 0.0
+    link_latency_us: float = 0.0
     threads: int | None = None       # CPU threads the figures were measured with
     calibrated: str | None = None    # date and machine of the calibration that produced the numbers
 
@@ -114,7 +118,7 @@ class HardwareConfig:
         _check(self.memory_gbps > 0, "hardware.memory_gbps", self.memory_gbps, "a float > 0")
         _check(self.onchip_mb >= 0 and self.onchip_gbps >= 0, "hardware.onchip_mb/onchip_gbps",
                (self.onchip_mb, self.onchip_gbps), "floats >= 0")
-        for key in ("kernel_overhead_us", "view_overhead_us", "module_overhead_us"):
+        for key in ("kernel_overhead_us", "view_overhead_us", "module_overhead_us", "link_gbps", "link_latency_us"):
             _check(getattr(self, key) >= 0, f"hardware.{key}", getattr(self, key), "a float >= 0")
         for key in ("class_overhead_us", "weight_prep_gbps", "operand_gbps"):
             for cls, value in getattr(self, key).items():

@@ -14,8 +14,10 @@ columns (the weights of node k's output channels that read one input channel hel
 columns the task does not need toward zero; the compress stage keeps, per layer, the ``comm_fraction`` of cross
 (channel, node) pairs with the largest column norms and masks the rest (a masked pair is not transmitted); the
 finetune stage trains with that mask fixed. ``comm_fraction=1`` with ``penalty=0`` is the dense split (everything
-transmitted), the baseline. The summary reports per node MACs and weight bytes, and the bytes received per
-inference against the dense split's.
+transmitted), the baseline. The evaluate stage reports (``method/<key>``) per node MACs and weight bytes, the
+bytes sent per inference against the dense split's, and the split's simulated batch-1 latency on the run's
+profile over its link (``hardware.link_gbps``; hardware/partition.py: split_latency_ms) against one device and
+the dense split.
 
 Keys (defaults): ``nodes`` 2; ``comm_fraction`` 0.2 (the paper's 5x less communication); ``penalty`` 5e-4;
 ``exclude`` [] (layers split but left whole: all their cross channels sent); ``bytes_per_value`` 4.0 (fp32
@@ -34,7 +36,16 @@ from torch import nn
 
 from compress_run.core.config import check
 from compress_run.core.masks import MaskEnforcer, attach_mask
-from compress_run.hardware.partition import SPLIT_TYPES, input_channel_map, node_of, split_report
+from compress_run.hardware.partition import (
+    SPLIT_TYPES,
+    SplitReport,
+    input_channel_map,
+    node_of,
+    split_latency_ms,
+    split_report,
+)
+from compress_run.hardware.simulator import simulate
+from compress_run.hardware.trace import trace_model
 from compress_run.methods.base import Method, MethodConfig, NotApplicable, method_config
 
 
@@ -102,12 +113,11 @@ class CrossGroupLasso(L.Callback):
 
 class Disco(Method):
     Config = DiscoConfig
-    state_attributes = ("kept", "report")
+    state_attributes = ("kept",)
 
     def __init__(self, **keys: Any) -> None:
         super().__init__(**keys)
         self.kept: dict[str, float] = {}   # layer -> share of its cross (channel, node) pairs transmitted
-        self.report: dict[str, Any] = {}   # the split of the compressed network (hardware/partition.py)
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         from compress_run.core.masks import prunable_layers
@@ -154,13 +164,24 @@ class Disco(Method):
             attach_mask(module, mask.contiguous())
             module.weight.data.mul_(mask)
             self.kept[name] = budget / max(int(pairs.sum()), 1)
-        report = split_report(model, (1, *self.input_shape), self.nodes, self.bytes_per_value)
-        self.report = {**report.totals(), "per_layer": {layer.name: {
-            "macs": layer.macs, "received_values": layer.received_values,
-            "dense_received_values": layer.dense_received_values, "sent": layer.sent_channels,
-            "cross": layer.cross_channels} for layer in report.layers}}
         return model
 
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        split = split_report(model, (1, *self.input_shape), self.nodes, self.bytes_per_value)
+        totals = split.totals()
+        return {**totals, "max_node_macs": max(totals["macs_per_node"]),
+                "max_node_weight_bytes": max(totals["weight_bytes_per_node"]), **self.latency(model, split)}
+
+    def latency(self, model: nn.Module, report: SplitReport) -> dict[str, Any]:
+        """The split's simulated batch-1 latency on the run's profile over its link (``hardware.link_gbps``)."""
+        if self.hardware is None or not self.hardware.link_gbps:
+            return {"split_latency": f"not simulated: hardware={getattr(self.hardware, 'name', None)} describes no "
+                                     "link (set hardware.link_gbps, e.g. 10 for 10 Gigabit Ethernet)"}
+        simulation = simulate(model, trace_model(model, (1, *self.input_shape)), self.hardware)
+        times = split_latency_ms(report, simulation.by_module(), simulation.total_ms, self.hardware.link_gbps,
+                                 self.hardware.link_latency_us)
+        return {**{f"split_{k}": v for k, v in times.items()}, "link_gbps": self.hardware.link_gbps,
+                "split_speedup": times["one_device_latency_ms"] / times["latency_ms"]}
+
     def summary(self) -> dict[str, Any]:
-        return {"nodes": self.nodes, "comm_fraction": self.comm_fraction, "kept_per_layer": self.kept,
-                "split": self.report}
+        return {"nodes": self.nodes, "comm_fraction": self.comm_fraction, "kept_per_layer": self.kept}

@@ -81,6 +81,12 @@ METRICS: dict[str, tuple[str, Any]] = {
     "input_values": ("input values / image", lambda m: m.get("input/values")),
     "input_bytes": ("input bytes / image", lambda m: m.get("input/bytes")),
     "macs_m": ("MACs (M, b1)", lambda m: _div(m.get("model/macs_effective"), 1e6)),
+    # a network split across nodes (method=disco)
+    "sent_kb": ("KiB sent between nodes per inference", lambda m: _div(m.get("method/bytes_sent"), 1024.0)),
+    "node_macs_m": ("MACs of the busiest node (M, b1)", lambda m: _div(m.get("method/max_node_macs"), 1e6)),
+    "node_weight_kb": ("weights of the largest node (KiB)", lambda m: _div(m.get("method/max_node_weight_bytes"),
+                                                                            1024.0)),
+    "split_ms": ("sim latency split across the nodes (ms, b1)", lambda m: m.get("method/split_latency_ms")),
     # causal LMs
     "ppl": ("test perplexity", lambda m: m.get("test/ppl")),
     "ood_ppl": ("out-of-domain perplexity", lambda m: m.get("ood/ppl")),
@@ -98,7 +104,8 @@ TIMED_BY_PASS = ("host_ms", "host_decode_tok_s")
 SAME_COMMIT_METRICS = ("train_cpu_s",)
 # metrics where less is better: an ordering "a >= b" on them claims a's value is the lower one
 LOWER_IS_BETTER = {"ppl", "ood_ppl", "nll", "kl", "weight_mb", "weight_kb", "latency_ms", "host_ms", "deploy_ms",
-                   "int8_host_ms", "train_cpu_s", "input_values", "input_bytes", "macs_m"}
+                   "int8_host_ms", "train_cpu_s", "input_values", "input_bytes", "macs_m", "sent_kb", "node_macs_m",
+                   "node_weight_kb", "split_ms"}
 
 
 def _training_cpu_seconds(metrics: dict[str, Any]) -> float | None:

@@ -60,7 +60,7 @@ def test_bytes_sent_are_the_kept_gates_and_the_budget_is_per_layer():
         assert sum(layer.received_values) == layer.sent_channels * positions[layer.name]
     totals = report.totals()
     assert totals["bytes_sent"] == 2.0 * sum(sum(layer.received_values) for layer in report.layers)
-    assert method.report["bytes_sent"] == totals["bytes_sent"] < totals["bytes_sent_dense_split"]
+    assert method.report(net)["bytes_sent"] == totals["bytes_sent"] < totals["bytes_sent_dense_split"]
 
 
 def test_the_dense_split_sends_every_cross_channel_and_masks_nothing():
@@ -89,7 +89,39 @@ def test_group_lasso_gradient_is_the_penalty_on_cross_pair_norms():
 def test_a_run_reports_the_split_and_fewer_bytes_than_the_dense_split(tmp_path):
     results = run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false",
                             "method=disco", "model.width_mult=0.5"], tmp_path)
-    split = results["method"]["split"]
-    assert split["nodes"] == 2 and len(split["macs_per_node"]) == 2
-    assert split["bytes_sent"] < split["bytes_sent_dense_split"] / 3
-    assert sum(split["macs_per_node"]) == pytest.approx(results["metrics"]["model/macs_effective"], rel=1e-6)
+    m = results["metrics"]
+    assert m["method/nodes"] == 2 and len(m["method/macs_per_node"]) == 2
+    assert m["method/bytes_sent"] < m["method/bytes_sent_dense_split"] / 3
+    assert sum(m["method/macs_per_node"]) == pytest.approx(m["model/macs_effective"], rel=1e-6)
+    assert m["method/split_latency_ms"] < m["method/split_dense_split_latency_ms"]
+    assert m["method/link_gbps"] == 10.0  # host_cpu: 10 Gigabit Ethernet
+    slow = run_pipeline(["dataset=digits", "debug=smoke", "logger=none", "evaluate.measure_latency=false",
+                         "method=disco", "model.width_mult=0.5", "hardware.link_gbps=0.01"], tmp_path)
+    assert (tmp_path / "stages/train.json").is_file() and slow["metrics"]["method/link_gbps"] == 0.01  # evaluate only
+    assert slow["metrics"]["method/split_latency_ms"] > m["method/split_latency_ms"]
+
+
+def test_split_latency_waits_for_the_slowest_node_and_its_link():
+    from compress_run.hardware.partition import LayerSplit, SplitReport, split_latency_ms
+
+    report = SplitReport(nodes=2, bytes_per_value=4.0, layers=[
+        LayerSplit("conv", macs=[30.0, 50.0], weight_bytes=[0, 0], received_values=[250_000, 0],
+                   dense_received_values=[500_000, 500_000], sent_channels=1, cross_channels=4, dense_macs=100.0)])
+    times = split_latency_ms(report, {"conv": 1.0}, total_ms=3.0, link_gbps=8.0, link_latency_us=10.0)
+    # 8 Gb/s = 1e6 bytes per ms: node 0 computes 0.3 ms and receives 1e6 bytes (1 ms + 10 us); node 1 0.5 ms
+    assert times["latency_ms"] == pytest.approx(1.0 + max(0.3 + 1.0 + 0.01, 0.5))  # + the rest, 2.0 / 2 nodes
+    assert times["dense_split_latency_ms"] == pytest.approx(1.0 + 0.5 + 2.0 + 0.01)
+    assert times["one_device_latency_ms"] == 3.0
+
+
+def test_a_profile_without_a_link_says_the_latency_is_not_simulated():
+    from compress_run.hardware.profile import load_profile
+
+    method = _disco(comm_fraction=0.5)
+    method.hardware = load_profile("mobile_a78")
+    assert method.hardware.link_gbps == 0
+    net = method.compress(_net(), None)
+    assert "not simulated" in method.report(net)["split_latency"]
+    assert "hardware.link_gbps" in method.report(net)["split_latency"]
+    method.hardware = load_profile("host_cpu")
+    assert method.report(net)["link_gbps"] == 10.0
