@@ -18,7 +18,9 @@ def tree_state() -> dict:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(__file__).parent.resolve():
             return {"commit": None, "dirty": None}  # a copy inside some other repository: not our history
-        return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no") != ""}
+        # the code's paths only (as provenance.CODE_PATHS): uncommitted records or docs leave the code as committed
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src", "conf", "setup.py", "pyproject.toml")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": changed != ""}
     except (OSError, subprocess.SubprocessError):  # an sdist without .git: nothing to stamp
         return {"commit": None, "dirty": None}
 

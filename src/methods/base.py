@@ -11,7 +11,7 @@
 * ``lr_cycles(stage)`` — how many times the LR schedule (warm-up included) restarts within a stage
   (default 1): a method whose stage is a sequence of separate training runs says so here.
 * ``compress(model, datamodule)`` — the one-shot transformation of the compress stage.
-* ``report(model)`` — numbers about the finished network the evaluate stage reports (``method/<key>``).
+* ``network_metrics(model)`` — numbers about the finished network the evaluate stage reports (``method/<key>``).
 * ``artifacts()`` — files (name -> bytes) the pipeline writes into the run dir after the compress stage.
 * ``state_dict()/load_state_dict()`` — method state that is not already in the model's state
   (masks are buffers of the model, so they travel with every checkpoint by themselves).
@@ -203,7 +203,7 @@ class Method:
         """Method-specific facts for results.json (e.g. achieved sparsity per layer)."""
         return {}
 
-    def report(self, model: nn.Module) -> dict[str, Any]:
+    def network_metrics(self, model: nn.Module) -> dict[str, Any]:
         """Numbers (scalars or lists of them) the evaluate stage reports about the finished ``model`` for this
         method, measured on the run's current settings (``hardware`` included); results.json metrics
         ``method/<key>``, which tables can compare."""

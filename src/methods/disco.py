@@ -166,7 +166,7 @@ class Disco(Method):
             self.kept[name] = budget / max(int(pairs.sum()), 1)
         return model
 
-    def report(self, model: nn.Module) -> dict[str, Any]:
+    def network_metrics(self, model: nn.Module) -> dict[str, Any]:
         split = split_report(model, (1, *self.input_shape), self.nodes, self.bytes_per_value)
         totals = split.totals()
         return {**totals, "max_node_macs": max(totals["macs_per_node"]),

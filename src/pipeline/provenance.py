@@ -35,10 +35,14 @@ STAMP_NAME = "_build_info.json"
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 QUIET_SHARE = 0.05  # other processes below 5% of the machine's CPUs: a quiet run
+# the paths whose content is the code a run executes (the package: src/ and its configs in conf/, and how it is
+# built); uncommitted changes elsewhere in the tree (records, docs, results) leave the code as committed
+CODE_PATHS = ("src", "conf", "setup.py", "pyproject.toml")
 
 
 def git_state(directory: Path) -> dict[str, Any] | None:
-    """The commit and dirty flag of the git work tree whose ``src/`` is ``directory``, or None."""
+    """The commit of the git work tree whose ``src/`` is ``directory`` and whether its code differs from it (tracked
+    changes under :data:`CODE_PATHS`, listed in ``changed``), or None."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -46,8 +50,10 @@ def git_state(directory: Path) -> dict[str, Any] | None:
         top = Path(git("rev-parse", "--show-toplevel")).resolve()
         if top / "src" != directory.resolve():  # an installed copy inside some other repository: not our code
             return None
-        return {"commit": git("rev-parse", "HEAD"),
-                "dirty": git("status", "--porcelain", "--untracked-files=no") != ""}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--",
+                      *(f":(top){path}" for path in CODE_PATHS)).splitlines()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed),
+                **({"changed": [line.split(maxsplit=1)[-1] for line in changed[:20]]} if changed else {})}
     except (OSError, subprocess.SubprocessError):
         return None
 

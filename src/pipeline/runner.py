@@ -564,7 +564,7 @@ class Pipeline:
                         "model/sparsity": report.model_sparsity,
                         "model/prunable_sparsity": report.prunable_sparsity,
                         "sparsity_per_layer": report.per_layer, "method": self.method.summary(),
-                        **{f"method/{key}": value for key, value in self.method.report(net).items()},
+                        **{f"method/{key}": value for key, value in self.method.network_metrics(net).items()},
                         **model_bytes(net)})
         bits = quantization_report(net)
         if bits:

@@ -60,7 +60,7 @@ def test_bytes_sent_are_the_kept_gates_and_the_budget_is_per_layer():
         assert sum(layer.received_values) == layer.sent_channels * positions[layer.name]
     totals = report.totals()
     assert totals["bytes_sent"] == 2.0 * sum(sum(layer.received_values) for layer in report.layers)
-    assert method.report(net)["bytes_sent"] == totals["bytes_sent"] < totals["bytes_sent_dense_split"]
+    assert method.network_metrics(net)["bytes_sent"] == totals["bytes_sent"] < totals["bytes_sent_dense_split"]
 
 
 def test_the_dense_split_sends_every_cross_channel_and_masks_nothing():
@@ -121,7 +121,7 @@ def test_a_profile_without_a_link_says_the_latency_is_not_simulated():
     method.hardware = load_profile("mobile_a78")
     assert method.hardware.link_gbps == 0
     net = method.compress(_net(), None)
-    assert "not simulated" in method.report(net)["split_latency"]
-    assert "hardware.link_gbps" in method.report(net)["split_latency"]
+    assert "not simulated" in method.network_metrics(net)["split_latency"]
+    assert "hardware.link_gbps" in method.network_metrics(net)["split_latency"]
     method.hardware = load_profile("host_cpu")
-    assert method.report(net)["link_gbps"] == 10.0
+    assert method.network_metrics(net)["link_gbps"] == 10.0

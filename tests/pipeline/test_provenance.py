@@ -85,3 +85,26 @@ def test_a_commit_made_while_a_run_ran_is_not_its_code(monkeypatch):
     assert results.code_at_end(start) == {**start, "changed_during_run": True}
     monkeypatch.setattr(results, "code_version", lambda: dict(start))
     assert results.code_at_end(start) == start
+
+
+def test_only_changes_to_the_code_make_a_tree_dirty(tmp_path):
+    """Records or docs written into the checkout (a table run with records=docs/records/...) leave the code as
+    committed; a change under src/ or conf/ does not, and is listed."""
+    import subprocess
+
+    from compress_run.pipeline.provenance import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for path in ("src/a.py", "conf/b.yaml", "docs/records/r.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
+    (tmp_path / "docs/records/r.json").write_text("1\n")
+    assert git_state(tmp_path / "src")["dirty"] is False
+    (tmp_path / "conf/b.yaml").write_text("1\n")
+    state = git_state(tmp_path / "src")
+    assert state["dirty"] is True and state["changed"] == ["conf/b.yaml"]
