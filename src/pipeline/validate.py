@@ -168,8 +168,8 @@ def evaluate_fingerprint(cfg: DictConfig) -> str:
     part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in EVALUATE_KEYS
             if k in cfg and cfg[k] is not None}
     for key, default in LATER_EVALUATE_DEFAULTS.items():  # at its default, a later key leaves old runs' prints
-        if part["evaluate"].get(key) == default:
-            part["evaluate"].pop(key)
+        if part["evaluate"].get(key, default) == default:
+            part["evaluate"].pop(key, None)
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

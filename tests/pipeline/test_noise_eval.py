@@ -120,3 +120,20 @@ def test_training_noise_settings_guard_the_run_dir_and_evaluation_keys_do_not(tm
     assert "noise/top1/snr5/k1" in again["metrics"]
     with pytest.raises(UserError, match="different settings.*noise.snr_db: 10.0 -> 5"):
         run_pipeline([*base[:-1], "noise.train_snr_db=5"], tmp_path)
+
+
+def test_a_run_recorded_before_the_noise_keys_keeps_its_evaluate_fingerprint():
+    """A finished run made before evaluate.noise_* existed (its config lacks them) is not evaluated again."""
+    from omegaconf import OmegaConf
+
+    from compress_run.pipeline.validate import evaluate_fingerprint
+    from tests.conftest import compose
+
+    cfg, _ = compose(["dataset=digits"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("noise_snr_db", "noise_votes", "noise_vote"):
+        old["evaluate"].pop(key)
+    old.pop("noise")
+    assert evaluate_fingerprint(OmegaConf.create(old)) == evaluate_fingerprint(cfg)
+    cfg.evaluate.noise_snr_db = [0.0]
+    assert evaluate_fingerprint(cfg) != evaluate_fingerprint(OmegaConf.create(old))
