@@ -181,6 +181,8 @@ def method_report(results: dict) -> dict:
     course is live even when a smoke-scale search ends on the same choice."""
     config = results.get("config", {}).get("method", {})
     report = {k: v for k, v in results.get("method", {}).items() if k not in config and not k.startswith("target")}
+    # and what it measured on the finished network (Method.network_metrics: metrics method/<key>)
+    report.update({k: v for k, v in results.get("metrics", {}).items() if k.startswith("method/")})
     for key, value in report.items():
         if "history" in key and isinstance(value, list):
             report[key] = [{k: v for k, v in row.items() if k not in ("tau", "step", "epoch")}
