@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from compress_run.core.config import check
-from compress_run.core.masks import MaskEnforcer, attach_mask
+from compress_run.core.masks import MaskEnforcer, attach_mask, prunable_layers
 from compress_run.hardware.partition import (
     SPLIT_TYPES,
     SplitReport,
@@ -66,27 +66,26 @@ class DiscoConfig(MethodConfig):
         check(self.bytes_per_value > 0, "method.bytes_per_value", self.bytes_per_value, "a float > 0")
 
 
-def cross_columns(module: nn.Module, nodes: int) -> torch.Tensor:
-    """(out, in_per_group) bool: weight columns of a row's node that read an input channel held by another node."""
-    out_node = node_of(module.weight.shape[0], nodes)
-    in_node = node_of(module.weight.shape[1] * getattr(module, "groups", 1), nodes)
-    return in_node[input_channel_map(module)] != out_node[:, None]
+def column_pairs(module: nn.Module, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each weight column (out, in_per_group): the id of its (node of the row, input channel read) pair,
+    ``node * in_channels + channel``, and whether the channel is held by another node (a cross column)."""
+    out_channels = module.weight.shape[0]
+    in_channels = module.weight.shape[1] * getattr(module, "groups", 1)
+    out_node, in_node = node_of(out_channels, nodes), node_of(in_channels, nodes)
+    channel = input_channel_map(module)
+    return out_node[:, None] * in_channels + channel, in_node[channel] != out_node[:, None]
 
 
-def pair_norms(module: nn.Module, nodes: int) -> torch.Tensor:
+def pair_norms(module: nn.Module, nodes: int, pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
     """(nodes, in_channels): the L2 norm of the weights of node k's rows that read input channel c (0 where c is
-    node k's own or no row of k reads it)."""
+    node k's own or no row of k reads it); ``pairs``: :func:`column_pairs` of the module, if at hand."""
+    pair, cross = pairs if pairs is not None else column_pairs(module, nodes)
     weight = module.weight.detach()
     entries = weight.flatten(2).pow(2).sum(2) if weight.dim() > 2 else weight.pow(2)  # (out, in_per_group)
     in_channels = weight.shape[1] * getattr(module, "groups", 1)
-    out_node = node_of(weight.shape[0], nodes)
-    channel = input_channel_map(module)
-    cross = cross_columns(module, nodes)
-    norms = torch.zeros(nodes, in_channels)
-    for k in range(nodes):
-        rows = out_node == k
-        norms[k].index_add_(0, channel[rows][cross[rows]], entries[rows][cross[rows]].float())
-    return norms.sqrt()
+    norms = torch.zeros(nodes * in_channels, device=weight.device)
+    return norms.index_add_(0, pair[cross], entries[cross].float()).sqrt().view(nodes, in_channels)
 
 
 class CrossGroupLasso(L.Callback):
@@ -94,19 +93,19 @@ class CrossGroupLasso(L.Callback):
 
     def __init__(self, layers: dict[str, nn.Module], nodes: int, penalty: float) -> None:
         self.layers, self.nodes, self.penalty = layers, nodes, penalty
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, on its weight's device
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.penalty == 0:
             return
-        for module in self.layers.values():
+        for name, module in self.layers.items():
             weight = module.weight
             if weight.grad is None:
                 continue
-            norms = pair_norms(module, self.nodes).to(weight.device)  # (nodes, in_channels)
-            out_node = node_of(weight.shape[0], self.nodes).to(weight.device)
-            channel = input_channel_map(module).to(weight.device)
-            scale = norms[out_node[:, None], channel].clamp_min(1e-12)  # (out, in_per_group): its pair's norm
-            cross = cross_columns(module, self.nodes).to(weight.device)
+            if name not in self.pairs or self.pairs[name][0].device != weight.device:
+                self.pairs[name] = tuple(t.to(weight.device) for t in column_pairs(module, self.nodes))
+            pair, cross = self.pairs[name]
+            scale = pair_norms(module, self.nodes, (pair, cross)).flatten()[pair].clamp_min(1e-12)
             factor = (cross / scale).view(*scale.shape, *([1] * (weight.dim() - 2)))
             weight.grad.add_(self.penalty * weight.detach() * factor)
 
@@ -120,11 +119,9 @@ class Disco(Method):
         self.kept: dict[str, float] = {}   # layer -> share of its cross (channel, node) pairs transmitted
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        from compress_run.core.masks import prunable_layers
-
         whole = set(prunable_layers(model, list(self.exclude))) if self.exclude else None
         return {n: m for n, m in model.named_modules() if isinstance(m, SPLIT_TYPES)
-                and (whole is None or n in whole) and bool(cross_columns(m, self.nodes).any())}
+                and (whole is None or n in whole) and bool(column_pairs(m, self.nodes)[1].any())}
 
     def check_applicable(self, model: nn.Module) -> None:
         try:
@@ -147,23 +144,19 @@ class Disco(Method):
 
     def compress(self, model: nn.Module, datamodule: L.LightningDataModule) -> nn.Module:
         for name, module in self.layers(model).items():
-            norms = pair_norms(module, self.nodes)
-            out_node = node_of(module.weight.shape[0], self.nodes)
-            channel = input_channel_map(module)
-            cross = cross_columns(module, self.nodes)
-            pairs = torch.zeros_like(norms, dtype=torch.bool)  # (node, channel) pairs some cross weight reads
-            for k in range(self.nodes):
-                pairs[k, channel[out_node == k][cross[out_node == k]]] = True
-            budget = math.ceil(self.comm_fraction * int(pairs.sum()) - 1e-9)
-            keep = torch.zeros_like(pairs)
-            if budget:
-                order = torch.where(pairs, norms, torch.tensor(-1.0)).flatten().argsort(descending=True)[:budget]
-                keep.view(-1)[order] = True
-            column_kept = ~cross | keep[out_node[:, None], channel]  # (out, in_per_group)
+            pair, cross = column_pairs(module, self.nodes)
+            norms = pair_norms(module, self.nodes, (pair, cross)).flatten().cpu()
+            read = torch.zeros_like(norms, dtype=torch.bool)  # the cross pairs some weight reads
+            read[pair[cross]] = True
+            budget = math.ceil(self.comm_fraction * int(read.sum()) - 1e-9)
+            keep = torch.zeros_like(read)
+            keep[torch.where(read, norms, torch.tensor(-1.0)).argsort(descending=True)[:budget]] = True
+            column_kept = ~cross | keep[pair]  # (out, in_per_group)
             mask = column_kept.view(*column_kept.shape, *([1] * (module.weight.dim() - 2))).expand_as(module.weight)
-            attach_mask(module, mask.contiguous())
+            mask = mask.contiguous().to(module.weight.device)
+            attach_mask(module, mask)
             module.weight.data.mul_(mask)
-            self.kept[name] = budget / max(int(pairs.sum()), 1)
+            self.kept[name] = budget / max(int(read.sum()), 1)
         return model
 
     def network_metrics(self, model: nn.Module) -> dict[str, Any]:
